@@ -5,7 +5,6 @@ Returns the run's metrics, so sweepers can read the objective.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
 from ftlab.data import prepare
-from ftlab.train import train
+from ftlab.train import release_memory, train
 
 log = logging.getLogger("ftlab")
 
@@ -92,7 +91,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         run_id = active.info.run_id
 
     del model
-    _release_memory()
+    release_memory()
     _print_summary(run_id, metrics, base_scores, cfg)
     return metrics
 
@@ -112,12 +111,6 @@ def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] |
     tracking.log_base_scores(key, cfg.model.name, scores.metrics, samples,
                              {k: v for k, v in tags.items() if k != "ftlab.role"})
     return scores.metrics
-
-
-def _release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _print_summary(run_id: str, metrics: dict, base: dict | None, cfg: DictConfig) -> None:

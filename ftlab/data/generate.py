@@ -11,10 +11,8 @@ import random
 from pathlib import Path
 
 INSTRUCTION = (
-    "Triage this support ticket. Reply with JSON only, with the keys "
-    '"category" (billing, bug, account, shipping, feature_request), '
-    '"priority" (low, medium, high, urgent), "product" and '
-    '"sentiment" (negative, neutral, positive).'
+    "Triage this support ticket as JSON with keys category (billing, bug, account, shipping, "
+    "feature_request), priority (low, medium, high, urgent), product, sentiment (negative, neutral, positive)."
 )
 
 PRODUCTS = [

@@ -1,0 +1,52 @@
+"""Shared fixtures: compose the real Hydra config with tiny, fast settings and a
+private MLflow store per test."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import ftlab.config  # noqa: F401  (registers the schema)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Small enough that a tiny run takes seconds; still real training and real metrics.
+TINY = [
+    "model=tiny",
+    "data.num_records=120",
+    "data.eval_size=12",
+    "train.max_seq_length=256",
+    "eval.max_new_tokens=24",
+    "eval.samples_to_log=5",
+]
+
+
+def store_overrides(tmp_path: Path) -> list[str]:
+    return [
+        f"tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
+        f"output_dir={tmp_path}/runs",
+    ]
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """compose(overrides) -> the DictConfig `python -m ftlab <overrides>` would see."""
+    (tmp_path / "mlruns").mkdir(exist_ok=True)
+
+    def _make(*overrides: str, tiny: bool = True):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("config", overrides=[*(TINY if tiny else []), *store_overrides(tmp_path), *overrides])
+
+    return _make
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict | None = None):
+    """Run `python -m ftlab ...` the way a user does; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)

@@ -1,0 +1,60 @@
+"""End to end: a real (tiny) QLoRA run logs everything a user looks for in MLflow."""
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ftlab.pipeline import run
+
+
+def _runs(cfg, role):
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    return mlflow.search_runs(experiment_names=[cfg.experiment], filter_string=f"tags.`ftlab.role` = '{role}'",
+                              output_format="list")
+
+
+def test_tiny_run_logs_params_metrics_artifacts(make_cfg):
+    cfg = make_cfg("lora_r=8", "lr=1e-3")
+    metrics = run(cfg)
+    for key in ("rouge_l", "bertscore_f1", "exact_match", "json_valid", "eval_loss", "tokens_per_second",
+                "base_rouge_l", "gain_rouge_l", "wall_seconds"):
+        assert key in metrics, key
+    assert any(k.startswith("peak_memory_mb_") for k in metrics)
+
+    [trial] = _runs(cfg, "trial")
+    assert trial.info.status == "FINISHED"
+    assert trial.data.params["lora_r"] == "8"
+    assert trial.data.params["model.name"] == "tiny"
+    assert len(trial.data.tags["ftlab.data_fingerprint"]) == 16
+    client = MlflowClient()
+    losses = client.get_metric_history(trial.info.run_id, "train_loss")
+    assert len(losses) >= 2 and losses[-1].step > losses[0].step
+    assert client.get_metric_history(trial.info.run_id, "train_learning_rate")
+
+    artifacts = Path(client.download_artifacts(trial.info.run_id, ""))
+    assert (artifacts / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert "lora_r: 8" in (artifacts / "config" / "resolved.yaml").read_text()
+    report = json.loads((artifacts / "data" / "report.json").read_text())
+    assert report["counts"]["train_records"] == trial.data.metrics["data_train_records"]
+    samples = json.loads((artifacts / "samples" / "generations.json").read_text())
+    assert set(samples["columns"]) == {"prompt", "reference", "prediction"} and len(samples["data"]) == 5
+
+
+def test_base_model_is_scored_once_per_data_and_eval_config(make_cfg):
+    first = run(make_cfg("lora_r=4"))
+    second = run(make_cfg("lora_r=8"))
+    cfg = make_cfg()
+    assert len(_runs(cfg, "base_eval")) == 1
+    assert first["base_rouge_l"] == second["base_rouge_l"]
+    run(make_cfg("eval.max_new_tokens=12"))  # other eval settings: the base is scored again
+    assert len(_runs(cfg, "base_eval")) == 2
+
+
+def test_long_param_values_do_not_crash_the_run(make_cfg):
+    # MLflow rejects param values over 6000 characters; ftlab truncates them and keeps the full config.
+    long_prompt = "x" * 9000
+    metrics = run(make_cfg(f"data.system_prompt={long_prompt}", "train.max_seq_length=4096", "train.max_steps=1",
+                           "eval.compare_base=false"))
+    assert "rouge_l" in metrics

@@ -1,0 +1,28 @@
+"""MLflow limits and secrets: long values are cut, secrets never reach params."""
+from omegaconf import OmegaConf
+
+from ftlab import tracking
+
+
+def test_flatten_truncates_long_values_and_masks_secrets(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecret123")
+    cfg = OmegaConf.create({
+        "data": {"system_prompt": "y" * 10000, "note": "token hf_supersecret123 here"},
+        "storage": "postgresql://alice:pa55word@db:5432/optuna",
+        "api_key": "sk-live-xyz",
+        "target_modules": ["q_proj", "v_proj"],
+    })
+    flat = tracking.flatten(cfg)
+    assert len(flat["data.system_prompt"]) <= tracking.MAX_PARAM_VALUE
+    assert flat["data.system_prompt"].endswith("[truncated]")
+    assert "pa55word" not in flat["storage"] and "alice" in flat["storage"]
+    assert flat["api_key"] == "***"
+    assert "hf_supersecret123" not in flat["data.note"]
+    assert flat["target_modules"] == '["q_proj", "v_proj"]'
+
+
+def test_unreachable_store_fails_before_training(tmp_path):
+    import pytest
+
+    with pytest.raises(tracking.TrackingError, match="tracking_uri"):
+        tracking.setup("mysql+pymysql://nobody:secret@127.0.0.1:1/none", "x")
