@@ -99,6 +99,10 @@ class TrainConfig:
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     optim: str = "adamw_torch"
+    # LoRA+ (Hayou et al., 2024): adapter B matrices learn this many times faster than A.
+    # B starts at zero, so with one learning rate early updates grow with lr^2 and a short
+    # run barely moves the adapter; 16 is the paper's recommendation. 1 = plain LoRA.
+    loraplus_lr_ratio: float = 16.0
     logging_steps: int = 1
     save_adapter: bool = True
     resume: bool = False

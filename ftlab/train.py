@@ -124,6 +124,18 @@ def completion_only_trainer_class():
     return CompletionOnlySFTTrainer
 
 
+def quiet_progress_callback():
+    """transformers' progress bar, showing loss in the bar instead of printing every log dict."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossInBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+    return LossInBar
+
+
 @dataclass
 class TrainResult:
     adapter_dir: Path | None
@@ -177,14 +189,27 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
 
     keep_freed_memory()
     out_dir.mkdir(parents=True, exist_ok=True)
+    args = sft_config(cfg, lr, seed, out_dir, dtype)
+    optimizer = None
+    if cfg.loraplus_lr_ratio != 1 and hasattr(model, "peft_config"):
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay
+        )
     trainer = completion_only_trainer_class()(
         model=model,
-        args=sft_config(cfg, lr, seed, out_dir, dtype),
+        args=args,
+        optimizers=(optimizer, None),
         train_dataset=Dataset.from_list(data.trl_rows("train")),
         eval_dataset=Dataset.from_list(data.trl_rows("held_out")),
         processing_class=tokenizer,
         callbacks=callbacks or [],
     )
+    from transformers.trainer_callback import ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(quiet_progress_callback())
     resume = cfg.resume and any(out_dir.glob("checkpoint-*"))
     with PeakMemory() as peak:
         start = time.perf_counter()

