@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -20,6 +21,16 @@ from ftlab.data import prepare
 from ftlab.train import release_memory, train
 
 log = logging.getLogger("ftlab")
+
+
+def quiet_third_party_output() -> None:
+    """Hide noise users cannot act on: bitsandbytes' note that an optional hub kernel is
+    missing (the CPU fallback is used), rouge-score's tokenizer notice, deprecation
+    warnings raised inside transformers/trl for arguments ftlab does not pass."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
+    warnings.filterwarnings("ignore", message=r".*an autograd kernel was not registered.*")
 
 
 def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
@@ -35,6 +46,7 @@ def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     wall_start = time.perf_counter()
+    quiet_third_party_output()
     cache = models.cache_root(cfg.cache_dir)
     tracking.setup(cfg.tracking_uri, cfg.experiment)
 
