@@ -95,6 +95,9 @@ class TrainConfig:
     max_seq_length: int = 512
     gradient_checkpointing: bool = True
     packing: bool = False
+    # group_by_length batches records of similar length together, so little of each batch
+    # is padding (the sampler still shuffles); random is plain shuffling.
+    sampling: str = "group_by_length"
     warmup: float = 0.0  # steps, or a fraction (<1) of all steps
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0

@@ -169,6 +169,7 @@ def sft_config(cfg: TrainConfig, lr: float, seed: int, out_dir: Path, dtype: tor
         gradient_checkpointing=cfg.gradient_checkpointing,
         max_length=cfg.max_seq_length,
         packing=cfg.packing,
+        train_sampling_strategy=cfg.sampling,
         completion_only_loss=True,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,

@@ -1,0 +1,123 @@
+"""Train throughput: the seed's recipe through TRL defaults (A) vs ftlab's default run (B).
+
+Same model, same cleaned data, same optimizer steps and effective batch, same
+quantisation (NF4 double quant, r=16, alpha=16, all-linear, bs 8 x ga 2, lr 2e-4).
+A is what a user writes from a blog post: SFTTrainer with a model id, peft_config
+and TRL's defaults for everything else. Each variant runs in its own process (ftlab
+tunes the allocator process-wide), alternating A/B so machine noise hits both.
+
+    python bench/train_throughput.py                 # SmolLM2-135M and tiny, both datasets
+    python bench/train_throughput.py tiny 6          # model, optimizer steps
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def load_case(model: str, dataset: str):
+    from hydra import compose, initialize_config_dir
+
+    import ftlab.config  # noqa: F401
+    from ftlab import models
+    from ftlab.data import prepare
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", "train.max_seq_length=1024"])
+    ckpt = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
+    tokenizer = models.load_tokenizer(ckpt)
+    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
+    if dataset == "varied":
+        # Widely varying lengths: a pasted log of 0-600 words on most tickets, so padding matters.
+        rng = random.Random(0)
+        for ex in data.train + data.held_out:
+            words = rng.choice([0, 0, 20, 60, 150, 300, 600])
+            filler = " ".join(rng.choice(["retry", "timeout", "worker", "ok", "error", "queue"]) for _ in range(words))
+            ex.messages[-2] = {**ex.messages[-2], "content": ex.messages[-2]["content"] + " " + filler}
+    return cfg, ckpt, tokenizer, data
+
+
+def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+
+    from ftlab import models
+    from ftlab.train import PeakMemory
+
+    cfg, ckpt, tokenizer, data = load_case(model, dataset)
+    train_rows, eval_rows = data.trl_rows("train"), data.trl_rows("held_out")
+    out = Path("/tmp/ftlab-bench") / f"{variant}-{model}-{dataset}"
+    if variant == "A":
+        from peft import LoraConfig
+        from transformers import BitsAndBytesConfig
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(
+            output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=2e-4,
+            max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+            model_init_kwargs={"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)},
+        )
+        trainer = SFTTrainer(
+            model=str(ckpt), args=args, train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer,
+            peft_config=LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
+        with PeakMemory() as peak:
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+        eval_loss = trainer.evaluate()["eval_loss"]
+        tokens = next(e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e)
+    else:
+        from ftlab.train import train
+
+        cfg.train.max_steps = steps
+        cfg.train.save_adapter = False
+        model_obj = models.load_base(ckpt, cfg.model, cfg.peft)
+        model_obj = models.add_adapter(model_obj, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                                       cfg.train.gradient_checkpointing)
+        result = train(model_obj, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out,
+                       models.compute_dtype(cfg.model.dtype))
+        seconds, eval_loss, tokens = result.train_seconds, result.eval_loss, result.trained_tokens
+        peak = type("Peak", (), {"peak_mb": result.peak_memory_mb})
+    return {"variant": variant, "model": model, "dataset": dataset, "seconds": seconds, "tokens": tokens,
+            "tokens_per_s": tokens / seconds, "peak_mb": peak.peak_mb, "eval_loss": eval_loss}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--variant":
+        print("RESULT " + json.dumps(run_variant(*sys.argv[2:5], int(sys.argv[5]))))
+        return
+    model_list = [sys.argv[1]] if len(sys.argv) > 1 else ["tiny", "smollm2_135m"]
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 6
+    results = []
+    for model in model_list:
+        for dataset in ("default", "varied"):
+            for variant in ("A", "B"):
+                proc = subprocess.run([sys.executable, __file__, "--variant", variant, model, dataset, str(steps)],
+                                      capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"variant {variant} {model} {dataset} failed:\n{proc.stderr[-3000:]}")
+                results.append(json.loads(line[7:]))
+                r = results[-1]
+                print(f"{r['model']:<13} {r['dataset']:<8} {variant}  {r['tokens_per_s']:8.0f} tok/s  "
+                      f"{r['seconds']:7.1f} s  peak {r['peak_mb']:7.0f} MB  eval loss {r['eval_loss']:.4f}", flush=True)
+    ratios = []
+    for a, b in zip(results[::2], results[1::2]):
+        ratio = b["tokens_per_s"] / a["tokens_per_s"]
+        ratios.append(f"{a['model']}/{a['dataset']} B/A={ratio:.2f} (eval loss {b['eval_loss']:.3f} vs {a['eval_loss']:.3f})")
+    print("SUMMARY train throughput: " + "; ".join(ratios))
+
+
+if __name__ == "__main__":
+    main()
