@@ -44,6 +44,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Load only safetensors weights; pickle checkpoints can run arbitrary code.
     allow_pickle_weights: bool = False
+    # sdpa | flash_attention_2 | eager. Eager keeps an S x S score matrix per head, which
+    # the memory estimator (ftlab/memory.py) prices; sdpa and flash do not.
+    attn_implementation: str = "sdpa"
     arch: ArchConfig = field(default_factory=ArchConfig)
 
 

@@ -1,0 +1,356 @@
+"""Peak-VRAM estimator: predicts the peak GPU memory of one training trial from the
+composed config alone (architecture numbers, quantisation, LoRA, optimizer, batch,
+sequence length, checkpointing, attention). Pure arithmetic: no torch, no weights.
+
+Units: bytes per term; `total_gb` and `budget.vram_gb` are GiB (2**30 bytes), the unit
+torch.cuda and nvidia-smi (MiB) report, so "a 24 GB card" means 24 GiB here.
+
+The formula (every term is a separate entry of `MemoryEstimate.terms`):
+
+  weights          frozen/trained base weights. 16-bit: 2 B/param. bitsandbytes 4-bit:
+                   0.5 B/param for the decoder linears; 8-bit (LLM.int8): 1 B/param.
+                   Under bnb the embeddings, lm_head and norms stay in the compute dtype
+                   (transformers keeps lm_head unquantised; Embedding/RMSNorm are not
+                   nn.Linear). Full fine-tune (`peft=full`): ftlab loads fp32 master
+                   weights (4 B/param) and computes under bf16 autocast.
+  weight_copies    full fine-tune only: autocast's bf16 copies of the linear weights, kept
+                   by autograd for the backward (2 B/param; HF "model memory anatomy":
+                   mixed precision costs 6 B/param of weights).
+  quant_state      NF4 absmax constants (Dettmers et al. 2023, QLoRA, section 3):
+                   no double quant: one fp32 per 64-weight block = 32/64 = 0.5 bit/param;
+                   double quant: 8-bit absmax per 64 + one fp32 per 256 of those
+                   = 8/64 + 32/(64*256) = 0.127 bit/param (saves 0.373 bit/param).
+                   LLM.int8: one fp32 scale per output row.
+  lora_params      r*(d_in + d_out) per targeted linear per layer, in peft.adapter_dtype
+                   (fp32 by default: PEFT upcasts adapters, `autocast_adapter_dtype`).
+  grads            one gradient per trainable parameter, in its dtype.
+  optimizer        AdamW: 2 fp32 states = 8 B/param; 8-bit Adam (bnb, blockwise 2048):
+                   2 B/param + 2 fp32 absmax per 2048; Lion/SGD-momentum: 1 state.
+                   Paged variants (paged_adamw_*) are counted in full: paging only helps
+                   when the GPU is already out of memory (QLoRA paper, section 3).
+                   When LoRA+ is on (train.loraplus_lr_ratio != 1) ftlab builds a plain
+                   torch AdamW for the adapters whatever train.optim says, so that is what
+                   is counted.
+  activations      per token, per decoder layer, in the compute dtype (Korthikanti et al.
+                   2022 "Reducing Activation Recomputation", adapted to Llama: RMSNorm
+                   with fp32 upcast 8h B, q/k/v after RoPE + attention output 4h+4kv B,
+                   SwiGLU gate/silu/up/product 8i B, plus each LoRA-targeted linear's input
+                   copy and its rank-r hidden). SDPA/flash keep no S x S matrix; eager
+                   keeps fp32 + bf16 softmax probabilities (6 B per head per S^2).
+                   Gradient checkpointing (HF): only every layer's input (2h B/token) is
+                   kept, plus one layer recomputed during the backward and the gradients
+                   flowing through it (counted as 2 layers' worth).
+  logits           lm_head output V per token in the compute dtype, its fp32 upcast for the
+                   loss, the fp32 log-softmax and the fp32 gradient: (2 + 3*4) V B/token
+                   (HF ForCausalLMLoss upcasts logits to fp32). ftlab computes logits on
+                   completion tokens only, but the estimate is the conservative
+                   full-sequence case.
+  cuda_context     0.5 GiB for the CUDA context and kernels (nvidia-smi on an idle
+                   process: 0.3-0.8 GiB depending on CUDA version and lazy loading).
+  allocator_overhead  PyTorch caching-allocator fragmentation: 10% of the allocated
+                   terms (reserved/allocated ratios of 1.05-1.2 are typical in training).
+
+Sequence length is train.max_seq_length per sample whether or not packing is on (packed
+rows are full; padded batches are at most that long), so the estimate is an upper bound
+for the batch. The terms are summed, which is conservative: in reality grads grow while
+activations are freed during the backward. `MemoryEstimate.allocated_bytes` (everything
+but context and fragmentation) is what torch.cuda.max_memory_allocated measures.
+
+Sources: QLoRA paper (Dettmers et al. 2023, arXiv:2305.14314); bitsandbytes docs (4-bit,
+LLM.int8, 8-bit optimizers, paged optimizers); HF transformers "Model training anatomy"
+and "Efficient training on a single GPU"; PEFT LoRA docs; torchtune "memory
+optimization overview"; Unsloth's Llama 3.1 / 3.3 context-length benchmarks (HF + FA2
+baselines), used as reference figures in tests/test_memory.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+import ftlab.config  # noqa: F401  (registers the structured-config schema)
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = 0.5 * GIB
+ALLOCATOR_OVERHEAD = 0.10
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TERM_ORDER = ("weights", "weight_copies", "quant_state", "lora_params", "grads", "optimizer",
+              "activations", "logits", "cuda_context", "allocator_overhead")
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
+
+
+class BudgetError(ValueError):
+    """A config the estimator cannot price, naming the key to fix."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak training memory, one entry per term, in bytes."""
+
+    terms: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> float:
+        return float(sum(self.terms.values()))
+
+    @property
+    def total_gb(self) -> float:
+        """Total in GiB (2**30 bytes): the unit of budget.vram_gb."""
+        return self.total_bytes / GIB
+
+    @property
+    def allocated_bytes(self) -> float:
+        """What torch.cuda.max_memory_allocated would show: no context, no fragmentation."""
+        return self.total_bytes - self.terms.get("cuda_context", 0.0) - self.terms.get("allocator_overhead", 0.0)
+
+    def table(self) -> str:
+        total = self.total_bytes or 1.0
+        names = [n for n in TERM_ORDER if n in self.terms] + [n for n in self.terms if n not in TERM_ORDER]
+        lines = [f"{'term':<20}{'GiB':>10}{'share':>8}"]
+        for name in names:
+            lines.append(f"{name:<20}{self.terms[name] / GIB:>10.2f}{self.terms[name] / total:>8.1%}")
+        lines.append(f"{'total':<20}{self.total_gb:>10.2f}{1:>8.0%}")
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The numbers the estimate depends on, read once from the config."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    method: str
+    bits: int
+    double_quant: bool
+    adapter_bytes: int
+    compute_bytes: int
+    rank: int
+    targets: tuple[str, ...]
+    lora_dropout: float
+    optim: str
+    loraplus: bool
+    batch: int
+    seq: int
+    checkpointing: bool
+    attn: str
+
+
+def settings(cfg: DictConfig) -> Settings:
+    """Read and validate the knobs the estimate uses; errors name the config key."""
+    a, peft, train = cfg.model.arch, cfg.peft, cfg.train
+    method = str(peft.method)
+    if method not in ("qlora", "lora", "full"):
+        raise BudgetError(f"peft.method={method!r}: use qlora, lora or full")
+    bits = int(peft.load_in_bits)
+    if bits not in (4, 8, 16):
+        raise BudgetError(f"peft.load_in_bits={bits}: use 4, 8 or 16")
+    if method != "full" and int(cfg.lora_r) < 1:
+        raise BudgetError(f"lora_r={cfg.lora_r}: the LoRA rank must be >= 1")
+    for key, value in (("train.per_device_batch_size", train.per_device_batch_size),
+                       ("train.max_seq_length", train.max_seq_length)):
+        if int(value) < 1:
+            raise BudgetError(f"{key}={value}: must be >= 1")
+    if a.hidden_size % a.num_heads:
+        raise BudgetError(f"model.arch.hidden_size={a.hidden_size} is not a multiple of model.arch.num_heads={a.num_heads}")
+    compute = str(cfg.model.dtype)
+    adapter = str(peft.adapter_dtype)
+    if adapter not in DTYPE_BYTES:
+        raise BudgetError(f"peft.adapter_dtype={adapter!r}: use one of {sorted(DTYPE_BYTES)}")
+    return Settings(
+        hidden=int(a.hidden_size), layers=int(a.num_layers), heads=int(a.num_heads), kv_heads=int(a.num_kv_heads),
+        intermediate=int(a.intermediate_size), vocab=int(a.vocab_size), tied=bool(a.tie_word_embeddings),
+        method=method, bits=16 if method == "full" else bits, double_quant=bool(peft.double_quant),
+        adapter_bytes=DTYPE_BYTES[adapter],
+        # auto = bf16 on any GPU worth estimating for
+        compute_bytes=DTYPE_BYTES.get(compute, 2),
+        rank=int(cfg.lora_r), targets=target_names(cfg.target_modules),
+        lora_dropout=float(cfg.lora_dropout), optim=str(train.optim),
+        loraplus=float(train.loraplus_lr_ratio) != 1.0,
+        batch=int(train.per_device_batch_size), seq=int(train.max_seq_length),
+        checkpointing=bool(train.gradient_checkpointing),
+        attn=str(cfg.model.attn_implementation),
+    )
+
+
+def target_names(value) -> tuple[str, ...]:
+    """`all-linear`, a comma string or a list -> the decoder linears LoRA wraps."""
+    if isinstance(value, str):
+        names = list(LINEARS) if value == "all-linear" else [m.strip() for m in value.split(",") if m.strip()]
+    elif isinstance(value, (list, tuple, ListConfig)):
+        names = [str(v) for v in value]
+    else:
+        raise BudgetError(f"target_modules={value!r}: use all-linear or a list such as [q_proj,v_proj]")
+    unknown = [n for n in names if n not in LINEARS]
+    if unknown:
+        raise BudgetError(f"target_modules: {unknown} are not Llama linears; use all-linear or some of {list(LINEARS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def linear_shapes(s: Settings) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each decoder linear, from the architecture numbers."""
+    kv = s.kv_heads * (s.hidden // s.heads)
+    h, i = s.hidden, s.intermediate
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def param_counts(s: Settings) -> dict[str, int]:
+    """Parameter counts by kind: decoder linears, embeddings + lm_head, norms."""
+    linear = s.layers * sum(din * dout for din, dout in linear_shapes(s).values())
+    embed = s.vocab * s.hidden * (1 if s.tied else 2)
+    norms = (2 * s.layers + 1) * s.hidden
+    return {"linear": linear, "embedding": embed, "norm": norms}
+
+
+def optimizer_bytes_per_param(name: str) -> float:
+    name = name.lower()
+    if "8bit" in name:
+        states = 1 if "lion" in name else 2
+        return states * (1 + 4 / 2048)  # blockwise: 1 B/state + an fp32 absmax per 2048
+    if "lion" in name or name == "sgd":
+        return 4.0  # one fp32 state (momentum); plain SGD without momentum would be 0
+    if "adafactor" in name:
+        return 0.1  # factored second moment: rows + columns, negligible per parameter
+    return 8.0  # AdamW family (adamw_torch, adamw_torch_fused, paged_adamw_32bit, ...)
+
+
+def estimate_settings(s: Settings) -> MemoryEstimate:
+    """The estimate for already-read settings (fit_batch varies the batch this way)."""
+    notes: list[str] = []
+    counts = param_counts(s)
+    shapes = linear_shapes(s)
+    cb = s.compute_bytes
+    tokens = s.batch * s.seq
+    terms: dict[str, float] = {}
+
+    if s.method == "full":
+        total_params = sum(counts.values())
+        terms["weights"] = 4.0 * total_params  # fp32 master weights (models.load_base)
+        terms["weight_copies"] = cb * counts["linear"] if cb < 4 else 0.0
+        terms["quant_state"] = 0.0
+        terms["lora_params"] = 0.0
+        trainable, trainable_bytes = total_params, 4
+        optim = s.optim
+    else:
+        linear_bytes = {4: 0.5, 8: 1.0, 16: cb}[s.bits] * counts["linear"]
+        terms["weights"] = linear_bytes + cb * (counts["embedding"] + counts["norm"])
+        if s.bits == 4:
+            bits_per_param = (8 / 64 + 32 / (64 * 256)) if s.double_quant else 32 / 64
+            terms["quant_state"] = counts["linear"] * bits_per_param / 8
+        elif s.bits == 8:
+            terms["quant_state"] = 4.0 * s.layers * sum(dout for _, dout in shapes.values())
+        else:
+            terms["quant_state"] = 0.0
+        trainable = s.layers * sum(s.rank * sum(shapes[t]) for t in s.targets)
+        trainable_bytes = s.adapter_bytes
+        terms["lora_params"] = float(trainable * trainable_bytes)
+        optim = s.optim
+        if s.loraplus:
+            optim = "adamw_torch"
+            notes.append("LoRA+ is on (train.loraplus_lr_ratio != 1): ftlab uses torch AdamW, train.optim is not used")
+    terms["grads"] = float(trainable * trainable_bytes)
+    terms["optimizer"] = trainable * optimizer_bytes_per_param(optim)
+
+    terms["activations"] = float(activation_bytes(s, tokens))
+    terms["logits"] = float(tokens * s.vocab * (cb + 3 * 4))
+    allocated = sum(terms.values())
+    terms["cuda_context"] = CUDA_CONTEXT_BYTES
+    terms["allocator_overhead"] = ALLOCATOR_OVERHEAD * allocated
+    return MemoryEstimate(terms=terms, notes=notes)
+
+
+def activation_bytes(s: Settings, tokens: int) -> float:
+    """Saved activations of the decoder stack for `tokens` = batch * seq tokens."""
+    h, i, cb = s.hidden, s.intermediate, s.compute_bytes
+    kv = s.kv_heads * (h // s.heads)
+    shapes = linear_shapes(s)
+    per_token = 2 * (4 * h + 2 * cb * h)  # two RMSNorms: fp32 upcast input, normalised, output
+    per_token += cb * (2 * h + 2 * kv)  # q, k after RoPE, v, attention output
+    per_token += cb * 4 * i  # SwiGLU: gate, silu(gate), up, product
+    if s.method != "full":
+        for t in s.targets:
+            din, _ = shapes[t]
+            # PEFT's lora_A gets its own cast copy of the input; then the rank-r hidden
+            per_token += cb * (din + s.rank)
+            if s.lora_dropout > 0:
+                per_token += (cb + 1) * din  # dropped copy + mask
+    layer = per_token * tokens
+    if s.attn == "eager":
+        # HF eager attention: fp32 softmax output + its bf16 cast, per head, S x S
+        layer += s.batch * s.heads * s.seq * s.seq * (4 + cb)
+    if s.checkpointing:
+        stack = s.layers * cb * h * tokens + 2 * layer  # kept layer inputs + one recomputed layer and its grads
+    else:
+        stack = s.layers * layer
+    mask = 0 if s.attn == "flash_attention_2" else s.batch * s.seq * s.seq * cb  # 4D additive mask, built once
+    return stack + mask + tokens * cb * 2 * h  # + embedding output and final norm output
+
+
+def estimate(cfg: DictConfig) -> MemoryEstimate:
+    """Predicted peak training memory of `cfg` (the full composed ftlab config)."""
+    return estimate_settings(settings(cfg))
+
+
+def budget_gib(cfg: DictConfig) -> float | None:
+    value = cfg.budget.vram_gb
+    if value is None:
+        return None
+    value = float(value)
+    if not value > 0 or math.isinf(value):
+        raise BudgetError(f"budget.vram_gb={cfg.budget.vram_gb}: must be a positive number of GiB (e.g. 24), "
+                          f"or null for no budget")
+    return value
+
+
+def check_budget(cfg: DictConfig) -> tuple[bool, MemoryEstimate, str]:
+    """(fits, estimate, reason). Fits when no budget is set or the prediction is within it."""
+    budget = budget_gib(cfg)
+    est = estimate(cfg)
+    if budget is None:
+        return True, est, f"predicted peak {est.total_gb:.1f} GiB; no budget set (budget.vram_gb=null)"
+    fits = est.total_gb <= budget
+    verdict = "fits" if fits else "over budget"
+    return fits, est, (f"predicted peak {est.total_gb:.1f} GiB vs budget.vram_gb={budget:g} GiB: {verdict} "
+                       f"(micro-batch {cfg.train.per_device_batch_size} x seq {cfg.train.max_seq_length})")
+
+
+def fit_batch(cfg: DictConfig) -> tuple[int, int] | None:
+    """For budget.fit=auto_batch: (micro_batch, grad_accum), halving the micro-batch until
+    the prediction fits and raising grad_accum to keep at least the effective batch.
+    None if even micro-batch 1 does not fit; the config's own pair when no budget is set."""
+    budget = budget_gib(cfg)
+    s = settings(cfg)
+    effective = s.batch * int(cfg.train.grad_accum)
+    batch = s.batch
+    while batch >= 1:
+        if budget is None or estimate_settings(replace(s, batch=batch)).total_gb <= budget:
+            return batch, math.ceil(effective / batch)
+        batch //= 2
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """`python -m ftlab.memory model=llama31_8b lora_r=64 ...`: the estimate, no weights."""
+    fits, est, reason = check_budget(cfg)
+    print(f"{cfg.model.name} {cfg.peft.method} ({cfg.peft.load_in_bits}-bit), lora_r={cfg.lora_r}, "
+          f"targets={cfg.target_modules}, batch {cfg.train.per_device_batch_size} x seq {cfg.train.max_seq_length}, "
+          f"checkpointing={cfg.train.gradient_checkpointing}, optim={cfg.train.optim}")
+    print(est.table())
+    print(reason)
+    if not fits and cfg.budget.fit == "auto_batch":
+        pair = fit_batch(cfg)
+        print("auto_batch: even micro-batch 1 does not fit" if pair is None
+              else f"auto_batch: train.per_device_batch_size={pair[0]} train.grad_accum={pair[1]} fits")
+
+
+if __name__ == "__main__":
+    main()
