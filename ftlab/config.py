@@ -111,6 +111,8 @@ class TrainConfig:
     loraplus_lr_ratio: float = 16.0
     logging_steps: int = 1
     save_adapter: bool = True
+    # Extra transformers TrainerCallbacks, as Hydra instantiate specs ({_target_: pkg.Class, ...}).
+    callbacks: list[Any] = field(default_factory=list)
     resume: bool = False
 
 
@@ -136,6 +138,10 @@ class BudgetConfig:
     vram_gb: Optional[float] = None
     max_hours: Optional[float] = None
     fit: str = "skip"  # skip | auto_batch
+    # Hard cap on a trial's measured memory (GiB): on a GPU a per-process memory fraction,
+    # on the CPU an RSS watchdog checked every step. Exceeding it fails that trial with an
+    # out-of-memory error; a sweep goes on with the next one.
+    memory_cap_gb: Optional[float] = None
 
 
 @dataclass

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import mlflow
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
 from ftlab.data import prepare
-from ftlab.train import release_memory, train
+from ftlab.train import memory_cap_callback, release_memory, train
 
 log = logging.getLogger("ftlab")
 
@@ -61,50 +62,57 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tags["mlflow.source.git.commit"] = commit
 
     model = models.load_base(checkpoint, cfg.model, cfg.peft)
-    base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
+    try:
+        base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
+        with tracking.trial_run(run_name, tags) as active:
+            metrics = _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start)
+    finally:
+        # Free the model on success and on failure alike, so the next trial starts clean.
+        del model
+        release_memory()
+    _print_summary(active.info.run_id, metrics, base_scores, cfg)
+    return metrics
 
-    with mlflow.start_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None) as active:
-        tracking.log_config(cfg)
-        mlflow.log_dict(data.report, "data/report.json")
-        mlflow.log_metrics({f"data_{k}": v for k, v in data.report["counts"].items()})
-        mlflow.log_params({"data.fingerprint": data.fingerprint, "model.checkpoint": str(checkpoint)})
 
-        if cfg.peft.method != "full":
-            model = models.add_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                                       cfg.train.gradient_checkpointing)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        mlflow.log_metric("trainable_params", trainable)
+def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start) -> dict:
+    tracking.log_config(cfg)
+    mlflow.log_dict(data.report, "data/report.json")
+    mlflow.log_metrics({f"data_{k}": v for k, v in data.report["counts"].items()})
+    mlflow.log_params({"data.fingerprint": data.fingerprint, "model.checkpoint": str(checkpoint)})
 
-        out_dir = Path(cfg.output_dir) / active.info.run_id
-        result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype,
-                       callbacks=[tracking.training_callback()])
-        scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate adapter")
+    if cfg.peft.method != "full":
+        model = models.add_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                                   cfg.train.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mlflow.log_metric("trainable_params", trainable)
 
-        metrics = {
-            **scores.metrics,
-            "eval_loss": result.eval_loss,
-            "train_loss_final": result.train_loss,
-            "train_seconds": result.train_seconds,
-            "trained_tokens": result.trained_tokens,
-            "tokens_per_second": result.tokens_per_second,
-            f"peak_memory_mb_{result.peak_memory_kind}": result.peak_memory_mb,
-            "wall_seconds": time.perf_counter() - wall_start,
-        }
-        if base_scores:
-            metrics.update({f"base_{k}": v for k, v in base_scores.items()})
-            metrics.update({f"gain_{k}": scores.metrics[k] - base_scores[k] for k in scores.metrics if k in base_scores})
-        mlflow.log_metrics(metrics)
-        mlflow.set_tag("ftlab.peak_memory_kind", result.peak_memory_kind)
-        shown = data.held_out[: cfg.eval.samples_to_log]
-        tracking.log_samples([e.prompt[-1]["content"] for e in shown], [e.reference for e in shown],
-                             scores.predictions[: len(shown)], "samples/generations.json")
-        if result.adapter_dir is not None:
-            mlflow.log_artifacts(str(result.adapter_dir), "adapter")
-        run_id = active.info.run_id
+    out_dir = Path(cfg.output_dir) / active.info.run_id
+    callbacks = [tracking.training_callback(), *(instantiate(c) for c in cfg.train.callbacks)]
+    if cfg.budget.memory_cap_gb:
+        callbacks.append(memory_cap_callback(cfg.budget.memory_cap_gb))
+    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks)
+    scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate adapter")
 
-    del model
-    release_memory()
-    _print_summary(run_id, metrics, base_scores, cfg)
+    metrics = {
+        **scores.metrics,
+        "eval_loss": result.eval_loss,
+        "train_loss_final": result.train_loss,
+        "train_seconds": result.train_seconds,
+        "trained_tokens": result.trained_tokens,
+        "tokens_per_second": result.tokens_per_second,
+        f"peak_memory_mb_{result.peak_memory_kind}": result.peak_memory_mb,
+        "wall_seconds": time.perf_counter() - wall_start,
+    }
+    if base_scores:
+        metrics.update({f"base_{k}": v for k, v in base_scores.items()})
+        metrics.update({f"gain_{k}": scores.metrics[k] - base_scores[k] for k in scores.metrics if k in base_scores})
+    mlflow.log_metrics(metrics)
+    mlflow.set_tag("ftlab.peak_memory_kind", result.peak_memory_kind)
+    shown = data.held_out[: cfg.eval.samples_to_log]
+    tracking.log_samples([e.prompt[-1]["content"] for e in shown], [e.reference for e in shown],
+                         scores.predictions[: len(shown)], "samples/generations.json")
+    if result.adapter_dir is not None:
+        mlflow.log_artifacts(str(result.adapter_dir), "adapter")
     return metrics
 
 

@@ -8,6 +8,8 @@ import json
 import os
 import re
 import subprocess
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -18,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 MAX_PARAM_VALUE = 6000
 MAX_PARAM_KEY = 250
 MAX_PARAMS_PER_BATCH = 100
-SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_key|apikey|credential)", re.I)
+# A key is secret when its last component names one (hub_token, db.password), not when a
+# word merely contains it (eval.max_new_tokens).
+SECRET_KEY = re.compile(r"(^|[._])\w*(token|password|passwd|secret|api_key|apikey|credentials?)$", re.I)
 URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 # Values of these environment variables are scrubbed from anything we log.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "FTLAB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
@@ -64,6 +68,41 @@ def setup(tracking_uri: str | None, experiment: str) -> str:
     except Exception as e:
         raise TrackingError(f"cannot use the MLflow tracking store tracking_uri={mask(uri)}: {e}") from e
     return uri
+
+
+@contextmanager
+def trial_run(run_name: str, tags: dict):
+    """An MLflow run that never ends up silently RUNNING: success -> FINISHED with
+    ftlab.state=finished; an exception -> FAILED with the error summary as a tag and the
+    traceback as an artifact; Ctrl-C / SIGTERM -> KILLED. The exception propagates."""
+    with mlflow.start_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None) as active:
+        try:
+            yield active
+        except BaseException as e:
+            interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
+            _record_failure(e, "killed" if interrupted else "failed")
+            mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+            raise
+        mlflow.set_tag("ftlab.state", "finished")
+
+
+def _record_failure(error: BaseException, state: str) -> None:
+    try:
+        summary = mask(f"{type(error).__name__}: {error}")[:MAX_PARAM_VALUE]
+        mlflow.set_tags({"ftlab.state": state, "ftlab.error": summary or type(error).__name__,
+                         "ftlab.failure_kind": failure_kind(error)})
+        mlflow.log_text(mask("".join(traceback.format_exception(error))), "error/traceback.txt")
+    except Exception:  # the store itself may be what failed; the original error matters more
+        pass
+
+
+def failure_kind(error: BaseException) -> str:
+    text = f"{type(error).__name__} {error}".lower()
+    if isinstance(error, MemoryError) or "out of memory" in text or "outofmemory" in text:
+        return "oom"
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return "interrupted"
+    return "exception"
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:

@@ -124,6 +124,32 @@ def completion_only_trainer_class():
     return CompletionOnlySFTTrainer
 
 
+class MemoryCapExceeded(MemoryError):
+    """The trial's measured memory went over budget.memory_cap_gb (an out-of-memory failure)."""
+
+
+def memory_cap_callback(cap_gb: float):
+    """Enforce budget.memory_cap_gb: on CUDA through the allocator's per-process fraction
+    (a real CUDA OOM), on the CPU by checking the process RSS after every step."""
+    from transformers import TrainerCallback
+
+    cap_kb = cap_gb * 2**20
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total))
+
+    class MemoryCap(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            rss = _proc_status_kb("VmRSS")
+            if not torch.cuda.is_available() and rss > cap_kb:
+                raise MemoryCapExceeded(
+                    f"out of memory: process RSS {rss / 2**20:.2f} GiB > budget.memory_cap_gb={cap_gb} "
+                    f"at step {state.global_step}"
+                )
+
+    return MemoryCap()
+
+
 def quiet_progress_callback():
     """transformers' progress bar, showing loss in the bar instead of printing every log dict."""
     from transformers.trainer_callback import ProgressCallback

@@ -59,3 +59,25 @@ def test_long_param_values_do_not_crash_the_run(make_cfg):
                            "model.arch.max_position_embeddings=4096", "train.max_steps=1", "eval.compare_base=false",
                            "eval.max_new_tokens=4"))
     assert "rouge_l" in metrics
+
+
+def test_failed_trial_is_marked_failed_with_reason_and_traceback(make_cfg):
+    cfg = make_cfg("train.max_steps=4", "eval.compare_base=false",
+                   "train.callbacks=[{_target_: tests.faults.RaiseAtStep, step: 2}]")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(cfg)
+    [trial] = _runs(cfg, "trial")
+    assert trial.info.status == "FAILED"
+    assert trial.data.tags["ftlab.state"] == "failed"
+    assert "injected failure at step 2" in trial.data.tags["ftlab.error"]
+    text = Path(MlflowClient().download_artifacts(trial.info.run_id, "error/traceback.txt")).read_text()
+    assert "RaiseAtStep" in text or "on_step_end" in text
+
+
+def test_memory_cap_fails_the_trial_as_oom(make_cfg):
+    cfg = make_cfg("train.max_steps=3", "eval.compare_base=false", "budget.memory_cap_gb=0.01")
+    with pytest.raises(MemoryError, match="budget.memory_cap_gb"):
+        run(cfg)
+    [trial] = _runs(cfg, "trial")
+    assert trial.info.status == "FAILED"
+    assert trial.data.tags["ftlab.failure_kind"] == "oom"

@@ -10,13 +10,15 @@ def test_flatten_truncates_long_values_and_masks_secrets(monkeypatch):
         "data": {"system_prompt": "y" * 10000, "note": "token hf_supersecret123 here"},
         "storage": "postgresql://alice:pa55word@db:5432/optuna",
         "api_key": "sk-live-xyz",
+        "eval": {"max_new_tokens": 64, "hub_token": "abc"},
         "target_modules": ["q_proj", "v_proj"],
     })
     flat = tracking.flatten(cfg)
     assert len(flat["data.system_prompt"]) <= tracking.MAX_PARAM_VALUE
     assert flat["data.system_prompt"].endswith("[truncated]")
     assert "pa55word" not in flat["storage"] and "alice" in flat["storage"]
-    assert flat["api_key"] == "***"
+    assert flat["api_key"] == "***" and flat["eval.hub_token"] == "***"
+    assert flat["eval.max_new_tokens"] == "64"
     assert "hf_supersecret123" not in flat["data.note"]
     assert flat["target_modules"] == '["q_proj", "v_proj"]'
 
