@@ -184,9 +184,19 @@ class FtlabConfig:
     cache_dir: Optional[str] = None  # None: $FTLAB_CACHE or ~/.cache/ftlab
 
 
+@dataclass
+class ReportConfig:
+    """`python -m ftlab.report sweep=<id>`: which sweep to report on and where to write it."""
+
+    sweep: str = MISSING  # a sweep id (tag ftlab.sweep_id) or the sweep's parent MLflow run id
+    out_dir: str = "reports"  # the report goes to <out_dir>/<sweep id>/
+    tracking_uri: Optional[str] = None  # None: the SQLite store under ./mlruns
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="ftlab_schema", node=FtlabConfig)
+    cs.store(name="ftlab_report_schema", node=ReportConfig)
 
 
 register_configs()

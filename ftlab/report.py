@@ -1,0 +1,529 @@
+"""Sweep report: gather a sweep's trials from MLflow -> static matplotlib figures ->
+report.md and a self-contained report.html under reports/<sweep-id>/, also logged on
+the sweep's parent run under report/. `python -m ftlab.report sweep=<id>` on demand;
+the sweeper calls `build_report(parent_run_id)` when a sweep ends.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import matplotlib
+
+matplotlib.use("Agg")  # files only: the report must build on headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from jinja2 import Environment  # noqa: E402
+from mlflow.entities import Run  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import ftlab.config  # noqa: F401,E402  (registers the structured-config schema)
+from ftlab.tracking import default_tracking_uri, mask  # noqa: E402
+
+STATE_ORDER = {"finished": 0, "failed": 1, "killed": 2, "skipped_budget": 3}
+# Logged by the pipeline beside the config; they follow from other params, so they are
+# neither swept knobs nor overrides.
+DERIVED_PARAMS = {"data.fingerprint", "model.checkpoint", "run_name"}
+MIN_TRIALS_FOR_IMPORTANCE = 4
+EXAMPLES_SHOWN = 5
+
+
+class ReportError(ValueError):
+    """The sweep cannot be found or read; the message says what to do."""
+
+
+@dataclass
+class Trial:
+    run_id: str
+    number: int | None
+    state: str  # finished | failed | killed | skipped_budget
+    params: dict[str, str]
+    metrics: dict[str, float]
+    reason: str = ""  # the error of a failed trial or why a trial was skipped
+    peak_kind: str | None = None
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"#{self.number}" if self.number is not None else self.run_id[:8]
+
+    @property
+    def measured_peak_gb(self) -> float | None:
+        value = self.metrics.get(f"peak_memory_mb_{self.peak_kind}")
+        return None if value is None else value / 1024
+
+
+@dataclass
+class Sweep:
+    sweep_id: str
+    parent_run_id: str
+    experiment: str
+    command: str
+    objectives: list[str]
+    directions: list[str]
+    trials: list[Trial]  # ranked: finished best first, then failed/killed, then skipped
+    varying: list[str]  # params whose value differs across trials
+    base: dict[str, float] | None  # base-model scores, the reference row
+    examples: list[dict[str, str]]  # prompt, reference, base, winner
+    best_run_id: str | None = None
+
+    @property
+    def finished(self) -> list[Trial]:
+        return [t for t in self.trials if t.state == "finished"]
+
+    @property
+    def winner(self) -> Trial | None:
+        tagged = [t for t in self.finished if t.run_id == self.best_run_id]
+        return (tagged or self.finished or [None])[0]
+
+
+# ---------------------------------------------------------------- gather
+
+
+def find_sweep(client: MlflowClient, sweep: str) -> Run:
+    """The parent run of a sweep, given its run id or its ftlab.sweep_id tag."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    sweeps = client.search_runs(experiments, "tags.`ftlab.role` = 'sweep'", max_results=1000,
+                                order_by=["attributes.start_time DESC"]) if experiments else []
+    for candidate in sweeps:
+        if sweep in (candidate.info.run_id, candidate.data.tags.get("ftlab.sweep_id")):
+            return candidate
+    known = ", ".join(s.data.tags.get("ftlab.sweep_id", s.info.run_id) for s in sweeps[:5]) or "none"
+    raise ReportError(f"sweep={sweep}: no sweep with that sweep id or parent run id in the tracking store "
+                      f"{mask(client.tracking_uri)} (recent sweeps: {known}). Pass tracking_uri=... if the "
+                      f"sweep was logged elsewhere.")
+
+
+def gather(client: MlflowClient, sweep: str) -> Sweep:
+    parent = find_sweep(client, sweep)
+    tags = parent.data.tags
+    objectives = [o.strip() for o in tags.get("ftlab.objective", "rouge_l").split(",")]
+    directions = [d.strip() for d in tags.get("ftlab.direction", "maximize").split(",")]
+    if len(directions) != len(objectives):
+        directions = (directions * len(objectives))[: len(objectives)]
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=5000)
+    trials = [_trial(client, r) for r in children if r.data.tags.get("ftlab.role") not in ("base_eval", "sweep")]
+    trials.sort(key=lambda t: _rank_key(t, objectives[0], directions[0]))
+    sweep_result = Sweep(
+        sweep_id=tags.get("ftlab.sweep_id", parent.info.run_id), parent_run_id=parent.info.run_id,
+        experiment=client.get_experiment(parent.info.experiment_id).name, command=tags.get("ftlab.command", ""),
+        objectives=objectives, directions=directions, trials=trials, varying=varying_params(trials),
+        base=None, examples=[], best_run_id=tags.get("ftlab.best_run_id"),
+    )
+    base_run = _base_run(client, parent, sweep_result.winner or (trials[0] if trials else None))
+    if base_run is not None:
+        sweep_result.base = dict(base_run.data.metrics)
+    elif sweep_result.winner:  # the trials carry the base scores as base_<metric>
+        base = {k.removeprefix("base_"): v for k, v in sweep_result.winner.metrics.items() if k.startswith("base_")}
+        sweep_result.base = base or None
+    sweep_result.examples = _examples(client, sweep_result.winner, base_run)
+    return sweep_result
+
+
+def _trial(client: MlflowClient, r: Run) -> Trial:
+    tags = r.data.tags
+    state = tags.get("ftlab.state") or {"FINISHED": "finished", "FAILED": "failed"}.get(r.info.status, "killed")
+    number = tags.get("ftlab.trial_number")
+    history = client.get_metric_history(r.info.run_id, "train_loss")
+    return Trial(
+        run_id=r.info.run_id, number=int(number) if number and number.isdigit() else None, state=state,
+        params={k: v for k, v in r.data.params.items() if k not in DERIVED_PARAMS}, metrics=dict(r.data.metrics),
+        reason=tags.get("ftlab.error") or tags.get("ftlab.skip_reason") or "",
+        peak_kind=tags.get("ftlab.peak_memory_kind"),
+        train_loss=_first_per_step(history),
+    )
+
+
+def _first_per_step(history) -> list[tuple[int, float]]:
+    """The step-wise losses; the trainer's end-of-run average is logged at the last step
+    again and would draw a spike, so only the first value of each step is kept."""
+    first: dict[int, float] = {}
+    for m in sorted(history, key=lambda m: (m.step, m.timestamp)):
+        first.setdefault(m.step, m.value)
+    return sorted(first.items())
+
+
+def _rank_key(t: Trial, objective: str, direction: str):
+    value = t.metrics.get(objective)
+    score = math.inf if value is None or math.isnan(value) else (-value if direction == "maximize" else value)
+    return STATE_ORDER.get(t.state, 2), score, t.number if t.number is not None else math.inf
+
+
+def varying_params(trials: list[Trial]) -> list[str]:
+    keys = sorted({k for t in trials for k in t.params})
+    return [k for k in keys if len({t.params.get(k) for t in trials if t.params}) > 1]
+
+
+def _base_run(client: MlflowClient, parent: Run, trial: Trial | None) -> Run | None:
+    """The base_eval run that scored the base on the same model and held-out data as the trial."""
+    if trial is None:
+        return None
+    trial_tags = client.get_run(trial.run_id).data.tags
+    wanted = {k: trial_tags[k] for k in ("ftlab.model", "ftlab.data_fingerprint") if k in trial_tags}
+    query = " and ".join(["tags.`ftlab.role` = 'base_eval'", "attributes.status = 'FINISHED'",
+                          *(f"tags.`{k}` = '{v}'" for k, v in wanted.items())])
+    runs = client.search_runs([parent.info.experiment_id], query, max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def _table(client: MlflowClient, run_id: str, path: str) -> list[dict]:
+    """Rows of an mlflow.log_table artifact ({"columns": [...], "data": [[...]]})."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except Exception:  # noqa: BLE001  (no samples logged: the report simply shows none)
+            return []
+        table = json.loads(Path(local).read_text())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def _examples(client: MlflowClient, winner: Trial | None, base_run: Run | None) -> list[dict[str, str]]:
+    if winner is None:
+        return []
+    base = {}
+    if base_run is not None:
+        base = {r["prompt"]: r["prediction"] for r in _table(client, base_run.info.run_id,
+                                                            "samples/base_generations.json")}
+    rows = _table(client, winner.run_id, "samples/generations.json")[:EXAMPLES_SHOWN]
+    return [{"prompt": r["prompt"], "reference": r["reference"],
+             "base": base.get(r["prompt"], "(not logged)") or "(empty)", "winner": r["prediction"] or "(empty)"}
+            for r in rows]
+
+
+# ---------------------------------------------------------------- optuna
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
+def _distribution(values: list) -> optuna.distributions.BaseDistribution:
+    """Inferred from the values seen: the importance evaluator only needs each param's range."""
+    if all(isinstance(v, int) for v in values):
+        low, high = min(values), max(values)
+        return optuna.distributions.IntDistribution(low, high, log=low >= 1 and high >= 10 * low)
+    if all(isinstance(v, (int, float)) for v in values):
+        low, high = float(min(values)), float(max(values))
+        return optuna.distributions.FloatDistribution(low, high, log=low > 0 and high >= 10 * low)
+    return optuna.distributions.CategoricalDistribution(sorted({str(v) for v in values}))
+
+
+def optuna_study(sweep: Sweep) -> optuna.Study | None:
+    """An in-memory study rebuilt from the finished trials (no storage URL, so no password
+    needed); None when no finished trial has every objective."""
+    finished = [t for t in sweep.finished if all(o in t.metrics for o in sweep.objectives)]
+    params = [k for k in sweep.varying if len({t.params.get(k) for t in finished}) > 1
+              and all(k in t.params for t in finished)]
+    if not finished:
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" is noise here
+    values = {k: [_value(t.params[k]) for t in finished] for k in params}
+    distributions = {k: _distribution(v) for k, v in values.items()}
+    study = optuna.create_study(directions=sweep.directions)
+    for i, t in enumerate(finished):
+        study.add_trial(optuna.trial.create_trial(
+            params={k: (values[k][i] if not isinstance(distributions[k], optuna.distributions.CategoricalDistribution)
+                        else str(values[k][i])) for k in params},
+            distributions=distributions, values=[t.metrics[o] for o in sweep.objectives],
+            user_attrs={"run_id": t.run_id},
+        ))
+    return study
+
+
+def param_importances(study: optuna.Study | None) -> dict[str, float] | None:
+    """fANOVA importances of the first objective; None with too few trials or nothing swept."""
+    if study is None or len(study.trials) < MIN_TRIALS_FOR_IMPORTANCE or not study.trials[0].params:
+        return None
+    return optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=lambda t: t.values[0])
+
+
+def pareto_run_ids(study: optuna.Study | None) -> set[str]:
+    if study is None or len(study.directions) < 2:
+        return set()
+    return {t.user_attrs["run_id"] for t in study.best_trials}
+
+
+# ---------------------------------------------------------------- figures
+
+
+def plot_train_loss(sweep: Sweep, path: Path) -> Path | None:
+    curves = [t for t in sweep.trials if t.train_loss]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in curves:
+        steps, losses = zip(*t.train_loss)
+        ax.plot(steps, losses, marker="o", markersize=3, linestyle="-" if t.state == "finished" else ":",
+                label=f"{t.label} ({t.state})")
+    ax.set(xlabel="step", ylabel="train loss", title="Training loss of every trial")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_objective_vs_params(sweep: Sweep, path: Path) -> Path | None:
+    objective = sweep.objectives[0]
+    finished = [t for t in sweep.finished if objective in t.metrics]
+    swept = [k for k in sweep.varying if len({t.params.get(k) for t in finished}) > 1]
+    if not swept:
+        return None
+    fig, axes = plt.subplots(1, len(swept), figsize=(4 * len(swept), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], swept):
+        xs = [_value(t.params.get(key, "")) for t in finished]
+        ys = [t.metrics[objective] for t in finished]
+        numeric = all(isinstance(x, (int, float)) for x in xs)
+        # Rates are searched on a log scale; so are integers spanning a decade (ranks).
+        if numeric and min(xs) > 0 and (max(xs) >= 10 * min(xs) or any(isinstance(x, float) for x in xs)):
+            ax.set_xscale("log")
+        ax.scatter(xs if numeric else [str(x) for x in xs], ys)
+        for x, y, t in zip(xs, ys, finished):
+            ax.annotate(t.label, (x if numeric else str(x), y), fontsize="small", xytext=(3, 3),
+                        textcoords="offset points")
+        if sweep.base and objective in sweep.base:
+            ax.axhline(sweep.base[objective], color="grey", linestyle="--", label="base model")
+            ax.legend(fontsize="small")
+        ax.set(xlabel=key, ylabel=objective)
+    fig.suptitle(f"{objective} ({sweep.directions[0]}) vs each swept parameter")
+    return _save(fig, path)
+
+
+def plot_importances(importances: dict[str, float] | None, objective: str, path: Path) -> Path | None:
+    if not importances:
+        return None
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
+    ax.barh(names, [importances[n] for n in names])
+    ax.set(xlabel=f"importance for {objective} (fANOVA)", title="Parameter importances")
+    return _save(fig, path)
+
+
+def plot_pareto(sweep: Sweep, front: set[str], path: Path) -> Path | None:
+    """The first objective against each other objective; Pareto-optimal trials highlighted."""
+    if not front:
+        return None
+    finished = [t for t in sweep.finished if all(o in t.metrics for o in sweep.objectives)]
+    others = sweep.objectives[1:]
+    fig, axes = plt.subplots(1, len(others), figsize=(5 * len(others), 4), squeeze=False)
+    for ax, other in zip(axes[0], others):
+        for on_front in (False, True):
+            group = [t for t in finished if (t.run_id in front) == on_front]
+            ax.scatter([t.metrics[other] for t in group], [t.metrics[sweep.objectives[0]] for t in group],
+                       color="tab:red" if on_front else "tab:grey", label="Pareto front" if on_front else "dominated")
+        for t in finished:
+            ax.annotate(t.label, (t.metrics[other], t.metrics[sweep.objectives[0]]), fontsize="small",
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=f"{other} ({sweep.directions[sweep.objectives.index(other)]})",
+               ylabel=f"{sweep.objectives[0]} ({sweep.directions[0]})")
+        ax.legend(fontsize="small")
+    fig.suptitle("Pareto front")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- render
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def trial_table(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the ranked table; the base model first, as the reference."""
+    header = ["rank", "trial", "state", *sweep.varying, "ROUGE-L", "BERTScore F1", "eval loss",
+              "predicted peak GiB", "measured peak GiB", "train s", "tokens/s", "MLflow run id", "reason"]
+    rows = []
+    if sweep.base:
+        rows.append(["", "base model", "reference", *[""] * len(sweep.varying), _fmt(sweep.base.get("rouge_l")),
+                     _fmt(sweep.base.get("bertscore_f1")), *[""] * 6, ""])
+    rank = 0
+    for t in sweep.trials:
+        m = t.metrics
+        rank += t.state == "finished"
+        measured = _fmt(t.measured_peak_gb, 2) + (f" ({t.peak_kind})" if t.measured_peak_gb is not None else "")
+        rows.append([str(rank) if t.state == "finished" else "", t.label, t.state,
+                     *[t.params.get(k, "") for k in sweep.varying],
+                     _fmt(m.get("rouge_l")), _fmt(m.get("bertscore_f1")), _fmt(m.get("eval_loss")),
+                     _fmt(m.get("predicted_peak_gb"), 2), measured, _fmt(m.get("train_seconds"), 1),
+                     _fmt(m.get("tokens_per_second"), 0), t.run_id, t.reason])
+    return header, [[mask(str(c)) for c in row] for row in rows]
+
+
+def reproduce_command(sweep: Sweep, trial: Trial) -> str:
+    """`python -m ftlab <overrides>`: the sweep command's fixed overrides, then the trial's
+    values of every swept param (sweep syntax and Hydra's own settings dropped)."""
+    fixed = []
+    tokens = shlex.split(sweep.command) if sweep.command else []
+    start = tokens.index("ftlab") + 1 if "ftlab" in tokens else 0
+    for token in tokens[start:]:
+        key, _, value = token.partition("=")
+        key = key.lstrip("+~")
+        swept = "," in value.strip("[]{}") and not value.startswith("[") or value.split("(")[0] in (
+            "choice", "range", "interval", "glob", "tag")
+        if token.startswith("-") or not _ or key.startswith("hydra") or key in sweep.varying or swept:
+            continue
+        fixed.append(token)
+    chosen = [f"{k}={_override_value(trial.params[k])}" for k in sweep.varying if k in trial.params]
+    return " ".join(["python -m ftlab", *(shlex.quote(a) for a in [*fixed, *chosen])])
+
+
+def _override_value(param: str) -> str:
+    """A logged param (str() of the value, lists as JSON) back in Hydra's override syntax."""
+    if param in ("None", "True", "False"):
+        return {"None": "null", "True": "true", "False": "false"}[param]
+    if param.startswith("["):
+        try:
+            return "[" + ",".join(str(v) for v in json.loads(param)) + "]"
+        except json.JSONDecodeError:
+            pass
+    return param
+
+
+def next_steps(sweep: Sweep, winner: Trial) -> list[str]:
+    name = winner.params.get("registry.model_name")
+    name = name if name and name != "None" else sweep.experiment
+    return [reproduce_command(sweep, winner),
+            f"python -m ftlab.registry register run_id={winner.run_id}",
+            f"python -m ftlab.registry promote run_id={winner.run_id}",
+            f"python -m ftlab.serve model=models:/{name}@production"]
+
+
+MARKDOWN = """# Sweep {{ s.sweep_id }}
+
+Parent MLflow run `{{ s.parent_run_id }}` (experiment `{{ s.experiment }}`); objective {{ objective }}.
+{{ s.finished|length }} finished, {{ s.trials|length - s.finished|length }} failed or skipped of {{ s.trials|length }} trials.
+{% if s.command %}Sweep command: `{{ s.command }}`{% endif %}
+
+## Trials, best first
+
+| {{ header|join(" | ") }} |
+|{% for _ in header %} --- |{% endfor %}
+{% for row in rows %}| {{ row|map("replace", "|", "\\\\|")|join(" | ") }} |
+{% endfor %}
+{% for title, name in figures %}
+## {{ title }}
+
+![{{ title }}]({{ name }})
+{% endfor %}{% if importance_note %}
+{{ importance_note }}
+{% endif %}{% if examples %}
+## Held-out examples: reference, base model, winner
+
+{% for e in examples %}### Example {{ loop.index }}
+
+**Prompt:** {{ e.prompt }}
+
+- **reference:** `{{ e.reference }}`
+- **base model:** `{{ e.base }}`
+- **winner:** `{{ e.winner }}`
+
+{% endfor %}{% endif %}{% if steps %}
+## Reproduce and ship the winner (trial {{ winner }})
+
+```bash
+{{ steps|join("\n") }}
+```
+{% endif %}"""
+
+HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Sweep {{ s.sweep_id }}</title>
+<style>body{font-family:sans-serif;margin:2em;max-width:90em} table{border-collapse:collapse;font-size:90%}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top} tr.reference{background:#eef}
+pre{background:#f4f4f4;padding:1em;overflow-x:auto} img{max-width:100%}</style></head><body>
+<h1>Sweep {{ s.sweep_id }}</h1>
+<p>Parent MLflow run <code>{{ s.parent_run_id }}</code> (experiment <code>{{ s.experiment }}</code>); objective {{ objective }}.
+{{ s.finished|length }} finished, {{ s.trials|length - s.finished|length }} failed or skipped of {{ s.trials|length }} trials.</p>
+{% if s.command %}<p>Sweep command: <code>{{ s.command }}</code></p>{% endif %}
+<h2>Trials, best first</h2>
+<table><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in rows %}<tr{% if row[2] == "reference" %} class="reference"{% endif %}>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% for title, name in figures %}<h2>{{ title }}</h2>
+<img alt="{{ title }}" src="data:image/png;base64,{{ images[name] }}">
+{% endfor %}{% if importance_note %}<p>{{ importance_note }}</p>{% endif %}
+{% if examples %}<h2>Held-out examples: reference, base model, winner</h2>
+<table><tr><th>prompt</th><th>reference</th><th>base model</th><th>winner</th></tr>
+{% for e in examples %}<tr><td>{{ e.prompt }}</td><td><code>{{ e.reference }}</code></td><td><code>{{ e.base }}</code></td><td><code>{{ e.winner }}</code></td></tr>
+{% endfor %}</table>{% endif %}
+{% if steps %}<h2>Reproduce and ship the winner (trial {{ winner }})</h2>
+<pre>{{ steps|join("\n") }}</pre>{% endif %}
+</body></html>
+"""
+
+
+def render(sweep: Sweep, figures: list[tuple[str, Path]], importance_note: str, out: Path) -> None:
+    header, rows = trial_table(sweep)
+    winner = sweep.winner
+    masked = lambda d: {k: mask(str(v)) for k, v in d.items()}  # noqa: E731
+    context = dict(
+        s=sweep, header=header, rows=rows, importance_note=importance_note,
+        objective=", ".join(f"{o} ({d})" for o, d in zip(sweep.objectives, sweep.directions)),
+        figures=[(title, path.name) for title, path in figures],
+        images={path.name: base64.b64encode(path.read_bytes()).decode() for _, path in figures},
+        examples=[masked(e) for e in sweep.examples],
+        steps=[mask(s) for s in next_steps(sweep, winner)] if winner else [], winner=winner.label if winner else "",
+    )
+    (out / "report.md").write_text(mask(Environment().from_string(MARKDOWN).render(**context)))
+    # The HTML is masked field by field above: masking the whole page could alter base64 images.
+    (out / "report.html").write_text(Environment(autoescape=True).from_string(HTML).render(**context))
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_uri: str | None = None) -> Path:
+    """Write <out_dir>/<sweep-id>/report.{md,html} and figures; log them on the parent run
+    under report/. `parent_run_id` may also be a sweep id. Returns the report directory."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    sweep = gather(client, parent_run_id)
+    out = Path(out_dir) / sweep.sweep_id
+    out.mkdir(parents=True, exist_ok=True)
+    study = optuna_study(sweep)
+    importances = param_importances(study)
+    candidates = [
+        ("Training loss", plot_train_loss(sweep, out / "train_loss.png")),
+        (f"{sweep.objectives[0]} vs swept parameters", plot_objective_vs_params(sweep, out / "objective_vs_params.png")),
+        ("Parameter importances", plot_importances(importances, sweep.objectives[0], out / "importances.png")),
+        ("Pareto front", plot_pareto(sweep, pareto_run_ids(study), out / "pareto_front.png")),
+    ]
+    figures = [(title, path) for title, path in candidates if path is not None]
+    note = "" if importances else (f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} finished trials "
+                                   f"with varying parameters ({len(sweep.finished)} finished).")
+    render(sweep, figures, note, out)
+    client.log_artifacts(sweep.parent_run_id, str(out), "report")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    """`python -m ftlab.report sweep=<sweep id or parent run id>`."""
+    try:
+        out = build_report(cfg.sweep, cfg.out_dir, cfg.tracking_uri or default_tracking_uri())
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"report: {out / 'report.html'} (also logged on the sweep's parent run under report/)")
+
+
+if __name__ == "__main__":
+    main()
