@@ -103,6 +103,7 @@ def find_sweep(client: MlflowClient, sweep: str) -> Run:
 
 
 def gather(client: MlflowClient, sweep: str) -> Sweep:
+    """Everything the report shows, read once from MLflow; free text is masked here."""
     parent = find_sweep(client, sweep)
     tags = parent.data.tags
     objectives = [o.strip() for o in tags.get("ftlab.objective", "rouge_l").split(",")]
@@ -115,7 +116,7 @@ def gather(client: MlflowClient, sweep: str) -> Sweep:
     trials.sort(key=lambda t: _rank_key(t, objectives[0], directions[0]))
     sweep_result = Sweep(
         sweep_id=tags.get("ftlab.sweep_id", parent.info.run_id), parent_run_id=parent.info.run_id,
-        experiment=client.get_experiment(parent.info.experiment_id).name, command=tags.get("ftlab.command", ""),
+        experiment=client.get_experiment(parent.info.experiment_id).name, command=mask(tags.get("ftlab.command", "")),
         objectives=objectives, directions=directions, trials=trials, varying=varying_params(trials),
         base=None, examples=[], best_run_id=tags.get("ftlab.best_run_id"),
     )
@@ -136,8 +137,8 @@ def _trial(client: MlflowClient, r: Run) -> Trial:
     history = client.get_metric_history(r.info.run_id, "train_loss")
     return Trial(
         run_id=r.info.run_id, number=int(number) if number and number.isdigit() else None, state=state,
-        params={k: v for k, v in r.data.params.items() if k not in DERIVED_PARAMS}, metrics=dict(r.data.metrics),
-        reason=tags.get("ftlab.error") or tags.get("ftlab.skip_reason") or "",
+        params={k: mask(v) for k, v in r.data.params.items() if k not in DERIVED_PARAMS},
+        metrics=dict(r.data.metrics), reason=mask(tags.get("ftlab.error") or tags.get("ftlab.skip_reason") or ""),
         peak_kind=tags.get("ftlab.peak_memory_kind"),
         train_loss=_first_per_step(history),
     )

@@ -5,7 +5,9 @@ Until the sweeper lands, the sweep is made in-process with the tags the sweeper 
 from __future__ import annotations
 
 import base64
+import os
 import re
+import shlex
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -26,6 +28,7 @@ SWEEP_ID = "sweep-test"
 QUICK = [*TINY, "train.max_steps=2", "data.num_records=60", "data.eval_size=6"]
 TRIALS = [("lora_r=4", "lr=1e-3"), ("lora_r=8", "lr=5e-4"), ("lora_r=16", "lr=2e-3")]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SECRET_URI = "postgresql://ftlab:hunter2@db.internal/mlflow"
 
 
 def compose_cfg(store: Path, *overrides: str):
@@ -44,7 +47,8 @@ def make_sweep(store: Path) -> str:
     tracking.setup(first.tracking_uri, first.experiment)
     parent_tags = {"ftlab.role": "sweep", "ftlab.sweep_id": SWEEP_ID, "ftlab.objective": "rouge_l",
                    "ftlab.direction": "maximize",
-                   "ftlab.command": "python -m ftlab -m model=tiny train.max_steps=2 lora_r=4,8,16 lr=1e-3,5e-4,2e-3"}
+                   "ftlab.command": f"python -m ftlab -m model=tiny train.max_steps=2 lora_r=4,8,16 lr=1e-3,5e-4,2e-3 "
+                                    f"tracking_uri={SECRET_URI}"}
     with mlflow.start_run(run_name=SWEEP_ID, tags=parent_tags) as parent:
         for number, overrides in enumerate(TRIALS):
             cfg = compose_cfg(store, *overrides)
@@ -72,3 +76,141 @@ def _tag_last_trial(number: int, predicted_gb: float) -> None:
     for key, value in trial_tags(number).items():
         client.set_tag(last.info.run_id, key, value)
     client.log_metric(last.info.run_id, "predicted_peak_gb", predicted_gb)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[Path, str]:
+    store = tmp_path_factory.mktemp("sweep")
+    return store, make_sweep(store)
+
+
+class Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def assert_png(data: bytes, where: str) -> None:
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 5_000, where
+
+
+def test_report_of_a_tiny_sweep(sweep, tmp_path):
+    store, parent_id = sweep
+    uri = f"sqlite:///{store}/mlruns/mlflow.db"
+    out = report.build_report(parent_id, tmp_path / "reports", tracking_uri=uri)
+    assert out == tmp_path / "reports" / SWEEP_ID
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+
+    client = MlflowClient(uri)
+    trials = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`ftlab.role` = 'trial'")
+    assert len(trials) == 5
+    for t in trials:  # every trial, with its MLflow run id, in both documents
+        assert t.info.run_id in md and t.info.run_id in html
+    for reason in ("RuntimeError: injected failure at step 1", "vs budget.vram_gb=24 GiB: over budget"):
+        assert reason in md and reason in html
+    assert "| base model | reference |" in md
+    assert "hunter2" not in md + html and "ftlab:***@db.internal" in md
+
+    # Finished trials come first, best ROUGE-L first, then the failed, then the skipped one.
+    table = [line.split(" | ") for line in md.splitlines() if line.startswith("| ") and "| #" in line]
+    states = [row[2] for row in table]
+    assert states == ["finished"] * 3 + ["failed", "skipped_budget"]
+    rouge = [float(row[6]) for row in table[:3]]
+    assert rouge == sorted(rouge, reverse=True)
+
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"train_loss.png", "objective_vs_params.png"} <= set(pngs)
+    assert "importances.png" not in pngs and "need at least 4 finished trials" in md  # only 3 finished
+    for name in pngs:
+        assert_png((out / name).read_bytes(), name)
+        assert matplotlib.image.imread(out / name).shape[0] > 100
+    for ref in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (out / ref).is_file(), ref
+    parser = Refs()
+    parser.feed(html)
+    embedded = [r for r in parser.refs if r.startswith("data:image/png;base64,")]
+    assert len(embedded) == len(pngs)  # self-contained: every figure inside the page
+    for ref in embedded:
+        assert_png(base64.b64decode(ref.split(",", 1)[1]), "embedded image")
+    for ref in set(parser.refs) - set(embedded):
+        assert (out / ref).is_file(), ref
+
+    assert md.count("**winner:**") == 5 and md.count("**base model:**") == 5
+    logged = {a.path for a in client.list_artifacts(parent_id, "report")}
+    assert {f"report/{name}" for name in ["report.md", "report.html", *pngs]} <= logged
+
+
+def test_reproduce_command_composes_the_winners_config(sweep):
+    store, parent_id = sweep
+    client = MlflowClient(f"sqlite:///{store}/mlruns/mlflow.db")
+    gathered = report.gather(client, SWEEP_ID)
+    winner = gathered.winner
+    assert winner.run_id == gathered.trials[0].run_id and winner.state == "finished"
+    command = report.reproduce_command(gathered, winner)
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "ftlab"] and "-m" not in args[3:] and "model=tiny" in args
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=args[3:])
+    params = tracking.flatten(cfg)
+    for key in gathered.varying:
+        assert params[key] == winner.params[key], key
+
+
+def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
+    store, parent_id = sweep
+    uri = f"tracking_uri=sqlite:///{store}/mlruns/mlflow.db"
+    ok = run_report(f"sweep={SWEEP_ID}", uri, f"out_dir={tmp_path}", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / SWEEP_ID / "report.html").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SWEEP_ID]  # no Hydra outputs/ or logs
+
+    missing = run_report("sweep=no-such-sweep", uri, cwd=tmp_path)
+    assert missing.returncode != 0
+    assert "sweep=no-such-sweep: no sweep with that sweep id or parent run id" in missing.stderr
+    assert SWEEP_ID in missing.stderr  # the known sweeps are listed
+
+    typo = run_report("swep=x", uri, cwd=tmp_path)
+    assert typo.returncode != 0 and "Key 'swep' not in 'ReportConfig'" in typo.stderr
+
+
+def run_report(*args: str, cwd: Path):
+    return subprocess.run([sys.executable, "-m", "ftlab.report", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_importances_and_pareto_front_of_a_multi_objective_sweep(tmp_path):
+    """No training needed to test the analysis: runs logged as the sweeper logs them."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("multi")
+    # rouge_l grows with lora_r, train time too; lr barely matters. Trial 5 is dominated.
+    grid = [(4, 1e-4, 0.30, 10.0), (8, 3e-4, 0.40, 20.0), (16, 1e-4, 0.50, 40.0), (32, 3e-4, 0.60, 80.0),
+            (4, 3e-4, 0.31, 10.5), (16, 3e-4, 0.45, 90.0)]
+    with mlflow.start_run(tags={"ftlab.role": "sweep", "ftlab.sweep_id": "multi",
+                                "ftlab.objective": "rouge_l,train_seconds",
+                                "ftlab.direction": "maximize,minimize"}) as parent:
+        for number, (rank, lr, rouge, seconds) in enumerate(grid):
+            targets = '["q_proj", "v_proj"]' if number % 2 else "all-linear"
+            with mlflow.start_run(nested=True, tags={"ftlab.role": "trial", "ftlab.sweep_id": "multi",
+                                                     "ftlab.trial_number": str(number), "ftlab.state": "finished"}):
+                mlflow.log_params({"lora_r": rank, "lr": lr, "target_modules": targets, "seed": 42})
+                mlflow.log_metrics({"rouge_l": rouge, "train_seconds": seconds})
+    client = MlflowClient(uri)
+    gathered = report.gather(client, "multi")
+    assert gathered.varying == ["lora_r", "lr", "target_modules"]
+    study = report.optuna_study(gathered)
+    front = report.pareto_run_ids(study)
+    dominated = next(t.run_id for t in gathered.trials if t.number == 5)
+    assert len(front) == 5 and dominated not in front
+    importances = report.param_importances(study)
+    assert max(importances, key=importances.get) == "lora_r"
+
+    out = report.build_report(parent.info.run_id, tmp_path / "reports", tracking_uri=uri)
+    for name in ("importances.png", "pareto_front.png"):
+        assert_png((out / name).read_bytes(), name)
+    command = report.reproduce_command(gathered, gathered.winner)
+    assert command.startswith("python -m ftlab lora_r=32 lr=0.0003 'target_modules=[q_proj,v_proj]'")
