@@ -349,24 +349,31 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def trial_table(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
+# (column title, metric, decimals) of the ranked table; objectives not listed get a column too.
+METRIC_COLUMNS = [("ROUGE-L", "rouge_l", 3), ("BERTScore F1", "bertscore_f1", 3), ("eval loss", "eval_loss", 3),
+                  ("predicted peak GiB", "predicted_peak_gb", 2), ("train s", "train_seconds", 1),
+                  ("tokens/s", "tokens_per_second", 0)]
+
+
+def trial_table(sweep: Sweep, front: set[str] = frozenset()) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the ranked table; the base model first, as the reference."""
-    header = ["rank", "trial", "state", *sweep.varying, "ROUGE-L", "BERTScore F1", "eval loss",
-              "predicted peak GiB", "measured peak GiB", "train s", "tokens/s", "MLflow run id", "reason"]
+    shown = {key for _, key, _ in METRIC_COLUMNS}
+    columns = [*METRIC_COLUMNS, *((o, o, 3) for o in sweep.objectives if o not in shown)]
+    header = ["rank", "trial", "state", *sweep.varying, *(title for title, _, _ in columns), "measured peak GiB",
+              *(["Pareto front"] if front else []), "MLflow run id", "reason"]
     rows = []
     if sweep.base:
-        rows.append(["", "base model", "reference", *[""] * len(sweep.varying), _fmt(sweep.base.get("rouge_l")),
-                     _fmt(sweep.base.get("bertscore_f1")), *[""] * 6, ""])
+        rows.append(["", "base model", "reference", *[""] * len(sweep.varying),
+                     *(_fmt(sweep.base.get(key), digits) for _, key, digits in columns), "",
+                     *([""] if front else []), "", ""])
     rank = 0
     for t in sweep.trials:
-        m = t.metrics
         rank += t.state == "finished"
         measured = _fmt(t.measured_peak_gb, 2) + (f" ({t.peak_kind})" if t.measured_peak_gb is not None else "")
         rows.append([str(rank) if t.state == "finished" else "", t.label, t.state,
-                     *[t.params.get(k, "") for k in sweep.varying],
-                     _fmt(m.get("rouge_l")), _fmt(m.get("bertscore_f1")), _fmt(m.get("eval_loss")),
-                     _fmt(m.get("predicted_peak_gb"), 2), measured, _fmt(m.get("train_seconds"), 1),
-                     _fmt(m.get("tokens_per_second"), 0), t.run_id, t.reason])
+                     *(t.params.get(k, "") for k in sweep.varying),
+                     *(_fmt(t.metrics.get(key), digits) for _, key, digits in columns), measured,
+                     *(["yes" if t.run_id in front else ""] if front else []), t.run_id, t.reason])
     return header, [[mask(str(c)) for c in row] for row in rows]
 
 
@@ -472,8 +479,8 @@ pre{background:#f4f4f4;padding:1em;overflow-x:auto} img{max-width:100%}</style><
 """
 
 
-def render(sweep: Sweep, figures: list[tuple[str, Path]], importance_note: str, out: Path) -> None:
-    header, rows = trial_table(sweep)
+def render(sweep: Sweep, front: set[str], figures: list[tuple[str, Path]], importance_note: str, out: Path) -> None:
+    header, rows = trial_table(sweep, front)
     winner = sweep.winner
     masked = lambda d: {k: mask(str(v)) for k, v in d.items()}  # noqa: E731
     context = dict(
@@ -501,16 +508,17 @@ def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_u
     out.mkdir(parents=True, exist_ok=True)
     study = optuna_study(sweep)
     importances = param_importances(study)
+    front = pareto_run_ids(study)
     candidates = [
         ("Training loss", plot_train_loss(sweep, out / "train_loss.png")),
         (f"{sweep.objectives[0]} vs swept parameters", plot_objective_vs_params(sweep, out / "objective_vs_params.png")),
         ("Parameter importances", plot_importances(importances, sweep.objectives[0], out / "importances.png")),
-        ("Pareto front", plot_pareto(sweep, pareto_run_ids(study), out / "pareto_front.png")),
+        ("Pareto front", plot_pareto(sweep, front, out / "pareto_front.png")),
     ]
     figures = [(title, path) for title, path in candidates if path is not None]
     note = "" if importances else (f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} finished trials "
                                    f"with varying parameters ({len(sweep.finished)} finished).")
-    render(sweep, figures, note, out)
+    render(sweep, front, figures, note, out)
     client.log_artifacts(sweep.parent_run_id, str(out), "report")
     return out
 

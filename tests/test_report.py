@@ -93,6 +93,11 @@ class Refs(HTMLParser):
         self.refs += [v for k, v in attrs if k in ("src", "href") and v]
 
 
+def markdown_table(md: str) -> tuple[list[str], list[list[str]]]:
+    lines = [line[2:-2].split(" | ") for line in md.splitlines() if line.startswith("| ")]
+    return lines[0], lines[2:]
+
+
 def assert_png(data: bytes, where: str) -> None:
     assert data.startswith(PNG_SIGNATURE) and len(data) > 5_000, where
 
@@ -116,10 +121,10 @@ def test_report_of_a_tiny_sweep(sweep, tmp_path):
     assert "hunter2" not in md + html and "ftlab:***@db.internal" in md
 
     # Finished trials come first, best ROUGE-L first, then the failed, then the skipped one.
-    table = [line.split(" | ") for line in md.splitlines() if line.startswith("| ") and "| #" in line]
-    states = [row[2] for row in table]
+    header, table = markdown_table(md)
+    states = [row[header.index("state")] for row in table if row[1].startswith("#")]
     assert states == ["finished"] * 3 + ["failed", "skipped_budget"]
-    rouge = [float(row[6]) for row in table[:3]]
+    rouge = [float(row[header.index("ROUGE-L")]) for row in table[1:4]]
     assert rouge == sorted(rouge, reverse=True)
 
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -210,6 +215,9 @@ def test_importances_and_pareto_front_of_a_multi_objective_sweep(tmp_path):
     assert max(importances, key=importances.get) == "lora_r"
 
     out = report.build_report(parent.info.run_id, tmp_path / "reports", tracking_uri=uri)
+    header, table = markdown_table((out / "report.md").read_text())
+    on_front = {row[header.index("MLflow run id")] for row in table if row[header.index("Pareto front")] == "yes"}
+    assert on_front == front
     for name in ("importances.png", "pareto_front.png"):
         assert_png((out / name).read_bytes(), name)
     command = report.reproduce_command(gathered, gathered.winner)
