@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from jinja2 import Environment  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -89,14 +90,23 @@ class Sweep:
 
 
 def find_sweep(client: MlflowClient, sweep: str) -> Run:
-    """The parent run of a sweep, given its run id or its ftlab.sweep_id tag."""
+    """The parent run of a sweep, given its run id or its ftlab.sweep_id tag (the newest
+    parent if a resumed sweep has several)."""
+    try:
+        run = client.get_run(sweep)
+        if run.data.tags.get("ftlab.role") == "sweep":
+            return run
+    except MlflowException:
+        pass  # not a run id: look it up as a sweep id
     experiments = [e.experiment_id for e in client.search_experiments()]
-    sweeps = client.search_runs(experiments, "tags.`ftlab.role` = 'sweep'", max_results=1000,
+    if experiments and "'" not in sweep:
+        found = client.search_runs(experiments, f"tags.`ftlab.role` = 'sweep' and tags.`ftlab.sweep_id` = '{sweep}'",
+                                   max_results=1, order_by=["attributes.start_time DESC"])
+        if found:
+            return found[0]
+    recent = client.search_runs(experiments, "tags.`ftlab.role` = 'sweep'", max_results=5,
                                 order_by=["attributes.start_time DESC"]) if experiments else []
-    for candidate in sweeps:
-        if sweep in (candidate.info.run_id, candidate.data.tags.get("ftlab.sweep_id")):
-            return candidate
-    known = ", ".join(s.data.tags.get("ftlab.sweep_id", s.info.run_id) for s in sweeps[:5]) or "none"
+    known = ", ".join(r.data.tags.get("ftlab.sweep_id", r.info.run_id) for r in recent) or "none"
     raise ReportError(f"sweep={sweep}: no sweep with that sweep id or parent run id in the tracking store "
                       f"{mask(client.tracking_uri)} (recent sweeps: {known}). Pass tracking_uri=... if the "
                       f"sweep was logged elsewhere.")
@@ -273,7 +283,8 @@ def plot_train_loss(sweep: Sweep, path: Path) -> Path | None:
         ax.plot(steps, losses, marker="o", markersize=3, linestyle="-" if t.state == "finished" else ":",
                 label=f"{t.label} ({t.state})")
     ax.set(xlabel="step", ylabel="train loss", title="Training loss of every trial")
-    ax.legend(fontsize="small")
+    if len(curves) <= 20:  # beyond that a legend hides the curves; the table has the numbers
+        ax.legend(fontsize="small")
     return _save(fig, path)
 
 
