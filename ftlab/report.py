@@ -234,22 +234,30 @@ def _distribution(values: list) -> optuna.distributions.BaseDistribution:
     return optuna.distributions.CategoricalDistribution(sorted({str(v) for v in values}))
 
 
+def scored(sweep: Sweep) -> list[Trial]:
+    """Finished trials with a number for every objective."""
+    return [t for t in sweep.finished
+            if all(not math.isnan(t.metrics.get(o, math.nan)) for o in sweep.objectives)]
+
+
 def optuna_study(sweep: Sweep) -> optuna.Study | None:
     """An in-memory study rebuilt from the finished trials (no storage URL, so no password
     needed); None when no finished trial has every objective."""
-    finished = [t for t in sweep.finished if all(o in t.metrics for o in sweep.objectives)]
-    params = [k for k in sweep.varying if len({t.params.get(k) for t in finished}) > 1
-              and all(k in t.params for t in finished)]
-    if not finished:
+    trials = scored(sweep)
+    if not trials:
         return None
+    params = [k for k in sweep.varying if all(k in t.params for t in trials) and len({t.params[k] for t in trials}) > 1]
+    distributions = {k: _distribution([_value(t.params[k]) for t in trials]) for k in params}
+    categorical = {k for k, d in distributions.items() if isinstance(d, optuna.distributions.CategoricalDistribution)}
+    verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" is noise here
-    values = {k: [_value(t.params[k]) for t in finished] for k in params}
-    distributions = {k: _distribution(v) for k, v in values.items()}
-    study = optuna.create_study(directions=sweep.directions)
-    for i, t in enumerate(finished):
+    try:
+        study = optuna.create_study(directions=sweep.directions)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for t in trials:
         study.add_trial(optuna.trial.create_trial(
-            params={k: (values[k][i] if not isinstance(distributions[k], optuna.distributions.CategoricalDistribution)
-                        else str(values[k][i])) for k in params},
+            params={k: t.params[k] if k in categorical else _value(t.params[k]) for k in params},
             distributions=distributions, values=[t.metrics[o] for o in sweep.objectives],
             user_attrs={"run_id": t.run_id},
         ))
@@ -328,7 +336,7 @@ def plot_pareto(sweep: Sweep, front: set[str], path: Path) -> Path | None:
     """The first objective against each other objective; Pareto-optimal trials highlighted."""
     if not front:
         return None
-    finished = [t for t in sweep.finished if all(o in t.metrics for o in sweep.objectives)]
+    finished = scored(sweep)
     others = sweep.objectives[1:]
     fig, axes = plt.subplots(1, len(others), figsize=(5 * len(others), 4), squeeze=False)
     for ax, other in zip(axes[0], others):
