@@ -1,5 +1,5 @@
 """The schema: overrides users type, and errors that name the bad key before any model loads."""
-from conftest import run_cli
+from tests.conftest import run_cli
 
 
 def test_top_level_knobs_override(make_cfg):
