@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, List, Optional
@@ -27,6 +28,10 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
+# Ask-and-tell with heartbeats (sent by OptunaSweeper.heartbeats) is what the warnings say to
+# avoid only because study.optimize would otherwise send them; fail_stale_trials is stable since 2.9.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # What TPE reads as a trial's constraint values (> 0: infeasible); optuna.samplers._base._CONSTRAINTS_KEY.
 CONSTRAINTS_KEY = "constraints"
 
