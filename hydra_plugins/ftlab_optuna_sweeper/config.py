@@ -15,8 +15,8 @@ class OptunaSweeperConf:
     # crashed trials are replaced. A grid sampler also stops when its grid is exhausted.
     n_trials: int = 20
     n_jobs: int = 1  # trials handed to the launcher at once (parallel with hydra/launcher=joblib)
-    # Stop after this many failed trials (default: n_trials), so a config that always
-    # crashes cannot loop forever.
+    # Stop after this many failed trials (default: max(n_trials, 10)), so a config that
+    # always crashes cannot loop forever.
     max_failed_trials: Optional[int] = None
     # Any SQLAlchemy URL; null: sqlite under ./mlruns. Workers sharing it share the study.
     storage: Optional[str] = None

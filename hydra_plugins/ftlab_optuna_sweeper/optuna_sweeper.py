@@ -85,7 +85,7 @@ class OptunaSweeper(Sweeper):
                  heartbeat_interval: int, grace_period: Optional[int], params: dict) -> None:
         self.sampler_name, self.seed = sampler, seed
         self.n_trials, self.n_jobs = n_trials, n_jobs
-        self.max_failed_trials = max_failed_trials or n_trials
+        self.max_failed_trials = max_failed_trials or max(n_trials, 10)
         self.storage_url, self.study_name = storage, study_name
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.params = dict(params or {})
