@@ -79,6 +79,17 @@ def budget_constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
     return [float(trial.user_attrs.get("budget_excess_gb", 0.0))]
 
 
+def tell(study: optuna.Study, trial: optuna.Trial, values=None, state: TrialState | None = None) -> None:
+    """study.tell that tolerates GridSampler calling study.stop() once its grid is done:
+    stop() only works inside study.optimize. Optuna stores the trial's state in a finally
+    block after the sampler's hook, so nothing is lost; the sweep loop checks is_exhausted."""
+    try:
+        study.tell(trial, values, state=state)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, sampler: str, seed: Optional[int], n_trials: int, n_jobs: int,
                  max_failed_trials: Optional[int], storage: Optional[str], study_name: Optional[str],
@@ -197,7 +208,7 @@ class OptunaSweeper(Sweeper):
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             for trial, ret in zip(batch, returns):
-                self.tell(study, trial, ret, objective)
+                self.record(study, trial, ret, objective)
 
         self.write_results(study, objective)
         return study
@@ -215,7 +226,7 @@ class OptunaSweeper(Sweeper):
                 kept.append(t)
             else:
                 t.set_user_attr("surplus", "another worker asked at the same time; not run")
-                study.tell(t, state=TrialState.FAIL)
+                tell(study, t, state=TrialState.FAIL)
         return kept
 
     @contextmanager
@@ -238,7 +249,7 @@ class OptunaSweeper(Sweeper):
             stop.set()
             thread.join()
 
-    def tell(self, study: optuna.Study, trial: optuna.Trial, ret, objective: list[str]) -> None:
+    def record(self, study: optuna.Study, trial: optuna.Trial, ret, objective: list[str]) -> None:
         if ret.status == JobStatus.FAILED:  # raised outside ftlab's trial wrapper (e.g. a bad override)
             outcome = {"state": "failed", "error": f"{type(ret._return_value).__name__}: {ret._return_value}",
                        "failure_kind": "exception", "metrics": {}}
@@ -251,7 +262,7 @@ class OptunaSweeper(Sweeper):
             trial.set_user_attr("skip_reason", outcome["reason"])
             trial.set_user_attr("predicted_peak_gb", outcome["predicted_peak_gb"])
             trial.set_user_attr("budget_excess_gb", outcome["predicted_peak_gb"] - (outcome.get("budget_gb") or 0))
-            study.tell(trial, state=TrialState.PRUNED)
+            tell(study, trial, state=TrialState.PRUNED)
             log.info("trial %d pruned: %s", trial.number, outcome["reason"])
             return
         metrics = outcome.get("metrics") or {}
@@ -263,14 +274,14 @@ class OptunaSweeper(Sweeper):
             if outcome["failure_kind"] == "oom":  # this config's neighbourhood does not fit
                 trial.set_user_attr("budget_excess_gb", 1.0)
                 study._storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, (1.0,))
-            study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, state=TrialState.FAIL)
             return
         values = [metrics.get(name) for name in objective]
         if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
             trial.set_user_attr("error", f"objective {objective} missing or NaN in the trial's metrics")
-            study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, state=TrialState.FAIL)
             return
-        study.tell(trial, values)
+        tell(study, trial, values)
 
     def write_results(self, study: optuna.Study, objective: list[str]) -> None:
         """The best trial, or for several objectives the Pareto front, next to the sweep's outputs."""
