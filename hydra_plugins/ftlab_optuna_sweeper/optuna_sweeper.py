@@ -28,10 +28,14 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
-# Ask-and-tell with heartbeats (sent by OptunaSweeper.heartbeats) is what the warnings say to
-# avoid only because study.optimize would otherwise send them; fail_stale_trials is stable since 2.9.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def quiet_optuna_warnings() -> None:
+    """Ask-and-tell with heartbeats is fine here: OptunaSweeper.heartbeats sends them, which is
+    all study.optimize would add; fail_stale_trials has been stable since Optuna 2.9. (Set at
+    sweep time: Hydra restores warning filters after importing plugins.)"""
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # What TPE reads as a trial's constraint values (> 0: infeasible); optuna.samplers._base._CONSTRAINTS_KEY.
 CONSTRAINTS_KEY = "constraints"
 
@@ -169,6 +173,7 @@ class OptunaSweeper(Sweeper):
 
         from ftlab import sweep as ftlab_sweep
 
+        quiet_optuna_warnings()
         space, fixed = self.search_space(arguments)
         objective, direction = list(self.config.sweep.objective), list(self.config.sweep.direction)
         if len(objective) != len(direction):
