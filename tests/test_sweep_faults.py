@@ -9,6 +9,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from hydra_plugins.ftlab_optuna_sweeper.optuna_sweeper import postgres_driver
 from tests.conftest import ROOT, store_overrides
 from tests.sweeping import SMALL_TRIAL, runs, sweep
 
@@ -88,12 +89,12 @@ def test_two_workers_share_one_study(tmp_path, backend):
 
     (tmp_path / "mlruns").mkdir()
     tracking.setup(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "ftlab")
-    optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    optuna.create_study(study_name=name, storage=postgres_driver(storage), direction="maximize")
     procs = [worker(tmp_path, storage, name, 3) for _ in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-3000:]
-    trials = optuna.load_study(study_name=name, storage=storage).trials
+    trials = optuna.load_study(study_name=name, storage=postgres_driver(storage)).trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3
     assert len({t.number for t in trials}) == len(trials)

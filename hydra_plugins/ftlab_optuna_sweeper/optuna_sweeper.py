@@ -83,6 +83,17 @@ def budget_constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
     return [float(trial.user_attrs.get("budget_excess_gb", 0.0))]
 
 
+def postgres_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; use psycopg2 (a dependency) when
+    psycopg 3 is not installed, so the plain URL works."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
 def tell(study: optuna.Study, trial: optuna.Trial, values=None, state: TrialState | None = None) -> None:
     """study.tell that tolerates GridSampler calling study.stop() once its grid is done:
     stop() only works inside study.optimize. Optuna stores the trial's state in a finally
@@ -148,6 +159,7 @@ class OptunaSweeper(Sweeper):
         if url is None:
             Path("mlruns").mkdir(exist_ok=True)
             url = f"sqlite:///{Path('mlruns/optuna.db').resolve()}"
+        url = postgres_driver(url)
         # Several workers on one SQLite file wait for the lock instead of failing at once.
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
 
