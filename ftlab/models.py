@@ -59,6 +59,8 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
     root = cache_root(cache_dir)
     if cfg.source == "tiny":
         return build_tiny(cfg.arch, root)
+    if cfg.source == "random":  # the preset's real shapes, random weights: memory checks without downloads
+        return build_tiny(cfg.arch, root, full_vocab=True)
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir():
         return local
@@ -161,11 +163,13 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def build_tiny(arch: ArchConfig, root: Path) -> Path:
+def build_tiny(arch: ArchConfig, root: Path, full_vocab: bool = False) -> Path:
     """A randomly initialised Llama plus a byte-level BPE tokenizer trained on generated
-    tickets: a real checkpoint directory in a second or two, for tests."""
+    tickets: a real checkpoint directory in a second or two, for tests. full_vocab keeps
+    arch.vocab_size for the embeddings even though the tokenizer uses fewer ids, so a
+    model.source=random preset has the real model's parameter count (saved in bf16)."""
     key = hashlib.sha1(json.dumps(OmegaConf.to_container(OmegaConf.structured(arch)), sort_keys=True).encode())
-    out = root / "models" / f"tiny-{key.hexdigest()[:10]}"
+    out = root / "models" / f"{'random' if full_vocab else 'tiny'}-{key.hexdigest()[:10]}"
     if (out / "config.json").exists():
         return out
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -188,7 +192,8 @@ def build_tiny(arch: ArchConfig, root: Path) -> Path:
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        vocab_size=max(len(tokenizer), arch.vocab_size) if full_vocab else len(tokenizer),
+        hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
         num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
         num_key_value_heads=arch.num_kv_heads, max_position_embeddings=arch.max_position_embeddings,
         tie_word_embeddings=arch.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
@@ -196,6 +201,8 @@ def build_tiny(arch: ArchConfig, root: Path) -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    if full_vocab:
+        model = model.to(torch.bfloat16)
     tmp = out.with_name(out.name + f".partial{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

@@ -17,9 +17,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab import models, scoring, tracking
+from ftlab import memory, models, scoring, tracking
 from ftlab.data import prepare
-from ftlab.train import memory_cap_callback, release_memory, train
+from ftlab.train import memory_cap_callback, peak_so_far_mb, release_memory, train
 
 log = logging.getLogger("ftlab")
 
@@ -48,16 +48,19 @@ def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
 def run(cfg: DictConfig) -> dict[str, float]:
     wall_start = time.perf_counter()
     quiet_third_party_output()
-    cache = models.cache_root(cfg.cache_dir)
     tracking.setup(cfg.tracking_uri, cfg.experiment)
+    run_name = cfg.run_name or f"{cfg.model.name}-r{cfg.lora_r}-lr{cfg.lr:g}"
+    tags = {"ftlab.role": "trial", "ftlab.model": cfg.model.name, **tracking.sweep_tags(cfg.sweep)}
+    # The budget is checked from the config alone, before any weights, tokenizer or data load.
+    predicted_gb = _fit_budget(cfg, run_name, tags)
+    cache = models.cache_root(cfg.cache_dir)
 
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
     tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
     data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, cache)
     dtype = models.compute_dtype(cfg.model.dtype)
 
-    run_name = cfg.run_name or f"{cfg.model.name}-r{cfg.lora_r}-lr{cfg.lr:g}"
-    tags = {"ftlab.role": "trial", "ftlab.model": cfg.model.name, "ftlab.data_fingerprint": data.fingerprint}
+    tags["ftlab.data_fingerprint"] = data.fingerprint
     if commit := tracking.git_commit():
         tags["mlflow.source.git.commit"] = commit
 
@@ -65,13 +68,38 @@ def run(cfg: DictConfig) -> dict[str, float]:
     try:
         base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
         with tracking.trial_run(run_name, tags) as active:
-            metrics = _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start)
+            mlflow.log_metric("predicted_peak_gb", predicted_gb)
+            try:
+                metrics = _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores,
+                                           wall_start)
+            except Exception as e:
+                if tracking.failure_kind(e) == "oom":  # measured vs predicted, to correct the estimator
+                    peak_mb, kind = peak_so_far_mb()
+                    mlflow.log_metric(f"peak_memory_mb_{kind}", peak_mb)
+                raise
+            metrics["predicted_peak_gb"] = predicted_gb
     finally:
         # Free the model on success and on failure alike, so the next trial starts clean.
         del model
         release_memory()
     _print_summary(active.info.run_id, metrics, base_scores, cfg)
     return metrics
+
+
+def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
+    """Predicted peak (GiB) of the config that will run. Over budget.vram_gb: with
+    budget.fit=auto_batch the micro-batch is lowered (grad_accum raised to keep the
+    effective batch) until it fits; otherwise a skipped run is recorded and OverBudget raised."""
+    fits, est, reason = memory.check_budget(cfg)
+    if not fits and cfg.budget.fit == "auto_batch" and (pair := memory.fit_batch(cfg)):
+        log.warning("%s; auto_batch: train.per_device_batch_size=%d train.grad_accum=%d", reason, *pair)
+        cfg.train.per_device_batch_size, cfg.train.grad_accum = pair
+        fits, est, reason = memory.check_budget(cfg)
+    if fits:
+        return est.total_gb
+    run_id = tracking.skipped_run(cfg, run_name, tags, reason, est.total_gb)
+    print(f"ftlab: skipped {run_name}: {reason}")
+    raise memory.OverBudget(reason, est.total_gb, run_id)
 
 
 def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start) -> dict:
@@ -129,7 +157,7 @@ def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] |
     samples = {"prompt": [e.prompt[-1]["content"] for e in shown], "reference": [e.reference for e in shown],
                "prediction": scores.predictions[: len(shown)]}
     tracking.log_base_scores(key, cfg.model.name, scores.metrics, samples,
-                             {k: v for k, v in tags.items() if k != "ftlab.role"})
+                             {k: v for k, v in tags.items() if k != "ftlab.role" and k not in tracking.SWEEP_TAGS})
     return scores.metrics
 
 

@@ -180,3 +180,71 @@ def log_base_scores(key: str, model_name: str, metrics: dict[str, float], sample
                           tags={"ftlab.role": "base_eval", "ftlab.base_eval_key": key, **tags}):
         mlflow.log_metrics(metrics)
         mlflow.log_table(samples, artifact_file="samples/base_generations.json")
+
+
+SWEEP_TAGS = ("mlflow.parentRunId", "ftlab.sweep_id", "ftlab.trial_number")
+
+
+def sweep_tags(sweep) -> dict[str, str]:
+    """Tags that make a trial a child of its sweep's parent run (empty outside a sweep)."""
+    if not sweep.parent_run_id:
+        return {}
+    tags = {"mlflow.parentRunId": sweep.parent_run_id, "ftlab.sweep_id": str(sweep.id)}
+    if sweep.trial_number is not None:
+        tags["ftlab.trial_number"] = str(sweep.trial_number)
+    return tags
+
+
+def skipped_run(cfg: DictConfig, run_name: str, tags: dict, reason: str, predicted_gb: float) -> str:
+    """Record a trial that was not started (over the VRAM budget): a KILLED run with the
+    reason and the predicted peak, so the sweep's table shows why it is missing."""
+    with mlflow.start_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None) as active:
+        log_config(cfg)
+        mlflow.set_tags({"ftlab.state": "skipped_budget", "ftlab.skip_reason": reason})
+        mlflow.log_metric("predicted_peak_gb", predicted_gb)
+        mlflow.end_run(status="KILLED")
+    return active.info.run_id
+
+
+def start_sweep_run(sweep_id: str, command: str, objective: list[str], direction: list[str]) -> str:
+    """The sweep's parent run: found by its sweep id (a resumed or second worker of the
+    same study joins it) or created. Returns its run id."""
+    client = MlflowClient()
+    experiment_id = _active_experiment_id()
+    found = client.search_runs([experiment_id], f"tags.`ftlab.role` = 'sweep' and tags.`ftlab.sweep_id` = '{sweep_id}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(experiment_id, run_name=f"sweep-{sweep_id}", tags={
+        "ftlab.role": "sweep", "ftlab.sweep_id": sweep_id, "ftlab.command": mask(command)[:MAX_PARAM_VALUE],
+        "ftlab.objective": ",".join(objective), "ftlab.direction": ",".join(direction)})
+    return run.info.run_id
+
+
+def _active_experiment_id() -> str:
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    return _get_experiment_id()
+
+
+def child_runs(parent_run_id: str) -> list:
+    """Every trial run of a sweep (all states), oldest first."""
+    parent = MlflowClient().get_run(parent_run_id)
+    return MlflowClient().search_runs([parent.info.experiment_id],
+                                      f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`ftlab.role` = 'trial'",
+                                      max_results=5000, order_by=["attributes.start_time ASC"])
+
+
+def mark_killed(sweep_id: str, trial_number: int) -> list[str]:
+    """End the runs a crashed worker left RUNNING for this trial as KILLED."""
+    client = MlflowClient()
+    runs = client.search_runs([_active_experiment_id()],
+                              f"tags.`ftlab.sweep_id` = '{sweep_id}' and tags.`ftlab.trial_number` = '{trial_number}' "
+                              "and attributes.status = 'RUNNING'")
+    for r in runs:
+        client.set_tag(r.info.run_id, "ftlab.state", "killed")
+        client.set_tag(r.info.run_id, "ftlab.failure_kind", "interrupted")
+        client.set_terminated(r.info.run_id, status="KILLED")
+    return [r.info.run_id for r in runs]

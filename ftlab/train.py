@@ -40,6 +40,13 @@ class PeakMemory:
         return False
 
 
+def peak_so_far_mb() -> tuple[float, str]:
+    """The process's peak memory so far, for a trial that died of OOM before PeakMemory exited."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    return _proc_status_kb("VmHWM") / 1024, "cpu_peak_rss"
+
+
 def _proc_status_kb(key: str) -> int:
     try:
         with open("/proc/self/status") as f:

@@ -1,0 +1,179 @@
+"""Sweeps in MLflow, for every Hydra sweeper and launcher: one parent run per sweep with
+the trials as child runs, a failed trial recorded and skipped over instead of ending
+the sweep, and at the end the best trial, a ftlab_sweep.json summary and the hand-over
+to the registry and report stages.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shlex
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab import tracking
+from ftlab.memory import OverBudget, budget_gib
+
+log = logging.getLogger("ftlab.sweep")
+
+# The parent run reaches trials in other processes (hydra/launcher=joblib, submitit) through
+# the environment the launcher inherits; conf/config.yaml reads these into the sweep node.
+ENV_SWEEP_ID = "FTLAB_SWEEP_ID"
+ENV_PARENT_RUN_ID = "FTLAB_SWEEP_PARENT_RUN_ID"
+SUMMARY_FILE = "ftlab_sweep.json"
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, Any]:
+    """Run one trial of a sweep and return its outcome for the sweeper: {state, run_id,
+    metrics, ...}. Hydra's sweepers re-raise a job's exception and end the sweep, so a
+    failure is caught here, after trial_run has recorded it, and returned as state=failed."""
+    if cfg.sweep.trial_number is None:
+        cfg.sweep.trial_number = HydraConfig.get().job.num
+    try:
+        metrics = run(cfg)
+        return {"state": "finished", "run_id": _this_trials_run(cfg), "metrics": metrics}
+    except OverBudget as e:
+        return {"state": "skipped_budget", "run_id": e.run_id, "reason": e.reason,
+                "predicted_peak_gb": e.predicted_gb, "budget_gb": budget_gib(cfg), "metrics": {}}
+    except Exception as e:
+        log.error("trial %s failed, the sweep goes on: %s: %s", cfg.sweep.trial_number, type(e).__name__, e)
+        run_id = _this_trials_run(cfg)
+        outcome = {"state": "failed", "run_id": run_id, "error": tracking.mask(f"{type(e).__name__}: {e}"),
+                   "failure_kind": tracking.failure_kind(e), "metrics": {}}
+        if run_id:
+            outcome["metrics"] = MlflowClient().get_run(run_id).data.metrics
+        return outcome
+
+
+def _this_trials_run(cfg: DictConfig) -> str | None:
+    """The trial's MLflow run, if it got as far as starting one."""
+    last = mlflow.last_active_run()
+    if last is None or last.data.tags.get("ftlab.trial_number") != str(cfg.sweep.trial_number) \
+            or last.data.tags.get("ftlab.sweep_id") != str(cfg.sweep.id):
+        return None
+    return last.info.run_id
+
+
+def sweep_id(config: DictConfig) -> str:
+    """The study name when the sweeper has one; for ftlab's Optuna sweeper without one, a
+    digest of the command's overrides, so re-running the same command resumes the same
+    study and joins the same parent run; otherwise a fresh id per sweep."""
+    sweeper = config.hydra.sweeper
+    if sweeper.get("study_name"):
+        return str(sweeper.study_name)
+    if "ftlab_optuna_sweeper" in str(sweeper.get("_target_", "")):
+        overrides = sorted(config.hydra.overrides.task)
+        return "ftlab-" + hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:12]
+    return uuid.uuid4().hex[:12]
+
+
+def command_line() -> str:
+    """The command as typed, with secret values masked."""
+    args = [("{}=***".format(a.split("=", 1)[0]) if "=" in a and tracking.SECRET_KEY.search(a.split("=", 1)[0].lstrip("+~"))
+             else a) for a in sys.argv[1:]]
+    return tracking.mask(shlex.join(["python", "-m", "ftlab", *args]))
+
+
+class SweepCallback(Callback):
+    """Registered under hydra.callbacks in conf/config.yaml."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking.setup(config.tracking_uri, config.experiment)
+        sid = sweep_id(config)
+        parent = tracking.start_sweep_run(sid, command_line(), list(config.sweep.objective),
+                                          list(config.sweep.direction))
+        os.environ[ENV_SWEEP_ID], os.environ[ENV_PARENT_RUN_ID] = sid, parent
+        print(f"ftlab sweep {sid}: parent MLflow run {parent}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        parent = os.environ.get(ENV_PARENT_RUN_ID)
+        if not parent:
+            return
+        tracking.setup(config.tracking_uri, config.experiment)
+        summary = summarise(parent, list(config.sweep.objective), list(config.sweep.direction))
+        summary["sweep_id"] = os.environ.get(ENV_SWEEP_ID)
+        out = Path(config.hydra.sweep.dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        record_best(parent, summary)
+        counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items())
+        print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {summary['best_run_id']}; "
+              f"summary {out / SUMMARY_FILE}")
+        hand_over(config, parent, summary["best_run_id"])
+
+
+def summarise(parent_run_id: str, objective: list[str], direction: list[str]) -> dict[str, Any]:
+    """Counts by state, the best finished trial by the first objective, and for several
+    objectives the Pareto front, all read back from MLflow (so any sweeper works)."""
+    trials = []
+    for r in tracking.child_runs(parent_run_id):
+        trials.append({"run_id": r.info.run_id, "trial_number": r.data.tags.get("ftlab.trial_number"),
+                       "state": r.data.tags.get("ftlab.state", r.info.status.lower()), "status": r.info.status,
+                       "metrics": r.data.metrics})
+    scored = [t for t in trials if t["state"] == "finished" and all(m in t["metrics"] for m in objective)]
+    sign = [1 if d == "maximize" else -1 for d in direction]
+    best = max(scored, key=lambda t: sign[0] * t["metrics"][objective[0]], default=None)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    return {"parent_run_id": parent_run_id, "objective": objective, "direction": direction, "counts": counts,
+            "best_run_id": best and best["run_id"],
+            "best_metrics": best and {m: best["metrics"][m] for m in objective},
+            "pareto_front_run_ids": [t["run_id"] for t in pareto_front(scored, objective, sign)],
+            "trials": trials}
+
+
+def pareto_front(trials: list[dict], objective: list[str], sign: list[int]) -> list[dict]:
+    """Trials no other trial beats on every objective."""
+    def vec(t):
+        return [s * t["metrics"][m] for m, s in zip(objective, sign)]
+
+    def dominates(a, b):
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    return [t for t in trials if not any(dominates(vec(o), vec(t)) for o in trials if o is not t)]
+
+
+def record_best(parent_run_id: str, summary: dict) -> None:
+    client = MlflowClient()
+    if summary["best_run_id"]:
+        client.set_tag(parent_run_id, "ftlab.best_run_id", summary["best_run_id"])
+        for name, value in summary["best_metrics"].items():
+            client.log_metric(parent_run_id, f"best_{name}", value)
+    for state, n in summary["counts"].items():
+        client.log_metric(parent_run_id, f"trials_{state}", n)
+    client.log_dict(parent_run_id, summary, f"sweep/{SUMMARY_FILE}")
+    client.set_terminated(parent_run_id, status="FINISHED")
+
+
+def hand_over(config: DictConfig, parent_run_id: str, best_run_id: str | None) -> None:
+    """Call the registry and report stages if installed; their failure is logged, it does
+    not fail a sweep whose trials are already recorded."""
+    cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    stages = [("ftlab.registry", "on_sweep_end", (cfg, parent_run_id, best_run_id)),
+              ("ftlab.report", "build_report", (parent_run_id,))]
+    for module, function, args in stages:
+        if importlib.util.find_spec(module) is None:
+            continue
+        try:
+            getattr(importlib.import_module(module), function)(*args)
+        except Exception:
+            log.exception("%s.%s failed after sweep (parent run %s); the sweep's runs are intact",
+                          module, function, parent_run_id)

@@ -1,0 +1,1 @@
+"""ftlab's Optuna sweeper for Hydra 1.3 and Optuna >= 4 (hydra/sweeper=optuna)."""

@@ -1,0 +1,32 @@
+"""Shared by the sweep tests: a very small trial, the sweep command, and reading back
+MLflow runs and the Optuna study."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, run_cli, store_overrides
+
+# One optimizer step on 40 records, 4 held out, 4 new tokens: a real trial in seconds.
+SMALL_TRIAL = [
+    "model=tiny", "data.num_records=40", "data.eval_size=4", "train.max_seq_length=256", "train.max_steps=1",
+    "train.per_device_batch_size=2", "train.grad_accum=1", "eval.max_new_tokens=4", "eval.samples_to_log=2",
+    "eval.compare_base=false", "train.save_adapter=false",
+]
+
+
+def sweep(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None):
+    out = run_cli("-m", *SMALL_TRIAL, *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path}/multirun",
+                  *args, env={"PYTHONPATH": str(ROOT), **(env or {})})
+    if check:
+        assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def runs(tmp_path: Path, role: str = "trial") -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("ftlab")
+    return client.search_runs([exp.experiment_id], f"tags.`ftlab.role` = '{role}'", max_results=1000)

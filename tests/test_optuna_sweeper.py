@@ -1,0 +1,72 @@
+"""ftlab's Optuna sweeper: Hydra's sweep syntax, trials linked to MLflow runs, a
+persistent study that the same command resumes, budget pruning that TPE learns from."""
+import optuna
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from hydra_plugins.ftlab_optuna_sweeper.optuna_sweeper import SweepConfigError, distribution, grid_values
+from tests.sweeping import runs, sweep
+
+
+def parse(text):
+    [override] = OverridesParser.create().parse_overrides([text])
+    return distribution(override)
+
+
+def test_hydra_sweep_syntax_becomes_optuna_distributions():
+    assert parse("lora_r=choice(8,16,64)") == CategoricalDistribution([8, 16, 64])
+    assert parse("lora_r=range(8,33,8)") == IntDistribution(8, 32, step=8)  # Hydra's range excludes its stop
+    assert parse("lr=interval(1e-5,1e-3)") == FloatDistribution(1e-5, 1e-3)
+    assert parse("lr=tag(log, interval(1e-5,1e-3))") == FloatDistribution(1e-5, 1e-3, log=True)
+    assert parse("lora_r=tag(int, interval(4,64))") == IntDistribution(4, 64)
+    assert parse("target_modules=choice([q_proj,v_proj],all-linear)").choices == ("[q_proj,v_proj]", "all-linear")
+    assert grid_values("lora_r", IntDistribution(8, 32, step=8)) == [8, 16, 24, 32]
+    with pytest.raises(SweepConfigError, match="lr is an interval"):
+        grid_values("lr", FloatDistribution(1e-5, 1e-3))
+
+
+def study(tmp_path, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+def optuna_args(tmp_path, name, *extra):
+    return ["hydra/sweeper=optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+            f"hydra.sweeper.study_name={name}", *extra]
+
+
+def test_budget_rejections_are_pruned_with_reason_and_not_loaded(tmp_path):
+    sweep(tmp_path, *optuna_args(tmp_path, "budget", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=4",
+                                 "model=llama31_8b", "budget.vram_gb=8", "model.name_or_path=/nonexistent/weights",
+                                 "lora_r=choice(16,64)", "train.max_seq_length=choice(2048,4096)",
+                                 "train.per_device_batch_size=8"))
+    trials = study(tmp_path, "budget").trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 4
+    assert len({(t.params["lora_r"], t.params["train.max_seq_length"]) for t in trials}) == 4
+    mlflow_runs = {r.info.run_id: r for r in runs(tmp_path)}
+    for t in trials:
+        assert "budget.vram_gb=8" in t.user_attrs["skip_reason"] and t.user_attrs["predicted_peak_gb"] > 8
+        assert t.user_attrs["budget_excess_gb"] > 0  # infeasible for TPE's constraints
+        run = mlflow_runs[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["ftlab.state"] == "skipped_budget" and run.info.status == "KILLED"
+        assert run.data.tags["ftlab.trial_number"] == str(t.number)
+
+
+def test_trials_link_to_mlflow_runs_and_the_same_command_resumes(tmp_path):
+    args = optuna_args(tmp_path, "resume", "lora_r=choice(4,8)", "lr=tag(log, interval(1e-4, 1e-2))",
+                       "hydra.sweeper.seed=0")
+    sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")
+    first = {t.number: t.params for t in study(tmp_path, "resume").trials}
+    sweep(tmp_path, *args, "hydra.sweeper.n_trials=3")  # the same study, one more trial wanted
+    trials = study(tmp_path, "resume").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert {n: trials[n].params for n in first} == first  # completed trials were not redone
+    mlflow_runs = {r.info.run_id: r for r in runs(tmp_path)}
+    assert len(mlflow_runs) == 3
+    for t in trials:
+        run = mlflow_runs[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["ftlab.trial_number"] == str(t.number)
+        assert run.data.metrics["rouge_l"] == t.value
+    [parent] = runs(tmp_path, "sweep")  # the resumed sweep joined its parent run
+    assert {r.data.tags["mlflow.parentRunId"] for r in mlflow_runs.values()} == {parent.info.run_id}

@@ -1,0 +1,57 @@
+"""Grid sweeps with Hydra's multirun: one parent MLflow run, trials as its children,
+with the basic launcher and with joblib's separate processes; over-budget configs skipped
+before anything loads; the best trial and ftlab_sweep.json recorded at the end."""
+import json
+from ftlab.sweep import pareto_front
+from tests.sweeping import runs, sweep
+
+
+def assert_sweep_recorded(tmp_path, expected_r):
+    [parent] = runs(tmp_path, "sweep")
+    trials = runs(tmp_path)
+    assert len(trials) == len(expected_r)
+    assert sorted(int(t.data.params["lora_r"]) for t in trials) == sorted(expected_r)
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert t.data.tags["ftlab.sweep_id"] == parent.data.tags["ftlab.sweep_id"]
+        assert t.data.tags["ftlab.state"] == "finished" and t.info.status == "FINISHED"
+        assert {"rouge_l", "eval_loss", "predicted_peak_gb"} <= set(t.data.metrics)
+    assert sorted(t.data.tags["ftlab.trial_number"] for t in trials) == [str(i) for i in range(len(expected_r))]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["ftlab.objective"] == "rouge_l" and parent.data.tags["ftlab.direction"] == "maximize"
+    assert "lora_r=" in parent.data.tags["ftlab.command"]
+    best = max(trials, key=lambda t: t.data.metrics["rouge_l"]).data.metrics["rouge_l"]
+    best_run = next(t for t in trials if t.info.run_id == parent.data.tags["ftlab.best_run_id"])
+    assert best_run.data.metrics["rouge_l"] == best == parent.data.metrics["best_rouge_l"]
+    summary = json.loads((tmp_path / "multirun" / "ftlab_sweep.json").read_text())
+    assert summary["counts"] == {"finished": len(expected_r)}
+    assert summary["best_run_id"] == best_run.info.run_id
+
+
+def test_grid_sweep_groups_trials_under_one_parent_run(tmp_path):
+    sweep(tmp_path, "lora_r=4,8,16")
+    assert_sweep_recorded(tmp_path, [4, 8, 16])
+
+
+def test_grid_sweep_with_joblib_processes_finds_the_parent(tmp_path):
+    sweep(tmp_path, "lora_r=4,8", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    assert_sweep_recorded(tmp_path, [4, 8])
+
+
+def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
+    out = sweep(tmp_path, "model=llama31_8b", "budget.vram_gb=8", "lora_r=16,64", "train.max_seq_length=2048,4096",
+                "train.per_device_batch_size=8", "model.name_or_path=/nonexistent/weights")
+    trials = runs(tmp_path)
+    assert len(trials) == 4
+    for t in trials:
+        assert t.info.status == "KILLED" and t.data.tags["ftlab.state"] == "skipped_budget"
+        assert "budget.vram_gb=8" in t.data.tags["ftlab.skip_reason"]
+        assert t.data.metrics["predicted_peak_gb"] > 8
+    assert out.stdout.count("ftlab: skipped") == 4
+    assert "Loading weights" not in out.stderr  # and /nonexistent/weights was never looked at
+
+
+def test_pareto_front_keeps_only_undominated_trials():
+    trials = [{"metrics": {"q": q, "gb": gb}} for q, gb in [(0.5, 4), (0.6, 6), (0.4, 5), (0.6, 7)]]
+    front = pareto_front(trials, ["q", "gb"], [1, -1])
+    assert [(t["metrics"]["q"], t["metrics"]["gb"]) for t in front] == [(0.5, 4), (0.6, 6)]
