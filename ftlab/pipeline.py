@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab import models, scoring, tracking
+from ftlab import checkpoints, models, scoring, tracking
 from ftlab.data import prepare
 from ftlab.train import memory_cap_callback, release_memory, train
 
@@ -50,6 +50,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     quiet_third_party_output()
     cache = models.cache_root(cfg.cache_dir)
     tracking.setup(cfg.tracking_uri, cfg.experiment)
+    cfg_hash = tracking.config_hash(cfg)
+    resume = _resume_point(cfg, cfg_hash)  # before any loading: a resume with nothing to resume fails now
 
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
     tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
@@ -57,15 +59,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     dtype = models.compute_dtype(cfg.model.dtype)
 
     run_name = cfg.run_name or f"{cfg.model.name}-r{cfg.lora_r}-lr{cfg.lr:g}"
-    tags = {"ftlab.role": "trial", "ftlab.model": cfg.model.name, "ftlab.data_fingerprint": data.fingerprint}
+    tags = {"ftlab.role": "trial", "ftlab.model": cfg.model.name, "ftlab.data_fingerprint": data.fingerprint,
+            "ftlab.config_hash": cfg_hash}
     if commit := tracking.git_commit():
         tags["mlflow.source.git.commit"] = commit
 
     model = models.load_base(checkpoint, cfg.model, cfg.peft)
     try:
         base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
-        with tracking.trial_run(run_name, tags) as active:
-            metrics = _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start)
+        with tracking.trial_run(run_name, tags, run_id=resume.run_id if resume else None) as active:
+            metrics = _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start,
+                                       resume)
     finally:
         # Free the model on success and on failure alike, so the next trial starts clean.
         del model
@@ -74,7 +78,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start) -> dict:
+def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | None:
+    if cfg.train.resume is False or cfg.train.resume is None:
+        return None
+    candidates, how = tracking.resumable_runs(cfg.train.resume, cfg_hash)
+    return checkpoints.find_resume_point(candidates, Path(cfg.output_dir), how)
+
+
+def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start,
+                     resume=None) -> dict:
     tracking.log_config(cfg)
     mlflow.log_dict(data.report, "data/report.json")
     mlflow.log_metrics({f"data_{k}": v for k, v in data.report["counts"].items()})
@@ -87,10 +99,13 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     mlflow.log_metric("trainable_params", trainable)
 
     out_dir = Path(cfg.output_dir) / active.info.run_id
-    callbacks = [tracking.training_callback(), *(instantiate(c) for c in cfg.train.callbacks)]
+    if resume:
+        mlflow.set_tags({"ftlab.resumed_from_step": resume.step, "ftlab.resumed_from_checkpoint": str(resume.checkpoint)})
+    callbacks = [tracking.training_callback(out_dir), *(instantiate(c) for c in cfg.train.callbacks)]
     if cfg.budget.memory_cap_gb:
         callbacks.append(memory_cap_callback(cfg.budget.memory_cap_gb))
-    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks)
+    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks,
+                   resume_from=resume.checkpoint if resume else None)
     scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate adapter")
 
     metrics = {
