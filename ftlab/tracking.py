@@ -171,6 +171,9 @@ def resumable_runs(resume, cfg_hash: str) -> tuple[list[str], str]:
                             f"{mask(mlflow.get_tracking_uri())} ({e.message})") from e
     if run.info.status == "FINISHED":
         raise TrackingError(f"train.resume={resume}: that run already FINISHED; there is nothing to resume")
+    if run.data.tags.get("ftlab.config_hash", cfg_hash) != cfg_hash:
+        raise TrackingError(f"train.resume={resume}: that run was started with another config (ftlab.config_hash "
+                            f"{run.data.tags['ftlab.config_hash']}, now {cfg_hash}); resume with the same overrides")
     return [run.info.run_id], f"run {run.info.run_id}"
 
 
@@ -271,6 +274,8 @@ def training_callback(out_dir: Path):
     class MlflowSteps(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            if "train_runtime" in numeric:  # the end-of-training summary: its mean loss is not a step's loss
+                numeric.pop("train_loss", None)  # (the pipeline logs it as train_loss_final)
             renamed = {("train_" + k if k in ("loss", "grad_norm", "learning_rate") else k): v
                        for k, v in numeric.items()}
             if renamed:
