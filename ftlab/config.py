@@ -114,7 +114,12 @@ class TrainConfig:
     save_adapter: bool = True
     # Extra transformers TrainerCallbacks, as Hydra instantiate specs ({_target_: pkg.Class, ...}).
     callbacks: list[Any] = field(default_factory=list)
-    resume: bool = False
+    # Also checkpoint every N optimizer steps (0: only when SIGINT/SIGTERM interrupts training).
+    save_steps: int = 0
+    # false | true: continue the newest KILLED/FAILED run with the same config (tag
+    # ftlab.config_hash) | an MLflow run id: continue that run. Both continue the same MLflow run
+    # from the last checkpoint in output_dir/<run id>, and fail if there is none.
+    resume: Any = False
 
 
 @dataclass

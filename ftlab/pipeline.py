@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab import memory, models, scoring, tracking
+from ftlab import checkpoints, memory, models, scoring, tracking
 from ftlab.data import prepare
 from ftlab.train import memory_cap_callback, peak_so_far_mb, release_memory, train
 
@@ -50,9 +50,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     quiet_third_party_output()
     tracking.setup(cfg.tracking_uri, cfg.experiment)
     run_name = cfg.run_name or f"{cfg.model.name}-r{cfg.lora_r}-lr{cfg.lr:g}"
-    tags = {"ftlab.role": "trial", "ftlab.model": cfg.model.name, **tracking.sweep_tags(cfg.sweep)}
+    cfg_hash = tracking.config_hash(cfg)
+    tags = {"ftlab.role": "trial", "ftlab.model": cfg.model.name, "ftlab.config_hash": cfg_hash,
+            **tracking.sweep_tags(cfg.sweep)}
     # The budget is checked from the config alone, before any weights, tokenizer or data load.
     predicted_gb = _fit_budget(cfg, run_name, tags)
+    resume = _resume_point(cfg, cfg_hash)  # before any loading: a resume with nothing to resume fails now
     cache = models.cache_root(cfg.cache_dir)
 
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
@@ -67,11 +70,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model = models.load_base(checkpoint, cfg.model, cfg.peft)
     try:
         base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
-        with tracking.trial_run(run_name, tags) as active:
+        with tracking.trial_run(run_name, tags, run_id=resume.run_id if resume else None) as active:
             mlflow.log_metric("predicted_peak_gb", predicted_gb)
             try:
                 metrics = _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores,
-                                           wall_start)
+                                           wall_start, resume)
             except Exception as e:
                 if tracking.failure_kind(e) == "oom":  # measured vs predicted, to correct the estimator
                     peak_mb, kind = peak_so_far_mb()
@@ -102,7 +105,15 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
     raise memory.OverBudget(reason, est.total_gb, run_id)
 
 
-def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start) -> dict:
+def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | None:
+    if cfg.train.resume is False or cfg.train.resume is None:
+        return None
+    candidates, how = tracking.resumable_runs(cfg.train.resume, cfg_hash)
+    return checkpoints.find_resume_point(candidates, Path(cfg.output_dir), how)
+
+
+def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start,
+                     resume=None) -> dict:
     tracking.log_config(cfg)
     mlflow.log_dict(data.report, "data/report.json")
     mlflow.log_metrics({f"data_{k}": v for k, v in data.report["counts"].items()})
@@ -115,10 +126,13 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     mlflow.log_metric("trainable_params", trainable)
 
     out_dir = Path(cfg.output_dir) / active.info.run_id
-    callbacks = [tracking.training_callback(), *(instantiate(c) for c in cfg.train.callbacks)]
+    if resume:
+        mlflow.set_tags({"ftlab.resumed_from_step": resume.step, "ftlab.resumed_from_checkpoint": str(resume.checkpoint)})
+    callbacks = [tracking.training_callback(out_dir), *(instantiate(c) for c in cfg.train.callbacks)]
     if cfg.budget.memory_cap_gb:
         callbacks.append(memory_cap_callback(cfg.budget.memory_cap_gb))
-    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks)
+    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks,
+                   resume_from=resume.checkpoint if resume else None)
     scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate adapter")
 
     metrics = {

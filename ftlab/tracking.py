@@ -1,14 +1,19 @@
 """Everything MLflow: where the store is, runs and their tags, params that respect
 MLflow's limits (long values truncated, secrets masked, full config as an artifact),
-step-wise training metrics, tables and artifacts, and the cached base-model scores.
+step-wise training metrics that survive a tracking outage, tables and artifacts,
+the runs a resume may continue, and the cached base-model scores.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
+import time
 import traceback
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +31,17 @@ SECRET_KEY = re.compile(r"(^|[._])\w*(token|password|passwd|secret|api_key|apike
 URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 # Values of these environment variables are scrubbed from anything we log.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "FTLAB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
+
+
+log = logging.getLogger("ftlab")
+
+# MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) keep a dead server busy
+# for minutes per call; fail in seconds instead. Step metrics have their own retry buffer
+# (BufferedMetrics). Environment values set by the user win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# Config keys that do not change what is trained: left out of the resume identity.
+NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps")
 
 
 class TrackingError(RuntimeError):
@@ -52,6 +68,8 @@ def setup(tracking_uri: str | None, experiment: str) -> str:
     """Point MLflow at the store and make sure the experiment exists. Fails loudly now,
     not after an hour of training, if the store cannot be reached."""
     uri = tracking_uri or default_tracking_uri()
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(uri)
     try:
         client = MlflowClient()
@@ -71,11 +89,18 @@ def setup(tracking_uri: str | None, experiment: str) -> str:
 
 
 @contextmanager
-def trial_run(run_name: str, tags: dict):
+def trial_run(run_name: str, tags: dict, run_id: str | None = None):
     """An MLflow run that never ends up silently RUNNING: success -> FINISHED with
     ftlab.state=finished; an exception -> FAILED with the error summary as a tag and the
-    traceback as an artifact; Ctrl-C / SIGTERM -> KILLED. The exception propagates."""
-    with mlflow.start_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None) as active:
+    traceback as an artifact; Ctrl-C / SIGTERM -> KILLED. The exception propagates.
+    run_id continues that (interrupted) run: RUNNING again, its old failure tags dropped."""
+    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags,
+                          nested=mlflow.active_run() is not None) as active:
+        if run_id is not None:
+            stale = active.data.tags.keys() & {"ftlab.error", "ftlab.failure_kind"}
+            for key in stale:
+                MlflowClient().delete_tag(run_id, key)
+            mlflow.set_tag("ftlab.state", "running")
         try:
             yield active
         except BaseException as e:
@@ -124,8 +149,40 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return flat
 
 
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of what a run trains, for train.resume=true to find an interrupted twin."""
+    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_IN_CONFIG_HASH)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resumable_runs(resume, cfg_hash: str) -> tuple[list[str], str]:
+    """Run ids train.resume may continue, newest first, and how they were chosen (for errors).
+    true: KILLED/FAILED trials of this experiment with the same config hash (a RUNNING one may
+    be alive elsewhere, so it is only continued when named); a string: that run."""
+    if resume is True:
+        runs = mlflow.search_runs(filter_string=f"tags.`ftlab.config_hash` = '{cfg_hash}'",
+                                  order_by=["attributes.start_time DESC"], output_format="list")
+        ids = [r.info.run_id for r in runs if r.info.status in ("KILLED", "FAILED")]
+        return ids, f"KILLED/FAILED runs with tag ftlab.config_hash={cfg_hash} in this experiment: {len(ids)}"
+    try:
+        run = MlflowClient().get_run(str(resume))
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"train.resume={resume}: no such MLflow run in tracking_uri="
+                            f"{mask(mlflow.get_tracking_uri())} ({e.message})") from e
+    if run.info.status == "FINISHED":
+        raise TrackingError(f"train.resume={resume}: that run already FINISHED; there is nothing to resume")
+    if run.data.tags.get("ftlab.config_hash", cfg_hash) != cfg_hash:
+        raise TrackingError(f"train.resume={resume}: that run was started with another config (ftlab.config_hash "
+                            f"{run.data.tags['ftlab.config_hash']}, now {cfg_hash}); resume with the same overrides")
+    return [run.info.run_id], f"run {run.info.run_id}"
+
+
 def log_config(cfg: DictConfig) -> None:
-    params = flatten(cfg)
+    """Params (flattened) and the resolved YAML. A resumed run keeps the params it started
+    with (MLflow forbids changing one; train.resume itself differs)."""
+    active = mlflow.active_run()
+    existing = MlflowClient().get_run(active.info.run_id).data.params if active else {}
+    params = {k: v for k, v in flatten(cfg).items() if k not in existing}
     items = list(params.items())
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         mlflow.log_params(dict(items[i : i + MAX_PARAMS_PER_BATCH]))
@@ -145,17 +202,93 @@ def git_commit() -> str | None:
         return None
 
 
-def training_callback():
-    """A transformers TrainerCallback that logs each logged step (loss, lr, grad norm)."""
+class BufferedMetrics:
+    """Step metrics that survive a tracking outage. Each log goes into a bounded buffer
+    that is sent in batches; when the store fails, the buffer keeps the metrics (with their
+    original timestamps) and retries with exponential backoff on later steps. close()
+    retries a few more times, then writes what is left to a JSONL file and says so loudly.
+    Overflowing the buffer also spills to that file, so nothing is dropped."""
+
+    BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+    def __init__(self, run_id: str, spill_path: Path, max_buffered: int = 100_000, max_backoff_s: float = 60.0):
+        self.run_id, self.spill_path = run_id, Path(spill_path)
+        self.pending: deque = deque()
+        self.max_buffered, self.max_backoff_s = max_buffered, max_backoff_s
+        self.failures, self.next_try = 0, 0.0
+        self.client = MlflowClient()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if len(self.pending) > self.max_buffered:
+            self._spill([self.pending.popleft() for _ in range(len(self.pending) - self.max_buffered)])
+        if time.monotonic() >= self.next_try:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send everything pending; False (metrics kept) when the store fails."""
+        while self.pending:
+            batch = list(self.pending)[: self.BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as e:
+                self.failures += 1
+                self.next_try = time.monotonic() + min(self.max_backoff_s, 2.0 ** self.failures)
+                log.warning("tracking store unreachable (%s); %d step metrics buffered, retrying in %.0f s",
+                            type(e).__name__, len(self.pending), self.next_try - time.monotonic())
+                return False
+            for _ in batch:
+                self.pending.popleft()
+            if self.failures:
+                log.warning("tracking store reachable again; buffered step metrics sent")
+            self.failures, self.next_try = 0, 0.0
+        return True
+
+    def close(self, attempts: int = 4) -> None:
+        for attempt in range(attempts):
+            if self.flush():
+                return
+            time.sleep(min(self.max_backoff_s, 2.0 ** attempt))
+        self._spill(list(self.pending))
+        self.pending.clear()
+        log.error("TRACKING STORE UNREACHABLE: step metrics that could not be logged to run %s were written "
+                  "to %s (one MLflow Metric per line: key, value, timestamp, step)", self.run_id, self.spill_path)
+
+    def _spill(self, metrics: list) -> None:
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.spill_path.open("a") as f:
+            for m in metrics:
+                f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+
+
+def training_callback(out_dir: Path):
+    """A transformers TrainerCallback that logs each logged step (loss, lr, grad norm) through
+    BufferedMetrics, and tags the run with each checkpoint saved."""
     from transformers import TrainerCallback
+
+    metrics = BufferedMetrics(mlflow.active_run().info.run_id, Path(out_dir) / "unlogged_metrics.jsonl")
 
     class MlflowSteps(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            if "train_runtime" in numeric:  # the end-of-training summary: its mean loss is not a step's loss
+                numeric.pop("train_loss", None)  # (the pipeline logs it as train_loss_final)
             renamed = {("train_" + k if k in ("loss", "grad_norm", "learning_rate") else k): v
                        for k, v in numeric.items()}
             if renamed:
-                mlflow.log_metrics(renamed, step=state.global_step)
+                metrics.log(renamed, step=state.global_step)
+
+        def on_save(self, args, state, control, **kwargs):
+            try:
+                mlflow.set_tag("ftlab.checkpoint", str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+            except Exception:  # a tracking outage must not stop training; the checkpoint is on disk
+                log.warning("could not tag checkpoint-%d (tracking store unreachable)", state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            metrics.close()
 
     return MlflowSteps()
 

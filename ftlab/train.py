@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ftlab.checkpoints import TrainingInterrupted, last_checkpoint, stop_on_signals
 from ftlab.config import TrainConfig
 from ftlab.data import PreparedData
 
@@ -209,8 +210,11 @@ def sft_config(cfg: TrainConfig, lr: float, seed: int, out_dir: Path, dtype: tor
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="no",
         prediction_loss_only=True,
-        save_strategy="steps" if cfg.resume else "no",
-        save_steps=max(1, cfg.logging_steps * 10),
+        # Checkpoints (adapter + optimizer + scheduler + RNG) for train.resume; an interrupt
+        # saves one whatever this says (ftlab.checkpoints).
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_total_limit=2,  # the newest to resume from, plus one in case the newest was cut off
         report_to="none",
         seed=seed,
         dataloader_num_workers=0,
@@ -218,7 +222,9 @@ def sft_config(cfg: TrainConfig, lr: float, seed: int, out_dir: Path, dtype: tor
 
 
 def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, seed: int, out_dir: Path,
-          dtype: torch.dtype, callbacks: list | None = None) -> TrainResult:
+          dtype: torch.dtype, callbacks: list | None = None, resume_from: Path | None = None) -> TrainResult:
+    """Train; resume_from continues from that checkpoint. A SIGINT/SIGTERM during training saves a
+    checkpoint in out_dir and raises TrainingInterrupted (ftlab.checkpoints)."""
     from datasets import Dataset
 
     keep_freed_memory()
@@ -244,11 +250,16 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(quiet_progress_callback())
-    resume = cfg.resume and any(out_dir.glob("checkpoint-*"))
-    with PeakMemory() as peak:
+    with stop_on_signals() as stopper, PeakMemory() as peak:
+        trainer.add_callback(stopper.callback())  # last, so a signal sent by an earlier callback stops this step
         start = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=True if resume else None)
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
+    if stopper.signal_name is not None:
+        checkpoint = last_checkpoint(out_dir)
+        raise TrainingInterrupted(
+            f"interrupted by {stopper.signal_name} at step {trainer.state.global_step}; checkpoint saved in "
+            f"{checkpoint}; continue with train.resume=true", checkpoint, trainer.state.global_step)
     eval_loss = trainer.evaluate()["eval_loss"]
     tokens = _trained_tokens(trainer)
     adapter_dir = None

@@ -55,3 +55,158 @@ class KillOnce(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.at == "before_eval":
             self._kill()
+
+
+class SignalAtStep(TrainerCallback):
+    """Send a signal (default SIGTERM) to this very process at the end of a step, as `kill` would."""
+
+    def __init__(self, step: int = 1, signal: str = "SIGTERM"):
+        self.step, self.signal, self.sent = step, signal, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import os
+        import signal
+
+        if state.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+
+class MlflowServer:
+    """A real `mlflow server` subprocess: SQLite backend and artifacts under root, a free port."""
+
+    def __init__(self, root):
+        from pathlib import Path
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self, timeout: float = 120.0):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = self.root / "server.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=self.log.open("w"), start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return self
+            except OSError:
+                time.sleep(0.25)
+        self.__exit__()
+        raise RuntimeError(f"mlflow server did not come up in {timeout} s")
+
+    def __exit__(self, *exc):
+        import os
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TcpRelay:
+    """A TCP relay in front of a server: close() makes its port refuse connections and cuts
+    open ones, as a dead or unreachable tracking server does; open() serves the same port again."""
+
+    RELAYS: dict = {}  # port -> relay, so a callback built from a config can find it
+
+    def __init__(self, target_port: int):
+        self.target_port, self.port = target_port, free_port()
+        self.connections, self.listener = [], None
+        TcpRelay.RELAYS[self.port] = self
+
+    def open(self):
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def close(self):
+        import socket
+
+        for s in [self.listener, *self.connections]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes the accept() and recv() threads
+            except OSError:
+                pass
+            s.close()
+        self.connections.clear()
+
+    def _accept(self, listener):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        import socket
+
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class TrackingOutage(TrainerCallback):
+    """Cut the tracking server off (through its TcpRelay) at the end of step `stop_at`, bring it
+    back at the end of step `restart_at`; `slow_s` stretches each step of the outage so the
+    buffered metrics see several failed retries."""
+
+    def __init__(self, relay_port: int, stop_at: int = 2, restart_at: int = 4, slow_s: float = 0.0):
+        self.relay = TcpRelay.RELAYS[relay_port]
+        self.stop_at, self.restart_at, self.slow_s = stop_at, restart_at, slow_s
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        if state.global_step == self.stop_at:
+            self.relay.close()
+        elif state.global_step == self.restart_at:
+            self.relay.open()
+        elif self.stop_at < state.global_step < self.restart_at:
+            time.sleep(self.slow_s)

@@ -1,0 +1,111 @@
+"""Interrupt-safe training: the first SIGINT/SIGTERM finishes the current optimizer step,
+saves a normal HF Trainer checkpoint and stops; a second one aborts at once. And the other
+half: finding the checkpoint a `train.resume` run continues from, never silently from zero.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("ftlab")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after saving a checkpoint. A KeyboardInterrupt, so the
+    trial's MLflow run ends KILLED like any other interruption."""
+
+    def __init__(self, message: str, checkpoint: Path | None, step: int):
+        super().__init__(message)
+        self.checkpoint, self.step = checkpoint, step
+
+
+class ResumeError(RuntimeError):
+    """train.resume was asked for but there is nothing to resume from."""
+
+
+class StopOnSignal:
+    """A TrainerCallback plus the signal handler that feeds it.
+
+    The handler only records the signal; the callback turns it into should_save +
+    should_training_stop at the end of the optimizer step, so the checkpoint is consistent."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:
+            raise KeyboardInterrupt(f"second {name} while saving after {self.signal_name}: aborted without a checkpoint")
+        self.signal_name = name
+        log.warning("%s received: finishing this step, saving a checkpoint, then stopping (send it again to abort)",
+                    name)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        stopper = self
+
+        class SaveAndStop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stopper.signal_name is not None:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return SaveAndStop()
+
+
+@contextmanager
+def stop_on_signals():
+    """Install StopOnSignal for SIGINT/SIGTERM for the duration of the block, then put the
+    previous handlers back (outside training, Ctrl-C keeps its usual meaning)."""
+    stopper = StopOnSignal()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopper  # Python delivers signals to the main thread only
+        return
+    previous = {s: signal.signal(s, stopper.handle) for s in STOP_SIGNALS}
+    try:
+        yield stopper
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    return Path(found) if found else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+@dataclass
+class ResumePoint:
+    run_id: str  # the MLflow run that continues
+    checkpoint: Path
+    step: int
+
+
+def find_resume_point(candidate_run_ids: list[str], output_dir: Path, what: str) -> ResumePoint:
+    """The newest candidate run (newest first) whose output dir holds a checkpoint.
+    `what` describes how the candidates were chosen, for the error message."""
+    looked = []
+    for run_id in candidate_run_ids:
+        run_dir = output_dir / run_id
+        checkpoint = last_checkpoint(run_dir)
+        if checkpoint is not None:
+            return ResumePoint(run_id, checkpoint, checkpoint_step(checkpoint))
+        looked.append(str(run_dir))
+    where = ("looked for checkpoint-* in " + ", ".join(looked)) if looked else "found no such run"
+    raise ResumeError(
+        f"train.resume: nothing to resume from ({what}; {where}). Checkpoints are written when a run is "
+        "interrupted (SIGINT/SIGTERM) and every train.save_steps steps. Drop train.resume to start from zero."
+    )

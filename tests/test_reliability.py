@@ -1,0 +1,162 @@
+"""Reliability of one trial: SIGTERM saves a checkpoint and ends the run KILLED, train.resume
+continues that very run, step metrics survive a tracking outage, and the safe defaults hold
+(safetensors only, no secret in the store)."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import mlflow
+import psycopg2
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ftlab import checkpoints, models, tracking
+from ftlab.pipeline import run
+from tests.conftest import ROOT, TINY, run_cli, store_overrides
+from tests.faults import MlflowServer, TcpRelay, free_port
+
+# A few short steps; no base scoring and tiny generations keep each run to seconds.
+SHORT = ["train.max_steps=4", "train.per_device_batch_size=2", "train.grad_accum=1", "eval.compare_base=false",
+         "eval.max_examples=2", "eval.max_new_tokens=4", "eval.samples_to_log=2"]
+
+
+def _trials(uri: str, experiment: str = "ftlab"):
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`ftlab.role` = 'trial'",
+                              output_format="list")
+
+
+def _steps(uri: str, run_id: str, key: str = "train_loss") -> list[int]:
+    return [m.step for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, tmp_path):
+    overrides = [*TINY, *store_overrides(tmp_path), *SHORT, f"hydra.run.dir={tmp_path}/hydra"]
+    killed = run_cli(*overrides, "train.callbacks=[{_target_: tests.faults.SignalAtStep, step: 2}]")
+    assert killed.returncode != 0
+    assert "interrupted by SIGTERM at step 2" in killed.stderr
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    [trial] = _trials(uri)
+    assert trial.info.status == "KILLED"
+    assert trial.data.tags["ftlab.state"] == "killed"
+    assert trial.data.tags["ftlab.failure_kind"] == "interrupted"
+    assert "interrupted by SIGTERM" in trial.data.tags["ftlab.error"]
+    checkpoint = tmp_path / "runs" / trial.info.run_id / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
+    assert trial.data.tags["ftlab.checkpoint"] == str(checkpoint)
+    assert _steps(uri, trial.info.run_id) == [1, 2]
+
+    # The same config (without the fault) and train.resume=true: the same run goes on from step 2.
+    metrics = run(make_cfg(*SHORT, "train.resume=true"))
+    assert "rouge_l" in metrics
+    [resumed] = _trials(uri)
+    assert resumed.info.run_id == trial.info.run_id
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["ftlab.state"] == "finished"
+    assert resumed.data.tags["ftlab.resumed_from_step"] == "2"
+    assert "ftlab.error" not in resumed.data.tags
+    assert _steps(uri, trial.info.run_id) == [1, 2, 3, 4]  # one loss curve, continued after step 2
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 2  # the checkpoint was not overwritten: training went on after it
+
+
+def test_resume_with_nothing_to_resume_fails_and_says_where_it_looked(make_cfg, tmp_path):
+    with pytest.raises(checkpoints.ResumeError, match="ftlab.config_hash") as error:
+        run(make_cfg(*SHORT, "train.resume=true"))
+    assert "Drop train.resume" in str(error.value)
+    assert not _trials(f"sqlite:///{tmp_path}/mlruns/mlflow.db")  # failed before any run started
+
+    # A named run that was interrupted before any checkpoint: the error names its output dir.
+    tracking.setup(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "ftlab")
+    with mlflow.start_run() as stale:
+        pass
+    MlflowClient().set_terminated(stale.info.run_id, "KILLED")
+    with pytest.raises(checkpoints.ResumeError, match=str(tmp_path / "runs" / stale.info.run_id)):
+        run(make_cfg(*SHORT, f"train.resume={stale.info.run_id}"))
+
+
+def test_dead_tracking_server_fails_at_start_within_seconds():
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match=r"tracking_uri=http://127\.0\.0\.1"):
+        tracking.setup(f"http://127.0.0.1:{free_port()}", "ftlab")
+    assert time.monotonic() - start < 30  # MLflow's own defaults retry for minutes
+
+
+def test_step_metrics_survive_a_tracking_server_outage(make_cfg, tmp_path):
+    with MlflowServer(tmp_path / "server") as server:
+        relay = TcpRelay(server.port).open()
+        uri = f"http://127.0.0.1:{relay.port}"
+        outage = f"{{_target_: tests.faults.TrackingOutage, relay_port: {relay.port}, stop_at: 2, restart_at: 5, slow_s: 1.5}}"
+        run(make_cfg(*SHORT, "train.max_steps=6", f"tracking_uri={uri}", f"train.callbacks=[{outage}]"))
+        [trial] = _trials(uri)
+        assert trial.info.status == "FINISHED"
+        assert sorted(set(_steps(uri, trial.info.run_id))) == [1, 2, 3, 4, 5, 6]
+        out_dir = tmp_path / "runs" / trial.info.run_id
+        assert not (out_dir / "unlogged_metrics.jsonl").exists()
+
+        # Still unreachable at the end: the metrics land in a JSONL file in the run's output dir.
+        relay.close()
+        buffered = tracking.BufferedMetrics(trial.info.run_id, out_dir / "unlogged_metrics.jsonl")
+        buffered.log({"train_loss": 1.5}, step=7)
+        buffered.close(attempts=1)
+        [line] = (out_dir / "unlogged_metrics.jsonl").read_text().splitlines()
+        assert json.loads(line) | {"timestamp": 0} == {"key": "train_loss", "value": 1.5, "step": 7, "timestamp": 0}
+
+
+def test_pickle_only_checkpoint_is_refused_unless_allowed(make_cfg, tmp_path):
+    cfg = make_cfg()
+    pickled = tmp_path / "pickled"
+    shutil.copytree(models.resolve_checkpoint(cfg.model, cfg.cache_dir), pickled)
+    from safetensors.torch import load_file
+
+    weights = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+
+    refused = make_cfg("model.source=auto", f"model.name_or_path={pickled}")
+    with pytest.raises(models.ModelError, match="model.allow_pickle_weights=true"):
+        models.resolve_checkpoint(refused.model, refused.cache_dir)
+
+    allowed = make_cfg("model.source=auto", f"model.name_or_path={pickled}", "model.allow_pickle_weights=true",
+                       "peft=lora")
+    model = models.load_base(models.resolve_checkpoint(allowed.model, allowed.cache_dir), allowed.model, allowed.peft)
+    embed = model.get_input_embeddings().weight
+    assert torch.equal(embed.float(), weights["model.embed_tokens.weight"].to(embed.dtype).float())
+
+
+@pytest.fixture
+def postgres_db():
+    """A throwaway PostgreSQL database (the server trusts local connections, so any password works)."""
+    name = f"ftlab_secrets_{free_port()}"
+    admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    yield name
+    mlflow.set_tracking_uri(None)
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+def test_no_secret_reaches_params_tags_metrics_or_artifacts(tmp_path, postgres_db):
+    token, password = "hf_SeCrEt4242tokenvalue", "s3cretPW4242"
+    uri = f"postgresql+psycopg2://postgres:{password}@127.0.0.1:5432/{postgres_db}"
+    result = run_cli(*TINY, *SHORT, "train.max_steps=2", f"tracking_uri={uri}", f"output_dir={tmp_path}/runs",
+                     f"hydra.run.dir={tmp_path}/hydra", cwd=tmp_path,
+                     env={"HF_TOKEN": token, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert password not in result.stdout
+
+    [trial] = _trials(uri)
+    client = MlflowClient(uri)
+    assert trial.data.params["tracking_uri"] == f"postgresql+psycopg2://postgres:***@127.0.0.1:5432/{postgres_db}"
+    logged = [*trial.data.params.items(), *trial.data.tags.items(), *trial.data.metrics]
+    artifacts = Path(client.download_artifacts(trial.info.run_id, "", dst_path=str(tmp_path / "downloaded")))
+    files = [p for p in artifacts.rglob("*") if p.is_file()]
+    assert any(p.name == "resolved.yaml" for p in files) and any(p.name == "adapter_model.safetensors" for p in files)
+    for secret in (token, password):
+        assert not [item for item in logged if secret in str(item)]
+        assert not [p for p in files if secret.encode() in p.read_bytes()]
