@@ -41,7 +41,7 @@ log = logging.getLogger("ftlab")
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # Config keys that do not change what is trained: left out of the resume identity.
-NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps")
+NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps", "sweep.")
 
 
 class TrackingError(RuntimeError):
