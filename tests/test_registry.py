@@ -45,7 +45,7 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     client = MlflowClient()
     name = cfg.experiment
     v1 = client.get_model_version_by_alias(name, "production")
-    assert v1.version == 1 and v1.run_id == best
+    assert int(v1.version) == 1 and v1.run_id == best
     tags = v1.tags
     assert tags["ftlab.source_run_id"] == best and tags["ftlab.sweep_id"] == sweep_id
     assert tags["ftlab.base_model"] == "tiny" and len(tags["ftlab.data_fingerprint"]) == 16
@@ -72,15 +72,15 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
 
     # A worse sweep (one step at a vanishing learning rate) is registered but blocked by the gate.
     sweep(make_cfg, [["lr=1e-7", "train.max_steps=1"]])
-    assert client.get_model_version_by_alias(name, "production").version == 1
+    assert int(client.get_model_version_by_alias(name, "production").version) == 1
     v2 = client.get_model_version(name, "2")
     assert v2.tags["ftlab.gate.result"] == "failed" and v2.tags["ftlab.gate.production_version"] == "1"
 
     assert registry.promote(name, "2", cfg.registry.gate_metric, force=True)
-    assert client.get_model_version_by_alias(name, "production").version == 2
-    assert client.get_model_version_by_alias(name, "previous").version == 1
+    assert int(client.get_model_version_by_alias(name, "production").version) == 2
+    assert int(client.get_model_version_by_alias(name, "previous").version) == 1
     assert client.get_model_version(name, "2").tags["ftlab.promoted_with_force"] == "true"
 
     registry.rollback(name)
-    assert client.get_model_version_by_alias(name, "production").version == 1
-    assert client.get_model_version_by_alias(name, "previous").version == 2
+    assert int(client.get_model_version_by_alias(name, "production").version) == 1
+    assert int(client.get_model_version_by_alias(name, "previous").version) == 2
