@@ -1,6 +1,8 @@
 """Merge, register, gate-protected promotion and rollback, on real tiny sweeps."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from ftlab import registry
 from ftlab.pipeline import run
+from tests.conftest import ROOT
 
-FAST = ["train.max_steps=2", "eval.compare_base=false", "registry.auto_promote=true"]
+FAST = ["train.max_steps=2", "eval.compare_base=false", "eval.max_new_tokens=12", "registry.auto_promote=true"]
 
 
 def sweep(make_cfg, trials: list[list[str]]) -> tuple[str, str]:
@@ -81,6 +84,20 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     assert int(client.get_model_version_by_alias(name, "previous").version) == 1
     assert client.get_model_version(name, "2").tags["ftlab.promoted_with_force"] == "true"
 
-    registry.rollback(name)
+    rollback = subprocess.run([sys.executable, "-m", "ftlab.registry", "rollback", f"tracking_uri={cfg.tracking_uri}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rollback.returncode == 0, rollback.stderr
     assert int(client.get_model_version_by_alias(name, "production").version) == 1
     assert int(client.get_model_version_by_alias(name, "previous").version) == 2
+
+
+def test_registry_cli_names_unknown_keys_and_bad_actions(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "ftlab.registry", *args,
+                               f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    unknown = cli("promote", "verison=2")
+    assert unknown.returncode != 0 and "verison" in unknown.stderr
+    bad = cli("publish")
+    assert bad.returncode != 0 and "action=publish" in bad.stderr
