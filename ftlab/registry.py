@@ -71,6 +71,9 @@ def _trial(client: MlflowClient, run_id: str):
                             f"role {run.data.tags.get('ftlab.role')}); register a finished trial")
     if "model.checkpoint" not in run.data.params:
         raise RegistryError(f"run_id={run_id} has no param model.checkpoint (the base it was trained on)")
+    if not client.list_artifacts(run_id, "adapter"):
+        raise RegistryError(f"run_id={run_id} logged no adapter/ artifact (peft.method=full or "
+                            "train.save_adapter=false): there is nothing to merge")
     return run
 
 
