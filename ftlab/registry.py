@@ -256,14 +256,17 @@ def _gate_scores(candidate: ModelVersion, current: ModelVersion, name: str, metr
 
 def promote(name: str, version: str | None = None, metric: str = "rouge_l", force: bool = False) -> bool:
     """Move `production` to the version if it is at least as good as the current holder on
-    `metric` (or force=True); the old holder becomes `previous`. Returns whether it moved."""
+    `metric` (force=True skips the gate, tagged); the old holder becomes `previous`. Returns whether it moved."""
     client = MlflowClient()
     candidate = resolve_version(name, version)
     current = alias_holder(name, PRODUCTION)
     if current is not None and str(current.version) == str(candidate.version):
         print(f"{name} version {candidate.version} already holds '{PRODUCTION}'")
         return True
-    if current is not None:
+    if current is not None and force:
+        client.set_model_version_tag(name, candidate.version, "ftlab.promoted_with_force", "true")
+        print(f"force=true: gate skipped for version {candidate.version}")
+    elif current is not None:
         cand_score, prod_score = _gate_scores(candidate, current, name, metric)
         passed = cand_score >= prod_score
         for key, value in {f"ftlab.gate.{metric}": f"{cand_score:.4f}",
@@ -273,12 +276,11 @@ def promote(name: str, version: str | None = None, metric: str = "rouge_l", forc
             client.set_model_version_tag(name, candidate.version, key, value)
         verdict = (f"gate on {metric}: candidate v{candidate.version} {cand_score:.4f} vs "
                    f"production v{current.version} {prod_score:.4f}")
-        if not passed and not force:
+        if not passed:
             print(f"{verdict} -> not promoted (force=true overrides)")
             return False
-        print(f"{verdict} -> {'passed' if passed else 'failed, forced'}")
-        if not passed:
-            client.set_model_version_tag(name, candidate.version, "ftlab.promoted_with_force", "true")
+        print(f"{verdict} -> passed")
+    if current is not None:
         client.set_registered_model_alias(name, PREVIOUS, current.version)
     client.set_registered_model_alias(name, PRODUCTION, candidate.version)
     print(f"{name}: '{PRODUCTION}' -> version {candidate.version}"
@@ -306,8 +308,8 @@ def rollback(name: str) -> ModelVersion:
 def on_sweep_end(cfg: DictConfig, parent_run_id: str, best_run_id: str) -> ModelVersion | None:
     """Called by the sweeper after every sweep: register the best trial (registry.auto_register
     or auto_promote) and try to promote it through the gate (registry.auto_promote)."""
-    if not (cfg.registry.auto_register or cfg.registry.auto_promote):
-        return None
+    if not (cfg.registry.auto_register or cfg.registry.auto_promote) or best_run_id is None:
+        return None  # switched off, or every trial failed
     tracking.setup(cfg.tracking_uri, cfg.experiment)
     sweep_id = MlflowClient().get_run(parent_run_id).data.tags.get("ftlab.sweep_id")
     name = model_name(cfg.registry.model_name, cfg.experiment)

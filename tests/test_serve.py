@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import openai
@@ -15,9 +16,9 @@ import pytest
 
 from hydra import compose, initialize_config_dir
 
-from ftlab import registry
+from ftlab import models, registry
 from ftlab.pipeline import run
-from ftlab.serve import free_port
+from ftlab.serve import Resolved, free_port, smoke_check
 from tests.conftest import CONF, ROOT, TINY, store_overrides
 
 KEY = "test-key-1234"
@@ -86,14 +87,15 @@ def test_cpu_server_answers_the_openai_client_and_checks_the_key(server):
         openai.OpenAI(base_url=server, api_key="wrong").models.list()
 
 
-def test_check_sends_a_held_out_prompt_and_reports_speed(production):
-    process = serve(*production, f"port={free_port()}", "check=true")
-    try:
-        out, _ = process.communicate(timeout=300)
-    finally:
-        output = stop(process)
-    assert process.returncode == 0, out + output
-    assert "tokens/s" in out and "curl http://127.0.0.1:" in out and "from openai import OpenAI" in out
+def test_check_sends_a_held_out_prompt_and_reports_speed(server, production, capsys):
+    # check=true runs smoke_check against the server it started; here against the fixture's server.
+    model_id = openai.OpenAI(base_url=server, api_key=KEY).models.list().data[0].id
+    run_id = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")[0].info.run_id
+    result = smoke_check(server, Resolved(Path(model_id), model_id, run_id), KEY, max_tokens=8)
+    assert result["completion_tokens"] > 0 and result["latency_s"] > 0 and result["tokens_per_second"] > 0
+    out = capsys.readouterr().out
+    first = registry.held_out(registry.run_config(run_id), models.load_tokenizer(Path(model_id)))[0]
+    assert "tokens/s" in out and repr(first.prompt[-1]["content"][:40])[1:-1] in out  # the source run's held-out prompt
 
 
 def test_unknown_key_is_named():
