@@ -58,8 +58,9 @@ def stop(process: subprocess.Popen) -> str:
     return process.stdout.read() if process.stdout and not process.stdout.closed else ""
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(production):
+    """One CPU server (with an API key) for this file, stopped at the end even on failure."""
     port = free_port()
     process = serve(*production, f"port={port}", f"api_key={KEY}")
     try:
