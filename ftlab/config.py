@@ -154,9 +154,12 @@ class BudgetConfig:
 class RegistryConfig:
     """Model registry settings (merge, register, promote)."""
 
-    model_name: Optional[str] = None  # default: derived from the experiment
+    model_name: Optional[str] = None  # default: the experiment name
+    # After a sweep, merge the best trial and register it (auto_promote implies this).
     auto_register: bool = False
+    # After a sweep, also move the `production` alias to it if it passes the gate.
     auto_promote: bool = False
+    # Held-out metric (higher is better) the candidate must match or beat to be promoted.
     gate_metric: str = "rouge_l"
 
 
@@ -215,10 +218,47 @@ class ReportConfig:
     tracking_uri: Optional[str] = None  # None: the SQLite store under ./mlruns
 
 
+@dataclass
+class RegistryCommand:
+    """`python -m ftlab.registry <action> key=value ...`: register, promote or roll back."""
+
+    action: str = MISSING  # register | promote | rollback
+    run_id: Optional[str] = None  # register/promote: the trial run to merge and register
+    version: Optional[str] = None  # promote: a version number or alias; default the newest
+    force: bool = False  # promote: skip the gate (recorded as a tag on the version)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    tracking_uri: Optional[str] = None
+    experiment: str = "ftlab"
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ServeConfig:
+    """`python -m ftlab.serve model=models:/<name>@production`: an OpenAI-compatible server."""
+
+    model: str = MISSING  # models:/<name>@<alias>, models:/<name>/<version>, or a local checkpoint dir
+    engine: str = "auto"  # auto (vLLM on a GPU when installed, else transformers) | vllm | transformers
+    host: str = "127.0.0.1"  # loopback unless you mean to expose it
+    port: int = 8000
+    # Clients send it as `Authorization: Bearer <key>`. None: $FTLAB_API_KEY, else no key.
+    api_key: Optional[str] = None
+    quantize: Optional[str] = None  # None | 8bit | 4bit (bitsandbytes, in-flight)
+    tensor_parallel_size: int = 1  # vLLM only
+    max_model_len: Optional[int] = None  # vLLM only; None: the model's own limit
+    # Start, send one held-out prompt through the openai client, print latency and tokens/s, stop.
+    check: bool = False
+    max_tokens: int = 64  # check=true: completion length
+    ready_timeout_s: float = 600.0  # how long to wait for the server to answer /health
+    tracking_uri: Optional[str] = None
+    cache_dir: Optional[str] = None
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="ftlab_schema", node=FtlabConfig)
     cs.store(name="ftlab_report_schema", node=ReportConfig)
+    cs.store(name="registry_command_schema", node=RegistryCommand)
+    cs.store(name="serve_schema", node=ServeConfig)
 
 
 register_configs()

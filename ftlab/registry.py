@@ -1,0 +1,352 @@
+"""Merge, register, promote (behind a held-out gate) and roll back fine-tuned models.
+
+A trial's adapter is merged into its 16-bit base, checked against base+adapter logits,
+logged as an MLflow transformers model and registered; the `production` alias moves only
+when the candidate scores at least as well as the current holder on the same held-out set.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab import models, scoring, tracking
+from ftlab.config import FtlabConfig
+from ftlab.data import Example, prepare
+
+log = logging.getLogger("ftlab.registry")
+
+PRODUCTION, PREVIOUS = "production", "previous"
+# Merging rounds W + s*B@A once, in the checkpoint's dtype, where base+adapter computes the two
+# terms apart; so logits agree to the dtype's precision. Tolerance: max |diff| / max |logit|.
+# fp32 has a 24-bit mantissa (~6e-8 per op, summed over layers); bf16/fp16 have 8/11 bits.
+MERGE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+MERGE_CHECK_PROMPTS = 4
+MERGED_ARTIFACT = "merged"
+
+
+class RegistryError(RuntimeError):
+    """A run cannot be registered or a version promoted; the message says why and what to do."""
+
+
+@dataclass
+class Merged:
+    path: Path
+    relative_diff: float
+    tolerance: float
+
+
+# --------------------------------------------------------------------------- source runs
+
+
+def run_config(run_id: str) -> DictConfig:
+    """The trial's resolved config, validated against today's schema."""
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config/resolved.yaml")
+    return OmegaConf.merge(OmegaConf.structured(FtlabConfig), OmegaConf.load(path))
+
+
+def held_out(cfg: DictConfig, tokenizer) -> list[Example]:
+    """Re-prepare the trial's held-out split from its own data settings (deterministic)."""
+    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
+    return data.held_out
+
+
+def _trial(client: MlflowClient, run_id: str):
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise RegistryError(f"run_id={run_id}: no such run in {tracking.mask(mlflow.get_tracking_uri())}") from e
+    if run.info.status != "FINISHED" or run.data.tags.get("ftlab.role") != "trial":
+        raise RegistryError(f"run_id={run_id} is not a finished trial run (status {run.info.status}, "
+                            f"role {run.data.tags.get('ftlab.role')}); register a finished trial")
+    if "model.checkpoint" not in run.data.params:
+        raise RegistryError(f"run_id={run_id} has no param model.checkpoint (the base it was trained on)")
+    if not client.list_artifacts(run_id, "adapter"):
+        raise RegistryError(f"run_id={run_id} logged no adapter/ artifact (peft.method=full or "
+                            "train.save_adapter=false): there is nothing to merge")
+    return run
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@torch.inference_mode()
+def _logits(model, tokenizer, examples: list[Example]) -> list[torch.Tensor]:
+    out = []
+    for e in examples:
+        ids = tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        out.append(model(input_ids=ids.to(model.device)).logits.float().cpu())
+    return out
+
+
+def merge(run_id: str, out_dir: Path) -> Merged:
+    """Base reloaded in 16-bit (never the 4-bit training weights) + adapter -> merge_and_unload
+    -> a standard HF checkpoint (safetensors, tokenizer with chat template, generation config)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = _trial(MlflowClient(), run_id)
+    cfg = run_config(run_id)
+    checkpoint = Path(run.data.params["model.checkpoint"])
+    if not (checkpoint / "config.json").exists():
+        raise RegistryError(f"run_id={run_id}: base checkpoint {checkpoint} (param model.checkpoint) is gone; "
+                            "re-create it by running any trial with the same model= settings")
+    adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
+                                                       dst_path=str(out_dir.parent / "adapter")))
+    dtype = models.compute_dtype(cfg.model.dtype)
+    tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                                use_safetensors=not cfg.model.allow_pickle_weights)
+    model = PeftModel.from_pretrained(base, adapter)
+    model.eval()
+    probe = held_out(cfg, tokenizer)[:MERGE_CHECK_PROMPTS]
+    expected = _logits(model, tokenizer, probe)
+    merged = model.merge_and_unload()
+    actual = _logits(merged, tokenizer, probe)
+    relative = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
+    tolerance = MERGE_TOLERANCE[dtype]
+    if relative > tolerance:
+        raise RegistryError(f"run_id={run_id}: merged logits differ from base+adapter by {relative:.2e} "
+                            f"(relative), above the {dtype} tolerance {tolerance:.0e}; the merge is broken")
+    merged.config.use_cache = True
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)  # carries the chat template
+    return Merged(out_dir, relative, tolerance)
+
+
+# --------------------------------------------------------------------------- register
+
+
+def model_name(registry_name: str | None, experiment: str) -> str:
+    return registry_name or experiment
+
+
+def _requirements() -> list[str]:
+    import transformers
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+            "accelerate", "safetensors"]
+
+
+def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersion:
+    """Merge the run's adapter, log the merged checkpoint on the run as a transformers model
+    (`text-generation`) and register it under `name`. Returns the new version."""
+    from mlflow.models import infer_signature
+    from transformers import AutoModelForCausalLM
+
+    client = MlflowClient()
+    run = _trial(client, run_id)
+    with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
+        merged = merge(run_id, Path(tmp) / "checkpoint")
+        tokenizer = models.load_tokenizer(merged.path)
+        # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
+        # from transformers 4's task table and fails on transformers 5.
+        components = {"model": AutoModelForCausalLM.from_pretrained(merged.path), "tokenizer": tokenizer}
+        example = held_out(run_config(run_id), tokenizer)[0]
+        prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
+        params = {"max_new_tokens": 64}
+        # Resume the trial run so the model lives next to the adapter and metrics it came from.
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            mlflow.log_metric("merge_relative_logit_diff", merged.relative_diff)
+            info = mlflow.transformers.log_model(
+                transformers_model=components, name=MERGED_ARTIFACT, task="text-generation",
+                signature=infer_signature(prompt, example.reference, params=params),
+                input_example=(prompt, params), pip_requirements=_requirements(), registered_model_name=name,
+            )
+    version = str(info.registered_model_version)
+    adapter_bytes = sum(f.file_size or 0 for f in client.list_artifacts(run_id, "adapter"))
+    tags = {
+        "ftlab.source_run_id": run_id,
+        "ftlab.sweep_id": sweep_id or run.data.tags.get("ftlab.sweep_id", ""),
+        "ftlab.base_model": run.data.tags.get("ftlab.model", ""),
+        "ftlab.base_checkpoint": run.data.params["model.checkpoint"],
+        "ftlab.data_fingerprint": run.data.tags.get("ftlab.data_fingerprint", ""),
+        "ftlab.adapter_mb": f"{adapter_bytes / 2**20:.2f}",
+        # For LoRA hot-swapping servers: the adapter alone, a few MB.
+        "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
+        "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
+        "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
+        **{f"metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items()
+           if k in ("rouge_l", "rouge_1", "bertscore_f1", "exact_match", "json_valid", "json_field_accuracy",
+                    "eval_loss")},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    print(f"registered {name} version {version} from run {run_id} "
+          f"(merge check {merged.relative_diff:.1e} <= {merged.tolerance:.0e})")
+    return client.get_model_version(name, version)
+
+
+# --------------------------------------------------------------------------- promote / rollback
+
+
+def alias_holder(name: str, alias: str) -> ModelVersion | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def resolve_version(name: str, version: str | None) -> ModelVersion:
+    """A version number, an alias, or None for the newest version."""
+    client = MlflowClient()
+    if version is None:
+        versions = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"], max_results=1)
+        if not versions:
+            raise RegistryError(f"registered model '{name}' has no versions; register a run first")
+        return versions[0]
+    if str(version).isdigit():
+        try:
+            return client.get_model_version(name, str(version))
+        except MlflowException as e:
+            raise RegistryError(f"version={version}: registered model '{name}' has no such version") from e
+    holder = alias_holder(name, str(version))
+    if holder is None:
+        raise RegistryError(f"version={version}: registered model '{name}' has no alias '{version}'")
+    return holder
+
+
+def checkpoint_dir(model_uri: str, dst: Path | None = None) -> Path:
+    """Download a registered model and lay it out as one plain HF checkpoint directory
+    (the transformers flavor keeps weights in model/ and the tokenizer in components/tokenizer/)."""
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst) if dst else None))
+    if (root / "config.json").exists():
+        return root
+    weights, tokenizer = root / "model", root / "components" / "tokenizer"
+    if not (weights / "config.json").exists():
+        raise RegistryError(f"{model_uri} holds no transformers checkpoint (no model/config.json)")
+    for file in tokenizer.glob("*") if tokenizer.is_dir() else []:
+        shutil.copy2(file, weights / file.name)
+    return weights
+
+
+def _gate_scores(candidate: ModelVersion, current: ModelVersion, name: str, metric: str) -> tuple[float, float]:
+    """Both versions scored on the candidate run's held-out set with its eval settings."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = run_config(candidate.run_id)
+    dtype = models.compute_dtype(cfg.model.dtype)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ftlab-gate-") as tmp:
+        examples = None
+        for v in (candidate, current):
+            path = checkpoint_dir(f"models:/{name}/{v.version}", Path(tmp) / str(v.version))
+            tokenizer = models.load_tokenizer(path)
+            examples = examples or held_out(cfg, tokenizer)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            scores = scoring.score(model, tokenizer, examples, cfg.eval, dtype, desc=f"gate v{v.version}")
+            if metric not in scores.metrics:
+                raise RegistryError(f"registry.gate_metric={metric} is not a held-out metric; "
+                                    f"choose one of {sorted(scores.metrics)}")
+            results.append(scores.metrics[metric])
+            del model
+    return results[0], results[1]
+
+
+def promote(name: str, version: str | None = None, metric: str = "rouge_l", force: bool = False) -> bool:
+    """Move `production` to the version if it is at least as good as the current holder on
+    `metric` (force=True skips the gate, tagged); the old holder becomes `previous`. Returns whether it moved."""
+    client = MlflowClient()
+    candidate = resolve_version(name, version)
+    current = alias_holder(name, PRODUCTION)
+    if current is not None and str(current.version) == str(candidate.version):
+        print(f"{name} version {candidate.version} already holds '{PRODUCTION}'")
+        return True
+    if current is not None and force:
+        client.set_model_version_tag(name, candidate.version, "ftlab.promoted_with_force", "true")
+        print(f"force=true: gate skipped for version {candidate.version}")
+    elif current is not None:
+        cand_score, prod_score = _gate_scores(candidate, current, name, metric)
+        passed = cand_score >= prod_score
+        for key, value in {f"ftlab.gate.{metric}": f"{cand_score:.4f}",
+                           f"ftlab.gate.production_{metric}": f"{prod_score:.4f}",
+                           "ftlab.gate.production_version": str(current.version),
+                           "ftlab.gate.result": "passed" if passed else "failed"}.items():
+            client.set_model_version_tag(name, candidate.version, key, value)
+        verdict = (f"gate on {metric}: candidate v{candidate.version} {cand_score:.4f} vs "
+                   f"production v{current.version} {prod_score:.4f}")
+        if not passed:
+            print(f"{verdict} -> not promoted (force=true overrides)")
+            return False
+        print(f"{verdict} -> passed")
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current.version)
+    client.set_registered_model_alias(name, PRODUCTION, candidate.version)
+    print(f"{name}: '{PRODUCTION}' -> version {candidate.version}"
+          + (f", '{PREVIOUS}' -> version {current.version}" if current else ""))
+    return True
+
+
+def rollback(name: str) -> ModelVersion:
+    """Swap `production` and `previous`: one command undoes a promotion (and a second redoes it)."""
+    client = MlflowClient()
+    previous, current = alias_holder(name, PREVIOUS), alias_holder(name, PRODUCTION)
+    if previous is None:
+        raise RegistryError(f"registered model '{name}' has no '{PREVIOUS}' alias: nothing to roll back to")
+    client.set_registered_model_alias(name, PRODUCTION, previous.version)
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current.version)
+    print(f"{name}: rolled back '{PRODUCTION}' to version {previous.version}"
+          + (f" ('{PREVIOUS}' is now version {current.version})" if current else ""))
+    return previous
+
+
+# --------------------------------------------------------------------------- hooks and CLI
+
+
+def on_sweep_end(cfg: DictConfig, parent_run_id: str, best_run_id: str) -> ModelVersion | None:
+    """Called by the sweeper after every sweep: register the best trial (registry.auto_register
+    or auto_promote) and try to promote it through the gate (registry.auto_promote)."""
+    if not (cfg.registry.auto_register or cfg.registry.auto_promote) or best_run_id is None:
+        return None  # switched off, or every trial failed
+    tracking.setup(cfg.tracking_uri, cfg.experiment)
+    sweep_id = MlflowClient().get_run(parent_run_id).data.tags.get("ftlab.sweep_id")
+    name = model_name(cfg.registry.model_name, cfg.experiment)
+    version = register(best_run_id, name, sweep_id)
+    if cfg.registry.auto_promote:
+        promote(name, version.version, cfg.registry.gate_metric)
+    return version
+
+
+def main() -> None:
+    import hydra
+
+    import ftlab.config  # noqa: F401  (registers the schemas)
+
+    # `python -m ftlab.registry promote version=2` reads better than `action=promote`.
+    if len(sys.argv) > 1 and "=" not in sys.argv[1] and not sys.argv[1].startswith("-"):
+        sys.argv[1] = f"action={sys.argv[1]}"
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="registry_command")
+    def command(cfg: DictConfig) -> None:
+        tracking.setup(cfg.tracking_uri, cfg.experiment)
+        name = model_name(cfg.registry.model_name, cfg.experiment)
+        if cfg.action == "register":
+            if not cfg.run_id:
+                raise RegistryError("register needs run_id=<trial run id>")
+            register(cfg.run_id, name)
+        elif cfg.action == "promote":
+            version = register(cfg.run_id, name).version if cfg.run_id else cfg.version
+            if not promote(name, version, cfg.registry.gate_metric, cfg.force):
+                sys.exit(1)
+        elif cfg.action == "rollback":
+            rollback(name)
+        else:
+            raise RegistryError(f"action={cfg.action}: use register, promote or rollback")
+
+    command()
+
+
+if __name__ == "__main__":
+    main()

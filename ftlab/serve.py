@@ -1,0 +1,272 @@
+"""Serve a registered (or local) checkpoint behind an OpenAI-compatible API: `vllm serve` when
+vLLM and a GPU are present, else `transformers serve` on the CPU. transformers serve has no API-key
+option, so when a key is set a small aiohttp proxy checks it in front. `check=true` sends one
+held-out prompt through the openai client and prints latency and tokens/s.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig
+
+from ftlab import models, registry, tracking
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class ServeError(RuntimeError):
+    """The model cannot be resolved or the server did not come up; the message says what to do."""
+
+
+@dataclass
+class Resolved:
+    checkpoint: Path
+    served_name: str  # the `model` field clients send
+    run_id: str | None  # the trial it came from, for a held-out prompt
+
+
+def resolve(cfg: DictConfig) -> Resolved:
+    """models:/<name>@<alias> or models:/<name>/<version> -> a downloaded checkpoint dir (cached
+    per version); a local directory is served as it is."""
+    match = MODEL_URI.match(cfg.model)
+    if not match:
+        path = Path(cfg.model).expanduser()
+        if not (path / "config.json").exists():
+            raise ServeError(f"model={cfg.model}: not models:/<name>@<alias>, models:/<name>/<version>, "
+                             "nor a checkpoint directory with config.json")
+        return Resolved(path.resolve(), path.name, None)
+    mlflow.set_tracking_uri(cfg.tracking_uri or tracking.default_tracking_uri())
+    name = match["name"]
+    try:
+        version = registry.resolve_version(name, match["alias"] or match["version"])
+    except registry.RegistryError as e:
+        raise ServeError(f"model={cfg.model}: {e}") from e
+    dst = models.cache_root(cfg.cache_dir) / "serve" / f"{name}-v{version.version}"
+    checkpoint = dst / "model"
+    if not (checkpoint / "config.json").exists():
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        checkpoint = registry.checkpoint_dir(f"models:/{name}/{version.version}", dst)
+    print(f"{cfg.model} -> version {version.version} (run {version.run_id})")
+    return Resolved(checkpoint, f"{name}-v{version.version}", version.run_id)
+
+
+def choose_engine(cfg: DictConfig) -> str:
+    gpu_vllm = importlib.util.find_spec("vllm") is not None and _cuda_available()
+    if cfg.engine == "vllm" and not gpu_vllm:
+        raise ServeError("engine=vllm needs vLLM installed (pip install vllm) and a CUDA GPU; use engine=auto")
+    if cfg.engine not in ("auto", "vllm", "transformers"):
+        raise ServeError(f"engine={cfg.engine}: use auto, vllm or transformers")
+    if cfg.quantize not in (None, "8bit", "4bit"):
+        raise ServeError(f"quantize={cfg.quantize}: use 8bit or 4bit (bitsandbytes), or leave it unset")
+    # vLLM's in-flight bitsandbytes mode is 4-bit only, so 8-bit goes to transformers.
+    if cfg.quantize == "8bit":
+        if cfg.engine == "vllm":
+            raise ServeError("quantize=8bit: vLLM's bitsandbytes mode is 4-bit only; use quantize=4bit or "
+                             "engine=transformers")
+        return "transformers"
+    if cfg.engine == "auto":
+        return "vllm" if gpu_vllm else "transformers"
+    return cfg.engine
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_command(engine: str, cfg: DictConfig, model: Resolved, host: str, port: int,
+                   api_key: str | None) -> list[str]:
+    if engine == "vllm":
+        cmd = ["vllm", "serve", str(model.checkpoint), "--served-model-name", model.served_name, "--host", host,
+               "--port", str(port), "--tensor-parallel-size", str(cfg.tensor_parallel_size)]
+        if cfg.max_model_len:
+            cmd += ["--max-model-len", str(cfg.max_model_len)]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        if cfg.quantize == "4bit":
+            cmd += ["--quantization", "bitsandbytes"]
+        return cmd
+    cmd = ["transformers", "serve", str(model.checkpoint), "--host", host, "--port", str(port)]
+    if cfg.quantize:
+        cmd += ["--quantization", f"bnb-{cfg.quantize}"]
+    return cmd
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- API-key proxy
+
+
+def start_key_proxy(host: str, port: int, upstream: str, api_key: str) -> None:
+    """A daemon-thread aiohttp server that requires `Authorization: Bearer <api_key>` on /v1/*
+    (as vLLM does) and streams everything through to `upstream`."""
+    from aiohttp import ClientSession, ClientTimeout, web
+
+    hop_by_hop = {"host", "content-length", "transfer-encoding", "connection", "authorization"}
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/v1") and request.headers.get("Authorization") != f"Bearer {api_key}":
+            return web.json_response({"error": {"message": "invalid or missing API key", "type": "invalid_api_key"}},
+                                     status=401)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in hop_by_hop}
+        session: ClientSession = request.app["session"]
+        async with session.request(request.method, upstream + request.path_qs, headers=headers,
+                                   data=await request.read()) as upstream_response:
+            response = web.StreamResponse(status=upstream_response.status, headers={
+                "Content-Type": upstream_response.headers.get("Content-Type", "application/json")})
+            await response.prepare(request)
+            async for chunk in upstream_response.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def serve_forever() -> None:
+        app = web.Application(client_max_size=64 * 2**20)
+        app["session"] = ClientSession(timeout=ClientTimeout(total=None))
+        app.router.add_route("*", "/{tail:.*}", forward)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()
+
+    threading.Thread(target=asyncio.run, args=(serve_forever(),), daemon=True).start()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServeError(f"the server exited with code {process.returncode} before it was ready "
+                             "(its log is above)")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise ServeError(f"the server did not answer {url}/health within ready_timeout_s={timeout_s:g}")
+
+
+@contextmanager
+def running(cfg: DictConfig):
+    """Start the engine (and the key proxy when needed); yield (base_url, model, api_key, engine
+    process); always stop the engine."""
+    model = resolve(cfg)
+    engine = choose_engine(cfg)
+    api_key = cfg.api_key or os.environ.get("FTLAB_API_KEY")
+    proxied = engine == "transformers" and api_key
+    engine_host, engine_port = ("127.0.0.1", free_port()) if proxied else (cfg.host, cfg.port)
+    cmd = engine_command(engine, cfg, model, engine_host, engine_port, api_key)
+    print("starting:", tracking.mask(" ".join(cmd)).replace(api_key or "\0", "***"), flush=True)
+    if engine == "transformers":
+        # transformers serve pins requests to the model named on its command line.
+        model.served_name = str(model.checkpoint)
+    process = subprocess.Popen(cmd)
+    try:
+        wait_ready(f"http://{engine_host}:{engine_port}", process, cfg.ready_timeout_s)
+        if proxied:
+            start_key_proxy(cfg.host, cfg.port, f"http://{engine_host}:{engine_port}", api_key)
+            wait_ready(f"http://{cfg.host}:{cfg.port}", process, 30)
+        yield f"http://{cfg.host}:{cfg.port}/v1", model, api_key, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def print_usage(base_url: str, model: Resolved, api_key: str | None) -> None:
+    key = "$FTLAB_API_KEY" if api_key else "none"
+    print(f"""
+OpenAI-compatible server ready at {base_url}  (model "{model.served_name}")
+
+curl {base_url}/chat/completions -H "Content-Type: application/json" \\
+  -H "Authorization: Bearer {key}" \\
+  -d '{{"model": "{model.served_name}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 64}}'
+
+python - <<'EOF'
+import os
+from openai import OpenAI
+client = OpenAI(base_url="{base_url}", api_key={'os.environ["FTLAB_API_KEY"]' if api_key else '"none"'})
+reply = client.chat.completions.create(model="{model.served_name}",
+                                       messages=[{{"role": "user", "content": "Hello"}}], max_tokens=64)
+print(reply.choices[0].message.content)
+EOF
+""", flush=True)
+
+
+def held_out_prompt(model: Resolved) -> list[dict]:
+    """The first held-out prompt of the trial the model came from, or a generated ticket."""
+    if model.run_id:
+        cfg = registry.run_config(model.run_id)
+        return registry.held_out(cfg, models.load_tokenizer(model.checkpoint))[0].prompt
+    from ftlab.data.generate import generate
+
+    record = generate(1, seed=0)[0]
+    return [{"role": "user", "content": f"{record['instruction']}\n\n{record['input']}".strip()}]
+
+
+def smoke_check(base_url: str, model: Resolved, api_key: str | None, max_tokens: int) -> dict[str, float]:
+    """One held-out prompt through the official openai client: latency and tokens/s."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key or "none")
+    messages = held_out_prompt(model)
+    start = time.perf_counter()
+    reply = client.chat.completions.create(model=model.served_name, messages=messages, max_tokens=max_tokens,
+                                           temperature=0.0)
+    latency = time.perf_counter() - start
+    tokens = reply.usage.completion_tokens if reply.usage else 0
+    print(f"check: {tokens} tokens in {latency:.2f} s  ->  {tokens / latency:.1f} tokens/s\n"
+          f"  prompt: {messages[-1]['content'][:200]!r}\n  reply:  {reply.choices[0].message.content[:200]!r}",
+          flush=True)
+    return {"latency_s": latency, "completion_tokens": tokens, "tokens_per_second": tokens / latency}
+
+
+def main() -> None:
+    import hydra
+
+    import ftlab.config  # noqa: F401  (registers the schemas)
+
+    @hydra.main(version_base="1.3", config_path="../conf/serve", config_name="config")
+    def command(cfg: DictConfig) -> None:
+        # SIGTERM (e.g. from a supervisor) takes the same path as Ctrl-C, so the engine is stopped.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        with running(cfg) as (base_url, model, api_key, process):
+            print_usage(base_url, model, api_key)
+            if cfg.check:
+                smoke_check(base_url, model, api_key, cfg.max_tokens)
+                return
+            sys.exit(process.wait())
+
+    command()
+
+
+if __name__ == "__main__":
+    main()

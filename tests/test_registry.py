@@ -1,0 +1,101 @@
+"""Merge, register, gate-protected promotion and rollback, on real tiny sweeps."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from ftlab import registry
+from ftlab.pipeline import run
+from tests.conftest import ROOT
+
+FAST = ["train.max_steps=2", "eval.compare_base=false", "eval.max_new_tokens=12", "registry.auto_promote=true"]
+
+
+def sweep(make_cfg, trials: list[list[str]]) -> tuple[str, str]:
+    """What the sweeper does: a parent run, nested trials, then the registry callback."""
+    cfg = make_cfg(*FAST)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    sweep_id = uuid.uuid4().hex[:8]
+    with mlflow.start_run(run_name=f"sweep-{sweep_id}", tags={"ftlab.role": "sweep", "ftlab.sweep_id": sweep_id}) as parent:
+        for overrides in trials:
+            run(make_cfg(*FAST, *overrides))
+        [best] = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                    order_by=["metrics.rouge_l DESC"], max_results=1, output_format="list")
+        best_run_id = best.info.run_id
+        registry.on_sweep_end(cfg, parent.info.run_id, best_run_id)
+    return sweep_id, best_run_id
+
+
+@pytest.fixture
+def promoted(make_cfg):
+    """A 2-trial sweep with registry.auto_promote=true: version 1 holds `production`."""
+    sweep_id, best = sweep(make_cfg, [["lr=1e-2"], ["lr=5e-3", "lora_r=4"]])
+    return make_cfg(*FAST), sweep_id, best
+
+
+def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promoted, make_cfg, tmp_path):
+    cfg, sweep_id, best = promoted
+    client = MlflowClient()
+    name = cfg.experiment
+    v1 = client.get_model_version_by_alias(name, "production")
+    assert int(v1.version) == 1 and v1.run_id == best
+    tags = v1.tags
+    assert tags["ftlab.source_run_id"] == best and tags["ftlab.sweep_id"] == sweep_id
+    assert tags["ftlab.base_model"] == "tiny" and len(tags["ftlab.data_fingerprint"]) == 16
+    assert 0 < float(tags["ftlab.adapter_mb"]) < 5 and tags["ftlab.adapter_uri"] == f"runs:/{best}/adapter"
+    assert {"metric.rouge_l", "metric.bertscore_f1", "metric.exact_match", "metric.eval_loss"} <= set(tags)
+    assert float(tags["ftlab.merge_relative_logit_diff"]) <= float(tags["ftlab.merge_tolerance"])
+    model_info = mlflow.models.get_model_info(f"models:/{name}/1")
+    assert model_info.signature is not None and "transformers" in model_info.flavors
+    assert model_info.flavors["transformers"]["task"] == "text-generation"
+
+    # The merged checkpoint is a plain HF checkpoint that equals base + adapter.
+    merged_dir = registry.checkpoint_dir(f"models:/{name}@production", tmp_path / "v1")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    base_dir = client.get_run(best).data.params["model.checkpoint"]
+    adapter_dir = mlflow.artifacts.download_artifacts(run_id=best, artifact_path="adapter", dst_path=str(tmp_path))
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                          adapter_dir)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+    with torch.inference_mode():
+        expected, actual = reference(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(actual, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(actual, AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids).logits,
+                              atol=1e-4)  # the adapter really changed the model
+
+    # A worse sweep (one step at a vanishing learning rate) is registered but blocked by the gate.
+    sweep(make_cfg, [["lr=1e-7", "train.max_steps=1"]])
+    assert int(client.get_model_version_by_alias(name, "production").version) == 1
+    v2 = client.get_model_version(name, "2")
+    assert v2.tags["ftlab.gate.result"] == "failed" and v2.tags["ftlab.gate.production_version"] == "1"
+
+    assert registry.promote(name, "2", cfg.registry.gate_metric, force=True)
+    assert int(client.get_model_version_by_alias(name, "production").version) == 2
+    assert int(client.get_model_version_by_alias(name, "previous").version) == 1
+    assert client.get_model_version(name, "2").tags["ftlab.promoted_with_force"] == "true"
+
+    rollback = subprocess.run([sys.executable, "-m", "ftlab.registry", "rollback", f"tracking_uri={cfg.tracking_uri}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rollback.returncode == 0, rollback.stderr
+    assert int(client.get_model_version_by_alias(name, "production").version) == 1
+    assert int(client.get_model_version_by_alias(name, "previous").version) == 2
+
+
+def test_registry_cli_names_unknown_keys(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "ftlab.registry", *args,
+                               f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    unknown = cli("promote", "verison=2")
+    assert unknown.returncode != 0 and "verison" in unknown.stderr

@@ -1,0 +1,105 @@
+"""The CPU server on a promoted tiny model answers the openai client, checks the API key, and
+is always stopped; check=true prints latency and tokens/s."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import openai
+import pytest
+
+from hydra import compose, initialize_config_dir
+
+from ftlab import models, registry
+from ftlab.pipeline import run
+from ftlab.serve import Resolved, free_port, smoke_check
+from tests.conftest import CONF, ROOT, TINY, store_overrides
+
+KEY = "test-key-1234"
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory):
+    """A tiny trial registered and promoted (once for this file): models:/ftlab@production."""
+    tmp_path = tmp_path_factory.mktemp("serve")
+    (tmp_path / "mlruns").mkdir()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, *store_overrides(tmp_path), "train.max_steps=2",
+                                           "eval.compare_base=false"])
+    run(cfg)
+    [trial] = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")
+    registry.register(trial.info.run_id, cfg.experiment)
+    assert registry.promote(cfg.experiment)
+    return [f"model=models:/{cfg.experiment}@production", f"tracking_uri={cfg.tracking_uri}",
+            f"cache_dir={tmp_path}/cache"]
+
+
+def serve(*args: str, **kwargs) -> subprocess.Popen:
+    # Own session: the test can stop the CLI and every child (engine, proxy) as one process group.
+    return subprocess.Popen([sys.executable, "-m", "ftlab.serve", *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+
+
+def stop(process: subprocess.Popen) -> str:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.stdout.read() if process.stdout and not process.stdout.closed else ""
+
+
+@pytest.fixture(scope="module")
+def server(production):
+    """One CPU server (with an API key) for this file, stopped at the end even on failure."""
+    port = free_port()
+    process = serve(*production, f"port={port}", f"api_key={KEY}")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert process.poll() is None, stop(process)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop(process)
+        assert process.poll() is not None
+
+
+def test_cpu_server_answers_the_openai_client_and_checks_the_key(server):
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    [model] = client.models.list().data
+    reply = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "My login fails"}],
+                                           max_tokens=8, temperature=0.0)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens > 0
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server, api_key="wrong").models.list()
+
+
+def test_check_sends_a_held_out_prompt_and_reports_speed(server, production, capsys):
+    # check=true runs smoke_check against the server it started; here against the fixture's server.
+    model_id = openai.OpenAI(base_url=server, api_key=KEY).models.list().data[0].id
+    run_id = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")[0].info.run_id
+    result = smoke_check(server, Resolved(Path(model_id), model_id, run_id), KEY, max_tokens=8)
+    assert result["completion_tokens"] > 0 and result["latency_s"] > 0 and result["tokens_per_second"] > 0
+    out = capsys.readouterr().out
+    first = registry.held_out(registry.run_config(run_id), models.load_tokenizer(Path(model_id)))[0]
+    assert "tokens/s" in out and repr(first.prompt[-1]["content"][:40])[1:-1] in out  # the source run's held-out prompt
+
+
+def test_unknown_key_is_named():
+    out = subprocess.run([sys.executable, "-m", "ftlab.serve", "model=x", "prot=8000"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "prot" in out.stderr
