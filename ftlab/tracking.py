@@ -64,13 +64,21 @@ def default_tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
 
+def sqlite_busy_timeout(uri: str) -> str:
+    """SQLite takes one writer at a time and pysqlite gives up after 5 s with 'database is
+    locked'; parallel trials and sweep workers on one store wait up to 60 s for the lock instead."""
+    if uri.startswith("sqlite:") and "timeout=" not in uri:
+        return uri + ("&" if "?" in uri else "?") + "timeout=60"
+    return uri
+
+
 def setup(tracking_uri: str | None, experiment: str) -> str:
     """Point MLflow at the store and make sure the experiment exists. Fails loudly now,
     not after an hour of training, if the store cannot be reached."""
     uri = tracking_uri or default_tracking_uri()
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(sqlite_busy_timeout(uri))
     try:
         client = MlflowClient()
         exp = client.get_experiment_by_name(experiment)

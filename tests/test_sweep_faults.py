@@ -13,14 +13,12 @@ from hydra_plugins.ftlab_optuna_sweeper.optuna_sweeper import postgres_driver
 from tests.conftest import ROOT, store_overrides
 from tests.sweeping import SMALL_TRIAL, runs, sweep
 
-# Stale after 2 s without a heartbeat, so a re-run soon after a kill takes over its trial.
-FAST_HEARTBEAT = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
-
-
-def optuna_sweep_args(storage, name, n_trials, *extra):
+def optuna_sweep_args(storage, name, n_trials, *extra, grace_period=2):
+    # Heartbeat every second; stale after grace_period s, so a re-run soon after a kill takes over its trial.
     return ["hydra/sweeper=optuna", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0",
             f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={name}",
-            f"hydra.sweeper.n_trials={n_trials}", "lora_r=choice(4,8,16)", *FAST_HEARTBEAT, *extra]
+            f"hydra.sweeper.n_trials={n_trials}", "lora_r=choice(4,8,16)", "hydra.sweeper.heartbeat_interval=1",
+            f"hydra.sweeper.grace_period={grace_period}", *extra]
 
 
 def test_failed_and_oom_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
@@ -75,7 +73,9 @@ def test_sigkill_mid_trial_then_rerun_finishes_without_redoing_trials(tmp_path):
 
 def worker(tmp_path, storage, name, n_trials):
     cmd = [sys.executable, "-m", "ftlab", "-m", *SMALL_TRIAL, *store_overrides(tmp_path),
-           f"hydra.sweep.dir={tmp_path}/multirun-{uuid.uuid4().hex[:6]}", *optuna_sweep_args(storage, name, n_trials)]
+           f"hydra.sweep.dir={tmp_path}/multirun-{uuid.uuid4().hex[:6]}", 
+           # busy workers must not fail each other's live trials
+           *optuna_sweep_args(storage, name, n_trials, grace_period=120)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

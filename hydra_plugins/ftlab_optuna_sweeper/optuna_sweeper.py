@@ -225,7 +225,14 @@ class OptunaSweeper(Sweeper):
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             for trial, ret in zip(batch, returns):
-                self.record(study, trial, ret, objective)
+                try:
+                    self.record(study, trial, ret, objective)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # Another worker saw no heartbeat within grace_period and failed it; its
+                    # replacement is already counted, so this result stays in MLflow only.
+                    log.warning("trial %d was failed as stale by another worker while it ran; raise "
+                                "hydra.sweeper.grace_period (now %ss) if workers are this busy", trial.number,
+                                self.grace_period or 2 * self.heartbeat_interval)
 
         self.write_results(study, objective)
         return study
