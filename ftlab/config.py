@@ -64,6 +64,23 @@ class PeftConfig:
 
 
 @dataclass
+class FieldNames:
+    """The record field that holds each part, for data whose columns are named differently."""
+
+    instruction: str = "instruction"  # alpaca
+    input: str = "input"  # alpaca, optional
+    output: str = "output"  # alpaca
+    prompt: str = "prompt"  # prompt_completion
+    completion: str = "completion"  # prompt_completion
+    messages: str = "messages"  # chat messages: a list of {role, content}
+    role: str = "role"
+    content: str = "content"
+    conversations: str = "conversations"  # sharegpt: a list of {from, value}
+    sharegpt_from: str = "from"  # human | gpt | system
+    sharegpt_value: str = "value"
+
+
+@dataclass
 class DataConfig:
     """Where the fine-tuning data comes from and how it is validated, cleaned and split."""
 
@@ -72,9 +89,8 @@ class DataConfig:
     # file, a datasets save_to_disk directory, or a hub dataset name (when reachable).
     path: Optional[str] = None
     format: str = "auto"  # auto | alpaca | sharegpt | messages | prompt_completion
-    # Your column names for the canonical ones, e.g. {instruction: question, output: answer};
-    # remappable: instruction input output prompt completion messages role content conversations from value.
-    fields: dict[str, str] = field(default_factory=dict)
+    # Your column names, e.g. data.fields.output=answer (a typo fails at composition).
+    fields: FieldNames = field(default_factory=FieldNames)
     hf_split: str = "train"  # which split of a datasets directory / hub dataset
     # Embedded generator settings (used when path is None).
     num_records: int = 300

@@ -8,21 +8,21 @@ A record that cannot be used becomes a RecordError carrying its file:line and re
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from ftlab.config import FieldNames
 from ftlab.data.records import DataError, RecordError
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion")
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# Canonical field names; data.fields maps any of them to the user's column name.
-FIELDS = {name: name for name in
-          ("instruction", "input", "output", "prompt", "completion", "messages", "role", "content",
-           "conversations", "from", "value")}
+# The default field names (ftlab.config.FieldNames); data.fields overrides them.
+FIELDS = {f.name: f.default for f in dataclasses.fields(FieldNames)}
 # A rejected record's source text is kept in the rejects file up to this many characters.
 RAW_KEPT = 10_000
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -35,13 +35,13 @@ class RawRecord:
     raw: str  # source text, for the rejects file
 
 
-def field_names(overrides: Mapping[str, str] | None) -> dict[str, str]:
-    """Canonical -> actual field names; an unknown canonical name is a config error."""
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(FIELDS))
-    if unknown:
-        raise DataError(f"data.fields: unknown field(s) {unknown}; the names you can remap are {sorted(FIELDS)}")
-    return {**FIELDS, **overrides}
+def field_names(fields) -> dict[str, str]:
+    """data.fields (a FieldNames node, dataclass or mapping) as a plain dict."""
+    if fields is None:
+        return dict(FIELDS)
+    if dataclasses.is_dataclass(fields):
+        return dataclasses.asdict(fields)
+    return {**FIELDS, **dict(fields)}
 
 
 # --------------------------------------------------------------------------- reading
@@ -79,6 +79,8 @@ def read_jsonl(path: Path) -> Iterator[RawRecord | RecordError]:
                 yield RawRecord(where, _parse_json(text), raw)
             except json.JSONDecodeError as e:
                 yield RecordError(f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json", where, raw)
+            except RecursionError:
+                yield RecordError("malformed JSON (nested too deeply)", "malformed_json", where, raw)
             except RecordError as e:
                 e.where, e.raw = where, raw
                 yield e
@@ -99,8 +101,12 @@ def read_json(path: Path) -> Iterator[RawRecord | RecordError]:
         items = _parse_json(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
     except RecordError as e:
         raise DataError(f"{path}: {e.reason}") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of records (or one JSON object per line)")
     for i, item in enumerate(items):
         yield RawRecord(f"{path}: item {i}", item, json.dumps(item, ensure_ascii=False, default=str)[:RAW_KEPT])
 
@@ -245,7 +251,7 @@ def to_messages(record: object, fmt: str, fields: Mapping[str, str] | None = Non
     if fmt in ("messages", "sharegpt"):
         key, role_key, content_key = (
             (f["messages"], f["role"], f["content"]) if fmt == "messages"
-            else (f["conversations"], f["from"], f["value"])
+            else (f["conversations"], f["sharegpt_from"], f["sharegpt_value"])
         )
         messages = []
         for i, turn in enumerate(_turns(record, key)):
