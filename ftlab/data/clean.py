@@ -63,7 +63,7 @@ def drop_near_duplicates(examples: list[Example], threshold: float, num_perm: in
     shingles = [_shingles(record_text(e)) for e in examples]
     # bulk() hashes all records in one vectorised pass.
     hashes = MinHash.bulk(shingles, num_perm=num_perm, hashfunc=_crc32)
-    lsh = MinHashLSH(threshold=max(0.5, threshold - 0.2), num_perm=num_perm)
+    lsh = MinHashLSH(threshold=max(0.05, threshold - 0.2), num_perm=num_perm)
     kept = []
     for i, (e, m) in enumerate(zip(examples, hashes)):
         mine = shingles[i]
@@ -112,6 +112,10 @@ def _truncate(example: Example, tokenizer, max_tokens: int) -> bool:
     return example.tokens <= max_tokens
 
 
+def _chars(example: Example) -> int:
+    return sum(len(m["content"]) for m in example.messages)
+
+
 def fit_length(examples: list[Example], tokenizer, max_tokens: int, overlong: str) -> tuple[list[Example], dict]:
     """Drop (or, with overlong=truncate, cut the answer of) records longer than max_tokens."""
     if overlong not in ("drop", "truncate"):
@@ -119,12 +123,13 @@ def fit_length(examples: list[Example], tokenizer, max_tokens: int, overlong: st
     # A record with more characters than this is over-long whatever its tokens, so a 10 MB line
     # is not tokenised just to be dropped.
     char_cap = max_tokens * _max_token_chars(tokenizer)
-    huge = [sum(len(m["content"]) for m in e.messages) > char_cap for e in examples]
+    huge = [_chars(e) > char_cap for e in examples]
     if overlong == "truncate":
         for e, is_huge in zip(examples, huge):
             if is_huge:  # cut characters first; the token-exact cut follows below
-                e.messages[-1] = {**e.messages[-1], "content": e.reference[:char_cap]}
-        huge = [sum(len(m["content"]) for m in e.messages) > char_cap for e in examples]
+                room = max(0, char_cap - (_chars(e) - len(e.reference)))
+                e.messages[-1] = {**e.messages[-1], "content": e.reference[:room]}
+        huge = [_chars(e) > char_cap or not e.reference for e in examples]
     measure([e for e, is_huge in zip(examples, huge) if not is_huge], tokenizer)
     kept, counts = [], {"dropped_overlong": 0, "truncated_overlong": 0}
     for e, is_huge in zip(examples, huge):
@@ -167,7 +172,7 @@ def split(examples: list[Example], eval_size: float, seed: int) -> tuple[list[Ex
     """Seeded shuffle, then the first eval_size (a count, or a fraction when < 1) are held out."""
     n_eval = int(round(eval_size * len(examples))) if eval_size < 1 else int(eval_size)
     if not 0 < n_eval < len(examples):
-        raise DataError(f"data.eval_size={eval_size} leaves no train or no held-out data from {len(examples)} "
+        raise DataError(f"data.eval_size={eval_size:g} leaves no train or no held-out data from {len(examples)} "
                         "cleaned records; lower it or add data")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
