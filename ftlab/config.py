@@ -65,14 +65,34 @@ class PeftConfig:
 
 
 @dataclass
+class FieldNames:
+    """The record field that holds each part, for data whose columns are named differently."""
+
+    instruction: str = "instruction"  # alpaca
+    input: str = "input"  # alpaca, optional
+    output: str = "output"  # alpaca
+    prompt: str = "prompt"  # prompt_completion
+    completion: str = "completion"  # prompt_completion
+    messages: str = "messages"  # chat messages: a list of {role, content}
+    role: str = "role"
+    content: str = "content"
+    conversations: str = "conversations"  # sharegpt: a list of {from, value}
+    sharegpt_from: str = "from"  # human | gpt | system
+    sharegpt_value: str = "value"
+
+
+@dataclass
 class DataConfig:
-    """Where the fine-tuning data comes from and how it is cleaned and split."""
+    """Where the fine-tuning data comes from and how it is validated, cleaned and split."""
 
     name: str = "support_tickets"
     # None: generate the embedded support-ticket dataset; else a JSONL/JSON/CSV/Parquet
-    # file or a datasets save_to_disk directory.
+    # file, a datasets save_to_disk directory, or a hub dataset name (when reachable).
     path: Optional[str] = None
     format: str = "auto"  # auto | alpaca | sharegpt | messages | prompt_completion
+    # Your column names, e.g. data.fields.output=answer (a typo fails at composition).
+    fields: FieldNames = field(default_factory=FieldNames)
+    hf_split: str = "train"  # which split of a datasets directory / hub dataset
     # Embedded generator settings (used when path is None).
     num_records: int = 300
     generator_seed: int = 7
@@ -80,11 +100,22 @@ class DataConfig:
     eval_size: float = 40
     split_seed: int = 1234
     dedupe: bool = True
-    near_dup_threshold: float = 0.9
-    # Records whose tokens exceed train.max_seq_length: drop | truncate
+    near_dup_threshold: float = 0.9  # MinHash Jaccard estimate on word 3-grams
+    # Records whose tokens exceed train.max_seq_length: drop | truncate (the answer is cut)
     overlong: str = "drop"
-    on_error: str = "raise"  # raise | skip
+    # raise: stop before any model loads, naming file:line of the first problems; skip: drop
+    # bad records, count them by reason and write them to the rejects file.
+    on_error: str = "raise"
+    rejects: Optional[str] = None  # also write rejected records here (always in the cache entry)
+    # Class balancing on this field (a record field, or a key of the JSON answer): none | cap | rarest
+    label_field: Optional[str] = None
+    balance: str = "none"
+    balance_cap: Optional[int] = None  # records per class for balance=cap
     system_prompt: Optional[str] = None
+    # Reuse cleaned data keyed by source content + these settings + tokenizer + max_seq_length.
+    cache: bool = True
+    # python -m ftlab.data writes the cleaned sets here; None: outputs/data/<fingerprint>.
+    export_dir: Optional[str] = None
 
 
 @dataclass

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab import checkpoints, memory, models, scoring, tracking
 from ftlab.data import prepare
+from ftlab.data.report import log_data_report
 from ftlab.train import memory_cap_callback, peak_so_far_mb, release_memory, train
 
 log = logging.getLogger("ftlab")
@@ -115,9 +116,8 @@ def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | N
 def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start,
                      resume=None) -> dict:
     tracking.log_config(cfg)
-    mlflow.log_dict(data.report, "data/report.json")
-    mlflow.log_metrics({f"data_{k}": v for k, v in data.report["counts"].items()})
-    mlflow.log_params({"data.fingerprint": data.fingerprint, "model.checkpoint": str(checkpoint)})
+    log_data_report(data, cfg.train)
+    mlflow.log_params({"model.checkpoint": str(checkpoint)})
 
     if cfg.peft.method != "full":
         model = models.add_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import tracking
+from ftlab.data import DataError
 from ftlab.memory import OverBudget, budget_gib
 
 log = logging.getLogger("ftlab.sweep")
@@ -52,6 +53,8 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
     except OverBudget as e:
         return {"state": "skipped_budget", "run_id": e.run_id, "reason": e.reason,
                 "predicted_peak_gb": e.predicted_gb, "budget_gb": budget_gib(cfg), "metrics": {}}
+    except DataError:
+        raise  # the same bad data would fail every trial: stop the sweep with the message
     except Exception as e:
         log.error("trial %s failed, the sweep goes on: %s: %s", cfg.sweep.trial_number, type(e).__name__, e)
         run_id = _this_trials_run(cfg)

@@ -50,3 +50,28 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict |
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny model's tokenizer (ChatML template), built locally: no hub."""
+    from ftlab import models
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny"])
+    return models.load_tokenizer(models.resolve_checkpoint(cfg.model, None))
+
+
+@pytest.fixture(scope="session")
+def data_cfg():
+    """data_cfg(**overrides) -> the composed `data` node with those keys set, validated by the
+    schema like command-line overrides, without paying for a Hydra compose per call."""
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = compose("config", overrides=TINY).data
+
+    def _make(**overrides):
+        return OmegaConf.merge(base, overrides)
+
+    return _make

@@ -1,62 +1,193 @@
 """Read records from files and normalise every supported format to chat messages.
 
-Formats: alpaca (instruction/input/output), sharegpt (conversations from/value),
-messages (role/content) and prompt_completion. A record that cannot be normalised
-raises RecordError with a reason; the caller attaches file:line.
+Sources: JSON Lines, a JSON array, CSV, Parquet, a `datasets` save_to_disk directory or a
+hub dataset name. Formats: alpaca (instruction/input/output), sharegpt (conversations of
+from/value), messages (role/content) and prompt_completion; field names can be remapped.
+A record that cannot be used becomes a RecordError carrying its file:line and reason.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
+from ftlab.config import FieldNames
+from ftlab.data.records import DataError, RecordError
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion")
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class RecordError(ValueError):
-    """One record is unusable; the message says why."""
+# The default field names (ftlab.config.FieldNames); data.fields overrides them.
+FIELDS = {f.name: f.default for f in dataclasses.fields(FieldNames)}
+# A rejected record's source text is kept in the rejects file up to this many characters.
+RAW_KEPT = 10_000
+HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
 class RawRecord:
-    where: str  # "file:line" (or "file:row N")
+    where: str  # "file:line" (or "file: row N")
     value: object
+    raw: str  # source text, for the rejects file
+
+
+def field_names(fields) -> dict[str, str]:
+    """data.fields (a FieldNames node, dataclass or mapping) as a plain dict."""
+    if fields is None:
+        return dict(FIELDS)
+    if dataclasses.is_dataclass(fields):
+        return dataclasses.asdict(fields)
+    return {**FIELDS, **dict(fields)}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads silently keeps the last of repeated keys; which value the user meant is unknowable.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise RecordError(f"duplicate key '{dup}'", "duplicate_key")
+    return obj
+
+
+def _parse_json(text: str):
+    return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
 
 
 def read_jsonl(path: Path) -> Iterator[RawRecord | RecordError]:
-    """Yield each line's JSON value, or a RecordError for lines that are not valid UTF-8 JSON."""
+    """Each line's JSON value, or a RecordError for lines that are not valid UTF-8 JSON."""
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, line in enumerate(f, start=1):
             where = f"{path}:{lineno}"
+            raw = line[:RAW_KEPT].decode("utf-8", errors="replace").rstrip("\r\n")
             try:
-                text = raw.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield RecordError(f"{where}: invalid UTF-8 at byte {e.start}")
+                yield RecordError(f"invalid UTF-8 at byte {e.start}", "invalid_utf8", where, raw)
                 continue
-            text = text.lstrip("\ufeff").strip()
+            text = text.lstrip("\ufeff").strip()  # a BOM on the first line, CRLF endings
             if not text:
                 continue
             try:
-                yield RawRecord(where, json.loads(text))
+                yield RawRecord(where, _parse_json(text), raw)
             except json.JSONDecodeError as e:
-                yield RecordError(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+                yield RecordError(f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json", where, raw)
+            except RecursionError:
+                yield RecordError("malformed JSON (nested too deeply)", "malformed_json", where, raw)
+            except RecordError as e:
+                e.where, e.raw = where, raw
+                yield e
 
 
-def detect_format(record: dict) -> str:
-    if "messages" in record:
+def read_json(path: Path) -> Iterator[RawRecord | RecordError]:
+    """A .json file holding an array of records (or, as often happens, JSON Lines)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}; the file must be UTF-8") from None
+    if not text.lstrip().startswith("["):
+        yield from read_jsonl(path)
+        return
+    try:
+        items = _parse_json(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
+    except RecordError as e:
+        raise DataError(f"{path}: {e.reason}") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of records (or one JSON object per line)")
+    for i, item in enumerate(items):
+        yield RawRecord(f"{path}: item {i}", item, json.dumps(item, ensure_ascii=False, default=str)[:RAW_KEPT])
+
+
+def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
+    # surrogateescape keeps invalid bytes as lone surrogates, which validation then reports
+    # for the row they are in instead of failing the whole file.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            raw = json.dumps(row, ensure_ascii=False, default=str)[:RAW_KEPT]
+            if None in row:
+                yield RecordError("row has more cells than the header has columns", "malformed_row", where, raw)
+            else:
+                yield RawRecord(where, {k: v for k, v in row.items() if v is not None}, raw)
+
+
+def _rows(rows: list[dict], label: str) -> Iterator[RawRecord]:
+    for i, row in enumerate(rows, start=1):
+        yield RawRecord(f"{label}: row {i}", row, json.dumps(row, ensure_ascii=False, default=str)[:RAW_KEPT])
+
+
+def read_hf(source: str, split: str) -> Iterator[RawRecord]:
+    """A `datasets` save_to_disk directory, or a hub dataset name when the hub is reachable."""
+    import datasets
+
+    if Path(source).is_dir():
+        ds = datasets.load_from_disk(source)
+    else:
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as e:  # offline, missing or gated: one clear message instead of a hub traceback
+            raise DataError(f"data.path={source}: not a local file and not loadable from the hub "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"data.hf_split={split}: {source} has splits {sorted(ds)}")
+        ds = ds[split]
+    yield from _rows(ds.to_list(), f"{source}[{split}]")
+
+
+def read_records(source: str, hf_split: str = "train") -> Iterator[RawRecord | RecordError]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return read_hf(str(path), hf_split)
+    if not path.exists():
+        if HUB_NAME.match(source):
+            return read_hf(source, hf_split)
+        raise DataError(f"data.path: {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return read_jsonl(path)
+    if suffix == ".json":
+        return read_json(path)
+    if suffix in (".csv", ".tsv"):
+        return read_csv(path)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return _rows(pq.read_table(path).to_pylist(), str(path))
+    raise DataError(f"data.path: {path} has an unknown extension; use .jsonl, .json, .csv, .parquet "
+                    "or a datasets save_to_disk directory")
+
+
+# --------------------------------------------------------------------------- normalising
+
+
+def detect_format(record: dict, f: dict[str, str]) -> str:
+    if f["messages"] in record:
         return "messages"
-    if "conversations" in record:
+    if f["conversations"] in record:
         return "sharegpt"
-    if "instruction" in record and "output" in record:
+    if f["instruction"] in record and f["output"] in record:
         return "alpaca"
-    if "prompt" in record and "completion" in record:
+    if f["prompt"] in record and f["completion"] in record:
         return "prompt_completion"
     raise RecordError(
-        f"cannot tell the format from its fields {sorted(record)[:8]}; expected one of "
-        "instruction/output (alpaca), conversations (sharegpt), messages, prompt/completion "
-        "(or set data.format)"
+        f"cannot tell the format from its fields {sorted(record)[:8]}; expected instruction/output (alpaca), "
+        "conversations (sharegpt), messages, or prompt/completion (set data.format, or map names with data.fields)",
+        "unknown_format",
     )
 
 
@@ -64,54 +195,76 @@ def _text(record: dict, key: str, required: bool = True) -> str:
     value = record.get(key)
     if value is None:
         if required:
-            raise RecordError(f"missing or null field '{key}'")
+            raise RecordError(f"missing or null field '{key}'", "missing_field")
         return ""
     if not isinstance(value, str):
-        raise RecordError(f"field '{key}' must be a string, got {type(value).__name__}")
+        raise RecordError(f"field '{key}' must be a string, got {type(value).__name__}", "wrong_type")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: "\ud800" escapes in JSON, bad bytes in CSV
+            raise RecordError(f"field '{key}' holds invalid Unicode (not UTF-8 encodable)", "invalid_utf8") from None
     if required and not value.strip():
-        raise RecordError(f"field '{key}' is empty")
+        raise RecordError(f"field '{key}' is empty", "empty_field")
     return value
 
 
+def _turns(record: dict, key: str) -> list:
+    turns = record.get(key)
+    if isinstance(turns, str):  # CSV/Parquet columns often hold the turns as a JSON string
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise RecordError(f"field '{key}' is a string that is not a JSON list of turns", "wrong_type") from None
+    if turns is None:
+        raise RecordError(f"missing or null field '{key}'", "missing_field")
+    if not isinstance(turns, list):
+        raise RecordError(f"field '{key}' must be a list of turns, got {type(turns).__name__}", "wrong_type")
+    if not turns:
+        raise RecordError("conversation is empty", "empty_conversation")
+    return turns
+
+
 def _check_turns(messages: list[dict]) -> list[dict]:
-    if not messages:
-        raise RecordError("conversation is empty")
     if messages[-1]["role"] != "assistant":
-        raise RecordError("conversation does not end with an assistant turn")
+        raise RecordError("conversation does not end with an assistant turn", "no_final_assistant")
     if not any(m["role"] == "user" for m in messages):
-        raise RecordError("conversation has no user turn")
+        raise RecordError("conversation has no user turn", "no_user_turn")
     return messages
 
 
-def to_messages(record: object, fmt: str) -> list[dict]:
+def to_messages(record: object, fmt: str, fields: Mapping[str, str] | None = None) -> list[dict]:
     """Normalise one record to [{"role", "content"}, ...] ending with the assistant's answer."""
+    f = dict(fields) if fields else FIELDS
     if not isinstance(record, dict):
-        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}", "not_an_object")
     if fmt == "auto":
-        fmt = detect_format(record)
+        fmt = detect_format(record, f)
     if fmt == "alpaca":
-        instruction = _text(record, "instruction")
-        extra = _text(record, "input", required=False)
+        instruction = _text(record, f["instruction"])
+        extra = _text(record, f["input"], required=False)
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, "output")}]
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, f["output"])}]
     if fmt == "prompt_completion":
-        return [{"role": "user", "content": _text(record, "prompt")},
-                {"role": "assistant", "content": _text(record, "completion")}]
+        return [{"role": "user", "content": _text(record, f["prompt"])},
+                {"role": "assistant", "content": _text(record, f["completion"])}]
     if fmt in ("messages", "sharegpt"):
         key, role_key, content_key = (
-            ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+            (f["messages"], f["role"], f["content"]) if fmt == "messages"
+            else (f["conversations"], f["sharegpt_from"], f["sharegpt_value"])
         )
-        turns = record.get(key)
-        if not isinstance(turns, list):
-            raise RecordError(f"field '{key}' must be a list of turns")
         messages = []
-        for i, turn in enumerate(turns):
+        for i, turn in enumerate(_turns(record, key)):
             if not isinstance(turn, dict):
-                raise RecordError(f"{key}[{i}] must be an object")
+                raise RecordError(f"{key}[{i}] must be an object, got {type(turn).__name__}", "wrong_type")
             role = turn.get(role_key)
             role = SHAREGPT_ROLES.get(role) if fmt == "sharegpt" else (role if role in ROLES else None)
             if role is None:
-                raise RecordError(f"{key}[{i}] has unknown role {turn.get(role_key)!r}")
-            messages.append({"role": role, "content": _text(turn, content_key)})
+                raise RecordError(f"{key}[{i}] has unknown role {turn.get(role_key)!r}", "unknown_role")
+            try:
+                content = _text(turn, content_key)
+            except RecordError as e:
+                raise RecordError(f"{key}[{i}]: {e.reason}", e.kind) from None
+            messages.append({"role": role, "content": content})
         return _check_turns(messages)
-    raise RecordError(f"unknown data.format '{fmt}' (alpaca, sharegpt, messages, prompt_completion, auto)")
+    raise DataError(f"data.format={fmt}: unknown format; use one of {', '.join(FORMATS)}")

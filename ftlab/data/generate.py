@@ -110,19 +110,28 @@ def _overlong(record: dict, rng: random.Random) -> dict:
 
 def generate(num_records: int, seed: int) -> list[dict]:
     """Records in Alpaca format: ~8% exact duplicates, ~8% near duplicates, ~1.5% over-long."""
+    return generate_with_plan(num_records, seed)[0]
+
+
+def generate_with_plan(num_records: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """The records, and what was planted: {"index", "kind": exact|near|overlong, "of": source index}.
+    Tests use the plan to check that cleaning removes exactly what was planted."""
     rng = random.Random(seed)
     records: list[dict] = []
+    plan: list[dict] = []
     while len(records) < num_records:
         roll = rng.random()
-        if records and roll < 0.08:
-            records.append(dict(rng.choice(records)))
-        elif records and roll < 0.16:
-            records.append(_near_duplicate(rng.choice(records), rng))
+        if records and roll < 0.16:
+            source = rng.randrange(len(records))  # same draw as rng.choice(records)
+            kind = "exact" if roll < 0.08 else "near"
+            plan.append({"index": len(records), "kind": kind, "of": source})
+            records.append(dict(records[source]) if kind == "exact" else _near_duplicate(records[source], rng))
         elif roll < 0.175:
+            plan.append({"index": len(records), "kind": "overlong", "of": None})
             records.append(_overlong(_ticket(rng), rng))
         else:
             records.append(_ticket(rng))
-    return records
+    return records, plan
 
 
 def write_jsonl(records: list[dict], path: Path) -> Path:

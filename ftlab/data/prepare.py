@@ -1,42 +1,34 @@
-"""The data stage: load -> validate -> clean -> split -> fingerprint, with a report.
+"""The data stage: load -> validate -> dedupe -> length -> balance -> split -> fingerprint,
+with a report of what each step removed and why.
 
-Deduplication (exact, then MinHash near-duplicates) runs before the split, so no
-held-out example has a near-duplicate in train. Length is measured in tokens of
-the model's own tokenizer, with its chat template applied.
+Results are cached under <cache>/data/prepared/<key>, the key hashing the source content,
+the data config, the tokenizer and max_seq_length: a 30-trial sweep prepares data once.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import random
-import re
+import os
+import shutil
+import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasketch import MinHash, MinHashLSH
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ftlab.config import DataConfig
-from ftlab.data.formats import RecordError, read_jsonl, to_messages
+from ftlab.data import clean
+from ftlab.data.formats import RawRecord, field_names, read_records, to_messages
 from ftlab.data.generate import generate, write_jsonl
+from ftlab.data.records import DataError, Example, RecordError
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and line of each problem."""
-
-
-@dataclass
-class Example:
-    where: str
-    messages: list[dict]
-
-    @property
-    def prompt(self) -> list[dict]:
-        return self.messages[:-1]
-
-    @property
-    def reference(self) -> str:
-        return self.messages[-1]["content"]
+# Bump when cleaning changes what a given input produces, so old cache entries are not reused.
+CACHE_VERSION = 1
+# The error message lists this many problems, then the total.
+ERRORS_SHOWN = 5
 
 
 @dataclass
@@ -46,115 +38,70 @@ class PreparedData:
     fingerprint: str
     source: str
     report: dict = field(default_factory=dict)
+    rejects: list[dict] = field(default_factory=list)  # {"where", "kind", "reason", "record"}
+    cache_hit: bool = False
 
     def trl_rows(self, split: str) -> list[dict]:
         """TRL's conversational prompt-completion rows: loss falls on the completion only."""
         return [{"prompt": e.prompt, "completion": e.messages[-1:]} for e in getattr(self, split)]
 
 
-def resolve_source(cfg: DataConfig, cache_dir: Path) -> Path:
-    """The data file to read: the user's, or the embedded generator's output."""
+def resolve_source(cfg: DataConfig, cache_dir: Path) -> str:
+    """The data to read: the user's path (or hub name), or the embedded generator's output."""
     if cfg.path:
-        path = Path(cfg.path).expanduser()
-        if not path.exists():
-            raise DataError(f"data.path: {path} does not exist")
-        return path
+        return str(cfg.path)
     out = cache_dir / "data" / f"{cfg.name}-n{cfg.num_records}-s{cfg.generator_seed}.jsonl"
     if not out.exists():
         write_jsonl(generate(cfg.num_records, cfg.generator_seed), out)
-    return out
+    return str(out)
 
 
-def load_examples(path: Path, cfg: DataConfig) -> tuple[list[Example], list[tuple[str, str]]]:
-    """Validated examples and (where, reason) rejects. Raises DataError unless on_error=skip."""
-    examples, rejects = [], []
-    for item in tqdm(read_jsonl(path), desc="validate", unit="rec", leave=False):
-        if isinstance(item, RecordError):
-            where, reason = str(item).split(": ", 1)
-            rejects.append((where, reason))
-            continue
+def _label(record: dict, messages: list[dict], label_field: str) -> str:
+    """The record's own field, else a key of the JSON object the answer holds (the embedded task)."""
+    value = record.get(label_field)
+    if value is None:
         try:
-            messages = to_messages(item.value, cfg.format)
-        except RecordError as e:
-            rejects.append((item.where, str(e)))
-            continue
-        if cfg.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-        examples.append(Example(item.where, messages))
+            answer = json.loads(messages[-1]["content"])
+            value = answer.get(label_field) if isinstance(answer, dict) else None
+        except json.JSONDecodeError:
+            value = None
+    if value is None or isinstance(value, (dict, list)):
+        raise RecordError(f"label field '{label_field}' is missing (data.label_field)", "missing_label")
+    return str(value)
+
+
+def to_example(item: RawRecord, cfg: DataConfig, fields: dict[str, str]) -> Example:
+    messages = to_messages(item.value, cfg.format, fields)
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+    label = _label(item.value, messages, cfg.label_field) if cfg.label_field else None
+    return Example(item.where, messages, label)
+
+
+def load_examples(source: str, cfg: DataConfig) -> tuple[list[Example], list[dict]]:
+    """Validated examples and rejects. Raises DataError (first few problems + total) unless on_error=skip."""
+    if cfg.on_error not in ("raise", "skip"):
+        raise DataError(f"data.on_error={cfg.on_error}: use raise or skip")
+    fields = field_names(cfg.fields)
+    examples, rejects = [], []
+    for item in tqdm(read_records(source, cfg.hf_split), desc="validate", unit="rec", leave=False):
+        if isinstance(item, RawRecord):
+            try:
+                examples.append(to_example(item, cfg, fields))
+                continue
+            except RecordError as e:
+                e.where, e.raw = item.where, item.raw
+                item = e
+        rejects.append(item.as_reject())
     if rejects and cfg.on_error != "skip":
-        shown = "\n".join(f"  {w}: {r}" for w, r in rejects[:5])
-        raise DataError(
-            f"{len(rejects)} bad record(s) in {path}:\n{shown}"
-            + ("\n  ..." if len(rejects) > 5 else "")
-            + "\nFix them, or set data.on_error=skip to drop them (they are written to a rejects file)."
-        )
+        shown = "\n".join(f"  {r['where']}: {r['reason']}" for r in rejects[:ERRORS_SHOWN])
+        more = f"\n  ... and {len(rejects) - ERRORS_SHOWN} more" if len(rejects) > ERRORS_SHOWN else ""
+        raise DataError(f"{len(rejects)} bad record(s) in {source}:\n{shown}{more}\n"
+                        "Fix them, or set data.on_error=skip to drop them (each is written to a rejects file "
+                        "with its reason).")
     if not examples:
-        raise DataError(f"{path}: no usable records")
+        raise DataError(f"{source}: no usable records ({len(rejects)} rejected)")
     return examples, rejects
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def _record_text(example: Example) -> str:
-    return _normalise(" ".join(m["content"] for m in example.messages))
-
-
-def drop_exact_duplicates(examples: list[Example]) -> tuple[list[Example], int]:
-    seen, kept = set(), []
-    for e in examples:
-        key = hashlib.sha1(_record_text(e).encode()).digest()
-        if key not in seen:
-            seen.add(key)
-            kept.append(e)
-    return kept, len(examples) - len(kept)
-
-
-def _minhash(text: str, num_perm: int) -> MinHash:
-    words = re.findall(r"\w+", text)
-    shingles = {" ".join(words[i : i + 3]).encode() for i in range(max(1, len(words) - 2))}
-    m = MinHash(num_perm=num_perm)
-    m.update_batch(list(shingles))
-    return m
-
-
-def drop_near_duplicates(examples: list[Example], threshold: float, num_perm: int = 128) -> tuple[list[Example], int]:
-    """Keep the first of each group whose estimated Jaccard similarity is >= threshold."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    kept = []
-    for i, e in enumerate(tqdm(examples, desc="near-dup", unit="rec", leave=False)):
-        m = _minhash(_record_text(e), num_perm)
-        if lsh.query(m):
-            continue
-        lsh.insert(str(i), m)
-        kept.append(e)
-    return kept, len(examples) - len(kept)
-
-
-def token_length(tokenizer, example: Example) -> int:
-    return len(tokenizer.apply_chat_template(example.messages, tokenize=True, return_dict=False))
-
-
-def filter_length(examples: list[Example], tokenizer, max_tokens: int) -> tuple[list[Example], int, list[int]]:
-    kept, lengths = [], []
-    for e in tqdm(examples, desc="tokenize", unit="rec", leave=False):
-        n = token_length(tokenizer, e)
-        if n <= max_tokens:
-            kept.append(e)
-            lengths.append(n)
-    return kept, len(examples) - len(kept), lengths
-
-
-def split(examples: list[Example], eval_size: float, seed: int) -> tuple[list[Example], list[Example]]:
-    n_eval = int(round(eval_size * len(examples))) if eval_size < 1 else int(eval_size)
-    if not 0 < n_eval < len(examples):
-        raise DataError(f"data.eval_size={eval_size} leaves no train or no held-out data from {len(examples)} records")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = sorted(order[:n_eval])
-    train = sorted(order[n_eval:])
-    return [examples[i] for i in train], [examples[i] for i in held]
 
 
 def fingerprint(train: list[Example], held_out: list[Example]) -> str:
@@ -166,25 +113,132 @@ def fingerprint(train: list[Example], held_out: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare(cfg: DataConfig, tokenizer, max_seq_length: int, cache_dir: Path) -> PreparedData:
-    path = resolve_source(cfg, cache_dir)
-    examples, rejects = load_examples(path, cfg)
-    counts = {"records_in": len(examples) + len(rejects), "rejected_invalid": len(rejects)}
+def clean_and_split(examples: list[Example], rejects: list[dict], cfg: DataConfig, tokenizer,
+                    max_seq_length: int) -> tuple[list[Example], list[Example], dict]:
+    """Every cleaning step in order; the report's `steps` say how many records each kept."""
+    steps = [{"step": "read", "records": len(examples) + len(rejects)},
+             {"step": "valid", "records": len(examples), "dropped": len(rejects)}]
+    counts = {"records_in": steps[0]["records"], "rejected_invalid": len(rejects)}
+
+    def step(name: str, kept: list[Example], dropped: int) -> list[Example]:
+        steps.append({"step": name, "records": len(kept), "dropped": dropped})
+        return kept
+
     if cfg.dedupe:
-        examples, counts["dropped_exact_duplicates"] = drop_exact_duplicates(examples)
-        examples, counts["dropped_near_duplicates"] = drop_near_duplicates(examples, cfg.near_dup_threshold)
-    examples, counts["dropped_overlong"], lengths = filter_length(examples, tokenizer, max_seq_length)
+        kept, counts["dropped_exact_duplicates"] = clean.drop_exact_duplicates(examples)
+        examples = step("exact dedupe", kept, counts["dropped_exact_duplicates"])
+        kept, counts["dropped_near_duplicates"] = clean.drop_near_duplicates(examples, cfg.near_dup_threshold)
+        examples = step("near dedupe", kept, counts["dropped_near_duplicates"])
+    kept, length_counts = clean.fit_length(examples, tokenizer, max_seq_length, cfg.overlong)
+    counts.update(length_counts)
+    examples = step(f"length <= {max_seq_length} ({cfg.overlong})", kept, length_counts["dropped_overlong"])
     if not examples:
-        raise DataError(
-            f"{path}: every record is longer than train.max_seq_length={max_seq_length} tokens "
-            f"({counts['dropped_overlong']} dropped); raise train.max_seq_length or shorten the records"
-        )
-    train, held_out = split(examples, cfg.eval_size, cfg.split_seed)
+        raise DataError(f"every record is longer than train.max_seq_length={max_seq_length} tokens; raise it, "
+                        "set data.overlong=truncate, or shorten the records")
+    classes = {"before": clean.class_counts(examples)} if cfg.label_field else None
+    if cfg.label_field:
+        kept, counts["dropped_balance"] = clean.balance(examples, cfg.balance, cfg.balance_cap, cfg.split_seed)
+        examples = step(f"balance ({cfg.balance})", kept, counts["dropped_balance"])
+        classes["after"] = clean.class_counts(examples)
+    elif cfg.balance != "none":
+        raise DataError(f"data.balance={cfg.balance} needs data.label_field (the field that holds the class)")
+    train, held_out = clean.split(examples, cfg.eval_size, cfg.split_seed)
     counts.update(train_records=len(train), held_out_records=len(held_out))
-    report = {
-        "source": str(path),
-        "counts": counts,
-        "rejects": [{"where": w, "reason": r} for w, r in rejects],
-        "tokens": {"mean": sum(lengths) / len(lengths), "max": max(lengths), "total": sum(lengths)},
-    }
-    return PreparedData(train, held_out, fingerprint(train, held_out), str(path), report)
+    report = {"counts": counts, "steps": steps, "rejects_by_kind": dict(Counter(r["kind"] for r in rejects)),
+              "tokens": _token_stats(examples), "classes": classes}
+    return train, held_out, report
+
+
+def _token_stats(examples: list[Example]) -> dict:
+    stats = {}
+    for name in ("prompt_tokens", "response_tokens", "tokens"):
+        values = sorted(getattr(e, name) for e in examples)
+        stats[name] = {"mean": round(sum(values) / len(values), 1), "p50": values[len(values) // 2],
+                       "p95": values[int(0.95 * (len(values) - 1))], "max": values[-1], "total": sum(values)}
+    return stats
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _digest_source(source: str, hf_split: str) -> str:
+    """Content hash of the source file (or every file of a directory); a hub name hashes as itself."""
+    path = Path(source).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    h = hashlib.sha256(f"{source}|{hf_split}".encode() if not files else b"")
+    for p in files:
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest_tokenizer(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256((text + str(tokenizer.chat_template)).encode()).hexdigest()
+
+
+def cache_key(source: str, cfg: DataConfig, tokenizer, max_seq_length: int) -> str:
+    settings = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
+    for where_only in ("rejects", "export_dir"):  # where outputs go does not change the data
+        settings.pop(where_only, None)
+    parts = [CACHE_VERSION, _digest_source(source, cfg.hf_split), settings, _digest_tokenizer(tokenizer),
+             max_seq_length]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _save(data: PreparedData, entry: Path) -> None:
+    """Write to a temporary sibling, then rename: parallel trials never read half an entry."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + "."))
+    for name, rows in (("train", data.train), ("held_out", data.held_out)):
+        with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in rows)
+    _write_rejects(data.rejects, tmp / "rejects.jsonl")
+    (tmp / "meta.json").write_text(json.dumps({"fingerprint": data.fingerprint, "source": data.source,
+                                               "report": data.report}, ensure_ascii=False))
+    try:
+        os.rename(tmp, entry)
+    except OSError:  # another trial saved the same entry first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(entry: Path) -> PreparedData | None:
+    if not (entry / "meta.json").exists():
+        return None
+    meta = json.loads((entry / "meta.json").read_text())
+
+    def rows(name: str) -> list[dict]:
+        with (entry / name).open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    return PreparedData([Example(**r) for r in rows("train.jsonl")], [Example(**r) for r in rows("held_out.jsonl")],
+                        meta["fingerprint"], meta["source"], meta["report"], rows("rejects.jsonl"), cache_hit=True)
+
+
+def _write_rejects(rejects: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def prepare(cfg: DataConfig, tokenizer, max_seq_length: int, cache_dir: Path) -> PreparedData:
+    source = resolve_source(cfg, cache_dir)
+    entry = cache_dir / "data" / "prepared" / cache_key(source, cfg, tokenizer, max_seq_length)
+    data = _load(entry) if cfg.cache else None
+    if data is None:
+        examples, rejects = load_examples(source, cfg)
+        train, held_out, report = clean_and_split(examples, rejects, cfg, tokenizer, max_seq_length)
+        report = {"source": source, **report, "rejects_file": str(entry / "rejects.jsonl") if cfg.cache else None}
+        data = PreparedData(train, held_out, fingerprint(train, held_out), source, report, rejects)
+        if cfg.cache:
+            _save(data, entry)
+    if cfg.rejects:
+        _write_rejects(data.rejects, Path(cfg.rejects).expanduser())
+        data.report["rejects_file"] = str(Path(cfg.rejects).expanduser())
+    return data

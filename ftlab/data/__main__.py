@@ -1,0 +1,29 @@
+"""`python -m ftlab.data [overrides]`: only the data stage, with the same conf/ and schema as
+`python -m ftlab`. Writes train.jsonl, held_out.jsonl, report.json, rejects.jsonl and PNGs to a
+directory it prints, so the cleaned data can be inspected before any compute is spent."""
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import ftlab.config  # noqa: F401  (registers the structured-config schema)
+from ftlab import models
+from ftlab.data import prepare
+from ftlab.data.records import exit_on_data_error
+from ftlab.data.report import print_table, write_outputs
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    with exit_on_data_error():
+        cache = models.cache_root(cfg.cache_dir)
+        tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, cfg.cache_dir),
+                                          cfg.model.trust_remote_code)
+        data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, cache)
+        out = write_outputs(data, cfg.train, Path(cfg.data.export_dir or f"outputs/data/{data.fingerprint}"))
+        print_table(data, cfg.train)
+        print(f"cleaned data written to {out.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The data report: padding share with and without packing, token-length and class
+histograms (PNG), a short rich table, the files `python -m ftlab.data` writes, and
+their logging to the active MLflow run.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from ftlab.config import TrainConfig
+from ftlab.data.prepare import PreparedData
+
+
+def padding_share(lengths: list[int], batch_size: int, max_len: int, packed: bool) -> float:
+    """Share of the batches' token slots that is padding, batching in data order.
+
+    Packed: first-fit-decreasing bins of max_len (what TRL's "bfd" strategy does); its
+    padding-free collator then concatenates a batch's bins with reset position ids, so
+    attention never crosses examples and no slot is padding.
+    """
+    if not lengths:
+        return 0.0
+    if packed:
+        return 0.0  # padding-free batches: every slot holds a real token
+    slots = sum(len(b) * max(b) for b in (lengths[i: i + batch_size] for i in range(0, len(lengths), batch_size)))
+    return 1 - sum(lengths) / slots
+
+
+def packed_sequences(lengths: list[int], max_len: int) -> int:
+    """How many max_len sequences first-fit-decreasing packing fills."""
+    free: list[int] = []
+    for n in sorted(lengths, reverse=True):
+        for i, room in enumerate(free):
+            if room >= n:
+                free[i] -= n
+                break
+        else:
+            free.append(max_len - n)
+    return len(free)
+
+
+def packing_summary(data: PreparedData, train: TrainConfig) -> dict:
+    lengths = [e.tokens for e in data.train]
+    return {
+        "padding_share_unpacked": round(padding_share(lengths, train.per_device_batch_size, train.max_seq_length,
+                                                      packed=False), 4),
+        "padding_share_packed": padding_share(lengths, train.per_device_batch_size, train.max_seq_length, packed=True),
+        "sequences_unpacked": len(lengths),
+        "sequences_packed": packed_sequences(lengths, train.max_seq_length),
+        "packing": train.packing,
+    }
+
+
+def full_report(data: PreparedData, train: TrainConfig) -> dict:
+    return {**data.report, "fingerprint": data.fingerprint, "packing": packing_summary(data, train)}
+
+
+def plot_token_lengths(data: PreparedData, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    examples = data.train + data.held_out
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, name, values in ((axes[0], "prompt", [e.prompt_tokens for e in examples]),
+                             (axes[1], "response", [e.response_tokens for e in examples])):
+        ax.hist(values, bins=40, color="tab:blue")
+        ax.set(title=f"{name} tokens (n={len(values)})", xlabel="tokens", ylabel="records")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_classes(classes: dict[str, int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(classes)), 3.5))
+    ax.bar(list(classes), list(classes.values()), color="tab:green")
+    ax.set(title="class distribution (after cleaning)", ylabel="records")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_jsonl(rows, path: Path) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_outputs(data: PreparedData, train: TrainConfig, out_dir: Path, with_sets: bool = True) -> Path:
+    """report.json, rejects.jsonl, PNGs and (with_sets) the cleaned train.jsonl / held_out.jsonl."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(full_report(data, train), indent=2, ensure_ascii=False))
+    write_jsonl(data.rejects, out_dir / "rejects.jsonl")
+    if with_sets:
+        write_jsonl((e.to_dict() for e in data.train), out_dir / "train.jsonl")
+        write_jsonl((e.to_dict() for e in data.held_out), out_dir / "held_out.jsonl")
+    plot_token_lengths(data, out_dir / "token_lengths.png")
+    if data.report.get("classes"):
+        plot_classes(data.report["classes"]["after"], out_dir / "classes.png")
+    return out_dir
+
+
+def print_table(data: PreparedData, train: TrainConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    report = full_report(data, train)
+    table = Table(title=f"data {data.fingerprint}{' (cached)' if data.cache_hit else ''}", title_justify="left")
+    table.add_column("step")
+    table.add_column("records", justify="right")
+    table.add_column("dropped", justify="right")
+    for step in report["steps"]:
+        table.add_row(step["step"], str(step["records"]), str(step.get("dropped", "")))
+    for kind, n in report["rejects_by_kind"].items():
+        table.add_row(f"  rejected: {kind}", "", str(n))
+    c = report["counts"]
+    table.add_row("train / held-out", f"{c['train_records']} / {c['held_out_records']}", "")
+    p = report["packing"]
+    table.add_row("padding share", f"{p['padding_share_unpacked']:.1%} unpacked, {p['padding_share_packed']:.0%} packed",
+                  "")
+    Console(stderr=True).print(table)
+
+
+def log_data_report(data: PreparedData, train: TrainConfig) -> None:
+    """Print the table and log the report, rejects and PNGs as artifacts, counts as metrics."""
+    import mlflow
+
+    print_table(data, train)
+    report = full_report(data, train)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifacts(str(write_outputs(data, train, Path(tmp), with_sets=False)), "data")
+    p = report["packing"]
+    mlflow.log_metrics({
+        **{f"data_{k}": v for k, v in report["counts"].items()},
+        **{f"data_rejected_{k}": v for k, v in report["rejects_by_kind"].items()},
+        "data_padding_share_unpacked": p["padding_share_unpacked"],
+        "data_padding_share_packed": p["padding_share_packed"],
+    })
+    mlflow.log_params({"data.fingerprint": data.fingerprint})

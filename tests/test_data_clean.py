@@ -1,0 +1,174 @@
+"""Cleaning on the embedded dataset: planted duplicates removed, no near-duplicate across
+the split (checked independently with rapidfuzz), length drop/truncate in real tokens,
+class balancing, a seeded split, the cache, the report files and `python -m ftlab.data`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from rapidfuzz import fuzz, process, utils
+
+from ftlab.config import TrainConfig
+from ftlab.data import DataError, prepare
+from ftlab.data.generate import generate_with_plan
+from ftlab.data.report import log_data_report, padding_share, write_outputs
+from tests.conftest import ROOT, TINY
+
+# rapidfuzz ratio (0-100, on lower-cased alphanumerics) at or above which two tickets count as
+# near-duplicates: a planted one-word edit of a ~120-character ticket scores above 98.
+NEAR_DUP_RATIO = 98
+
+
+def similarity(a: str, b: str) -> float:
+    return fuzz.ratio(a, b, processor=utils.default_process)
+
+
+@pytest.fixture(scope="module")
+def default_data(data_cfg, tiny_tokenizer, tmp_path_factory):
+    cfg = data_cfg(num_records=300, eval_size=40)
+    return cfg, prepare(cfg, tiny_tokenizer, 512, tmp_path_factory.mktemp("cache"))
+
+
+def source_index(example) -> int:
+    return int(example.where.rsplit(":", 1)[1]) - 1
+
+
+def ticket(example) -> str:
+    return example.prompt[-1]["content"].split("\n\n", 1)[1]
+
+
+def test_planted_duplicates_are_removed_and_reported(default_data):
+    cfg, data = default_data
+    records, plan = generate_with_plan(cfg.num_records, cfg.generator_seed)
+    kept = {source_index(e) for e in data.train + data.held_out}
+    planted = {kind: [p for p in plan if p["kind"] == kind] for kind in ("exact", "near", "overlong")}
+    assert planted["exact"] and planted["near"] and planted["overlong"]
+    for p in planted["exact"] + planted["near"] + planted["overlong"]:
+        assert p["index"] not in kept, p
+    counts = data.report["counts"]
+    # Every planted copy is gone; a near copy that only differs in case/spacing is already an exact one.
+    assert counts["dropped_exact_duplicates"] + counts["dropped_near_duplicates"] >= len(planted["exact"]) + len(
+        planted["near"])
+    assert counts["dropped_exact_duplicates"] >= len(planted["exact"]) and counts["dropped_near_duplicates"] > 0
+    assert counts["dropped_overlong"] == len(planted["overlong"])
+    # The independent check can see the planted near copies it is meant to catch.
+    for p in planted["near"]:
+        assert similarity(records[p["index"]]["input"], records[p["of"]]["input"]) >= NEAR_DUP_RATIO
+
+
+def test_no_held_out_example_has_a_near_duplicate_in_train(default_data):
+    _, data = default_data
+    train = [ticket(e) for e in data.train]
+    for e in data.held_out:
+        match, score, _ = process.extractOne(ticket(e), train, scorer=fuzz.ratio, processor=utils.default_process)
+        assert score < NEAR_DUP_RATIO, (e.where, ticket(e), match)
+
+
+def test_exact_dedupe_ignores_case_and_whitespace_and_threshold_is_configurable(data_cfg, tiny_tokenizer, tmp_path):
+    rows = [{"instruction": "Reset my password please", "output": "account"},
+            {"instruction": "  RESET my   password please ", "output": "Account"},
+            {"instruction": "Reset my password please now", "output": "account"},
+            {"instruction": "The router x200 will not connect to wifi", "output": "bug"},
+            {"instruction": "My invoice shows the wrong amount", "output": "billing"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    strict = prepare(data_cfg(path=str(path), eval_size=1), tiny_tokenizer, 256, tmp_path / "c")
+    assert strict.report["counts"]["dropped_exact_duplicates"] == 1
+    assert strict.report["counts"]["dropped_near_duplicates"] == 0  # 3 of 6 bigrams shared: J = 0.5
+    loose = prepare(data_cfg(path=str(path), eval_size=1, near_dup_threshold=0.45), tiny_tokenizer, 256, tmp_path / "c")
+    assert loose.report["counts"]["dropped_near_duplicates"] == 1
+
+
+def test_overlong_drop_or_truncate_in_real_tokens(data_cfg, tiny_tokenizer, tmp_path):
+    long_answer = {"instruction": "Summarise the log", "output": "retry failed: timeout " * 60}
+    short = [{"instruction": f"Ticket number {i} about the app", "output": f"fine {i}"} for i in range(4)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [long_answer, *short]))
+    dropped = prepare(data_cfg(path=str(path), eval_size=1), tiny_tokenizer, 64, tmp_path / "c")
+    assert dropped.report["counts"]["dropped_overlong"] == 1
+    cut = prepare(data_cfg(path=str(path), eval_size=1, overlong="truncate"), tiny_tokenizer, 64, tmp_path / "c")
+    assert cut.report["counts"]["truncated_overlong"] == 1 and cut.report["counts"]["dropped_overlong"] == 0
+    for e in cut.train + cut.held_out:
+        assert len(tiny_tokenizer.apply_chat_template(e.messages, return_dict=False)) == e.tokens <= 64
+    truncated = next(e for e in cut.train + cut.held_out if e.messages[0]["content"] == "Summarise the log")
+    assert long_answer["output"].startswith(truncated.reference) and len(truncated.reference) > 20
+
+
+def test_class_balancing(data_cfg, tiny_tokenizer, tmp_path):
+    common = dict(num_records=300, eval_size=0.1, label_field="category")
+    rarest = prepare(data_cfg(**common, balance="rarest"), tiny_tokenizer, 512, tmp_path)
+    before, after = rarest.report["classes"]["before"], rarest.report["classes"]["after"]
+    assert len(set(before.values())) > 1 and len(set(after.values())) == 1
+    assert set(after) == {"billing", "bug", "account", "shipping", "feature_request"}
+    assert after["billing"] == min(before.values())
+    capped = prepare(data_cfg(**common, balance="cap", balance_cap=30), tiny_tokenizer, 512, tmp_path)
+    assert all(n == min(30, before[c]) for c, n in capped.report["classes"]["after"].items())
+    with pytest.raises(DataError, match="data.balance=cap needs data.balance_cap"):
+        prepare(data_cfg(**common, balance="cap"), tiny_tokenizer, 512, tmp_path)
+
+
+def test_split_is_seeded_and_eval_size_is_a_count_or_fraction(data_cfg, tiny_tokenizer, tmp_path):
+    a = prepare(data_cfg(num_records=200, eval_size=0.25), tiny_tokenizer, 512, tmp_path)
+    b = prepare(data_cfg(num_records=200, eval_size=0.25, cache=False), tiny_tokenizer, 512, tmp_path)
+    c = prepare(data_cfg(num_records=200, eval_size=0.25, split_seed=1), tiny_tokenizer, 512, tmp_path)
+    n = len(a.train) + len(a.held_out)
+    assert len(a.held_out) == round(0.25 * n)
+    assert [e.where for e in a.held_out] == [e.where for e in b.held_out] and a.fingerprint == b.fingerprint
+    assert [e.where for e in a.held_out] != [e.where for e in c.held_out] and a.fingerprint != c.fingerprint
+    with pytest.raises(DataError, match="data.eval_size=5000 leaves no train"):
+        prepare(data_cfg(num_records=200, eval_size=5000), tiny_tokenizer, 512, tmp_path)
+
+
+def test_second_prepare_loads_from_the_cache(data_cfg, tiny_tokenizer, tmp_path):
+    cfg = data_cfg(num_records=200, eval_size=20)
+    first = prepare(cfg, tiny_tokenizer, 512, tmp_path)
+    second = prepare(cfg, tiny_tokenizer, 512, tmp_path)
+    assert not first.cache_hit and second.cache_hit
+    assert second.fingerprint == first.fingerprint and second.report == first.report
+    assert [e.to_dict() for e in second.train] == [e.to_dict() for e in first.train]
+    # Any change to what the data would be is a new entry: settings, max_seq_length, source content.
+    assert not prepare(data_cfg(num_records=200, eval_size=21), tiny_tokenizer, 512, tmp_path).cache_hit
+    assert not prepare(cfg, tiny_tokenizer, 256, tmp_path).cache_hit
+    source = tmp_path / "data" / "support_tickets-n200-s7.jsonl"
+    source.write_text(source.read_text().replace("crashes", "crashed"))
+    assert not prepare(cfg, tiny_tokenizer, 512, tmp_path).cache_hit
+
+
+def test_report_files_metrics_and_padding(default_data, tmp_path):
+    _, data = default_data
+    train_cfg = TrainConfig(per_device_batch_size=8, max_seq_length=512)
+    out = write_outputs(data, train_cfg, tmp_path / "out")
+    assert {p.name for p in out.iterdir()} == {"train.jsonl", "held_out.jsonl", "report.json", "rejects.jsonl",
+                                              "token_lengths.png"}
+    assert (out / "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((out / "report.json").read_text())
+    assert report["fingerprint"] == data.fingerprint
+    assert [s["step"] for s in report["steps"]][:4] == ["read", "valid", "exact dedupe", "near dedupe"]
+    assert report["packing"]["padding_share_unpacked"] > 0 == report["packing"]["padding_share_packed"]
+    assert report["packing"]["sequences_packed"] < report["packing"]["sequences_unpacked"]
+    assert len((out / "train.jsonl").read_text().splitlines()) == len(data.train)
+    assert padding_share([4, 2, 4, 4], 2, 8, packed=False) == pytest.approx(2 / 16)
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        log_data_report(data, train_cfg)
+    logged = mlflow.get_run(run.info.run_id).data
+    assert logged.metrics["data_dropped_exact_duplicates"] == data.report["counts"]["dropped_exact_duplicates"]
+    assert logged.params["data.fingerprint"] == data.fingerprint
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "data")}
+    assert {"data/report.json", "data/rejects.jsonl", "data/token_lengths.png"} <= names
+
+
+def test_cli_writes_the_cleaned_sets(tmp_path):
+    out = tmp_path / "export"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftlab.data", *TINY, "data.label_field=priority", f"data.export_dir={out}",
+         f"cache_dir={tmp_path}/cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"cleaned data written to {out}" in proc.stdout
+    assert {"train.jsonl", "held_out.jsonl", "report.json", "rejects.jsonl", "token_lengths.png",
+            "classes.png"} <= {p.name for p in out.iterdir()}
+    assert "exact dedupe" in proc.stderr  # the table

@@ -1,0 +1,141 @@
+"""Every supported format, in every supported container (JSONL, JSON array, CSV, Parquet,
+datasets save_to_disk), normalises to the same chat messages; field names can be remapped."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from ftlab.data import DataError
+from ftlab.data.prepare import load_examples
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Reset my password\n\nI am locked out."},
+     {"role": "assistant", "content": '{"category":"account"}'}],
+    [{"role": "user", "content": "Où est ma commande ? 📦"}, {"role": "assistant", "content": "En route."}],
+]
+
+
+def as_format(messages: list[dict], fmt: str) -> dict:
+    user, answer = messages[0]["content"], messages[1]["content"]
+    if fmt == "alpaca":
+        instruction, _, extra = user.partition("\n\n")
+        return {"instruction": instruction, "input": extra, "output": answer}
+    if fmt == "prompt_completion":
+        return {"prompt": user, "completion": answer}
+    if fmt == "sharegpt":
+        return {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]}
+    return {"messages": messages}
+
+
+def write(records: list[dict], path):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    elif path.suffix == ".csv":
+        # Lists (turns) go into CSV cells as JSON strings, as spreadsheet exports hold them.
+        rows = [{k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v for k, v in r.items()}
+                for r in records]
+        with path.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        from datasets import Dataset, DatasetDict
+
+        DatasetDict({"train": Dataset.from_list(records)}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("container", ["data.jsonl", "data.json", "data.csv", "data.parquet", "hf_dir"])
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "prompt_completion"])
+def test_each_format_and_container_round_trips_to_the_same_messages(data_cfg, tmp_path, fmt, container):
+    path = write([as_format(m, fmt) for m in CONVERSATIONS], tmp_path / container)
+    for declared in ("auto", fmt):
+        examples, rejects = load_examples(str(path), data_cfg(path=str(path), format=declared))
+        assert rejects == []
+        assert [e.messages for e in examples] == CONVERSATIONS
+
+
+def test_where_names_the_line_or_row(data_cfg, tmp_path):
+    jsonl = write([as_format(m, "alpaca") for m in CONVERSATIONS], tmp_path / "a.jsonl")
+    examples, _ = load_examples(str(jsonl), data_cfg())
+    assert [e.where for e in examples] == [f"{jsonl}:1", f"{jsonl}:2"]
+    parquet = write([as_format(m, "alpaca") for m in CONVERSATIONS], tmp_path / "a.parquet")
+    examples, _ = load_examples(str(parquet), data_cfg())
+    assert examples[1].where == f"{parquet}: row 2"
+
+
+@pytest.mark.parametrize("fmt,fields,record", [
+    ("alpaca", {"instruction": "question", "input": "context", "output": "answer"},
+     {"question": "Reset my password", "context": "I am locked out.", "answer": '{"category":"account"}'}),
+    ("prompt_completion", {"prompt": "q", "completion": "a"},
+     {"q": "Reset my password\n\nI am locked out.", "a": '{"category":"account"}'}),
+    ("sharegpt", {"conversations": "dialog", "sharegpt_from": "speaker", "sharegpt_value": "text"},
+     {"dialog": [{"speaker": "human", "text": "Reset my password\n\nI am locked out."},
+                 {"speaker": "gpt", "text": '{"category":"account"}'}]}),
+    ("messages", {"messages": "chat", "role": "who", "content": "body"},
+     {"chat": [{"who": "user", "body": "Reset my password\n\nI am locked out."},
+               {"who": "assistant", "body": '{"category":"account"}'}]}),
+])
+def test_field_names_can_be_remapped(data_cfg, tmp_path, fmt, fields, record):
+    path = write([record], tmp_path / "renamed.jsonl")
+    for declared in ("auto", fmt):
+        examples, _ = load_examples(str(path), data_cfg(fields=fields, format=declared))
+        assert examples[0].messages == CONVERSATIONS[0]
+
+
+def test_field_mapping_from_the_command_line_and_typos(make_cfg):
+    assert make_cfg("data.fields={output:answer}").data.fields.output == "answer"
+    assert make_cfg("data.fields.instruction=question").data.fields.instruction == "question"
+    with pytest.raises(ConfigCompositionException, match="answr"):
+        make_cfg("data.fields.answr=x")
+
+
+def test_system_turns_and_system_prompt(data_cfg, tmp_path):
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                  {"from": "gpt", "value": "Hello"}]}
+    path = write([sharegpt, as_format(CONVERSATIONS[1], "alpaca")], tmp_path / "s.jsonl")
+    examples, _ = load_examples(str(path), data_cfg(system_prompt="Answer in JSON."))
+    assert examples[0].messages[0] == {"role": "system", "content": "Be brief."}  # the record's own wins
+    assert examples[1].messages[0] == {"role": "system", "content": "Answer in JSON."}
+
+
+def test_hf_split_is_chosen_and_a_missing_one_is_named(data_cfg, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list([as_format(CONVERSATIONS[0], "alpaca")]),
+                 "test": Dataset.from_list([as_format(CONVERSATIONS[1], "alpaca")])}).save_to_disk(str(tmp_path / "d"))
+    examples, _ = load_examples(str(tmp_path / "d"), data_cfg(hf_split="test"))
+    assert examples[0].messages == CONVERSATIONS[1]
+    with pytest.raises(DataError, match=r"data.hf_split=valid: .* has splits \['test', 'train'\]"):
+        load_examples(str(tmp_path / "d"), data_cfg(hf_split="valid"))
+
+
+def test_missing_file_and_unknown_extension_are_named(data_cfg, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(str(tmp_path / "nope.jsonl"), data_cfg())
+    (tmp_path / "data.txt").write_text("hello")
+    with pytest.raises(DataError, match="unknown extension"):
+        load_examples(str(tmp_path / "data.txt"), data_cfg())
+
+
+def test_rendered_with_the_models_chat_template(data_cfg, tmp_path, tiny_tokenizer):
+    """Token counts are those of the tokenizer's own chat template, prompt and answer apart."""
+    from ftlab.data.clean import measure
+
+    path = write([as_format(m, "messages") for m in CONVERSATIONS], tmp_path / "m.jsonl")
+    examples, _ = load_examples(str(path), data_cfg())
+    measure(examples, tiny_tokenizer)
+    for e in examples:
+        prompt = tiny_tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, return_dict=False)
+        full = tiny_tokenizer.apply_chat_template(e.messages, return_dict=False)
+        assert (e.prompt_tokens, e.tokens) == (len(prompt), len(full))
