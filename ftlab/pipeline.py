@@ -133,6 +133,7 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
         callbacks.append(memory_cap_callback(cfg.budget.memory_cap_gb))
     result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks,
                    resume_from=resume.checkpoint if resume else None)
+    eval_start = time.perf_counter()
     scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate adapter")
 
     metrics = {
@@ -140,6 +141,7 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
         "eval_loss": result.eval_loss,
         "train_loss_final": result.train_loss,
         "train_seconds": result.train_seconds,
+        "eval_seconds": time.perf_counter() - eval_start,
         "trained_tokens": result.trained_tokens,
         "tokens_per_second": result.tokens_per_second,
         f"peak_memory_mb_{result.peak_memory_kind}": result.peak_memory_mb,

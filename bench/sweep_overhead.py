@@ -1,0 +1,80 @@
+"""Sweep overhead: how much of a sweep's wall time is not training or evaluating.
+
+Runs `python -m ftlab -m lora_r=4,8,16,32 model=tiny ...` exactly as a user would (a
+fresh process: interpreter start, imports, Hydra, MLflow parent run, four trials, the
+sweep callback with its report) and compares the wall time with the sum of the trials'
+own `train_seconds` + `eval_seconds` read back from MLflow. Then times the rejection of
+an over-budget config (Llama 3.1 8B, r=64, seq 4096, budget 8 GiB) through the real
+pipeline entry: it must fail before any weights, tokenizer or data load.
+
+    python bench/sweep_overhead.py [steps per trial]
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_sweep(store: Path, steps: int) -> float:
+    args = [sys.executable, "-m", "ftlab", "-m", "lora_r=4,8,16,32", "model=tiny", f"train.max_steps={steps}",
+            "data.num_records=300", "data.eval_size=16", "train.max_seq_length=256", "eval.max_new_tokens=24",
+            f"tracking_uri=sqlite:///{store}/mlflow.db", f"output_dir={store}/runs",
+            f"hydra.sweep.dir={store}/multirun", f"cache_dir={store}/cache"]
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"sweep failed:\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def inside_seconds(store: Path) -> tuple[float, int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    exp = client.get_experiment_by_name("ftlab")
+    trials = client.search_runs([exp.experiment_id], "tags.`ftlab.role` = 'trial'")
+    return sum(r.data.metrics["train_seconds"] + r.data.metrics["eval_seconds"] for r in trials), len(trials)
+
+
+def rejection_seconds(store: Path) -> tuple[float, str]:
+    from hydra import compose, initialize_config_dir
+
+    import ftlab.config  # noqa: F401
+    from ftlab.memory import OverBudget
+    from ftlab.pipeline import run
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=llama31_8b", "lora_r=64", "train.max_seq_length=4096",
+                                           "budget.vram_gb=8", f"tracking_uri=sqlite:///{store}/reject.db"])
+    run_setup = time.perf_counter()
+    try:
+        run(cfg)
+    except OverBudget as e:
+        return time.perf_counter() - run_setup, e.reason
+    sys.exit("the over-budget config was not rejected")
+
+
+def main() -> None:
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp)
+        wall = run_sweep(store, steps)
+        inside, n = inside_seconds(store)
+        rejection_seconds(store)  # the first call pays MLflow's store creation; time the second
+        reject_s, reason = rejection_seconds(store)
+    overhead = 1 - inside / wall
+    print(f"{n} trials x {steps} steps: wall {wall:.1f} s, inside train+eval {inside:.1f} s, "
+          f"outside {wall - inside:.1f} s")
+    print(f"over-budget rejection: {reject_s:.2f} s ({reason})")
+    print(f"SUMMARY sweep overhead: {overhead:.1%} of wall time; over-budget config rejected in {reject_s:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
