@@ -256,10 +256,12 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
     if stopper.signal_name is not None:
-        checkpoint = last_checkpoint(out_dir)
-        raise TrainingInterrupted(
-            f"interrupted by {stopper.signal_name} at step {trainer.state.global_step}; checkpoint saved in "
-            f"{checkpoint}; continue with train.resume=true", checkpoint, trainer.state.global_step)
+        step, checkpoint = trainer.state.global_step, last_checkpoint(out_dir)
+        # A signal after the last step's end finds no step left to checkpoint; say what is on disk.
+        saved = (f"checkpoint saved in {checkpoint}" if checkpoint and checkpoint.name == f"checkpoint-{step}"
+                 else f"no checkpoint of step {step} (newest on disk: {checkpoint})")
+        raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {step}; {saved}; "
+                                  "continue with train.resume=true", checkpoint, step)
     eval_loss = trainer.evaluate()["eval_loss"]
     tokens = _trained_tokens(trainer)
     adapter_dir = None
