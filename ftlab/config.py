@@ -12,6 +12,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+class SweepConfigError(ValueError):
+    """A sweep that cannot run as configured (search space, sampler, storage). Defined here,
+    not in the sweeper plugin, because Hydra re-executes plugin modules when it scans them,
+    which would give the class a second identity."""
+
+
 @dataclass
 class ArchConfig:
     """Architecture numbers of the base model (from its config.json): enough to

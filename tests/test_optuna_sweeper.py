@@ -6,7 +6,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.ftlab_optuna_sweeper.optuna_sweeper import SweepConfigError, distribution, grid_values
+from ftlab.config import SweepConfigError
+from hydra_plugins.ftlab_optuna_sweeper.optuna_sweeper import distribution, grid_values
 from tests.sweeping import runs, sweep
 
 

@@ -27,6 +27,8 @@ from omegaconf import DictConfig
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from ftlab.config import SweepConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -38,10 +40,6 @@ def quiet_optuna_warnings() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # What TPE reads as a trial's constraint values (> 0: infeasible); optuna.samplers._base._CONSTRAINTS_KEY.
 CONSTRAINTS_KEY = "constraints"
-
-
-class SweepConfigError(ValueError):
-    pass
 
 
 def distribution(override: Override) -> BaseDistribution:
