@@ -61,7 +61,7 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
 
         args = SFTConfig(
             output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=2e-4,
-            max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+            max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
             model_init_kwargs={"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16)},

@@ -213,6 +213,7 @@ class SweepConfig:
     # Metric names from pipeline.run's result, e.g. [rouge_l] or [rouge_l, predicted_peak_gb].
     objective: list[str] = field(default_factory=lambda: ["rouge_l"])
     direction: list[str] = field(default_factory=lambda: ["maximize"])  # one per objective
+    report_dir: str = "reports"  # the end-of-sweep report goes to <report_dir>/<sweep id>/
 
 
 @dataclass

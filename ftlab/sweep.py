@@ -171,7 +171,7 @@ def hand_over(config: DictConfig, parent_run_id: str, best_run_id: str | None) -
     not fail a sweep whose trials are already recorded."""
     cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     stages = [("ftlab.registry", "on_sweep_end", (cfg, parent_run_id, best_run_id)),
-              ("ftlab.report", "build_report", (parent_run_id,))]
+              ("ftlab.report", "build_report", (parent_run_id, cfg.sweep.report_dir))]
     for module, function, args in stages:
         if importlib.util.find_spec(module) is None:
             continue

@@ -34,3 +34,6 @@ for model in smollm2_135m llama32_1b; do
 done
 
 MLFLOW_TRACKING_URI="sqlite:///$PWD/$OUT/mlflow.db" python scripts/gpu_check_table.py "$OUT"/sweep-*/ftlab_sweep.json
+
+# Train throughput, TRL-default recipe (A) vs ftlab (B), on this GPU (issue 8): tiny needs no download.
+timeout 300 python bench/train_throughput.py tiny 6 | tail -5 || echo "train throughput bench failed"

@@ -30,6 +30,7 @@ def store_overrides(tmp_path: Path) -> list[str]:
     return [
         f"tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
         f"output_dir={tmp_path}/runs",
+        f"sweep.report_dir={tmp_path}/reports",
     ]
 
 

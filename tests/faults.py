@@ -210,3 +210,24 @@ class TrackingOutage(TrainerCallback):
             self.relay.open()
         elif self.stop_at < state.global_step < self.restart_at:
             time.sleep(self.slow_s)
+
+
+from hydra.experimental.callback import Callback  # noqa: E402
+
+
+class KillAtTrialStart(Callback):
+    """Hydra callback: SIGKILL the process when trial `kill_trial` starts, before its data is
+    prepared or any MLflow run exists; once (marker file). Add it with
+    `+hydra.callbacks.kill={_target_: tests.faults.KillAtTrialStart, kill_trial: 1, marker: ...}`."""
+
+    def __init__(self, kill_trial: int, marker: str):
+        self.kill_trial, self.marker = kill_trial, marker
+
+    def on_job_start(self, config, **kwargs):
+        import os
+        import signal
+        from pathlib import Path
+
+        if config.sweep.trial_number == self.kill_trial and not Path(self.marker).exists():
+            Path(self.marker).write_text("fired")
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -2,6 +2,9 @@
 with the basic launcher and with joblib's separate processes; over-budget configs skipped
 before anything loads; the best trial and ftlab_sweep.json recorded at the end."""
 import json
+
+from mlflow.tracking import MlflowClient
+
 from ftlab.sweep import pareto_front
 from tests.sweeping import runs, sweep
 
@@ -33,9 +36,17 @@ def test_grid_sweep_groups_trials_under_one_parent_run(tmp_path):
     assert_sweep_recorded(tmp_path, [4, 8, 16])
 
 
-def test_grid_sweep_with_joblib_processes_finds_the_parent(tmp_path):
-    sweep(tmp_path, "lora_r=4,8", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+def test_grid_sweep_with_joblib_processes_finds_the_parent_then_registers_and_reports(tmp_path):
+    sweep(tmp_path, "lora_r=4,8", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+          "train.save_adapter=true", "registry.auto_promote=true")
     assert_sweep_recorded(tmp_path, [4, 8])
+    # The sweep callback hands the best trial to the registry and writes the report.
+    [parent] = runs(tmp_path, "sweep")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    production = client.get_model_version_by_alias("ftlab", "production")
+    assert production.tags["ftlab.source_run_id"] == parent.data.tags["ftlab.best_run_id"]
+    report = tmp_path / "reports" / parent.data.tags["ftlab.sweep_id"] / "report.html"
+    assert report.exists() and parent.data.tags["ftlab.best_run_id"] in report.read_text()
 
 
 def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):

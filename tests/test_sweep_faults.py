@@ -29,6 +29,9 @@ def test_failed_and_oom_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].user_attrs["failure_kind"] == "exception" and "injected failure" in trials[1].user_attrs["error"]
     assert trials[2].user_attrs["failure_kind"] == "oom"
+    [parent] = runs(tmp_path, "sweep")
+    report = (tmp_path / "reports" / parent.data.tags["ftlab.sweep_id"] / "report.md").read_text()
+    assert "injected failure in trial 1" in report and "MemoryCapExceeded" in report
     assert trials[2].system_attrs["constraints"] == [1.0]  # the OOM config counts as infeasible
     by_id = {r.info.run_id: r for r in runs(tmp_path)}
     assert sorted(r.info.status for r in by_id.values()) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
@@ -51,16 +54,19 @@ def kill_hook(tmp_path, trial, at):
             f"marker:'{tmp_path}/killed-{trial}'}}")
 
 
-def test_sigkill_mid_trial_then_rerun_finishes_without_redoing_trials(tmp_path):
+def test_sigkill_at_three_points_then_rerun_finishes_without_redoing_trials(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    hooks = f"train.callbacks=[{kill_hook(tmp_path, 1, 'mid_training')},{kill_hook(tmp_path, 2, 'before_eval')}]"
-    args = optuna_sweep_args(storage, "crash", 3, hooks)
-    assert sweep(tmp_path, *args, check=False).returncode == -9  # killed in trial 1
-    assert sweep(tmp_path, *args, check=False).returncode == -9  # resumed, killed in trial 2
+    hooks = f"train.callbacks=[{kill_hook(tmp_path, 2, 'mid_training')},{kill_hook(tmp_path, 3, 'before_eval')}]"
+    at_start = ("+hydra.callbacks.kill_at_start={_target_:tests.faults.KillAtTrialStart,kill_trial:1,"
+                f"marker:'{tmp_path}/killed-at-start'}}")
+    args = optuna_sweep_args(storage, "crash", 3, hooks, at_start)
+    assert sweep(tmp_path, *args, check=False).returncode == -9  # trial 0 done; killed as trial 1 starts
+    assert sweep(tmp_path, *args, check=False).returncode == -9  # resumed, killed mid-training of trial 2
+    assert sweep(tmp_path, *args, check=False).returncode == -9  # resumed, killed before evaluating trial 3
     sweep(tmp_path, *args)  # resumed again: finishes
     trials = optuna.load_study(study_name="crash", storage=storage).trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 3 and [t.state for t in trials].count(TrialState.FAIL) == 2
+    assert len(complete) == 3 and [t.state for t in trials].count(TrialState.FAIL) == 3
     assert trials[0].state == TrialState.COMPLETE  # done before the first kill, not redone
     all_runs = runs(tmp_path)
     assert not [r for r in all_runs if r.info.status == "RUNNING"]
