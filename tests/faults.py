@@ -1,5 +1,10 @@
 """Fault injection for reliability tests, plugged in the way users add callbacks:
 `train.callbacks=[{_target_: tests.faults.RaiseAtStep, step: 2}]`."""
+import os
+import signal
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
 from transformers import TrainerCallback
 
 
@@ -30,6 +35,13 @@ class FailOnTrial(TrainerCallback):
             self.cap.on_step_end(args, state, control, **kwargs)
 
 
+def sigkill_once(marker: str) -> None:
+    """SIGKILL this process unless `marker` exists; write it first, so the re-run goes through."""
+    if not Path(marker).exists():
+        Path(marker).write_text("fired")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class KillOnce(TrainerCallback):
     """SIGKILL the whole process the first time trial `trial` reaches `at` (mid_training:
     after its first step; before_eval: when training ends, before held-out scoring).
@@ -40,13 +52,8 @@ class KillOnce(TrainerCallback):
         self.at, self.marker = at, marker
 
     def _kill(self):
-        import os
-        import signal
-        from pathlib import Path
-
-        if self.fire and not Path(self.marker).exists():
-            Path(self.marker).write_text("fired")
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fire:
+            sigkill_once(self.marker)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.at == "mid_training":
@@ -212,9 +219,6 @@ class TrackingOutage(TrainerCallback):
             time.sleep(self.slow_s)
 
 
-from hydra.experimental.callback import Callback  # noqa: E402
-
-
 class KillAtTrialStart(Callback):
     """Hydra callback: SIGKILL the process when trial `kill_trial` starts, before its data is
     prepared or any MLflow run exists; once (marker file). Add it with
@@ -224,10 +228,5 @@ class KillAtTrialStart(Callback):
         self.kill_trial, self.marker = kill_trial, marker
 
     def on_job_start(self, config, **kwargs):
-        import os
-        import signal
-        from pathlib import Path
-
-        if config.sweep.trial_number == self.kill_trial and not Path(self.marker).exists():
-            Path(self.marker).write_text("fired")
-            os.kill(os.getpid(), signal.SIGKILL)
+        if config.sweep.trial_number == self.kill_trial:
+            sigkill_once(self.marker)
