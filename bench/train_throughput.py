@@ -44,6 +44,26 @@ def load_case(model: str, dataset: str):
     return cfg, ckpt, tokenizer, data
 
 
+def completion_loss(model, tokenizer, examples, dtype) -> float:
+    """Mean NLL of the reference answers given their prompts, the same measure for A and B
+    (TRL's own eval loss for A counts prompt tokens too, ftlab's only the answer)."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    for ex in examples:
+        prompt = tokenizer.apply_chat_template(ex.prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
+        ids = torch.tensor([full])
+        labels = ids.clone()
+        labels[0, : len(prompt)] = -100
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=labels).loss
+        n = int((labels[0, 1:] != -100).sum())
+        total, count = total + float(loss) * n, count + n
+    return total / count
+
+
 def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
     import torch
     from datasets import Dataset
@@ -75,22 +95,25 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
             start = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - start
-        eval_loss = trainer.evaluate()["eval_loss"]
+        eval_loss = completion_loss(trainer.model, tokenizer, data.held_out, torch.bfloat16)
         tokens = next(e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e)
     else:
-        from ftlab.train import train
+        from ftlab.memory import resolve_checkpointing
+        from ftlab.train import device_memory_gb, train
 
         cfg.train.max_steps = steps
+        cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_memory_gb())
         cfg.train.save_adapter = False
         model_obj = models.load_base(ckpt, cfg.model, cfg.peft)
         model_obj = models.add_adapter(model_obj, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                        cfg.train.gradient_checkpointing)
         result = train(model_obj, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out,
                        models.compute_dtype(cfg.model.dtype))
-        seconds, eval_loss, tokens = result.train_seconds, result.eval_loss, result.trained_tokens
+        seconds, tokens = result.train_seconds, result.trained_tokens
+        eval_loss = completion_loss(model_obj, tokenizer, data.held_out, models.compute_dtype(cfg.model.dtype))
         peak = type("Peak", (), {"peak_mb": result.peak_memory_mb})
     return {"variant": variant, "model": model, "dataset": dataset, "seconds": seconds, "tokens": tokens,
-            "tokens_per_s": tokens / seconds, "peak_mb": peak.peak_mb, "eval_loss": eval_loss}
+            "tokens_per_s": tokens / seconds, "peak_mb": peak.peak_mb, "eval_loss": eval_loss}  # held-out answer-token loss
 
 
 def main() -> None:

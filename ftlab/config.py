@@ -134,7 +134,9 @@ class TrainConfig:
     per_device_batch_size: int = 8
     grad_accum: int = 2
     max_seq_length: int = 512
-    gradient_checkpointing: bool = True
+    # auto: off (no recomputed forward, ~1.3x faster steps) when the predicted peak without it
+    # fits the budget (budget.vram_gb, else the device's memory); on otherwise. true | false force it.
+    gradient_checkpointing: Any = "auto"
     packing: bool = False
     # group_by_length batches records of similar length together, so little of each batch
     # is padding (the sampler still shuffles); random is plain shuffling.
@@ -185,6 +187,10 @@ class BudgetConfig:
     # on the CPU an RSS watchdog checked every step. Exceeding it fails that trial with an
     # out-of-memory error; a sweep goes on with the next one.
     memory_cap_gb: Optional[float] = None
+    # Set by the Optuna sweeper, not by hand: the smallest predicted peak (GiB) at which a
+    # trial of this study ran out of memory. The estimator under-predicted there, so configs
+    # predicted at that size or larger are skipped like over-budget ones.
+    oom_at_gb: Optional[float] = None
 
 
 @dataclass

@@ -184,9 +184,31 @@ def settings(cfg: DictConfig) -> Settings:
         lora_dropout=float(cfg.lora_dropout), optim=str(train.optim),
         loraplus=float(train.loraplus_lr_ratio) != 1.0,
         batch=int(train.per_device_batch_size), seq=int(train.max_seq_length),
-        checkpointing=bool(train.gradient_checkpointing),
+        checkpointing=checkpointing_setting(train.gradient_checkpointing),
         attn=str(cfg.model.attn_implementation),
     )
+
+
+def checkpointing_setting(value) -> bool:
+    """train.gradient_checkpointing as priced: `auto` not yet resolved (resolve_checkpointing)
+    is priced on, the smaller of the two."""
+    if value not in (True, False, "auto"):
+        raise BudgetError(f"train.gradient_checkpointing={value!r}: use true, false or auto")
+    return value in (True, "auto")
+
+
+def resolve_checkpointing(cfg: DictConfig, device_gb: float | None) -> bool:
+    """train.gradient_checkpointing=auto -> off when the prediction without it fits the budget
+    (budget.vram_gb, else `device_gb`, the device's memory), on otherwise or when neither is known."""
+    value = cfg.train.gradient_checkpointing
+    if value != "auto":
+        checkpointing_setting(value)
+        return bool(value)
+    limit = budget_gib(cfg) or device_gb
+    if limit is None:
+        return True
+    without = replace(settings(cfg), checkpointing=False)
+    return estimate_settings(without).total_gb > limit
 
 
 def target_names(value) -> tuple[str, ...]:
@@ -309,13 +331,17 @@ def estimate(cfg: DictConfig) -> MemoryEstimate:
 
 
 def budget_gib(cfg: DictConfig) -> float | None:
+    """The effective budget: budget.vram_gb, lowered to just below budget.oom_at_gb when an
+    earlier trial of the sweep ran out of memory at that predicted size."""
     value = cfg.budget.vram_gb
-    if value is None:
-        return None
-    value = float(value)
-    if not value > 0 or math.isinf(value):
-        raise BudgetError(f"budget.vram_gb={cfg.budget.vram_gb}: must be a positive number of GiB (e.g. 24), "
-                          f"or null for no budget")
+    if value is not None:
+        value = float(value)
+        if not value > 0 or math.isinf(value):
+            raise BudgetError(f"budget.vram_gb={cfg.budget.vram_gb}: must be a positive number of GiB (e.g. 24), "
+                              f"or null for no budget")
+    if cfg.budget.oom_at_gb is not None:
+        below_oom = float(cfg.budget.oom_at_gb) * (1 - 1e-6)
+        value = below_oom if value is None else min(value, below_oom)
     return value
 
 
@@ -327,7 +353,12 @@ def check_budget(cfg: DictConfig) -> tuple[bool, MemoryEstimate, str]:
         return True, est, f"predicted peak {est.total_gb:.1f} GiB; no budget set (budget.vram_gb=null)"
     fits = est.total_gb <= budget
     verdict = "fits" if fits else "over budget"
-    return fits, est, (f"predicted peak {est.total_gb:.1f} GiB vs budget.vram_gb={budget:g} GiB: {verdict} "
+    if cfg.budget.vram_gb is not None and budget == float(cfg.budget.vram_gb):
+        limit = f"budget.vram_gb={budget:g} GiB"
+    else:
+        limit = (f"{cfg.budget.oom_at_gb:.3g} GiB predicted for a trial of this sweep that ran out of memory "
+                 f"(budget.oom_at_gb)")
+    return fits, est, (f"predicted peak {est.total_gb:.3g} GiB vs {limit}: {verdict} "
                        f"(micro-batch {cfg.train.per_device_batch_size} x seq {cfg.train.max_seq_length})")
 
 
@@ -349,6 +380,7 @@ def fit_batch(cfg: DictConfig) -> tuple[int, int] | None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.memory model=llama31_8b lora_r=64 ...`: the estimate, no weights."""
+    cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_gb=None)
     fits, est, reason = check_budget(cfg)
     print(f"{cfg.model.name} {cfg.peft.method} ({cfg.peft.load_in_bits}-bit), lora_r={cfg.lora_r}, "
           f"targets={cfg.target_modules}, batch {cfg.train.per_device_batch_size} x seq {cfg.train.max_seq_length}, "

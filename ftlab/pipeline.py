@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftlab import checkpoints, memory, models, scoring, tracking
 from ftlab.data import prepare
 from ftlab.data.report import log_data_report
-from ftlab.train import memory_cap_callback, peak_so_far_mb, release_memory, train
+from ftlab.train import device_memory_gb, memory_cap_callback, peak_so_far_mb, release_memory, train
 
 log = logging.getLogger("ftlab")
 
@@ -94,6 +94,7 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
     """Predicted peak (GiB) of the config that will run. Over budget.vram_gb: with
     budget.fit=auto_batch the micro-batch is lowered (grad_accum raised to keep the
     effective batch) until it fits; otherwise a skipped run is recorded and OverBudget raised."""
+    cfg.train.gradient_checkpointing = memory.resolve_checkpointing(cfg, device_memory_gb())
     fits, est, reason = memory.check_budget(cfg)
     if not fits and cfg.budget.fit == "auto_batch" and (pair := memory.fit_batch(cfg)):
         log.warning("%s; auto_batch: train.per_device_batch_size=%d train.grad_accum=%d", reason, *pair)

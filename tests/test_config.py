@@ -14,7 +14,7 @@ def test_seed_recipe_is_the_default(make_cfg):
     assert (cfg.peft.method, cfg.peft.load_in_bits, cfg.peft.quant_type, cfg.peft.double_quant) == ("qlora", 4, "nf4", True)
     assert (cfg.lora_r, cfg.lora_alpha, cfg.target_modules, cfg.lr) == (16, 16, "all-linear", 2e-4)
     assert (cfg.train.epochs, cfg.train.per_device_batch_size, cfg.train.grad_accum) == (1, 8, 2)
-    assert cfg.train.gradient_checkpointing
+    assert cfg.train.gradient_checkpointing == "auto"
 
 
 def test_size_presets_carry_architecture(make_cfg):

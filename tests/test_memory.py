@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ftlab.memory import GIB, BudgetError, check_budget, estimate, fit_batch
+from ftlab.memory import GIB, BudgetError, check_budget, estimate, fit_batch, resolve_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,6 +168,34 @@ def test_impossible_budget_names_the_key(make_cfg):
 def test_no_budget_always_fits(make_cfg):
     fits, _, reason = check_budget(make_cfg("model=llama31_70b", tiny=False))
     assert fits and "budget.vram_gb=null" in reason
+
+
+def test_auto_checkpointing_is_off_only_when_the_run_fits_without_it(make_cfg):
+    def resolved(*o, device_gb=None):
+        return resolve_checkpointing(make_cfg("model=llama31_8b", "train.max_seq_length=2048",
+                                              "train.per_device_batch_size=1", *o, tiny=False), device_gb)
+
+    # Predicted 29.6 GiB without checkpointing, 12.6 GiB with it.
+    assert resolved("budget.vram_gb=40") is False  # fits without: no recomputed forward
+    assert resolved("budget.vram_gb=24") is True   # only fits with it
+    assert resolved(device_gb=80) is False and resolved(device_gb=24) is True  # no budget: the device decides
+    assert resolved() is True  # nothing known: the safe choice
+    assert resolved("train.gradient_checkpointing=false", "budget.vram_gb=8") is False  # explicit wins
+    with pytest.raises(BudgetError, match=r"train\.gradient_checkpointing='sometimes'"):
+        resolved("train.gradient_checkpointing=sometimes")
+
+
+def test_an_oom_in_the_sweep_caps_the_budget_below_its_predicted_peak(make_cfg):
+    oomed = estimate(make_cfg("model=llama31_8b", "lora_r=16", tiny=False)).total_gb
+    # The config that ran out of memory, and a larger one, are now skipped; a smaller one runs.
+    for rank, fits in ((16, False), (64, False), (4, True)):
+        cfg = make_cfg("model=llama31_8b", f"lora_r={rank}", f"budget.oom_at_gb={oomed}", tiny=False)
+        ok, _, reason = check_budget(cfg)
+        assert ok is fits and "ran out of memory (budget.oom_at_gb)" in reason, (rank, reason)
+    # A tighter user budget still wins, and is the one named.
+    _, _, reason = check_budget(make_cfg("model=llama31_8b", "budget.vram_gb=8", f"budget.oom_at_gb={oomed}",
+                                         tiny=False))
+    assert "budget.vram_gb=8 GiB: over budget" in reason
 
 
 def test_fit_batch_halves_micro_batch_and_keeps_effective_batch(make_cfg):

@@ -23,23 +23,29 @@ def optuna_sweep_args(storage, name, n_trials, *extra, grace_period=2):
 
 def test_failed_and_oom_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    fault = "train.callbacks=[{_target_:tests.faults.FailOnTrial,trial:${sweep.trial_number},raise_on:[1],oom_on:[2]}]"
-    sweep(tmp_path, *optuna_sweep_args(storage, "faults", 2, fault))
+    fault = "train.callbacks=[{_target_:tests.faults.FailOnTrial,trial:${sweep.trial_number},oom_on:[1],raise_on:[3]}]"
+    sweep(tmp_path, *optuna_sweep_args(storage, "faults", 3, fault))
     trials = optuna.load_study(study_name="faults", storage=storage).trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[1].user_attrs["failure_kind"] == "exception" and "injected failure" in trials[1].user_attrs["error"]
-    assert trials[2].user_attrs["failure_kind"] == "oom"
+    assert [t.params["lora_r"] for t in trials] == [8, 16, 16, 8, 8]  # RandomSampler(seed=0)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.FAIL,
+                                         TrialState.COMPLETE]
+    assert trials[1].user_attrs["failure_kind"] == "oom"
+    assert trials[3].user_attrs["failure_kind"] == "exception" and "injected failure" in trials[3].user_attrs["error"]
+    # The OOM's predicted peak caps the rest of the study: the same config is skipped before it
+    # loads anything (and told back over budget, which TPE reads as infeasible); a smaller one runs.
+    assert "ran out of memory (budget.oom_at_gb)" in trials[2].user_attrs["skip_reason"]
+    assert trials[2].user_attrs["budget_excess_gb"] > 0
     [parent] = runs(tmp_path, "sweep")
     report = (tmp_path / "reports" / parent.data.tags["ftlab.sweep_id"] / "report.md").read_text()
-    assert "injected failure in trial 1" in report and "MemoryCapExceeded" in report
-    assert trials[2].system_attrs["constraints"] == [1.0]  # the OOM config counts as infeasible
+    assert "injected failure in trial 3" in report and "MemoryCapExceeded" in report
     by_id = {r.info.run_id: r for r in runs(tmp_path)}
-    assert sorted(r.info.status for r in by_id.values()) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    assert sorted(r.info.status for r in by_id.values()) == ["FAILED", "FAILED", "FINISHED", "FINISHED", "KILLED"]
     for t in trials:
         assert by_id[t.user_attrs["mlflow_run_id"]].data.tags["ftlab.trial_number"] == str(t.number)
-    oom_run = by_id[trials[2].user_attrs["mlflow_run_id"]]
+    oom_run = by_id[trials[1].user_attrs["mlflow_run_id"]]
     assert oom_run.data.tags["ftlab.failure_kind"] == "oom"
     assert "predicted_peak_gb" in oom_run.data.metrics and "peak_memory_mb_cpu_peak_rss" in oom_run.data.metrics
+    assert by_id[trials[2].user_attrs["mlflow_run_id"]].data.tags["ftlab.state"] == "skipped_budget"
 
 
 def test_grid_sweep_goes_on_after_a_failed_trial(tmp_path):

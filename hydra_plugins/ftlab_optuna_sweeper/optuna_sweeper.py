@@ -38,8 +38,6 @@ def quiet_optuna_warnings() -> None:
     sweep time: Hydra restores warning filters after importing plugins.)"""
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# What TPE reads as a trial's constraint values (> 0: infeasible); optuna.samplers._base._CONSTRAINTS_KEY.
-CONSTRAINTS_KEY = "constraints"
 
 
 def distribution(override: Override) -> BaseDistribution:
@@ -79,6 +77,16 @@ def budget_constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
     """> 0: infeasible (GiB over budget, or an OOM). TPE sends infeasible trials to its
     'bad' group, so over-budget regions stop being suggested."""
     return [float(trial.user_attrs.get("budget_excess_gb", 0.0))]
+
+
+def oom_override(study: optuna.Study) -> list[str]:
+    """After an out-of-memory trial, later trials get budget.oom_at_gb: the smallest predicted
+    peak that ran out of memory. Configs predicted at least that large are then skipped before
+    they load anything and told back PRUNED with their excess, which TPE's constraints_func
+    reads as infeasible (TPE ignores FAIL trials, so the OOM itself would not steer it)."""
+    ooms = [t.user_attrs["predicted_peak_gb"] for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if t.user_attrs.get("failure_kind") == "oom" and "predicted_peak_gb" in t.user_attrs]
+    return [f"budget.oom_at_gb={min(ooms)!r}"] if ooms else []
 
 
 def postgres_driver(url: str) -> str:
@@ -216,8 +224,8 @@ class OptunaSweeper(Sweeper):
             batch = self.claim(study, [study.ask(space) for _ in range(min(self.n_jobs, free))])
             if not batch:
                 continue
-            overrides = [[*fixed, *(f"{k}={v}" for k, v in t.params.items()), f"sweep.trial_number={t.number}"]
-                         for t in batch]
+            overrides = [[*fixed, *(f"{k}={v}" for k, v in t.params.items()), f"sweep.trial_number={t.number}",
+                          *oom_override(study)] for t in batch]
             self.validate_batch_is_legal(overrides)
             with self.heartbeats(storage, [t._trial_id for t in batch]):
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
@@ -293,9 +301,6 @@ class OptunaSweeper(Sweeper):
         if outcome["state"] == "failed":
             trial.set_user_attr("error", outcome["error"][:2000])
             trial.set_user_attr("failure_kind", outcome["failure_kind"])
-            if outcome["failure_kind"] == "oom":  # this config's neighbourhood does not fit
-                trial.set_user_attr("budget_excess_gb", 1.0)
-                study._storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, (1.0,))
             tell(study, trial, state=TrialState.FAIL)
             return
         values = [metrics.get(name) for name in objective]
