@@ -264,12 +264,17 @@ def optuna_study(sweep: Sweep) -> optuna.Study | None:
     return study
 
 
-def param_importances(study: optuna.Study | None) -> dict[str, float] | None:
-    """fANOVA importances of the first objective; None with too few trials or nothing swept."""
-    if study is None or len(study.trials) < MIN_TRIALS_FOR_IMPORTANCE or not study.trials[0].params:
-        return None
+def param_importances(study: optuna.Study | None) -> tuple[dict[str, float] | None, str]:
+    """fANOVA importances of the first objective, or None and the reason there are none."""
+    trials = study.trials if study is not None else []
+    if len(trials) < MIN_TRIALS_FOR_IMPORTANCE or not trials[0].params:
+        return None, (f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} finished trials with "
+                      f"varying parameters ({len(trials)} finished).")
+    if len({t.values[0] for t in trials}) == 1:  # fANOVA has no variance to attribute
+        return None, (f"Parameter importances: all {len(trials)} finished trials scored {trials[0].values[0]:.4g}, "
+                      "so no parameter explains a difference.")
     return optuna.importance.get_param_importances(
-        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=lambda t: t.values[0])
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=lambda t: t.values[0]), ""
 
 
 def pareto_run_ids(study: optuna.Study | None) -> set[str]:
@@ -526,7 +531,7 @@ def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_u
     out = Path(out_dir) / sweep.sweep_id
     out.mkdir(parents=True, exist_ok=True)
     study = optuna_study(sweep)
-    importances = param_importances(study)
+    importances, note = param_importances(study)
     front = pareto_run_ids(study)
     candidates = [
         ("Training loss", plot_train_loss(sweep, out / "train_loss.png")),
@@ -535,8 +540,6 @@ def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_u
         ("Pareto front", plot_pareto(sweep, front, out / "pareto_front.png")),
     ]
     figures = [(title, path) for title, path in candidates if path is not None]
-    note = "" if importances else (f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} finished trials "
-                                   f"with varying parameters ({len(sweep.finished)} finished).")
     render(sweep, front, figures, note, out)
     client.log_artifacts(sweep.parent_run_id, str(out), "report")
     return out
