@@ -352,16 +352,28 @@ def start_sweep_run(sweep_id: str, command: str, objective: list[str], direction
     same study joins it) or created. Returns its run id."""
     client = MlflowClient()
     experiment_id = _active_experiment_id()
-    found = client.search_runs([experiment_id], f"tags.`ftlab.role` = 'sweep' and tags.`ftlab.sweep_id` = '{sweep_id}'",
-                               max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
+    found = sweep_parent(client, experiment_id, sweep_id)
+    if found is not None:
+        client.update_run(found, status="RUNNING")
+        return found
     run = client.create_run(experiment_id, run_name=f"sweep-{sweep_id}", tags={
         "ftlab.role": "sweep", "ftlab.sweep_id": sweep_id, "ftlab.command": mask(command)[:MAX_PARAM_VALUE],
         "ftlab.objective": ",".join(objective), "ftlab.direction": ",".join(direction)})
-    return run.info.run_id
+    return sweep_parent(client, experiment_id, sweep_id, created=run.info.run_id)
+
+
+def sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str, created: str | None = None) -> str | None:
+    """The oldest parent run of the sweep. Workers started at the same instant can each create
+    one; every worker picks the oldest (ties by run id), so they converge, and a worker whose
+    own `created` run lost deletes it."""
+    parents = client.search_runs([experiment_id], f"tags.`ftlab.role` = 'sweep' and tags.`ftlab.sweep_id` = '{sweep_id}'",
+                                 max_results=100, order_by=["attributes.start_time ASC"])
+    if not parents:
+        return None
+    oldest = min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    if created is not None and created != oldest:
+        client.delete_run(created)
+    return oldest
 
 
 def _active_experiment_id() -> str:
