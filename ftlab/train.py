@@ -231,6 +231,9 @@ def sft_config(cfg: TrainConfig, lr: float, seed: int, out_dir: Path, dtype: tor
     )
 
 
+_TOKENIZED: dict[tuple, tuple] = {}
+
+
 def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, seed: int, out_dir: Path,
           dtype: torch.dtype, callbacks: list | None = None, resume_from: Path | None = None) -> TrainResult:
     """Train; resume_from continues from that checkpoint. A SIGINT/SIGTERM during training saves a
@@ -247,15 +250,24 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
         optimizer = create_loraplus_optimizer(
             model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay
         )
+    # TRL tokenises (chat template, completion mask, truncation) in SFTTrainer.__init__; the
+    # trials of a sweep that share data, tokenizer and length reuse its output. Not with
+    # packing: TRL would pack already-packed rows again.
+    key = (data.fingerprint, tokenizer.name_or_path, cfg.max_seq_length)
+    train_rows, eval_rows = _TOKENIZED.get(key) if not cfg.packing and key in _TOKENIZED else (
+        Dataset.from_list(data.trl_rows("train")), Dataset.from_list(data.trl_rows("held_out")))
     trainer = completion_only_trainer_class()(
         model=model,
         args=args,
         optimizers=(optimizer, None),
-        train_dataset=Dataset.from_list(data.trl_rows("train")),
-        eval_dataset=Dataset.from_list(data.trl_rows("held_out")),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         callbacks=callbacks or [],
     )
+    if not cfg.packing:
+        _TOKENIZED.clear()  # one entry: a sweep over data or models must not pile them up
+        _TOKENIZED[key] = (trainer.train_dataset, trainer.eval_dataset)
     from transformers.trainer_callback import ProgressCallback
 
     trainer.remove_callback(ProgressCallback)

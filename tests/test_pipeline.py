@@ -52,6 +52,27 @@ def test_base_model_is_scored_once_per_data_and_eval_config(make_cfg):
     assert len(_runs(cfg, "base_eval")) == 2
 
 
+def test_trials_on_the_same_data_tokenise_it_once(make_cfg, monkeypatch):
+    import datasets
+
+    tokenised = []
+    real_map = datasets.Dataset.map
+
+    def counting_map(self, *args, **kwargs):
+        if str(kwargs.get("desc", "")).startswith("Tokenizing"):
+            tokenised.append(kwargs["desc"])
+        return real_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", counting_map)
+    common = ("train.max_steps=2", "eval.compare_base=false", "eval.max_new_tokens=4")
+    run(make_cfg("lora_r=4", *common))
+    assert sorted(tokenised) == ["Tokenizing eval dataset", "Tokenizing train dataset"]
+    second = run(make_cfg("lora_r=8", *common))
+    assert len(tokenised) == 2 and second["trained_tokens"] > 0  # reused, and trained on it
+    run(make_cfg("lora_r=8", "train.max_seq_length=512", *common))  # other truncation: tokenised again
+    assert len(tokenised) == 4
+
+
 def test_long_param_values_do_not_crash_the_run(make_cfg):
     # MLflow rejects param values over 6000 characters; ftlab truncates them and keeps the full config.
     long_prompt = "Triage this support ticket carefully. " * 200  # 7,600 characters
