@@ -170,7 +170,8 @@ def _rank_key(t: Trial, objective: str, direction: str):
 
 
 def varying_params(trials: list[Trial]) -> list[str]:
-    keys = sorted({k for t in trials for k in t.params})
+    # sweep.* (trial number, ids) differs in every trial by construction: not a swept parameter.
+    keys = sorted({k for t in trials for k in t.params if not k.startswith("sweep.")})
     return [k for k in keys if len({t.params.get(k) for t in trials if t.params}) > 1]
 
 
@@ -294,7 +295,7 @@ def plot_train_loss(sweep: Sweep, path: Path) -> Path | None:
     for t in curves:
         steps, losses = zip(*t.train_loss)
         ax.plot(steps, losses, marker="o", markersize=3, linestyle="-" if t.state == "finished" else ":",
-                label=f"{t.label} ({t.state})")
+                label=" ".join([t.label, *(f"{k}={t.params.get(k)}" for k in sweep.varying), f"({t.state})"]))
     ax.set(xlabel="step", ylabel="train loss", title="Training loss of every trial")
     if len(curves) <= 20:  # beyond that a legend hides the curves; the table has the numbers
         ax.legend(fontsize="small")
@@ -314,7 +315,9 @@ def plot_objective_vs_params(sweep: Sweep, path: Path) -> Path | None:
         numeric = all(isinstance(x, (int, float)) for x in xs)
         # Rates are searched on a log scale; so are integers spanning a decade (ranks).
         if numeric and min(xs) > 0 and (max(xs) >= 10 * min(xs) or any(isinstance(x, float) for x in xs)):
-            ax.set_xscale("log")
+            ax.set_xscale("log", base=2 if all(isinstance(x, int) for x in xs) else 10)
+            ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])  # the values tried, not 2^k
+            ax.minorticks_off()
         ax.scatter(xs if numeric else [str(x) for x in xs], ys)
         for x, y, t in zip(xs, ys, finished):
             ax.annotate(t.label, (x if numeric else str(x), y), fontsize="small", xytext=(3, 3),

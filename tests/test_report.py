@@ -123,6 +123,7 @@ def test_report_of_a_tiny_sweep(sweep, tmp_path):
 
     # Finished trials come first, best ROUGE-L first, then the failed, then the skipped one.
     header, table = markdown_table(md)
+    assert "lora_r" in header and not [h for h in header if h.startswith("sweep.")]  # bookkeeping is not swept
     states = [row[header.index("state")] for row in table if row[1].startswith("#")]
     assert states == ["finished"] * 3 + ["failed", "skipped_budget"]
     rouge = [float(row[header.index("ROUGE-L")]) for row in table[1:4]]
