@@ -8,30 +8,23 @@ records/s, and the cache's speed-up (a sweep's trials after the first pay only t
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import arg, compose_config
 
 
 def main() -> None:
-    from hydra import compose, initialize_config_dir
-
-    import ftlab.config  # noqa: F401
     from ftlab import models
     from ftlab.data import clean, prepare
     from ftlab.data.generate import generate, write_jsonl
     from ftlab.data.prepare import load_examples
 
-    model_name = sys.argv[1] if len(sys.argv) > 1 else "smollm2_135m"
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 50_000
+    model_name, n = arg(1, "smollm2_135m"), arg(2, 50_000, int)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_jsonl(generate(n, seed=11), Path(tmp) / "big.jsonl")
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"model={model_name}", f"data.path={path}", "data.eval_size=0.05"])
+        cfg = compose_config(f"model={model_name}", f"data.path={path}", "data.eval_size=0.05")
         tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, cfg.cache_dir))
         print(f"{n} records, {path.stat().st_size / 1e6:.1f} MB, tokenizer {model_name}, "
               f"max_seq_length {cfg.train.max_seq_length}")

@@ -8,25 +8,17 @@ kernels' batch-shape-dependent rounding flips a near-tie, the logit gap at the d
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import arg, compose_config
 
 
 def main() -> None:
-    from hydra import compose, initialize_config_dir
-
-    import ftlab.config  # noqa: F401
     from ftlab import models, scoring
     from ftlab.data import prepare
 
-    model_name = sys.argv[1] if len(sys.argv) > 1 else "smollm2_135m"
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 32
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model_name}", f"data.eval_size={n}"])
+    model_name, n = arg(1, "smollm2_135m"), arg(2, 32, int)
+    cfg = compose_config(f"model={model_name}", f"data.eval_size={n}")
     ckpt = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
     tokenizer = models.load_tokenizer(ckpt)
     data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))

@@ -15,14 +15,12 @@ recomputation counted: this is MFU, not hardware FLOP utilisation):
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import load_case, run_variant  # noqa: E402
+from common import arg
+from train_throughput import load_case, run_variant
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 10) -> float:
@@ -46,8 +44,7 @@ def flops_per_token(arch, lora_r: int, seq_len: float, label_share: float) -> fl
 
 
 def main() -> None:
-    model = sys.argv[1] if len(sys.argv) > 1 else "smollm2_135m"
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    model, steps = arg(1, "smollm2_135m"), arg(2, 4, int)
     from ftlab import models
 
     cfg, _, tokenizer, data = load_case(model, "default")

@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, arg, compose_config
 
 
 def run_sweep(store: Path, steps: int) -> tuple[float, float]:
@@ -59,15 +58,11 @@ def breakdown(store: Path, start: float, end: float) -> dict[str, float]:
 
 
 def rejection_seconds(store: Path) -> tuple[float, str]:
-    from hydra import compose, initialize_config_dir
-
-    import ftlab.config  # noqa: F401
     from ftlab.memory import OverBudget
     from ftlab.pipeline import run
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["model=llama31_8b", "lora_r=64", "train.max_seq_length=4096",
-                                           "budget.vram_gb=8", f"tracking_uri=sqlite:///{store}/reject.db"])
+    cfg = compose_config("model=llama31_8b", "lora_r=64", "train.max_seq_length=4096",
+                         "budget.vram_gb=8", f"tracking_uri=sqlite:///{store}/reject.db")
     run_setup = time.perf_counter()
     try:
         run(cfg)
@@ -77,7 +72,7 @@ def rejection_seconds(store: Path) -> tuple[float, str]:
 
 
 def main() -> None:
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+    steps = arg(1, 16, int)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
         parts = breakdown(store, *run_sweep(store, steps))

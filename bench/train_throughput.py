@@ -18,19 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import arg, compose_config
 
 
 def load_case(model: str, dataset: str):
-    from hydra import compose, initialize_config_dir
-
-    import ftlab.config  # noqa: F401
     from ftlab import models
     from ftlab.data import prepare
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}", "train.max_seq_length=1024"])
+    cfg = compose_config(f"model={model}", "train.max_seq_length=1024")
     ckpt = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
     tokenizer = models.load_tokenizer(ckpt)
     data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
@@ -120,8 +115,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--variant":
         print("RESULT " + json.dumps(run_variant(*sys.argv[2:5], int(sys.argv[5]))))
         return
-    model_list = [sys.argv[1]] if len(sys.argv) > 1 else ["tiny", "smollm2_135m"]
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 6
+    model_list = [arg(1, None)] if len(sys.argv) > 1 else ["tiny", "smollm2_135m"]
+    steps = arg(2, 6, int)
     results = []
     for model in model_list:
         for dataset in ("default", "varied"):

@@ -1,0 +1,24 @@
+"""What every benchmark needs: the repository importable, ftlab's config composed as
+`python -m ftlab <overrides>` would compose it, and positional arguments with defaults.
+(`python bench/<name>.py` puts bench/ first on sys.path, so `from common import ...` works.)"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def compose_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    import ftlab.config  # noqa: F401  (registers the structured-config schema)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def arg(position: int, default, cast=str):
+    """sys.argv[position] as `cast`, or `default` when it is not given."""
+    return cast(sys.argv[position]) if len(sys.argv) > position else default
