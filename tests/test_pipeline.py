@@ -55,6 +55,9 @@ def test_base_model_is_scored_once_per_data_and_eval_config(make_cfg):
 def test_trials_on_the_same_data_tokenise_it_once(make_cfg, monkeypatch):
     import datasets
 
+    from ftlab import train
+
+    monkeypatch.setattr(train, "_TOKENIZED", {})  # earlier tests in this process tokenised the same data
     tokenised = []
     real_map = datasets.Dataset.map
 

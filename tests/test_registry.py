@@ -69,9 +69,12 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
     with torch.inference_mode():
         expected, actual = reference(input_ids=ids).logits, merged(input_ids=ids).logits
-    assert torch.allclose(actual, expected, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(actual, AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids).logits,
-                              atol=1e-4)  # the adapter really changed the model
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)(input_ids=ids).logits
+    # The merged weights are rounded once to 16 bits: agreement to that precision (bf16: 2^-8
+    # relative), and far closer to base + adapter than the adapter's own effect on the logits.
+    merge_error, adapter_effect = (actual - expected).abs().max(), (expected - base).abs().max()
+    assert merge_error <= 2**-8 * expected.abs().max(), merge_error
+    assert merge_error < adapter_effect / 4, (merge_error, adapter_effect)
 
     # A second sweep (one step at a vanishing learning rate) is registered and meets the gate: both
     # versions are re-scored on the same held-out set and the alias moves only if v2 is at least as good.
