@@ -281,6 +281,26 @@ def load_base(checkpoint: Path, model_cfg: ModelConfig, peft: PeftConfig):
     return model
 
 
+def unpack_cpu_4bit(model) -> int:
+    """Undo bitsandbytes' CPU inference repacking before training; returns the layers undone.
+
+    The first eval-mode forward of a Linear4bit on an AVX512-BF16 CPU repacks its weight for
+    the inference kernel, and nothing packs it back: a later training forward takes that
+    kernel, which gradients do not flow through, so a QLoRA run trained after an evaluation
+    on the same model (the base-model scores) barely learns. bitsandbytes 0.50."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    undone = 0
+    for module in model.modules():
+        state = getattr(module.weight, "quant_state", None) if isinstance(module, Linear4bit) else None
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+            undone += 1
+    return undone
+
+
 def target_modules(value) -> str | list[str]:
     if isinstance(value, str):
         return value if value == "all-linear" else [m.strip() for m in value.split(",") if m.strip()]

@@ -5,6 +5,7 @@ real-token throughput, and the adapter saved as safetensors.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 from ftlab.checkpoints import TrainingInterrupted, last_checkpoint, stop_on_signals
 from ftlab.config import TrainConfig
 from ftlab.data import PreparedData
+from ftlab.models import unpack_cpu_4bit
+
+log = logging.getLogger(__name__)
 
 
 class PeakMemory:
@@ -241,6 +245,8 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     from datasets import Dataset
 
     keep_freed_memory()
+    if unpacked := unpack_cpu_4bit(model):  # the base-model scores were just computed on this model
+        log.info("undid bitsandbytes' CPU inference packing of %d 4-bit layers before training", unpacked)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = sft_config(cfg, lr, seed, out_dir, dtype)
     optimizer = None

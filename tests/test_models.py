@@ -32,6 +32,44 @@ def test_qlora_base_is_4bit_and_adapters_train_in_fp32(make_cfg, tmp_path):
     assert all(p.dtype == torch.float32 for p in trainable.values())
 
 
+def test_training_after_an_evaluation_gets_the_same_gradients(make_cfg, tmp_path):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel in eval mode and never
+    back; gradients do not flow through that kernel. ftlab undoes it before training."""
+    from bitsandbytes.nn import Linear4bit
+
+    from ftlab import scoring
+
+    cfg = make_cfg()
+    ckpt = models.resolve_checkpoint(cfg.model, str(tmp_path))
+    tokenizer = models.load_tokenizer(ckpt)
+    dtype = models.compute_dtype(cfg.model.dtype)
+
+    def first_layer_grad(evaluate_first: bool, unpack: bool) -> torch.Tensor:
+        model = models.load_base(ckpt, cfg.model, cfg.peft)
+        if evaluate_first:
+            scoring.generate(model, tokenizer, [[{"role": "user", "content": "my invoice is wrong"}]], 1, 4, dtype)
+            packed = [m for m in model.modules() if isinstance(m, Linear4bit)
+                      and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+            if not packed:
+                pytest.skip("bitsandbytes does not repack on this CPU (no AVX512-BF16)")
+        if unpack:
+            assert models.unpack_cpu_4bit(model) > 0
+        torch.manual_seed(0)
+        model = models.add_adapter(model, 8, 16, 0.0, "all-linear", False)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)  # B=0 would hide the path through the base layers
+        ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return next(p.grad for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n)
+
+    reference = first_layer_grad(evaluate_first=False, unpack=False)
+    assert torch.allclose(first_layer_grad(evaluate_first=True, unpack=True), reference, rtol=0.05, atol=1e-4)
+    broken = first_layer_grad(evaluate_first=True, unpack=False)  # what training got before the fix
+    assert broken.abs().sum() < 0.5 * reference.abs().sum()
+
+
 def test_missing_local_gguf_names_the_path(tmp_path):
     cfg = ModelConfig(name="x", name_or_path=str(tmp_path / "nope.gguf"))
     with pytest.raises(models.ModelError, match="nope.gguf"):
