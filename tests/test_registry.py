@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from ftlab import registry
+from ftlab import registry, tracking
 from ftlab.pipeline import run
 from tests.conftest import ROOT
 
@@ -23,8 +23,7 @@ FAST = ["train.max_steps=2", "eval.compare_base=false", "eval.max_new_tokens=12"
 def sweep(make_cfg, trials: list[list[str]]) -> tuple[str, str]:
     """What the sweeper does: a parent run, nested trials, then the registry callback."""
     cfg = make_cfg(*FAST)
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_experiment(cfg.experiment)
+    tracking.setup(cfg.tracking_uri, cfg.experiment)  # artifacts next to the test's DB, not in ./mlruns
     sweep_id = uuid.uuid4().hex[:8]
     with mlflow.start_run(run_name=f"sweep-{sweep_id}", tags={"ftlab.role": "sweep", "ftlab.sweep_id": sweep_id}) as parent:
         for overrides in trials:

@@ -192,8 +192,7 @@ def run_report(*args: str, cwd: Path):
 def test_importances_and_pareto_front_of_a_multi_objective_sweep(tmp_path):
     """No training needed to test the analysis: runs logged as the sweeper logs them."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("multi")
+    tracking.setup(uri, "multi")  # artifacts next to the test's DB, not in ./mlruns
     # rouge_l grows with lora_r, train time too; lr barely matters. Trial 5 is dominated.
     grid = [(4, 1e-4, 0.30, 10.0), (8, 3e-4, 0.40, 20.0), (16, 1e-4, 0.50, 40.0), (32, 3e-4, 0.60, 80.0),
             (4, 3e-4, 0.31, 10.5), (16, 3e-4, 0.45, 90.0)]
