@@ -202,8 +202,7 @@ def resolve_checkpointing(cfg: DictConfig, device_gb: float | None) -> bool:
     (budget.vram_gb, else `device_gb`, the device's memory), on otherwise or when neither is known."""
     value = cfg.train.gradient_checkpointing
     if value != "auto":
-        checkpointing_setting(value)
-        return bool(value)
+        return checkpointing_setting(value)
     limit = budget_gib(cfg) or device_gb
     if limit is None:
         return True

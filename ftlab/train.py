@@ -260,8 +260,9 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     # trials of a sweep that share data, tokenizer and length reuse its output. Not with
     # packing: TRL would pack already-packed rows again.
     key = (data.fingerprint, tokenizer.name_or_path, cfg.max_seq_length)
-    train_rows, eval_rows = _TOKENIZED.get(key) if not cfg.packing and key in _TOKENIZED else (
-        Dataset.from_list(data.trl_rows("train")), Dataset.from_list(data.trl_rows("held_out")))
+    cached = None if cfg.packing else _TOKENIZED.get(key)
+    train_rows, eval_rows = cached or (Dataset.from_list(data.trl_rows("train")),
+                                       Dataset.from_list(data.trl_rows("held_out")))
     trainer = completion_only_trainer_class()(
         model=model,
         args=args,

@@ -224,8 +224,9 @@ class OptunaSweeper(Sweeper):
             batch = self.claim(study, [study.ask(space) for _ in range(min(self.n_jobs, free))])
             if not batch:
                 continue
-            overrides = [[*fixed, *(f"{k}={v}" for k, v in t.params.items()), f"sweep.trial_number={t.number}",
-                          *oom_override(study)] for t in batch]
+            oom = oom_override(study)  # one storage query per batch, not per trial
+            overrides = [[*fixed, *(f"{k}={v}" for k, v in t.params.items()), f"sweep.trial_number={t.number}", *oom]
+                         for t in batch]
             self.validate_batch_is_legal(overrides)
             with self.heartbeats(storage, [t._trial_id for t in batch]):
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
