@@ -2,12 +2,16 @@
 
 Same model, same prompts, greedy decoding. Outputs are compared: identical, or, where the
 kernels' batch-shape-dependent rounding flips a near-tie, the logit gap at the divergence.
+A third pass runs the same batches with eval.batch_invariant=false (SDPA's fused kernel over
+the padded keys, as ftlab did before it attended row by row): what that layout costs and changes.
 
     python bench/eval_throughput.py                  # SmolLM2-135M (NF4), 32 held-out prompts
     python bench/eval_throughput.py tiny 64
+    python bench/eval_throughput.py smollm2_135m 32 model.dtype=bfloat16   # any further config overrides
 """
 from __future__ import annotations
 
+import sys
 import time
 
 from common import arg, compose_config
@@ -18,7 +22,7 @@ def main() -> None:
     from ftlab.data import prepare
 
     model_name, n = arg(1, "smollm2_135m"), arg(2, 32, int)
-    cfg = compose_config(f"model={model_name}", f"data.eval_size={n}")
+    cfg = compose_config(f"model={model_name}", f"data.eval_size={n}", *sys.argv[3:])
     ckpt = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
     tokenizer = models.load_tokenizer(ckpt)
     data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
@@ -27,24 +31,27 @@ def main() -> None:
     prompts = [e.prompt for e in data.held_out]
     max_new = cfg.eval.max_new_tokens
 
-    timings = {}
-    outputs = {}
-    for name, batch in (("sequential", 1), ("batched", cfg.eval.batch_size)):
+    timings, outputs, identical = {}, {}, {}
+    passes = (("sequential", 1, True), ("batched", cfg.eval.batch_size, True),
+              ("fused", cfg.eval.batch_size, False))  # eval.batch_invariant=false: SDPA's fused kernel over padding
+    for name, batch, invariant in passes:
         start = time.perf_counter()
-        outputs[name] = scoring.generate(model, tokenizer, prompts, batch, max_new, dtype, desc=name)
+        outputs[name] = scoring.generate(model, tokenizer, prompts, batch, max_new, dtype, name, invariant)
         timings[name] = time.perf_counter() - start
-        print(f"{name:<11} batch {batch:>3}: {timings[name]:7.1f} s for {len(prompts)} prompts", flush=True)
-    pairs = list(zip(prompts, outputs["sequential"], outputs["batched"]))
-    same = sum(a == b for _, a, b in pairs)
-    gaps = [tie_gap(model, tokenizer, p, a, b, dtype) for p, a, b in pairs if a != b]
-    print(f"identical greedy outputs: {same}/{len(prompts)}")
+        identical[name] = sum(a == b for a, b in zip(outputs["sequential"], outputs[name]))
+        print(f"{name:<11} batch {batch:>3}: {timings[name]:7.1f} s for {len(prompts)} prompts, "
+              f"{identical[name]}/{len(prompts)} identical to sequential", flush=True)
+    pairs = [(p, a, b) for p, a, b in zip(prompts, outputs["sequential"], outputs["batched"]) if a != b]
+    gaps = [tie_gap(model, tokenizer, p, a, b, dtype) for p, a, b in pairs]
     if gaps:
-        print(f"the other {len(gaps)} diverge where the two candidate tokens' logits differ by at most "
+        print(f"{len(gaps)} batched outputs diverge where the two candidate tokens' logits differ by at most "
               f"{max(gaps):.3f} (a near-tie that batch-shape-dependent rounding flips; a padding or position "
               f"bug would diverge at a clear winner)")
+    n = len(prompts)
     print(f"SUMMARY eval throughput: batched/sequential = {timings['sequential'] / timings['batched']:.2f}x, "
-          f"identical {same}/{len(prompts)}" + (f", the rest diverge at near-ties (gap <= {max(gaps):.3f})" if gaps
-                                               else "") + f" ({model_name}, {dtype})")
+          f"identical {identical['batched']}/{n}" + (f" (the rest at near-ties, gap <= {max(gaps):.3f})" if gaps else "")
+          + f"; fused kernel over padding {timings['sequential'] / timings['fused']:.2f}x, identical "
+          f"{identical['fused']}/{n} ({model_name}, {dtype})")
 
 
 def tie_gap(model, tokenizer, prompt, first: str, second: str, dtype) -> float:

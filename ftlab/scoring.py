@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
 
 from ftlab import metrics as metric_modules
 from ftlab.config import EvalConfig
@@ -22,11 +25,62 @@ class Scores:
     predictions: list[str] = field(default_factory=list)
 
 
+ROW_ATTENTION = "ftlab_row_sdpa"
+
+
+def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA run row by row on each row's own keys (its left padding cut off), so a batched
+    row computes exactly what its prompt computes alone: the fused kernel's rounding depends
+    on the key length, the mask and the GQA layout, and greedy decoding flips wherever two
+    tokens nearly tie. Linear layers need nothing: a row's result does not depend on the
+    batch size in bf16 (MKL's fp32 path differs for a few rows). Handles what `generate`
+    runs: left-padded prefill and one-token decode steps."""
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    if attention_mask is None:
+        own_keys = [k_len] * batch
+    else:  # the last query sees every key of its row that is not padding
+        valid = attention_mask[:, 0, -1, :]
+        own_keys = (valid if valid.dtype == torch.bool else valid == 0).sum(-1).tolist()
+    out = query.new_zeros(batch, q_len, heads, dim)
+    for row, n_keys in enumerate(own_keys):
+        first_query = max(0, q_len - n_keys)  # queries on padding are never attended to
+        if q_len - first_query not in (1, n_keys):
+            raise NotImplementedError("row attention covers prefill and one-token decoding only")
+        out[row, first_query:] = torch.nn.functional.scaled_dot_product_attention(
+            query[row : row + 1, :, first_query:], key[row : row + 1, :, k_len - n_keys :],
+            value[row : row + 1, :, k_len - n_keys :], is_causal=n_keys > 1 and q_len > 1, scale=scaling,
+            enable_gqa=heads != key.shape[1],
+        )[0].transpose(0, 1)
+    return out, None
+
+
+AttentionInterface.register(ROW_ATTENTION, row_sdpa_attention)
+AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def batch_invariant_attention(model):
+    """Generation through `row_sdpa_attention` while the block runs (models on SDPA only:
+    eager or flash attention are left as they are)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = base.config._attn_implementation
+    if previous != "sdpa":
+        yield
+        return
+    base.set_attn_implementation(ROW_ATTENTION)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(previous)
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_new_tokens: int,
-             dtype: torch.dtype = torch.float32, desc: str = "generate") -> list[str]:
+             dtype: torch.dtype = torch.float32, desc: str = "generate", batch_invariant: bool = True) -> list[str]:
     """Greedy completions for chat prompts. Prompts are sorted by length so each batch
-    pads little; outputs come back in the input order."""
+    pads little; outputs come back in the input order (with `batch_invariant`, the same as
+    one prompt at a time wherever the matmuls are)."""
     encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
                for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -35,7 +89,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
     outputs: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    layout = batch_invariant_attention(model) if batch_invariant else nullcontext()
+    with layout, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False,
                           total=math.ceil(len(order) / batch_size)):
             idx = order[start : start + batch_size]
@@ -99,5 +154,6 @@ def score(model, tokenizer, held_out: list[Example], cfg: EvalConfig, dtype: tor
           desc: str = "evaluate") -> Scores:
     examples = held_out[: cfg.max_examples] if cfg.max_examples else held_out
     prompts = [e.prompt for e in examples]
-    predictions = generate(model, tokenizer, prompts, cfg.batch_size, cfg.max_new_tokens, dtype, desc)
+    predictions = generate(model, tokenizer, prompts, cfg.batch_size, cfg.max_new_tokens, dtype, desc,
+                           cfg.batch_invariant)
     return Scores(text_metrics(predictions, [e.reference for e in examples], cfg), predictions)

@@ -42,3 +42,68 @@ def test_batched_generation_matches_one_at_a_time(tmp_path):
     single = scoring.generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=12)
     assert batched == single
     assert any(batched)
+
+
+def linear_is_batch_invariant(dtype) -> bool:
+    """Whether this machine's matmul gives a row the same bits alone as in a batch: BLAS
+    libraries may pick another kernel for a few rows (MKL's fp32 path does), which no
+    attention layout can undo."""
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 128, dtype=dtype), torch.randn(384, 128, dtype=dtype)
+    batch = torch.nn.functional.linear(x, w)
+    return all(torch.equal(torch.nn.functional.linear(x[i : i + 1], w)[0], batch[i]) for i in range(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_generation_logits_are_bit_identical(tmp_path, dtype):
+    """Not just the same tokens: every step's logits of a left-padded batch row equal the
+    prompt's own, bit for bit (the fused SDPA kernel's rounding over padded keys and a mask
+    flips near-ties in real models)."""
+    if not linear_is_batch_invariant(dtype):
+        pytest.skip(f"this machine's {dtype} matmul rounds a row differently in a batch")
+    cfg = ModelConfig(name="tiny", name_or_path="tiny", source="tiny")
+    cfg.arch.hidden_size, cfg.arch.num_layers, cfg.arch.intermediate_size, cfg.arch.vocab_size = 128, 2, 256, 512
+    cfg.arch.num_heads, cfg.arch.num_kv_heads = 4, 2
+    ckpt = models.resolve_checkpoint(cfg, str(tmp_path))
+    tokenizer = models.load_tokenizer(ckpt)
+    model = models.load_base(ckpt, cfg, PeftConfig(method="lora", load_in_bits=16)).to(dtype).eval()
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (5, 17, 40, 41, 63)]
+
+    def step_logits(rows):
+        width = max(map(len, rows))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                             return_dict_in_generate=True)
+        return torch.stack(out.logits, 1)  # (rows, steps, vocab)
+
+    with torch.inference_mode(), scoring.batch_invariant_attention(model):
+        batched = step_logits(prompts)
+        for row, prompt in enumerate(prompts):
+            assert torch.equal(batched[row], step_logits([prompt])[0]), f"prompt {row} ({len(prompt)} tokens)"
+
+
+@pytest.mark.parametrize("query_length", [1, None], ids=["decode", "prefill"])
+def test_row_attention_equals_each_row_alone(query_length):
+    """The attention layout itself, on any hardware: each left-padded row attends exactly as
+    the unpadded prompt does (same keys, causal alignment, GQA), bit for bit."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    lengths, heads, kv_heads, dim = [3, 9, 16], 4, 2, 8
+    width = max(lengths)
+    q_len = query_length or width
+    torch.manual_seed(0)
+    query = torch.randn(len(lengths), heads, q_len, dim)
+    key, value = torch.randn(2, len(lengths), kv_heads, width, dim)
+    causal = torch.ones(q_len, width, dtype=torch.bool).tril(width - q_len)
+    mask = torch.stack([causal & (torch.arange(width) >= width - n) for n in lengths])[:, None]
+    out, _ = scoring.row_sdpa_attention(module, query, key, value, mask)
+    for row, n in enumerate(lengths):
+        keep = min(n, q_len)
+        alone, _ = sdpa_attention_forward(module, query[row : row + 1, :, q_len - keep :],
+                                          key[row : row + 1, :, width - n :], value[row : row + 1, :, width - n :], None)
+        assert torch.equal(out[row, q_len - keep :], alone[0]), f"row {row} ({n} tokens)"
