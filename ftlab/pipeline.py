@@ -16,6 +16,7 @@ import mlflow
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
 
 from ftlab import checkpoints, memory, models, scoring, tracking
 from ftlab.data import prepare
@@ -120,6 +121,7 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     log_data_report(data, cfg.train)
     mlflow.log_params({"model.checkpoint": str(checkpoint)})
 
+    set_seed(cfg.seed)  # the adapter's initial weights too: the same config and seed train the same run
     if cfg.peft.method != "full":
         model = models.add_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                    cfg.train.gradient_checkpointing)
