@@ -94,6 +94,9 @@ def release_memory() -> None:
     import gc
 
     gc.collect()
+    # What survives a full collection here (modules, caches) lives for the whole sweep: freezing it
+    # keeps the next trials' collections to their own objects (0.55 -> ~0.05 s a trial).
+    gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     try:
@@ -263,6 +266,8 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     cached = None if cfg.packing else _TOKENIZED.get(key)
     train_rows, eval_rows = cached or (Dataset.from_list(data.trl_rows("train")),
                                        Dataset.from_list(data.trl_rows("held_out")))
+    if cached:  # TRL's own output: its preparation pass would only check it again (~0.4 s a trial)
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     trainer = completion_only_trainer_class()(
         model=model,
         args=args,
