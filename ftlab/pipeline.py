@@ -171,12 +171,15 @@ def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] |
     cached = tracking.find_base_scores(key)
     if cached is not None:
         return cached
+    start = time.perf_counter()
     scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate base")
+    seconds = time.perf_counter() - start
     shown = data.held_out[: cfg.eval.samples_to_log]
     samples = {"prompt": [e.prompt[-1]["content"] for e in shown], "reference": [e.reference for e in shown],
                "prediction": scores.predictions[: len(shown)]}
     tracking.log_base_scores(key, cfg.model.name, scores.metrics, samples,
-                             {k: v for k, v in tags.items() if k != "ftlab.role" and k not in tracking.SWEEP_TAGS})
+                             {k: v for k, v in tags.items() if k != "ftlab.role" and k not in tracking.SWEEP_TAGS},
+                             seconds)
     return scores.metrics
 
 

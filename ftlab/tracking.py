@@ -313,13 +313,16 @@ def find_base_scores(key: str) -> dict[str, float] | None:
         filter_string=f"tags.`ftlab.base_eval_key` = '{key}' and attributes.status = 'FINISHED'",
         max_results=1, output_format="list",
     )
-    return dict(runs[0].data.metrics) if runs else None
+    if not runs:
+        return None
+    return {k: v for k, v in runs[0].data.metrics.items() if k != "eval_seconds"}
 
 
-def log_base_scores(key: str, model_name: str, metrics: dict[str, float], samples: dict, tags: dict) -> None:
+def log_base_scores(key: str, model_name: str, metrics: dict[str, float], samples: dict, tags: dict,
+                    seconds: float) -> None:
     with mlflow.start_run(run_name=f"base:{model_name}", nested=mlflow.active_run() is not None,
                           tags={"ftlab.role": "base_eval", "ftlab.base_eval_key": key, **tags}):
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({**metrics, "eval_seconds": seconds})
         mlflow.log_table(samples, artifact_file="samples/base_generations.json")
 
 
