@@ -37,3 +37,7 @@ MLFLOW_TRACKING_URI="sqlite:///$PWD/$OUT/mlflow.db" python scripts/gpu_check_tab
 
 # Train throughput, TRL-default recipe (A) vs ftlab (B), on this GPU (issue 8): tiny needs no download.
 timeout 300 python bench/train_throughput.py tiny 6 | tail -5 || echo "train throughput bench failed"
+
+# Batched vs one-at-a-time greedy eval on this GPU: speed, and whether the outputs stay identical
+# (row-by-row attention removes the padding's effect; cuBLAS may still round a row by batch size).
+timeout 300 python bench/eval_throughput.py tiny 32 | grep SUMMARY || echo "eval throughput bench failed"
