@@ -33,8 +33,8 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     row computes exactly what its prompt computes alone: the fused kernel's rounding depends
     on the key length, the mask and the GQA layout, and greedy decoding flips wherever two
     tokens nearly tie. Linear layers need nothing: a row's result does not depend on the
-    batch size in bf16 (MKL's fp32 path differs for a few rows). Handles what `generate`
-    runs: left-padded prefill and one-token decode steps."""
+    batch size in bf16 (MKL's fp32 path differs for a few rows). Any left-padded layout:
+    prefill, one-token decode steps, and chunks of queries that continue a cache."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
     if attention_mask is None:
@@ -45,12 +45,14 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     out = query.new_zeros(batch, q_len, heads, dim)
     for row, n_keys in enumerate(own_keys):
         first_query = max(0, q_len - n_keys)  # queries on padding are never attended to
-        if q_len - first_query not in (1, n_keys):
-            raise NotImplementedError("row attention covers prefill and one-token decoding only")
+        queries = q_len - first_query  # the row's last tokens
+        causal_mask = None
+        if 1 < queries < n_keys:  # a chunk after cached keys: SDPA's is_causal would align it to the first keys
+            causal_mask = torch.ones(queries, n_keys, dtype=torch.bool, device=query.device).tril(n_keys - queries)
         out[row, first_query:] = torch.nn.functional.scaled_dot_product_attention(
             query[row : row + 1, :, first_query:], key[row : row + 1, :, k_len - n_keys :],
-            value[row : row + 1, :, k_len - n_keys :], is_causal=n_keys > 1 and q_len > 1, scale=scaling,
-            enable_gqa=heads != key.shape[1],
+            value[row : row + 1, :, k_len - n_keys :], attn_mask=causal_mask,
+            is_causal=causal_mask is None and queries > 1, scale=scaling, enable_gqa=heads != key.shape[1],
         )[0].transpose(0, 1)
     return out, None
 
