@@ -267,7 +267,7 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     train_rows, eval_rows = cached or (Dataset.from_list(data.trl_rows("train")),
                                        Dataset.from_list(data.trl_rows("held_out")))
     if cached:  # TRL's own output: its preparation pass would only check it again (~0.4 s a trial)
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        args.dataset_kwargs = {"skip_prepare_dataset": True}
     trainer = completion_only_trainer_class()(
         model=model,
         args=args,
