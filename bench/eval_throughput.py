@@ -1,7 +1,9 @@
 """Held-out evaluation: one example at a time vs ftlab's batched, length-sorted generation.
 
-Same model, same prompts, greedy decoding. Outputs are compared: identical, or, where the
-kernels' batch-shape-dependent rounding flips a near-tie, the logit gap at the divergence.
+Same model, same prompts, greedy decoding. The baseline is what a user writes: `generate` on
+each prompt alone, with the model's own attention and KV cache. Outputs are compared:
+identical, or, where the kernels' batch-shape-dependent rounding flips a near-tie, the logit
+gap at the divergence.
 A third pass runs the same batches with eval.batch_invariant=false (SDPA's fused kernel over
 the padded keys, as ftlab did before it attended row by row): what that layout costs and changes.
 
@@ -32,11 +34,17 @@ def main() -> None:
     max_new = cfg.eval.max_new_tokens
 
     timings, outputs, identical = {}, {}, {}
-    passes = (("sequential", 1, True), ("batched", cfg.eval.batch_size, True),
-              ("fused", cfg.eval.batch_size, False))  # eval.batch_invariant=false: SDPA's fused kernel over padding
-    for name, batch, invariant in passes:
+    passes = {
+        "sequential": (1, lambda: one_at_a_time(model, tokenizer, prompts, max_new, dtype)),
+        "batched": (cfg.eval.batch_size, lambda: scoring.generate(
+            model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "batched")),
+        # eval.batch_invariant=false: SDPA's fused kernel over the padded keys
+        "fused": (cfg.eval.batch_size, lambda: scoring.generate(
+            model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "fused", batch_invariant=False)),
+    }
+    for name, (batch, run) in passes.items():
         start = time.perf_counter()
-        outputs[name] = scoring.generate(model, tokenizer, prompts, batch, max_new, dtype, name, invariant)
+        outputs[name] = run()
         timings[name] = time.perf_counter() - start
         identical[name] = sum(a == b for a, b in zip(outputs["sequential"], outputs[name]))
         print(f"{name:<11} batch {batch:>3}: {timings[name]:7.1f} s for {len(prompts)} prompts, "
@@ -52,6 +60,21 @@ def main() -> None:
           f"identical {identical['batched']}/{n}" + (f" (the rest at near-ties, gap <= {max(gaps):.3f})" if gaps else "")
           + f"; fused kernel over padding {timings['sequential'] / timings['fused']:.2f}x, identical "
           f"{identical['fused']}/{n} ({model_name}, {dtype})")
+
+
+def one_at_a_time(model, tokenizer, prompts, max_new_tokens: int, dtype) -> list[str]:
+    """Greedy `generate` on each prompt alone: the model's own attention and KV cache."""
+    import torch
+
+    outputs = []
+    model.eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        for prompt in prompts:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            outputs.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    return outputs
 
 
 def tie_gap(model, tokenizer, prompt, first: str, second: str, dtype) -> float:
