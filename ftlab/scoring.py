@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from ftlab import metrics as metric_modules
@@ -78,45 +77,6 @@ def batch_invariant_attention(model):
         base.set_attn_implementation(previous)
 
 
-class InPlaceLayer(DynamicLayer):
-    """A KV-cache layer that writes each step's keys and values into buffers sized for the
-    whole generation, where `DynamicLayer` concatenates: a copy of the whole cache per layer
-    and step, a quarter of a batch-of-32 generation's time on the CPU. The keys it returns
-    are views with the same values, so attention computes the same bits."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if not self.is_initialized or end > self._keys.shape[-2]:  # first step, or past the planned length
-            grown = [states.new_empty(*states.shape[:2], max(self.capacity, 2 * end), states.shape[-1])
-                     for states in (key_states, value_states)]
-            if self.is_initialized:
-                for buffer, old in zip(grown, (self._keys, self._values)):
-                    buffer[:, :, : self.length] = old[:, :, : self.length]
-            self.lazy_initialization(key_states, value_states)
-            self._keys, self._values = grown
-        self._keys[:, :, self.length : end] = key_states
-        self._values[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self.keys, self.values
-
-    def reset(self) -> None:
-        super().reset()
-        self.length = 0
-
-
-def in_place_cache(model, capacity: int) -> DynamicCache:
-    """The model's default cache with its full-attention layers written in place
-    (sliding-window layers stay as they are)."""
-    cache = DynamicCache(config=model.config)
-    cache.layers = [InPlaceLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_new_tokens: int,
              dtype: torch.dtype = torch.float32, desc: str = "generate", batch_invariant: bool = True) -> list[str]:
@@ -144,7 +104,6 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
             out = model.generate(
                 input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                cache=in_place_cache(model, width + max_new_tokens),
             )
             for row, i in enumerate(idx):
                 outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
