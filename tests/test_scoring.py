@@ -79,9 +79,10 @@ def test_batched_generation_logits_are_bit_identical(tmp_path, dtype):
                              return_dict_in_generate=True)
         return torch.stack(out.logits, 1)  # (rows, steps, vocab)
 
-    with torch.inference_mode(), scoring.batch_invariant_attention(model):
-        batched = step_logits(prompts)
-        for row, prompt in enumerate(prompts):
+    with torch.inference_mode():
+        with scoring.batch_invariant_attention(model):
+            batched = step_logits(prompts)
+        for row, prompt in enumerate(prompts):  # alone, on the model's own SDPA attention
             assert torch.equal(batched[row], step_logits([prompt])[0]), f"prompt {row} ({len(prompt)} tokens)"
 
 
