@@ -2,9 +2,8 @@
 
 Same model, same prompts, greedy decoding. The baseline is what a user writes: `generate` on
 each prompt alone, with the model's own attention and KV cache, timed in two halves run before
-and after the batched passes. Outputs are compared:
-identical, or, where the kernels' batch-shape-dependent rounding flips a near-tie, the logit
-gap at the divergence.
+and after the batched passes. Outputs are compared: identical, or, where the kernels'
+batch-shape-dependent rounding flips a near-tie, the logit gap at the divergence.
 A third pass runs the same batches with eval.batch_invariant=false (SDPA's fused kernel over
 the padded keys, as ftlab did before it attended row by row): what that layout costs and changes.
 
@@ -77,11 +76,13 @@ def one_at_a_time(model, tokenizer, prompts, max_new_tokens: int, dtype) -> list
 
     outputs = []
     model.eval()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    device = next(model.parameters()).device
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         for prompt in prompts:
             ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
             outputs.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
     return outputs
 
@@ -95,8 +96,9 @@ def tie_gap(model, tokenizer, prompt, first: str, second: str, dtype) -> float:
     if k >= min(len(a), len(b)):  # one output stops where the other goes on: compare with end of turn
         a, b = a + [tokenizer.eos_token_id], b + [tokenizer.eos_token_id]
     context = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        logits = model(input_ids=torch.tensor([context + a[:k]])).logits[0, -1].float()
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(input_ids=torch.tensor([context + a[:k]], device=device)).logits[0, -1].float()
     return abs(float(logits[a[k]] - logits[b[k]]))
 
 
