@@ -38,19 +38,23 @@ def main() -> None:
         result = run()
         return result, time.perf_counter() - start
 
-    one_at_a_time(model, tokenizer, prompts[:1], 2, dtype)  # warm-up: first calls' one-off costs count for neither
+    def one_at_a_time(some: list, max_new_tokens: int = max_new) -> list[str]:
+        """`generate` on each prompt alone, on the model's own SDPA attention and KV cache."""
+        return scoring.generate(model, tokenizer, some, 1, max_new_tokens, dtype, "sequential", batch_invariant=False)
+
+    one_at_a_time(prompts[:1], 2)  # warm-up: first calls' one-off costs count for neither
     scoring.generate(model, tokenizer, prompts[:2], 2, 2, dtype, "warm-up")
     # The sequential pass runs in two halves around the batched ones, so a machine that slows down
     # or speeds up during the run (these are shared) weighs on both sides of the ratio alike.
     half = len(prompts) // 2
-    first, first_s = timed(lambda: one_at_a_time(model, tokenizer, prompts[:half], max_new, dtype))
+    first, first_s = timed(lambda: one_at_a_time(prompts[:half]))
     outputs, timings = {}, {}
     outputs["batched"], timings["batched"] = timed(lambda: scoring.generate(
         model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "batched"))
     # eval.batch_invariant=false: SDPA's fused kernel over the padded keys
     outputs["fused"], timings["fused"] = timed(lambda: scoring.generate(
         model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "fused", batch_invariant=False))
-    second, second_s = timed(lambda: one_at_a_time(model, tokenizer, prompts[half:], max_new, dtype))
+    second, second_s = timed(lambda: one_at_a_time(prompts[half:]))
     outputs["sequential"], timings["sequential"] = first + second, first_s + second_s
     identical = {}
     for name, batch in (("sequential", 1), ("batched", cfg.eval.batch_size), ("fused", cfg.eval.batch_size)):
@@ -68,23 +72,6 @@ def main() -> None:
           f"identical {identical['batched']}/{n}" + (f" (the rest at near-ties, gap <= {max(gaps):.3f})" if gaps else "")
           + f"; fused kernel over padding {timings['sequential'] / timings['fused']:.2f}x, identical "
           f"{identical['fused']}/{n} ({model_name}, {dtype})")
-
-
-def one_at_a_time(model, tokenizer, prompts, max_new_tokens: int, dtype) -> list[str]:
-    """Greedy `generate` on each prompt alone: the model's own attention and KV cache."""
-    import torch
-
-    outputs = []
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for prompt in prompts:
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-            out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            outputs.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
-    return outputs
 
 
 def tie_gap(model, tokenizer, prompt, first: str, second: str, dtype) -> float:
