@@ -2,7 +2,8 @@
 
 Same model, same prompts, greedy decoding. The baseline is what a user writes: `generate` on
 each prompt alone, with the model's own attention and KV cache, timed in two halves run before
-and after the batched passes. Outputs are compared: identical, or, where the kernels'
+and after the batched passes. It goes through scoring.generate at batch 1, so it gets the same
+contiguous LM-head input: the ratio is what batching alone buys. Outputs are compared: identical, or, where the kernels'
 batch-shape-dependent rounding flips a near-tie, the logit gap at the divergence.
 A third pass runs the same batches with eval.batch_invariant=false (SDPA's fused kernel over
 the padded keys, as ftlab did before it attended row by row): what that layout costs and changes.

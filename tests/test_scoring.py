@@ -80,7 +80,7 @@ def test_batched_generation_logits_are_bit_identical(tmp_path, dtype):
         return torch.stack(out.logits, 1)  # (rows, steps, vocab)
 
     with torch.inference_mode():
-        with scoring.batch_invariant_attention(model):
+        with scoring.batch_invariant_attention(model), scoring.contiguous_head_input(model):
             batched = step_logits(prompts)
         for row, prompt in enumerate(prompts):  # alone, on the model's own SDPA attention
             assert torch.equal(batched[row], step_logits([prompt])[0]), f"prompt {row} ({len(prompt)} tokens)"
