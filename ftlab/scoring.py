@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, AttentionMaskInterface
+from transformers import AttentionInterface, AttentionMaskInterface, StoppingCriteria, StoppingCriteriaList
 from transformers.masking_utils import sdpa_mask
 
 from ftlab import metrics as metric_modules
@@ -28,6 +29,26 @@ class Scores:
 ROW_ATTENTION = "ftlab_row_sdpa"
 
 
+class FinishedRows(StoppingCriteria):
+    """Which rows of a generating batch have ended their turn. `generate` keeps finished rows
+    in the batch (their next tokens become padding), so row attention skips them: their
+    attention is the one cost a row pays in full however large the batch. Stops nothing itself."""
+
+    def __init__(self, batch: int, eos_token_id: int | None):
+        self.done = torch.zeros(batch, dtype=torch.bool)
+        self.rows = self.done.tolist()
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.eos_token_id is not None:
+            self.done |= input_ids[:, -1].cpu() == self.eos_token_id
+            self.rows = self.done.tolist()
+        return torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
+
+
+_finished_rows: ContextVar[FinishedRows | None] = ContextVar("ftlab_finished_rows", default=None)
+
+
 def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """SDPA run row by row on each row's own keys (its left padding cut off), so a batched
     row computes exactly what its prompt computes alone: the fused kernel's rounding depends
@@ -42,8 +63,12 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     else:  # the last query sees every key of its row that is not padding
         valid = attention_mask[:, 0, -1, :]
         own_keys = (valid if valid.dtype == torch.bool else valid == 0).sum(-1).tolist()
+    finished = _finished_rows.get()
+    skip = finished.rows if finished is not None and q_len == 1 and len(finished.rows) == batch else [False] * batch
     out = query.new_zeros(batch, q_len, heads, dim)
     for row, n_keys in enumerate(own_keys):
+        if skip[row]:  # a finished row's next token is padding whatever it attends to
+            continue
         first_query = max(0, q_len - n_keys)  # queries on padding are never attended to
         queries = q_len - first_query  # the row's last tokens
         causal_mask = None
@@ -119,10 +144,16 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
             attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
                                      device=device)
-            out = model.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-            )
+            finished = FinishedRows(len(idx), tokenizer.eos_token_id)
+            token = _finished_rows.set(finished)
+            try:
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                    stopping_criteria=StoppingCriteriaList([finished]),
+                )
+            finally:
+                _finished_rows.reset(token)
             for row, i in enumerate(idx):
                 outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)

@@ -23,7 +23,8 @@ def test_empty_prediction_scores_zero_bertscore():
     assert m["bertscore_f1"] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_batched_generation_matches_one_at_a_time(tmp_path):
+def tiny_chat_model(tmp_path):
+    """A tiny random fp32 model, its tokenizer and 12 chat prompts from the default data."""
     cfg = ModelConfig(name="tiny", name_or_path="tiny", source="tiny")
     cfg.arch.hidden_size, cfg.arch.num_layers, cfg.arch.intermediate_size, cfg.arch.vocab_size = 64, 2, 128, 512
     cfg.arch.num_heads, cfg.arch.num_kv_heads = 4, 2
@@ -38,10 +39,45 @@ def test_batched_generation_matches_one_at_a_time(tmp_path):
     ]
     records = generate(12, seed=3)
     prompts = [[{"role": "user", "content": r["instruction"] + "\n\n" + r["input"]}] for r in records]
+    return model, tokenizer, prompts
+
+
+def test_batched_generation_matches_one_at_a_time(tmp_path):
+    model, tokenizer, prompts = tiny_chat_model(tmp_path)
     batched = scoring.generate(model, tokenizer, prompts, batch_size=6, max_new_tokens=12)
     single = scoring.generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=12)
     assert batched == single
     assert any(batched)
+
+
+def test_rows_that_ended_their_turn_stop_attending(tmp_path, monkeypatch):
+    """A batch generates until its longest row ends; rows that ended earlier skip attention
+    (the per-row cost batching cannot share) and every output still equals its prompt's alone."""
+    model, tokenizer, prompts = tiny_chat_model(tmp_path)
+    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+               for p in prompts]
+    with torch.inference_mode():  # the random model never ends a turn: make a token it writes early the end
+        first = model.generate(input_ids=torch.tensor([encoded[0]]), max_new_tokens=3, do_sample=False)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(first[0, -1]))
+    batched_queries = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(query, *args, **kwargs):
+        batched_queries.append(query.shape[2])
+        return sdpa(query, *args, **kwargs)
+
+    decode_steps = []  # the batch's one-token forward passes
+    hook = model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: decode_steps.append(1) if args[0].shape[1] == 1 else None)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    batched = scoring.generate(model, tokenizer, prompts, batch_size=12, max_new_tokens=12)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    hook.remove()
+    assert batched == scoring.generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=12)
+    lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in batched]
+    assert min(lengths) < max(lengths), lengths  # rows ended at different steps
+    every_row_every_step = model.config.num_hidden_layers * len(prompts) * len(decode_steps)
+    assert 0 < batched_queries.count(1) < every_row_every_step
 
 
 def linear_is_batch_invariant(dtype) -> bool:
