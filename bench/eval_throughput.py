@@ -8,9 +8,10 @@ batch-shape-dependent rounding flips a near-tie, the logit gap at the divergence
 A third pass runs the same batches with eval.batch_invariant=false (SDPA's fused kernel over
 the padded keys, as ftlab did before it attended row by row): what that layout costs and changes.
 
-    python bench/eval_throughput.py                  # SmolLM2-135M (NF4), 32 held-out prompts
+    python bench/eval_throughput.py                  # SmolLM2-135M (NF4), 32 held-out prompts, base model
     python bench/eval_throughput.py tiny 64
     python bench/eval_throughput.py smollm2_135m 32 model.dtype=bfloat16   # any further config overrides
+    python bench/eval_throughput.py smollm2_135m 40 --adapter outputs/runs/<run id>/adapter   # a trained adapter
 """
 from __future__ import annotations
 
@@ -21,15 +22,23 @@ from common import arg, compose_config
 
 
 def main() -> None:
-    from ftlab import models, scoring
+    from ftlab import memory, models, scoring
     from ftlab.data import prepare
 
     model_name, n = arg(1, "smollm2_135m"), arg(2, 32, int)
-    cfg = compose_config(f"model={model_name}", f"data.eval_size={n}", *sys.argv[3:])
+    overrides, adapter = sys.argv[3:], None
+    if "--adapter" in overrides:  # what ftlab evaluates after training: answers that end on their own
+        at = overrides.index("--adapter")
+        adapter, overrides = overrides[at + 1], overrides[:at] + overrides[at + 2 :]
+    cfg = compose_config(f"model={model_name}", f"data.eval_size={n}", *overrides)
     ckpt = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
     tokenizer = models.load_tokenizer(ckpt)
     data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
     model = models.load_base(ckpt, cfg.model, cfg.peft)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
     dtype = models.compute_dtype(cfg.model.dtype)
     prompts = [e.prompt for e in data.held_out]
     max_new = cfg.eval.max_new_tokens
@@ -50,17 +59,22 @@ def main() -> None:
     half = len(prompts) // 2
     first, first_s = timed(lambda: one_at_a_time(prompts[:half]))
     outputs, timings = {}, {}
+    cap = memory.eval_batch_tokens(cfg)
     outputs["batched"], timings["batched"] = timed(lambda: scoring.generate(
-        model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "batched"))
+        model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "batched", max_batch_tokens=cap))
     # eval.batch_invariant=false: SDPA's fused kernel over the padded keys
     outputs["fused"], timings["fused"] = timed(lambda: scoring.generate(
-        model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "fused", batch_invariant=False))
+        model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "fused", batch_invariant=False,
+        max_batch_tokens=cap))
     second, second_s = timed(lambda: one_at_a_time(prompts[half:]))
     outputs["sequential"], timings["sequential"] = first + second, first_s + second_s
     identical = {}
-    for name, batch in (("sequential", 1), ("batched", cfg.eval.batch_size), ("fused", cfg.eval.batch_size)):
+    lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for p in prompts]
+    rows = "+".join(str(len(b)) for b in scoring.length_sorted_batches(lengths, cfg.eval.batch_size, cap, max_new))
+    for name, batches in (("sequential", f"{len(prompts)}x1"), ("batched", rows), ("fused", rows)):
         identical[name] = sum(a == b for a, b in zip(outputs["sequential"], outputs[name]))
-        print(f"{name:<11} batch {batch:>3}: {timings[name]:7.1f} s for {len(prompts)} prompts, "
+        print(f"{name:<11} batches {batches:>6}: {timings[name]:7.1f} s for {len(prompts)} prompts, "
               f"{identical[name]}/{len(prompts)} identical to sequential", flush=True)
     pairs = [(p, a, b) for p, a, b in zip(prompts, outputs["sequential"], outputs["batched"]) if a != b]
     gaps = [tie_gap(model, tokenizer, p, a, b, dtype) for p, a, b in pairs]

@@ -324,6 +324,21 @@ def activation_bytes(s: Settings, tokens: int) -> float:
     return stack + mask + tokens * cb * 2 * h  # + embedding output and final norm output
 
 
+def eval_batch_tokens(cfg: DictConfig) -> int:
+    """eval.max_batch_tokens, or as many tokens (rows x (longest prompt + new tokens)) as one
+    eval batch may hold so that its KV cache (every layer) and one layer's prefill activations
+    fit in what the training step's activations and logits were priced at: both are freed
+    when training ends, so held-out generation never needs more than the budget checked."""
+    if cfg.eval.max_batch_tokens:
+        return int(cfg.eval.max_batch_tokens)
+    s = settings(cfg)
+    priced = estimate_settings(s).terms
+    kv = s.kv_heads * (s.hidden // s.heads)
+    per_token = s.layers * 2 * kv * s.compute_bytes  # keys and values
+    per_token += activation_bytes(replace(s, layers=1, batch=1, seq=1, checkpointing=False), 1)
+    return max(1, int((priced["activations"] + priced["logits"]) // per_token))
+
+
 def estimate(cfg: DictConfig) -> MemoryEstimate:
     """Predicted peak training memory of `cfg` (the full composed ftlab config)."""
     return estimate_settings(settings(cfg))

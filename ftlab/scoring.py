@@ -5,7 +5,6 @@ exact match, and for JSON answers the share that parse with the right fields.
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -120,15 +119,31 @@ def contiguous_head_input(model):
         handle.remove()
 
 
+def length_sorted_batches(lengths: list[int], max_rows: int, max_tokens: int | None,
+                          new_tokens: int) -> list[list[int]]:
+    """Indices in order of length, cut into batches of at most `max_rows` rows and at most
+    `max_tokens` tokens, counting rows x (longest prompt + new tokens). A prompt longer than
+    the cap on its own still gets a batch."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        width = lengths[i] + new_tokens  # the longest row so far: lengths only grow
+        if batches and len(batches[-1]) < max_rows and (not max_tokens or (len(batches[-1]) + 1) * width <= max_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_new_tokens: int,
-             dtype: torch.dtype = torch.float32, desc: str = "generate", batch_invariant: bool = True) -> list[str]:
+             dtype: torch.dtype = torch.float32, desc: str = "generate", batch_invariant: bool = True,
+             max_batch_tokens: int | None = None) -> list[str]:
     """Greedy completions for chat prompts. Prompts are sorted by length so each batch
     pads little; outputs come back in the input order (with `batch_invariant`, the same as
     one prompt at a time wherever the matmuls are)."""
     encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
                for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = length_sorted_batches([len(e) for e in encoded], batch_size, max_batch_tokens, max_new_tokens)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     outputs: list[str] = [""] * len(prompts)
@@ -136,9 +151,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
     model.eval()
     layout = batch_invariant_attention(model) if batch_invariant else nullcontext()
     with layout, contiguous_head_input(model), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False,
-                          total=math.ceil(len(order) / batch_size)):
-            idx = order[start : start + batch_size]
+        for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
             width = max(len(encoded[i]) for i in idx)
             # Left padding keeps every prompt's last token at the same position for generation.
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
@@ -202,9 +215,9 @@ def bertscore_model(cfg: EvalConfig) -> str:
 
 
 def score(model, tokenizer, held_out: list[Example], cfg: EvalConfig, dtype: torch.dtype = torch.float32,
-          desc: str = "evaluate") -> Scores:
+          desc: str = "evaluate", max_batch_tokens: int | None = None) -> Scores:
     examples = held_out[: cfg.max_examples] if cfg.max_examples else held_out
     prompts = [e.prompt for e in examples]
     predictions = generate(model, tokenizer, prompts, cfg.batch_size, cfg.max_new_tokens, dtype, desc,
-                           cfg.batch_invariant)
+                           cfg.batch_invariant, max_batch_tokens)
     return Scores(text_metrics(predictions, [e.reference for e in examples], cfg), predictions)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ftlab.memory import GIB, BudgetError, check_budget, estimate, fit_batch, resolve_checkpointing
+from ftlab.memory import (GIB, BudgetError, check_budget, estimate, eval_batch_tokens, fit_batch,
+                          resolve_checkpointing, settings)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,3 +216,17 @@ def test_cli_prints_breakdown_without_training(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "activations" in proc.stdout and "over budget" in proc.stdout
+
+
+def test_eval_batches_hold_what_the_training_step_was_priced_for(make_cfg):
+    """Held-out generation after training: a batch's KV cache plus one layer's prefill
+    activations fit in the activations and logits the budget check priced, which training frees."""
+    cfg = make_cfg("model=llama31_8b", "lora_r=64", "train.max_seq_length=2048", "train.per_device_batch_size=2",
+                   tiny=False)
+    tokens, s, terms = eval_batch_tokens(cfg), settings(cfg), estimate(cfg).terms
+    kv_cache = tokens * s.layers * 2 * s.kv_heads * (s.hidden // s.heads) * s.compute_bytes
+    assert 0 < kv_cache <= terms["activations"] + terms["logits"]
+    # less priced for training (a smaller micro-batch), fewer eval tokens; an explicit cap wins
+    assert eval_batch_tokens(make_cfg("model=llama31_8b", "lora_r=64", "train.max_seq_length=2048",
+                                      "train.per_device_batch_size=1", tiny=False)) < tokens
+    assert eval_batch_tokens(make_cfg("model=llama31_8b", "eval.max_batch_tokens=3000", tiny=False)) == 3000

@@ -152,3 +152,13 @@ def test_row_attention_equals_each_row_alone(query_length):
         else:
             alone, _ = sdpa_attention_forward(module, q, k, v, None)
             assert torch.equal(out[row, q_len - keep :], alone[0]), f"row {row} ({n} tokens)"
+
+
+def test_length_sorted_batches_cap_rows_and_tokens():
+    lengths = [30, 10, 20, 50, 40, 10]
+    # 8 new tokens; a batch's tokens are rows x (its longest prompt + 8)
+    batches = scoring.length_sorted_batches(lengths, max_rows=3, max_tokens=100, new_tokens=8)
+    assert batches == [[1, 5, 2], [0, 4], [3]]  # 3 rows x 28 (row cap); 2 x 48 = 96; 3 x 58 > 100
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert scoring.length_sorted_batches(lengths, 4, None, 8) == [[1, 5, 2, 0], [4, 3]]
+    assert scoring.length_sorted_batches([500, 5], 8, 100, 8) == [[1], [0]]  # too long alone: a batch of its own
