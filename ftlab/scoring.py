@@ -157,13 +157,14 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
             attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
                                      device=device)
-            finished = FinishedRows(len(idx), tokenizer.eos_token_id)
+            # Only row attention can use it; the fused path keeps generate's own (deferred) stop checks.
+            finished = FinishedRows(len(idx), tokenizer.eos_token_id) if batch_invariant else None
             token = _finished_rows.set(finished)
             try:
                 out = model.generate(
                     input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
                     pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                    stopping_criteria=StoppingCriteriaList([finished]),
+                    stopping_criteria=StoppingCriteriaList([finished] if finished else []),
                 )
             finally:
                 _finished_rows.reset(token)
