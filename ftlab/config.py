@@ -167,8 +167,8 @@ class EvalConfig:
 
     # At most this many prompts per generate call (length-sorted) and at most max_batch_tokens
     # tokens (rows x (longest prompt + max_new_tokens)). Bigger batches share more of each step:
-    # SmolLM2's 40 held-out prompts with a trained adapter took 4.7x less time than one at a time
-    # in batches of 32 (32 + 8), 5.5x in one batch of 40.
+    # SmolLM2's 40 held-out prompts with a trained adapter took 6.7 s as 32 + 8 and 6.0 s as one
+    # batch (on the CPU, alternating in one process).
     batch_size: int = 64
     # null: as many as fit in the memory the training step's activations and logits were
     # priced at by the budget check (ftlab/memory.py, eval_batch_tokens).

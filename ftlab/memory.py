@@ -328,7 +328,7 @@ def eval_batch_tokens(cfg: DictConfig) -> int:
     """eval.max_batch_tokens, or as many tokens (rows x (longest prompt + new tokens)) as one
     eval batch may hold so that its KV cache (every layer) and one layer's prefill activations
     fit in what the training step's activations and logits were priced at: both are freed
-    when training ends, so held-out generation never needs more than the budget checked."""
+    when training ends, so held-out generation stays within what the budget checked."""
     if cfg.eval.max_batch_tokens:
         return int(cfg.eval.max_batch_tokens)
     s = settings(cfg)

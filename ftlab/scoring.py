@@ -150,7 +150,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
     was_training = model.training
     model.eval()
     layout = batch_invariant_attention(model) if batch_invariant else nullcontext()
-    with layout, contiguous_head_input(model), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with layout, contiguous_head_input(model), autocast:
         for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
             width = max(len(encoded[i]) for i in idx)
             # Left padding keeps every prompt's last token at the same position for generation.
