@@ -36,14 +36,13 @@ class FinishedRows(StoppingCriteria):
     attention is the one cost a row pays in full however large the batch. Stops nothing itself."""
 
     def __init__(self, batch: int, eos_token_id: int | None):
-        self.done = torch.zeros(batch, dtype=torch.bool)
-        self.rows = self.done.tolist()
+        self.rows = [False] * batch
         self.eos_token_id = eos_token_id
 
     def __call__(self, input_ids, scores, **kwargs):
         if self.eos_token_id is not None:
-            self.done |= input_ids[:, -1].cpu() == self.eos_token_id
-            self.rows = self.done.tolist()
+            last = input_ids[:, -1].tolist()
+            self.rows = [done or token == self.eos_token_id for done, token in zip(self.rows, last)]
         return torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
 
 
