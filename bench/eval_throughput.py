@@ -3,8 +3,9 @@
 Same model, same prompts, greedy decoding. The baseline is what a user writes: `generate` on
 each prompt alone, with the model's own attention and KV cache, timed in two halves run before
 and after the batched passes. It goes through scoring.generate at batch 1, so it gets the same
-contiguous LM-head input: the ratio is what batching alone buys. Outputs are compared: identical, or, where the kernels'
-batch-shape-dependent rounding flips a near-tie, the logit gap at the divergence.
+contiguous LM-head input: the ratio is what batching alone buys. Outputs are compared:
+identical, or, where the kernels' batch-shape-dependent rounding flips a near-tie, the logit
+gap at the divergence.
 A third pass runs the same batches with eval.batch_invariant=false (SDPA's fused kernel over
 the padded keys, as ftlab did before it attended row by row): what that layout costs and changes.
 
@@ -69,8 +70,7 @@ def main() -> None:
     second, second_s = timed(lambda: one_at_a_time(prompts[half:]))
     outputs["sequential"], timings["sequential"] = first + second, first_s + second_s
     identical = {}
-    lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
-               for p in prompts]
+    lengths = [len(scoring.prompt_ids(tokenizer, p)) for p in prompts]
     rows = "+".join(str(len(b)) for b in scoring.length_sorted_batches(lengths, cfg.eval.batch_size, cap, max_new))
     for name, batches in (("sequential", f"{len(prompts)}x1"), ("batched", rows), ("fused", rows)):
         identical[name] = sum(a == b for a, b in zip(outputs["sequential"], outputs[name]))
@@ -93,11 +93,13 @@ def tie_gap(model, tokenizer, prompt, first: str, second: str, dtype) -> float:
     """|logit difference| of the two outputs' tokens where they first diverge, batch size 1."""
     import torch
 
+    from ftlab import scoring
+
     a, b = (tokenizer(t, add_special_tokens=False).input_ids for t in (first, second))
     k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     if k >= min(len(a), len(b)):  # one output stops where the other goes on: compare with end of turn
         a, b = a + [tokenizer.eos_token_id], b + [tokenizer.eos_token_id]
-    context = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    context = scoring.prompt_ids(tokenizer, prompt)
     device = next(model.parameters()).device
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         logits = model(input_ids=torch.tensor([context + a[:k]], device=device)).logits[0, -1].float()

@@ -120,6 +120,11 @@ def contiguous_head_input(model):
         handle.remove()
 
 
+def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    """A chat prompt's token ids, up to where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
 def length_sorted_batches(lengths: list[int], max_rows: int, max_tokens: int | None,
                           new_tokens: int) -> list[list[int]]:
     """Indices in order of length, cut into batches of at most `max_rows` rows and at most
@@ -142,8 +147,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
     """Greedy completions for chat prompts. Prompts are sorted by length so each batch
     pads little; outputs come back in the input order (with `batch_invariant`, the same as
     one prompt at a time wherever the matmuls are)."""
-    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-               for p in prompts]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     batches = length_sorted_batches([len(e) for e in encoded], batch_size, max_batch_tokens, max_new_tokens)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id

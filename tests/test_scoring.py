@@ -54,10 +54,9 @@ def test_rows_that_ended_their_turn_stop_attending(tmp_path, monkeypatch):
     """A batch generates until its longest row ends; rows that ended earlier skip attention
     (the per-row cost batching cannot share) and every output still equals its prompt's alone."""
     model, tokenizer, prompts = tiny_chat_model(tmp_path)
-    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-               for p in prompts]
     with torch.inference_mode():  # the random model never ends a turn: make a token it writes early the end
-        first = model.generate(input_ids=torch.tensor([encoded[0]]), max_new_tokens=3, do_sample=False)
+        first = model.generate(input_ids=torch.tensor([scoring.prompt_ids(tokenizer, prompts[0])]), max_new_tokens=3,
+                               do_sample=False)
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(first[0, -1]))
     batched_queries = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
