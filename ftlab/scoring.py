@@ -53,9 +53,13 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     """SDPA run row by row on each row's own keys (its left padding cut off), so a batched
     row computes exactly what its prompt computes alone: the fused kernel's rounding depends
     on the key length, the mask and the GQA layout, and greedy decoding flips wherever two
-    tokens nearly tie. Linear layers need nothing: a row's result does not depend on the
-    batch size in bf16 (MKL's fp32 path differs for a few rows). Any left-padded layout:
-    prefill, one-token decode steps, and chunks of queries that continue a cache."""
+    tokens nearly tie. Linear layers are left as they are: in bf16 a row's result does not
+    depend on the batch size up to 1024 inputs; beyond (a down projection) torch's one-row
+    kernel rounds a few outputs differently from the batched one (MKL's fp32 path does at any
+    size), which can flip an exact tie and which no attention layout can undo. Any left-padded layout:
+    prefill, one-token decode steps, and chunks of queries that continue a cache. Attends in
+    `attention_dtype`, so a row alone through this function is the reference, not the model's
+    own bf16 SDPA."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
     if attention_mask is None:
@@ -65,6 +69,7 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
         own_keys = (valid if valid.dtype == torch.bool else valid == 0).sum(-1).tolist()
     finished = _finished_rows.get()
     skip = finished.rows if finished is not None and q_len == 1 and len(finished.rows) == batch else [False] * batch
+    precision = attention_dtype(query)
     out = query.new_zeros(batch, q_len, heads, dim)
     for row, n_keys in enumerate(own_keys):
         if skip[row]:  # a finished row's next token is padding whatever it attends to
@@ -74,12 +79,23 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
         causal_mask = None
         if 1 < queries < n_keys:  # a chunk after cached keys: SDPA's is_causal would align it to the first keys
             causal_mask = torch.ones(queries, n_keys, dtype=torch.bool, device=query.device).tril(n_keys - queries)
-        out[row, first_query:] = torch.nn.functional.scaled_dot_product_attention(
-            query[row : row + 1, :, first_query:], key[row : row + 1, :, k_len - n_keys :],
-            value[row : row + 1, :, k_len - n_keys :], attn_mask=causal_mask,
-            is_causal=causal_mask is None and queries > 1, scale=scaling, enable_gqa=heads != key.shape[1],
-        )[0].transpose(0, 1)
+        with torch.autocast(query.device.type, enabled=False):  # autocast would cast an fp32 SDPA back down
+            out[row, first_query:] = torch.nn.functional.scaled_dot_product_attention(
+                query[row : row + 1, :, first_query:].to(precision),
+                key[row : row + 1, :, k_len - n_keys :].to(precision),
+                value[row : row + 1, :, k_len - n_keys :].to(precision), attn_mask=causal_mask,
+                is_causal=causal_mask is None and queries > 1, scale=scaling, enable_gqa=heads != key.shape[1],
+            )[0].transpose(0, 1)
     return out, None
+
+
+def attention_dtype(query: torch.Tensor) -> torch.dtype:
+    """fp32 on the CPU: torch's bf16 SDPA kernel there is slow for the one-query decode steps
+    (~120 us per row at 300 keys against ~30 us for fp32 with the upcast included, on an
+    AVX512-BF16 EPYC; prefill costs the same either way), and an fp32 softmax is the more
+    exact one (the bf16 kernel rounds the probabilities to bf16 before weighting the values).
+    Elsewhere the model's dtype, which the fused GPU kernels need."""
+    return torch.float32 if query.device.type == "cpu" else query.dtype
 
 
 AttentionInterface.register(ROW_ATTENTION, row_sdpa_attention)

@@ -114,10 +114,9 @@ def test_batched_generation_logits_are_bit_identical(tmp_path, dtype):
                              return_dict_in_generate=True)
         return torch.stack(out.logits, 1)  # (rows, steps, vocab)
 
-    with torch.inference_mode():
-        with scoring.batch_invariant_attention(model), scoring.contiguous_head_input(model):
-            batched = step_logits(prompts)
-        for row, prompt in enumerate(prompts):  # alone, on the model's own SDPA attention
+    with torch.inference_mode(), scoring.batch_invariant_attention(model), scoring.contiguous_head_input(model):
+        batched = step_logits(prompts)
+        for row, prompt in enumerate(prompts):  # alone: one row, no padding
             assert torch.equal(batched[row], step_logits([prompt])[0]), f"prompt {row} ({len(prompt)} tokens)"
 
 
@@ -151,6 +150,25 @@ def test_row_attention_equals_each_row_alone(query_length):
         else:
             alone, _ = sdpa_attention_forward(module, q, k, v, None)
             assert torch.equal(out[row, q_len - keep :], alone[0]), f"row {row} ({n} tokens)"
+
+
+def test_row_attention_attends_in_fp32_on_the_cpu():
+    """bf16 queries and keys (as autocast hands them over) are attended in fp32, under autocast
+    too, and the result comes back in bf16: the fp32 kernel is the faster one on the CPU."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    bf16 = [t.to(torch.bfloat16) for t in (query, key, value)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = scoring.row_sdpa_attention(module, *bf16, None)
+    exact, _ = sdpa_attention_forward(module, *(t.float() for t in bf16), None)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, exact.to(torch.bfloat16))
+    coarse, _ = sdpa_attention_forward(module, *bf16, None)  # the bf16 kernel rounds differently
+    assert not torch.equal(out, coarse)
 
 
 def test_length_sorted_batches_cap_rows_and_tokens():
