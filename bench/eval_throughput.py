@@ -1,11 +1,12 @@
 """Held-out evaluation: one example at a time vs ftlab's batched, length-sorted generation.
 
-Same model, same prompts, greedy decoding. The baseline is what a user writes: `generate` on
-each prompt alone, with the model's own attention and KV cache, timed in two halves run before
-and after the batched passes. It goes through scoring.generate at batch 1, so it gets the same
-contiguous LM-head input: the ratio is what batching alone buys. Outputs are compared:
-identical, or, where the kernels' batch-shape-dependent rounding flips a near-tie, the logit
-gap at the divergence.
+Same model, same prompts, greedy decoding, each prompt's `generate` alone timed in two halves
+run before and after the batched passes. Two one-at-a-time baselines, both through
+scoring.generate at batch 1 (so they get the same contiguous LM-head input):
+- "sequential": ftlab's own evaluation numerics (attention in fp32 on the CPU), one prompt at
+  a time: the ratio is what batching alone buys, and outputs must be identical;
+- "plain": what a user writes, `generate` on the model's own (bf16) SDPA attention: outputs
+  can differ where the coarser bf16 softmax flips a near-tie; the logit gap is printed.
 A third pass runs the same batches with eval.batch_invariant=false (SDPA's fused kernel over
 the padded keys, as ftlab did before it attended row by row): what that layout costs and changes.
 
@@ -49,17 +50,21 @@ def main() -> None:
         result = run()
         return result, time.perf_counter() - start
 
-    def one_at_a_time(some: list, max_new_tokens: int = max_new) -> list[str]:
-        """`generate` on each prompt alone, on the model's own SDPA attention and KV cache."""
-        return scoring.generate(model, tokenizer, some, 1, max_new_tokens, dtype, "sequential", batch_invariant=False)
+    def one_at_a_time(some: list, max_new_tokens: int = max_new, plain: bool = False) -> list[str]:
+        """`generate` on each prompt alone: ftlab's attention, or (plain) the model's own SDPA."""
+        return scoring.generate(model, tokenizer, some, 1, max_new_tokens, dtype, "plain" if plain else "sequential",
+                                batch_invariant=not plain)
 
     one_at_a_time(prompts[:1], 2)  # warm-up: first calls' one-off costs count for neither
+    one_at_a_time(prompts[:1], 2, plain=True)
     scoring.generate(model, tokenizer, prompts[:2], 2, 2, dtype, "warm-up")
-    # The sequential pass runs in two halves around the batched ones, so a machine that slows down
-    # or speeds up during the run (these are shared) weighs on both sides of the ratio alike.
+    # The one-at-a-time passes run in two halves around the batched ones, so a machine that slows
+    # down or speeds up during the run (these are shared) weighs on both sides of the ratio alike.
     half = len(prompts) // 2
-    first, first_s = timed(lambda: one_at_a_time(prompts[:half]))
     outputs, timings = {}, {}
+    for plain in (False, True):
+        outputs["plain" if plain else "sequential"], timings["plain" if plain else "sequential"] = timed(
+            lambda: one_at_a_time(prompts[:half], plain=plain))
     cap = memory.eval_batch_tokens(cfg)
     outputs["batched"], timings["batched"] = timed(lambda: scoring.generate(
         model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "batched", max_batch_tokens=cap))
@@ -67,26 +72,36 @@ def main() -> None:
     outputs["fused"], timings["fused"] = timed(lambda: scoring.generate(
         model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "fused", batch_invariant=False,
         max_batch_tokens=cap))
-    second, second_s = timed(lambda: one_at_a_time(prompts[half:]))
-    outputs["sequential"], timings["sequential"] = first + second, first_s + second_s
+    for plain in (True, False):
+        rest, seconds = timed(lambda: one_at_a_time(prompts[half:], plain=plain))
+        outputs["plain" if plain else "sequential"] += rest
+        timings["plain" if plain else "sequential"] += seconds
     identical = {}
     lengths = [len(scoring.prompt_ids(tokenizer, p)) for p in prompts]
     rows = "+".join(str(len(b)) for b in scoring.length_sorted_batches(lengths, cfg.eval.batch_size, cap, max_new))
-    for name, batches in (("sequential", f"{len(prompts)}x1"), ("batched", rows), ("fused", rows)):
+    for name, batches in (("sequential", f"{len(prompts)}x1"), ("plain", f"{len(prompts)}x1"), ("batched", rows),
+                          ("fused", rows)):
         identical[name] = sum(a == b for a, b in zip(outputs["sequential"], outputs[name]))
         print(f"{name:<11} batches {batches:>6}: {timings[name]:7.1f} s for {len(prompts)} prompts, "
               f"{identical[name]}/{len(prompts)} identical to sequential", flush=True)
-    pairs = [(p, a, b) for p, a, b in zip(prompts, outputs["sequential"], outputs["batched"]) if a != b]
-    gaps = [tie_gap(model, tokenizer, p, a, b, dtype) for p, a, b in pairs]
-    if gaps:
-        print(f"{len(gaps)} batched outputs diverge where the two candidate tokens' logits differ by at most "
-              f"{max(gaps):.3f} (a near-tie that batch-shape-dependent rounding flips; a padding or position "
-              f"bug would diverge at a clear winner)")
     n = len(prompts)
+    gaps = {name: [tie_gap(model, tokenizer, p, a, b, dtype)
+                   for p, a, b in zip(prompts, outputs["sequential"], outputs[name]) if a != b]
+            for name in ("batched", "plain")}
+    for name, gap in gaps.items():
+        if gap:
+            print(f"{len(gap)} {name} outputs diverge where the two candidate tokens' logits differ by at most "
+                  f"{max(gap):.3f} (a near-tie that rounding flips; a padding or position bug would diverge at a "
+                  f"clear winner)")
+
+    def against(name: str) -> str:
+        gap = f" (the rest at near-ties, gap <= {max(gaps[name]):.3f})" if gaps.get(name) else ""
+        return f"identical {identical[name]}/{n}{gap}"
+
     print(f"SUMMARY eval throughput: batched/sequential = {timings['sequential'] / timings['batched']:.2f}x, "
-          f"identical {identical['batched']}/{n}" + (f" (the rest at near-ties, gap <= {max(gaps):.3f})" if gaps else "")
-          + f"; fused kernel over padding {timings['sequential'] / timings['fused']:.2f}x, identical "
-          f"{identical['fused']}/{n} ({model_name}, {dtype})")
+          f"{against('batched')}; batched/plain generate = {timings['plain'] / timings['batched']:.2f}x, "
+          f"{against('plain')}; fused kernel over padding {timings['sequential'] / timings['fused']:.2f}x, "
+          f"identical {identical['fused']}/{n} ({model_name}, {dtype})")
 
 
 def tie_gap(model, tokenizer, prompt, first: str, second: str, dtype) -> float:
