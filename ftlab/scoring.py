@@ -70,19 +70,21 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     finished = _finished_rows.get()
     skip = finished.rows if finished is not None and q_len == 1 and len(finished.rows) == batch else [False] * batch
     precision = attention_dtype(query)
-    out = query.new_zeros(batch, q_len, heads, dim)
-    for row, n_keys in enumerate(own_keys):
-        if skip[row]:  # a finished row's next token is padding whatever it attends to
-            continue
-        first_query = max(0, q_len - n_keys)  # queries on padding are never attended to
-        queries = q_len - first_query  # the row's last tokens
-        causal_mask = None
-        if 1 < queries < n_keys:  # a chunk after cached keys: SDPA's is_causal would align it to the first keys
-            causal_mask = torch.ones(queries, n_keys, dtype=torch.bool, device=query.device).tril(n_keys - queries)
-        with torch.autocast(query.device.type, enabled=False):  # autocast would cast an fp32 SDPA back down
+    # The queries once; each row's own keys and values below (converting the whole padded cache at
+    # once measured slower: a fresh buffer of megabytes at every layer and step).
+    query = query.to(precision)
+    out = query.new_zeros(batch, q_len, heads, dim, dtype=key.dtype)
+    with torch.autocast(query.device.type, enabled=False):  # autocast would cast an fp32 SDPA back down
+        for row, n_keys in enumerate(own_keys):
+            if skip[row]:  # a finished row's next token is padding whatever it attends to
+                continue
+            first_query = max(0, q_len - n_keys)  # queries on padding are never attended to
+            queries = q_len - first_query  # the row's last tokens
+            causal_mask = None
+            if 1 < queries < n_keys:  # a chunk after cached keys: SDPA's is_causal would align it to the first keys
+                causal_mask = torch.ones(queries, n_keys, dtype=torch.bool, device=query.device).tril(n_keys - queries)
             out[row, first_query:] = torch.nn.functional.scaled_dot_product_attention(
-                query[row : row + 1, :, first_query:].to(precision),
-                key[row : row + 1, :, k_len - n_keys :].to(precision),
+                query[row : row + 1, :, first_query:], key[row : row + 1, :, k_len - n_keys :].to(precision),
                 value[row : row + 1, :, k_len - n_keys :].to(precision), attn_mask=causal_mask,
                 is_causal=causal_mask is None and queries > 1, scale=scaling, enable_gqa=heads != key.shape[1],
             )[0].transpose(0, 1)
