@@ -32,7 +32,9 @@ def main() -> None:
     if "--adapter" in overrides:  # what ftlab evaluates after training: answers that end on their own
         at = overrides.index("--adapter")
         adapter, overrides = overrides[at + 1], overrides[:at] + overrides[at + 2 :]
-    cfg = compose_config(f"model={model_name}", f"data.eval_size={n}", *overrides)
+    # SDPA as a user loads the model (ftlab's CPU default attends short batches eagerly); the batched and
+    # sequential passes swap in row attention either way.
+    cfg = compose_config(f"model={model_name}", f"data.eval_size={n}", "model.attn_implementation=sdpa", *overrides)
     ckpt = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
     tokenizer = models.load_tokenizer(ckpt)
     data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))

@@ -71,6 +71,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 import ftlab.config  # noqa: F401  (registers the structured-config schema)
+from ftlab import attention
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 0.5 * GIB
@@ -299,6 +300,11 @@ def estimate_settings(s: Settings) -> MemoryEstimate:
 
 def activation_bytes(s: Settings, tokens: int) -> float:
     """Saved activations of the decoder stack for `tokens` = batch * seq tokens."""
+    if s.attn == attention.SHORT_EAGER and s.seq >= attention.EAGER_BELOW_KEYS:
+        # Eager below the threshold, SDPA from it: the larger of the two worst cases.
+        short = attention.EAGER_BELOW_KEYS - 1
+        return max(activation_bytes(replace(s, attn="sdpa"), tokens),
+                   activation_bytes(replace(s, attn="eager", seq=short), tokens * short // s.seq))
     h, i, cb = s.hidden, s.intermediate, s.compute_bytes
     kv = s.kv_heads * (h // s.heads)
     shapes = linear_shapes(s)
@@ -313,7 +319,7 @@ def activation_bytes(s: Settings, tokens: int) -> float:
             if s.lora_dropout > 0:
                 per_token += (cb + 1) * din  # dropped copy + mask
     layer = per_token * tokens
-    if s.attn == "eager":
+    if s.attn in ("eager", attention.SHORT_EAGER):  # SHORT_EAGER here: every batch is shorter than its threshold
         # HF eager attention: fp32 softmax output + its bf16 cast, per head, S x S
         layer += s.batch * s.heads * s.seq * s.seq * (4 + cb)
     if s.checkpointing:

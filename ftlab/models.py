@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ftlab import attention
 from ftlab.config import ArchConfig, ModelConfig, PeftConfig
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ def load_base(checkpoint: Path, model_cfg: ModelConfig, peft: PeftConfig):
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint,
         dtype=load_dtype,
-        attn_implementation=model_cfg.attn_implementation,
+        attn_implementation=attention.resolve(model_cfg.attn_implementation),
         quantization_config=quantization_config(peft, dtype) if peft.method != "full" else None,
         device_map=device_map,
         trust_remote_code=model_cfg.trust_remote_code,

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from ftlab import checkpoints, memory, models, scoring, tracking
+from ftlab import attention, checkpoints, memory, models, scoring, tracking
 from ftlab.data import prepare
 from ftlab.data.report import log_data_report
 from ftlab.train import device_memory_gb, memory_cap_callback, peak_so_far_mb, release_memory, train
@@ -95,6 +95,7 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
     """Predicted peak (GiB) of the config that will run. Over budget.vram_gb: with
     budget.fit=auto_batch the micro-batch is lowered (grad_accum raised to keep the
     effective batch) until it fits; otherwise a skipped run is recorded and OverBudget raised."""
+    cfg.model.attn_implementation = attention.resolve(cfg.model.attn_implementation)  # priced, and logged, as run
     cfg.train.gradient_checkpointing = memory.resolve_checkpointing(cfg, device_memory_gb())
     fits, est, reason = memory.check_budget(cfg)
     if not fits and cfg.budget.fit == "auto_batch" and (pair := memory.fit_batch(cfg)):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface, AttentionMaskInterface, StoppingCriteria, StoppingCriteriaList
 from transformers.masking_utils import sdpa_mask
 
-from ftlab import memory
+from ftlab import attention, memory
 from ftlab import metrics as metric_modules
 from ftlab.config import EvalConfig
 from ftlab.data import Example
@@ -106,11 +106,11 @@ AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
 
 @contextmanager
 def batch_invariant_attention(model):
-    """Generation through `row_sdpa_attention` while the block runs (models on SDPA only:
-    eager or flash attention are left as they are)."""
+    """Generation through `row_sdpa_attention` while the block runs (models on SDPA, or on the
+    CPU's auto attention, only: eager or flash attention are left as they are)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = base.config._attn_implementation
-    if previous != "sdpa":
+    if previous not in ("sdpa", attention.SHORT_EAGER):
         yield
         return
     base.set_attn_implementation(ROW_ATTENTION)
