@@ -55,11 +55,11 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     on the key length, the mask and the GQA layout, and greedy decoding flips wherever two
     tokens nearly tie. Linear layers are left as they are: in bf16 a row's result does not
     depend on the batch size up to 1024 inputs; beyond (a down projection) torch's one-row
-    kernel rounds a few outputs differently from the batched one (MKL's fp32 path does at any
-    size), which can flip an exact tie and which no attention layout can undo. Any left-padded layout:
-    prefill, one-token decode steps, and chunks of queries that continue a cache. Attends in
-    `attention_dtype`, so a row alone through this function is the reference, not the model's
-    own bf16 SDPA."""
+    kernel rounds a few outputs differently from the batched one (MKL's fp32 path does at
+    any size), which can flip an exact tie and which no attention layout can undo.
+    Any left-padded layout: prefill, one-token decode steps, and chunks of queries that
+    continue a cache. Attends in `attention_dtype`, so a row alone through this function is
+    the reference, not the model's own bf16 SDPA."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
     if attention_mask is None:
