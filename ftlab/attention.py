@@ -30,20 +30,28 @@ def resolve(name: str) -> str:
     return SHORT_EAGER
 
 
+def short_eager_mask(**kwargs):
+    """Eager's additive float mask for the batches eager attends (shorter than the threshold),
+    SDPA's own mask for the rest (often none at all: SDPA's is_causal)."""
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    return (eager_mask if kwargs["kv_length"] < EAGER_BELOW_KEYS else sdpa_mask)(**kwargs)
+
+
 def short_eager_attention(module, query, key, value, attention_mask, **kwargs):
+    """Eager where `short_eager_mask` built eager's mask, SDPA elsewhere: one decision, made
+    from the key length when the mask is built."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    if query.device.type == "cpu" and key.shape[-2] < EAGER_BELOW_KEYS:
+    if attention_mask is not None and attention_mask.is_floating_point():
         return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def register() -> None:
-    """Make SHORT_EAGER a name transformers loads models with. Its mask is eager's: an
-    additive float mask, always built (eager needs one; SDPA takes it as well)."""
+    """Make SHORT_EAGER a name transformers loads models with."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import eager_mask
 
     AttentionInterface.register(SHORT_EAGER, short_eager_attention)
-    AttentionMaskInterface.register(SHORT_EAGER, eager_mask)
+    AttentionMaskInterface.register(SHORT_EAGER, short_eager_mask)

@@ -2,7 +2,7 @@
 batches (where torch's CPU flash kernel is slow in bf16), SDPA for long ones."""
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import eager_mask
+from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from ftlab import attention
@@ -20,11 +20,12 @@ def test_short_batches_attend_eagerly_and_long_ones_through_sdpa():
     for length in (attention.EAGER_BELOW_KEYS - 1, attention.EAGER_BELOW_KEYS):
         query = torch.randn(2, 4, length, 16, dtype=torch.bfloat16)
         key, value = torch.randn(2, 2, 2, length, 16, dtype=torch.bfloat16)
-        mask = eager_mask(batch_size=2, q_length=length, kv_length=length, dtype=torch.bfloat16)
-        args = (module, query, key, value, mask)
-        out, _ = attention.short_eager_attention(*args, scaling=0.25, dropout=0.0)
-        eager, _ = eager_attention_forward(*args, scaling=0.25, dropout=0.0)
-        sdpa, _ = sdpa_attention_forward(*args, scaling=0.25, dropout=0.0)
+        shape = {"batch_size": 2, "q_length": length, "kv_length": length, "dtype": torch.bfloat16}
+        mask = attention.short_eager_mask(**shape, allow_is_causal_skip=True)
+        out, _ = attention.short_eager_attention(module, query, key, value, mask, scaling=0.25, dropout=0.0)
+        eager, _ = eager_attention_forward(module, query, key, value, eager_mask(**shape), scaling=0.25, dropout=0.0)
+        sdpa, _ = sdpa_attention_forward(module, query, key, value, sdpa_mask(**shape, allow_is_causal_skip=True),
+                                         scaling=0.25, dropout=0.0)
         assert not torch.equal(eager, sdpa)  # the two differ in their rounding: the check below can tell them apart
         expected = eager if length < attention.EAGER_BELOW_KEYS else sdpa
         assert torch.equal(out, expected), length
