@@ -69,11 +69,11 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
         own_keys = (valid if valid.dtype == torch.bool else valid == 0).sum(-1).tolist()
     finished = _finished_rows.get()
     skip = finished.rows if finished is not None and q_len == 1 and len(finished.rows) == batch else [False] * batch
+    out = query.new_zeros(batch, q_len, heads, dim)  # in the model's dtype, whatever the attention's
     precision = attention_dtype(query)
     # The queries once; each row's own keys and values below (converting the whole padded cache at
     # once measured slower: a fresh buffer of megabytes at every layer and step).
     query = query.to(precision)
-    out = query.new_zeros(batch, q_len, heads, dim, dtype=key.dtype)
     with torch.autocast(query.device.type, enabled=False):  # autocast would cast an fp32 SDPA back down
         for row, n_keys in enumerate(own_keys):
             if skip[row]:  # a finished row's next token is padding whatever it attends to
