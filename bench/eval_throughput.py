@@ -52,21 +52,20 @@ def main() -> None:
         result = run()
         return result, time.perf_counter() - start
 
-    def one_at_a_time(some: list, max_new_tokens: int = max_new, plain: bool = False) -> list[str]:
-        """`generate` on each prompt alone: ftlab's attention, or (plain) the model's own SDPA."""
-        return scoring.generate(model, tokenizer, some, 1, max_new_tokens, dtype, "plain" if plain else "sequential",
-                                batch_invariant=not plain)
+    def one_at_a_time(some: list, name: str, max_new_tokens: int = max_new) -> list[str]:
+        """`generate` on each prompt alone: ftlab's attention (sequential) or the model's own SDPA (plain)."""
+        return scoring.generate(model, tokenizer, some, 1, max_new_tokens, dtype, name,
+                                batch_invariant=name == "sequential")
 
-    one_at_a_time(prompts[:1], 2)  # warm-up: first calls' one-off costs count for neither
-    one_at_a_time(prompts[:1], 2, plain=True)
+    for name in ("sequential", "plain"):  # warm-up: first calls' one-off costs count for neither
+        one_at_a_time(prompts[:1], name, 2)
     scoring.generate(model, tokenizer, prompts[:2], 2, 2, dtype, "warm-up")
     # The one-at-a-time passes run in two halves around the batched ones, so a machine that slows
     # down or speeds up during the run (these are shared) weighs on both sides of the ratio alike.
     half = len(prompts) // 2
     outputs, timings = {}, {}
-    for plain in (False, True):
-        outputs["plain" if plain else "sequential"], timings["plain" if plain else "sequential"] = timed(
-            lambda: one_at_a_time(prompts[:half], plain=plain))
+    for name in ("sequential", "plain"):
+        outputs[name], timings[name] = timed(lambda: one_at_a_time(prompts[:half], name))
     cap = memory.eval_batch_tokens(cfg)
     outputs["batched"], timings["batched"] = timed(lambda: scoring.generate(
         model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "batched", max_batch_tokens=cap))
@@ -74,10 +73,10 @@ def main() -> None:
     outputs["fused"], timings["fused"] = timed(lambda: scoring.generate(
         model, tokenizer, prompts, cfg.eval.batch_size, max_new, dtype, "fused", batch_invariant=False,
         max_batch_tokens=cap))
-    for plain in (True, False):
-        rest, seconds = timed(lambda: one_at_a_time(prompts[half:], plain=plain))
-        outputs["plain" if plain else "sequential"] += rest
-        timings["plain" if plain else "sequential"] += seconds
+    for name in ("plain", "sequential"):
+        rest, seconds = timed(lambda: one_at_a_time(prompts[half:], name))
+        outputs[name] += rest
+        timings[name] += seconds
     identical = {}
     lengths = [len(scoring.prompt_ids(tokenizer, p)) for p in prompts]
     rows = "+".join(str(len(b)) for b in scoring.length_sorted_batches(lengths, cfg.eval.batch_size, cap, max_new))
