@@ -53,10 +53,7 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     """SDPA run row by row on each row's own keys (its left padding cut off), so a batched
     row computes exactly what its prompt computes alone: the fused kernel's rounding depends
     on the key length, the mask and the GQA layout, and greedy decoding flips wherever two
-    tokens nearly tie. Linear layers are left as they are: in bf16 a row's result does not
-    depend on the batch size up to 1024 inputs; beyond (a down projection) torch's one-row
-    kernel rounds a few outputs differently from the batched one (MKL's fp32 path does at
-    any size), which can flip an exact tie and which no attention layout can undo.
+    tokens nearly tie. Linear layers have their own care (`no_one_row_linears`).
     Any left-padded layout: prefill, one-token decode steps, and chunks of queries that
     continue a cache. Attends in `attention_dtype`, so a row alone through this function is
     the reference, not the model's own bf16 SDPA."""
@@ -120,6 +117,48 @@ def batch_invariant_attention(model):
         base.set_attn_implementation(previous)
 
 
+ONE_ROW_KERNEL_ABOVE = 1024  # inputs beyond which torch's one-row bf16 CPU matmul rounds on its own
+
+
+def _one_row_as_two(linear: torch.nn.Linear):
+    plain = linear.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() != 1:
+            return plain(x)
+        return plain(torch.cat((x, x)))[:1]
+
+    return forward
+
+
+@contextmanager
+def no_one_row_linears(model):
+    """On the CPU torch's bf16 matmul sends a lone row with over 1024 inputs to a kernel of its
+    own, which rounds a few outputs differently from the many-row kernel (that one gives a row
+    the same bits at any row count from 2 on: measured). A prompt alone decodes one row at a
+    time and a batch many, so an exact tie of two logits could flip. While the block runs, such
+    linear layers compute a lone row as two copies of it and keep the first: alone and in a
+    batch, a row takes the same kernel. The copy costs one row where it applies: LoRA's A of a
+    down projection on a 4-bit base (bitsandbytes' layers need no care), or every wide layer of a
+    16-bit base. fp32 is not covered: MKL's fp32 path also changes kernels between 2 and 4 rows."""
+    wide = [m for m in model.modules() if type(m) is torch.nn.Linear and m.in_features > ONE_ROW_KERNEL_ABOVE
+            and m.weight.device.type == "cpu"]
+    for linear in wide:
+        linear.forward = _one_row_as_two(linear)
+    try:
+        yield
+    finally:
+        for linear in wide:
+            del linear.forward
+
+
+@contextmanager
+def batch_invariant_numerics(model):
+    """What makes a batched row compute exactly what its prompt computes alone."""
+    with batch_invariant_attention(model), no_one_row_linears(model):
+        yield
+
+
 @contextmanager
 def contiguous_head_input(model):
     """After a prefill the LM head gets the last position's hidden states as a strided slice
@@ -164,7 +203,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
              max_batch_tokens: int | None = None) -> list[str]:
     """Greedy completions for chat prompts. Prompts are sorted by length so each batch
     pads little; outputs come back in the input order (with `batch_invariant`, the same as
-    one prompt at a time wherever the matmuls are)."""
+    one prompt at a time wherever the matmuls are: in bf16 on the CPU, measured)."""
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     batches = length_sorted_batches([len(e) for e in encoded], batch_size, max_batch_tokens, max_new_tokens)
     device = next(model.parameters()).device
@@ -172,7 +211,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
     outputs: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
-    layout = batch_invariant_attention(model) if batch_invariant else nullcontext()
+    layout = batch_invariant_numerics(model) if batch_invariant else nullcontext()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     with layout, contiguous_head_input(model), autocast:
         for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
