@@ -124,7 +124,7 @@ def _one_row_as_two(linear: torch.nn.Linear):
     plain = linear.forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() != 1:
+        if x.dim() < 2 or x.shape[:-1].numel() != 1:  # a 1-D input has no rows to copy
             return plain(x)
         return plain(torch.cat((x, x)))[:1]
 
