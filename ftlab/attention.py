@@ -19,15 +19,21 @@ EAGER_BELOW_KEYS = 192
 
 
 def resolve(name: str) -> str:
-    """model.attn_implementation as the model is loaded with on this machine."""
+    """model.attn_implementation as the model is loaded with on this machine: a name, all the
+    memory estimate needs (a config turned away over budget never imports transformers)."""
     if name != AUTO:
         return name
     import torch
 
-    if torch.cuda.is_available():
-        return "sdpa"
-    register()
-    return SHORT_EAGER
+    return "sdpa" if torch.cuda.is_available() else SHORT_EAGER
+
+
+def for_loading(name: str) -> str:
+    """resolve(name), registered with transformers when it is ftlab's own."""
+    name = resolve(name)
+    if name == SHORT_EAGER:
+        register()
+    return name
 
 
 def short_eager_mask(**kwargs):

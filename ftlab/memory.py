@@ -90,9 +90,9 @@ class OverBudget(BudgetError):
     """The trial was not started: its predicted peak exceeds budget.vram_gb. A sweep
     records it as skipped (grid) or pruned (Optuna) and goes on."""
 
-    def __init__(self, reason: str, predicted_gb: float, run_id: str):
+    def __init__(self, reason: str, predicted_gb: float, run_id: str, run_name: str):
         super().__init__(f"{reason}; not started (set budget.fit=auto_batch to lower the micro-batch instead)")
-        self.reason, self.predicted_gb, self.run_id = reason, predicted_gb, run_id
+        self.reason, self.predicted_gb, self.run_id, self.run_name = reason, predicted_gb, run_id, run_name
 
 
 @dataclass
@@ -196,6 +196,19 @@ def checkpointing_setting(value) -> bool:
     if value not in (True, False, "auto"):
         raise BudgetError(f"train.gradient_checkpointing={value!r}: use true, false or auto")
     return value in (True, "auto")
+
+
+def device_memory_gb() -> float:
+    """What a trial may use, for train.gradient_checkpointing=auto: the GPU's memory, or the
+    RAM available now on a CPU. (torch is imported here, not with the module: pricing a config
+    needs no torch.)"""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30
 
 
 def resolve_checkpointing(cfg: DictConfig, device_gb: float | None) -> bool:

@@ -272,7 +272,7 @@ def load_base(checkpoint: Path, model_cfg: ModelConfig, peft: PeftConfig):
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint,
         dtype=load_dtype,
-        attn_implementation=attention.resolve(model_cfg.attn_implementation),
+        attn_implementation=attention.for_loading(model_cfg.attn_implementation),
         quantization_config=quantization_config(peft, dtype) if peft.method != "full" else None,
         device_map=device_map,
         trust_remote_code=model_cfg.trust_remote_code,

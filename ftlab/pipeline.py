@@ -1,27 +1,20 @@
-"""The recipe, top to bottom: resolve the base -> prepare data -> load -> score the
-base (once) -> train -> score the adapter -> log everything to MLflow -> summary.
+"""A run's gate, then its recipe: the budget and the resume point are checked from the config
+alone, before any weights, tokenizer or data load, and before the libraries that load them
+are imported (torch's model stack, transformers, peft, trl: seconds), so a config that cannot
+run is turned away in the time it takes to record why. Then ftlab/recipe.py.
 
 Returns the run's metrics, so sweepers can read the objective.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 import warnings
 from pathlib import Path
 
-import mlflow
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from transformers import set_seed
+from omegaconf import DictConfig
 
-from ftlab import attention, checkpoints, memory, models, scoring, tracking
-from ftlab.data import prepare
-from ftlab.data.report import log_data_report
-from ftlab.train import device_memory_gb, memory_cap_callback, peak_so_far_mb, release_memory, train
+from ftlab import attention, checkpoints, memory, tracking
 
 log = logging.getLogger("ftlab")
 
@@ -36,17 +29,6 @@ def quiet_third_party_output() -> None:
     warnings.filterwarnings("ignore", message=r".*an autograd kernel was not registered.*")
 
 
-def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
-    """Base scores depend on the model, how it is held, the held-out data and the eval settings."""
-    parts = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "bits": cfg.peft.load_in_bits if cfg.peft.method != "full" else 16,
-        "data": data_fingerprint,
-        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     wall_start = time.perf_counter()
     quiet_third_party_output()
@@ -55,40 +37,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     cfg_hash = tracking.config_hash(cfg)
     tags = {"ftlab.role": "trial", "ftlab.model": cfg.model.name, "ftlab.config_hash": cfg_hash,
             **tracking.sweep_tags(cfg.sweep)}
-    # The budget is checked from the config alone, before any weights, tokenizer or data load.
     predicted_gb = _fit_budget(cfg, run_name, tags)
-    resume = _resume_point(cfg, cfg_hash)  # before any loading: a resume with nothing to resume fails now
-    cache = models.cache_root(cfg.cache_dir)
+    resume = _resume_point(cfg, cfg_hash)  # a resume with nothing to resume fails now, too
+    from ftlab import recipe  # only for a config that will run: see the module docstring
 
-    checkpoint = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
-    tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
-    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, cache)
-    dtype = models.compute_dtype(cfg.model.dtype)
-
-    tags["ftlab.data_fingerprint"] = data.fingerprint
-    if commit := tracking.git_commit():
-        tags["mlflow.source.git.commit"] = commit
-
-    model = models.load_base(checkpoint, cfg.model, cfg.peft)
-    try:
-        base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
-        with tracking.trial_run(run_name, tags, run_id=resume.run_id if resume else None) as active:
-            mlflow.log_metric("predicted_peak_gb", predicted_gb)
-            try:
-                metrics = _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores,
-                                           wall_start, resume)
-            except Exception as e:
-                if tracking.failure_kind(e) == "oom":  # measured vs predicted, to correct the estimator
-                    peak_mb, kind = peak_so_far_mb()
-                    mlflow.log_metric(f"peak_memory_mb_{kind}", peak_mb)
-                raise
-            metrics["predicted_peak_gb"] = predicted_gb
-    finally:
-        # Free the model on success and on failure alike, so the next trial starts clean.
-        del model
-        release_memory()
-    _print_summary(active.info.run_id, metrics, base_scores, cfg)
-    return metrics
+    return recipe.run(cfg, run_name, tags, predicted_gb, resume, wall_start)
 
 
 def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
@@ -96,7 +49,7 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
     budget.fit=auto_batch the micro-batch is lowered (grad_accum raised to keep the
     effective batch) until it fits; otherwise a skipped run is recorded and OverBudget raised."""
     cfg.model.attn_implementation = attention.resolve(cfg.model.attn_implementation)  # priced, and logged, as run
-    cfg.train.gradient_checkpointing = memory.resolve_checkpointing(cfg, device_memory_gb())
+    cfg.train.gradient_checkpointing = memory.resolve_checkpointing(cfg, memory.device_memory_gb())
     fits, est, reason = memory.check_budget(cfg)
     if not fits and cfg.budget.fit == "auto_batch" and (pair := memory.fit_batch(cfg)):
         log.warning("%s; auto_batch: train.per_device_batch_size=%d train.grad_accum=%d", reason, *pair)
@@ -105,8 +58,7 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
     if fits:
         return est.total_gb
     run_id = tracking.skipped_run(cfg, run_name, tags, reason, est.total_gb)
-    print(f"ftlab: skipped {run_name}: {reason}")
-    raise memory.OverBudget(reason, est.total_gb, run_id)
+    raise memory.OverBudget(reason, est.total_gb, run_id, run_name)
 
 
 def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | None:
@@ -114,83 +66,3 @@ def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | N
         return None
     candidates, how = tracking.resumable_runs(cfg.train.resume, cfg_hash)
     return checkpoints.find_resume_point(candidates, Path(cfg.output_dir), how)
-
-
-def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start,
-                     resume=None) -> dict:
-    tracking.log_config(cfg)
-    log_data_report(data, cfg.train)
-    mlflow.log_params({"model.checkpoint": str(checkpoint)})
-
-    set_seed(cfg.seed)  # the adapter's initial weights too: the same config and seed train the same run
-    if cfg.peft.method != "full":
-        model = models.add_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                                   cfg.train.gradient_checkpointing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    mlflow.log_metric("trainable_params", trainable)
-
-    out_dir = Path(cfg.output_dir) / active.info.run_id
-    if resume:
-        mlflow.set_tags({"ftlab.resumed_from_step": resume.step, "ftlab.resumed_from_checkpoint": str(resume.checkpoint)})
-    callbacks = [tracking.training_callback(out_dir), *(instantiate(c) for c in cfg.train.callbacks)]
-    if cfg.budget.memory_cap_gb:
-        callbacks.append(memory_cap_callback(cfg.budget.memory_cap_gb))
-    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks,
-                   resume_from=resume.checkpoint if resume else None)
-    eval_start = time.perf_counter()
-    scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype, desc="evaluate adapter")
-
-    metrics = {
-        **scores.metrics,
-        "eval_loss": result.eval_loss,
-        "train_loss_final": result.train_loss,
-        "train_seconds": result.train_seconds,
-        "eval_seconds": time.perf_counter() - eval_start,
-        "trained_tokens": result.trained_tokens,
-        "tokens_per_second": result.tokens_per_second,
-        f"peak_memory_mb_{result.peak_memory_kind}": result.peak_memory_mb,
-        "wall_seconds": time.perf_counter() - wall_start,
-    }
-    if base_scores:
-        metrics.update({f"base_{k}": v for k, v in base_scores.items()})
-        metrics.update({f"gain_{k}": scores.metrics[k] - base_scores[k] for k in scores.metrics if k in base_scores})
-    mlflow.log_metrics(metrics)
-    mlflow.set_tag("ftlab.peak_memory_kind", result.peak_memory_kind)
-    shown = data.held_out[: cfg.eval.samples_to_log]
-    tracking.log_samples([e.prompt[-1]["content"] for e in shown], [e.reference for e in shown],
-                         scores.predictions[: len(shown)], "samples/generations.json")
-    if result.adapter_dir is not None:
-        mlflow.log_artifacts(str(result.adapter_dir), "adapter")
-    return metrics
-
-
-def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] | None:
-    """Score the untouched base once per (model, data, eval) key; later runs reuse it."""
-    if not cfg.eval.compare_base:
-        return None
-    key = base_eval_key(cfg, data.fingerprint)
-    cached = tracking.find_base_scores(key)
-    if cached is not None:
-        return cached
-    start = time.perf_counter()
-    scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype, desc="evaluate base")
-    seconds = time.perf_counter() - start
-    shown = data.held_out[: cfg.eval.samples_to_log]
-    samples = {"prompt": [e.prompt[-1]["content"] for e in shown], "reference": [e.reference for e in shown],
-               "prediction": scores.predictions[: len(shown)]}
-    tracking.log_base_scores(key, cfg.model.name, scores.metrics, samples,
-                             {k: v for k, v in tags.items() if k != "ftlab.role" and k not in tracking.SWEEP_TAGS},
-                             seconds)
-    return scores.metrics
-
-
-def _print_summary(run_id: str, metrics: dict, base: dict | None, cfg: DictConfig) -> None:
-    keys = ["rouge_l", "bertscore_f1", "exact_match", "json_valid", "eval_loss", "tokens_per_second"]
-    lines = [f"ftlab run {run_id} finished"]
-    for k in keys:
-        if k in metrics:
-            ref = f"   (base {base[k]:.3f})" if base and k in base else ""
-            lines.append(f"  {k:<18} {metrics[k]:.3f}{ref}")
-    uri = mlflow.get_tracking_uri()
-    lines.append(f"  open the UI:  mlflow ui --backend-store-uri {tracking.mask(uri)}")
-    print("\n".join(lines))

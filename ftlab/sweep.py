@@ -51,6 +51,7 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         metrics = run(cfg)
         return {"state": "finished", "run_id": _this_trials_run(cfg), "metrics": metrics}
     except OverBudget as e:
+        print(f"ftlab: skipped {e.run_name}: {e.reason}")
         return {"state": "skipped_budget", "run_id": e.run_id, "reason": e.reason,
                 "predicted_peak_gb": e.predicted_gb, "budget_gb": budget_gib(cfg), "metrics": {}}
     except DataError:

@@ -143,16 +143,6 @@ class MemoryCapExceeded(MemoryError):
     """The trial's measured memory went over budget.memory_cap_gb (an out-of-memory failure)."""
 
 
-def device_memory_gb() -> float:
-    """What a trial may use, for train.gradient_checkpointing=auto: the GPU's memory, or the
-    RAM available now on a CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / 2**30
-    import psutil
-
-    return psutil.virtual_memory().available / 2**30
-
-
 def memory_cap_callback(cap_gb: float):
     """Enforce budget.memory_cap_gb: on CUDA through the allocator's per-process fraction
     (a real CUDA OOM), on the CPU by checking the process RSS after every step."""

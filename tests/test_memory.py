@@ -179,6 +179,37 @@ print(json.dumps({{"fits": fits, "gb": est.total_gb, "reason": reason,
     assert not out["torch"] and not out["transformers"]
 
 
+def test_an_over_budget_run_is_turned_away_before_the_model_stack_imports(tmp_path):
+    """pipeline.run records the skipped run and raises before importing transformers, peft or trl
+    (seconds of imports a config that cannot run should not wait for); the command line says why
+    in one line, exit 2, no traceback."""
+    overrides = ["model=llama31_8b", "budget.vram_gb=8", "lora_r=64", "model.name_or_path=/nonexistent/weights",
+                 f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    script = f"""
+import json, sys
+from hydra import compose, initialize_config_dir
+from ftlab.memory import OverBudget
+from ftlab.pipeline import run
+with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base="1.3"):
+    cfg = compose("config", overrides={overrides!r})
+try:
+    run(cfg)
+except OverBudget as e:
+    print(json.dumps({{"run_id": e.run_id, "imported": [m for m in ("transformers", "peft", "trl") if m in sys.modules]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["imported"] == [] and out["run_id"]
+
+    from tests.conftest import run_cli
+
+    cli = run_cli(*overrides, timeout=120)
+    assert cli.returncode == 2, cli.stderr[-2000:]
+    assert "budget.vram_gb=8" in cli.stderr and "budget.fit=auto_batch" in cli.stderr
+    assert "Traceback" not in cli.stderr
+
+
 def test_impossible_budget_names_the_key(make_cfg):
     for bad in ("0", "-4"):
         with pytest.raises(BudgetError, match=r"budget\.vram_gb"):
