@@ -9,7 +9,7 @@ own `train_seconds` + `eval_seconds` (and the base model's one evaluation) read 
 MLflow, split by the runs' timestamps into start-up, one-off preparation, per-trial overhead
 and the end, and says how long trials must be for the overhead to stay under 5%. Then times the rejection of
 an over-budget config (Llama 3.1 8B, r=64, seq 4096, budget 8 GiB) through the real
-pipeline entry: it must fail before any weights, tokenizer or data load.
+pipeline entry: it must fail before any weights, tokenizer or data load; and the same config as a command.
 
     python bench/sweep_overhead.py [steps per trial]
 """
@@ -72,18 +72,32 @@ def breakdown(store: Path, start: float, end: float) -> dict[str, float]:
     }
 
 
+OVER_BUDGET = ("model=llama31_8b", "lora_r=64", "train.max_seq_length=4096", "budget.vram_gb=8")
+
+
 def rejection_seconds(store: Path) -> tuple[float, str]:
     from ftlab.memory import OverBudget
     from ftlab.pipeline import run
 
-    cfg = compose_config("model=llama31_8b", "lora_r=64", "train.max_seq_length=4096",
-                         "budget.vram_gb=8", f"tracking_uri=sqlite:///{store}/reject.db")
+    cfg = compose_config(*OVER_BUDGET, f"tracking_uri=sqlite:///{store}/reject.db")
     run_setup = time.perf_counter()
     try:
         run(cfg)
     except OverBudget as e:
         return time.perf_counter() - run_setup, e.reason
     sys.exit("the over-budget config was not rejected")
+
+
+def command_line_rejection_seconds(store: Path) -> float:
+    """`python -m ftlab <over-budget config>` as a user types it: interpreter, imports, Hydra, the check and
+    its MLflow record, the one-line error (exit 2)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ftlab", *OVER_BUDGET, f"tracking_uri=sqlite:///{store}/reject.db"],
+                          cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 2:
+        sys.exit(f"the over-budget command did not exit 2:\n{proc.stderr[-3000:]}")
+    return seconds
 
 
 def main() -> None:
@@ -94,6 +108,7 @@ def main() -> None:
         parts = breakdown(store, *run_sweep(store, steps))
         rejection_seconds(store)  # the first call pays MLflow's store creation; time the second
         reject_s, reason = rejection_seconds(store)
+        cli_reject_s = command_line_rejection_seconds(store)
     n, wall = parts.pop("trials"), parts.pop("wall")
     work = parts["train + eval"] + parts["base-model eval (once, before trial 0)"]
     print(f"{n} trials x {steps} steps, wall {wall:.1f} s:")
@@ -105,10 +120,12 @@ def main() -> None:
     # (fixed + n * per_trial) / (fixed + n * (per_trial + T)) <= 5%  <=>  T >= 19 * (fixed / n + per_trial)
     break_even = 19 * (fixed / n + per_trial)
     print(f"creating the MLflow store's tables beforehand (a store's first command only): {store_s:.1f} s")
-    print(f"over-budget rejection: {reject_s:.2f} s ({reason})")
+    print(f"over-budget rejection: {reject_s:.2f} s in a running process ({reason}); "
+          f"{cli_reject_s:.1f} s from the command line, imports included")
     print(f"SUMMARY sweep overhead: {1 - work / wall:.1%} of wall time: {fixed:.1f} s once per sweep, {per_trial:.1f} s "
           f"per trial ({per_trial / (parts['train + eval'] / n):.0%} of a trial's train+eval); under 5% once a "
-          f"{n}-trial sweep's trials take >= {break_even:.0f} s each; over-budget config rejected in {reject_s:.2f} s")
+          f"{n}-trial sweep's trials take >= {break_even:.0f} s each; over-budget config rejected in {reject_s:.2f} s "
+          f"({cli_reject_s:.1f} s as a command)")
 
 
 if __name__ == "__main__":

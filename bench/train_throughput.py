@@ -93,8 +93,8 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
         eval_loss = completion_loss(trainer.model, tokenizer, data.held_out, torch.bfloat16)
         tokens = next(e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e)
     else:
-        from ftlab.memory import resolve_checkpointing
-        from ftlab.train import device_memory_gb, train
+        from ftlab.memory import device_memory_gb, resolve_checkpointing
+        from ftlab.train import train
 
         cfg.train.max_steps = steps
         cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_memory_gb())
