@@ -65,8 +65,8 @@ def breakdown(store: Path, start: float, end: float) -> dict[str, float]:
         "wall": end - start,
         "train + eval": work,
         "base-model eval (once, before trial 0)": base_eval,
-        "start-up (interpreter, imports, Hydra, MLflow parent run)": parent.info.start_time / 1000 - start,
-        "one-off before trial 0 (tiny model, data)": first - parent.info.start_time / 1000 - base_eval,
+        "start-up (interpreter, Hydra, MLflow and its parent run)": parent.info.start_time / 1000 - start,
+        "one-off before trial 0 (torch, transformers, peft, trl imports; tiny model, data)": first - parent.info.start_time / 1000 - base_eval,
         "between and around trials (load, tokenise, log)": last - first - work,
         "end (best run, report, exit)": end - last,
     }
