@@ -112,8 +112,9 @@ def main() -> None:
     n, wall = parts.pop("trials"), parts.pop("wall")
     work = parts["train + eval"] + parts["base-model eval (once, before trial 0)"]
     print(f"{n} trials x {steps} steps, wall {wall:.1f} s:")
+    width = max(map(len, parts))
     for name, seconds in parts.items():
-        print(f"  {name:<60} {seconds:6.1f} s  {seconds / wall:6.1%}")
+        print(f"  {name:<{width}} {seconds:6.1f} s  {seconds / wall:6.1%}")
     per_trial = parts["between and around trials (load, tokenise, log)"] / n
     fixed = wall - work - per_trial * n
     # Overhead share of an n-trial sweep whose trials each take T s of train+eval:
