@@ -143,13 +143,17 @@ def no_one_row_linears(model):
     16-bit base. fp32 is not covered: MKL's fp32 path also changes kernels between 2 and 4 rows."""
     wide = [m for m in model.modules() if type(m) is torch.nn.Linear and m.in_features > ONE_ROW_KERNEL_ABOVE
             and m.weight.device.type == "cpu"]
+    own_forwards = [linear.__dict__.get("forward") for linear in wide]  # e.g. an accelerate hook's, kept
     for linear in wide:
         linear.forward = _one_row_as_two(linear)
     try:
         yield
     finally:
-        for linear in wide:
-            del linear.forward
+        for linear, own in zip(wide, own_forwards):
+            if own is None:
+                del linear.forward
+            else:
+                linear.forward = own
 
 
 @contextmanager

@@ -155,6 +155,27 @@ def test_row_attention_equals_each_row_alone(query_length):
             assert torch.equal(out[row, q_len - keep :], alone[0]), f"row {row} ({n} tokens)"
 
 
+def test_wide_linear_layers_compute_a_lone_row_as_two_while_evaluating():
+    """Only plain linear layers wider than torch's one-row kernel threshold, only inside the block,
+    and a layer's own forward (an accelerate hook's, say) is wrapped, then put back."""
+    wide, narrow = torch.nn.Linear(1536, 16), torch.nn.Linear(1024, 16)
+    seen = []
+    plain_forward = wide.forward
+
+    def hooked(x):
+        seen.append(tuple(x.shape))
+        return plain_forward(x)
+
+    wide.forward = hooked
+    model = torch.nn.ModuleList([wide, narrow])
+    x = torch.randn(1, 1, 1536)
+    with scoring.no_one_row_linears(model):
+        assert wide(x).shape == (1, 1, 16) and wide(x.expand(3, 1, 1536)).shape == (3, 1, 16)
+        assert "forward" not in narrow.__dict__
+    assert seen == [(2, 1, 1536), (3, 1, 1536)]  # the lone row went through as two; a batch as it is
+    assert wide.forward is hooked and "forward" not in narrow.__dict__
+
+
 def test_row_attention_attends_in_fp32_on_the_cpu():
     """bf16 queries and keys (as autocast hands them over) are attended in fp32, under autocast
     too, and the result comes back in bf16: the fp32 kernel is the faster one on the CPU."""
