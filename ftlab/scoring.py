@@ -140,7 +140,8 @@ def no_one_row_linears(model):
     linear layers compute a lone row as two copies of it and keep the first: alone and in a
     batch, a row takes the same kernel. The copy costs one row where it applies: LoRA's A of a
     down projection on a 4-bit base (bitsandbytes' layers need no care), or every wide layer of a
-    16-bit base. fp32 is not covered: MKL's fp32 path also changes kernels between 2 and 4 rows."""
+    16-bit base. fp32 is not covered: MKL's fp32 kernel works in blocks of 4 rows and rounds the
+    rows left over differently (measured), at any width."""
     wide = [m for m in model.modules() if type(m) is torch.nn.Linear and m.in_features > ONE_ROW_KERNEL_ABOVE
             and m.weight.device.type == "cpu"]
     own_forwards = [linear.__dict__.get("forward") for linear in wide]  # e.g. an accelerate hook's, kept
