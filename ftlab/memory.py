@@ -205,10 +205,10 @@ def device_memory_gb() -> float:
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / 2**30
+        return torch.cuda.get_device_properties(0).total_memory / GIB
     import psutil
 
-    return psutil.virtual_memory().available / 2**30
+    return psutil.virtual_memory().available / GIB
 
 
 def resolve_checkpointing(cfg: DictConfig, device_gb: float | None) -> bool:
