@@ -72,14 +72,17 @@ def breakdown(store: Path, start: float, end: float) -> dict[str, float]:
     }
 
 
-OVER_BUDGET = ("model=llama31_8b", "lora_r=64", "train.max_seq_length=4096", "budget.vram_gb=8")
+def over_budget(store: Path) -> tuple[str, ...]:
+    """The config both rejection timings use, recorded in its own MLflow store."""
+    return ("model=llama31_8b", "lora_r=64", "train.max_seq_length=4096", "budget.vram_gb=8",
+            f"tracking_uri=sqlite:///{store}/reject.db")
 
 
 def rejection_seconds(store: Path) -> tuple[float, str]:
     from ftlab.memory import OverBudget
     from ftlab.pipeline import run
 
-    cfg = compose_config(*OVER_BUDGET, f"tracking_uri=sqlite:///{store}/reject.db")
+    cfg = compose_config(*over_budget(store))
     run_setup = time.perf_counter()
     try:
         run(cfg)
@@ -92,8 +95,8 @@ def command_line_rejection_seconds(store: Path) -> float:
     """`python -m ftlab <over-budget config>` as a user types it: interpreter, imports, Hydra, the check and
     its MLflow record, the one-line error (exit 2)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ftlab", *OVER_BUDGET, f"tracking_uri=sqlite:///{store}/reject.db"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ftlab", *over_budget(store)], cwd=ROOT, capture_output=True,
+                          text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 2:
         sys.exit(f"the over-budget command did not exit 2:\n{proc.stderr[-3000:]}")
