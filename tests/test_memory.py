@@ -157,23 +157,29 @@ def test_table_lists_every_term_and_total(make_cfg):
     assert est.allocated_bytes < est.total_bytes
 
 
-def test_check_budget_rejects_8b_on_8gb_without_loading_weights(tmp_path):
-    # A fresh interpreter: composing the config and checking the budget must not import torch,
-    # so no tensor can have been allocated and no weights loaded: it is arithmetic on the config.
+def in_a_fresh_interpreter(overrides: list[str], body: str) -> dict:
+    """Compose the config with `overrides` as `cfg` in a new Python process, run `body` (which
+    prints one JSON line last) and return that line: what a step imports shows in sys.modules."""
     script = f"""
 import json, sys
 from hydra import compose, initialize_config_dir
-from ftlab.memory import check_budget
 with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base="1.3"):
-    cfg = compose("config", overrides=["model=llama31_8b", "budget.vram_gb=8", "lora_r=64",
-                                       "train.max_seq_length=2048"])
-fits, est, reason = check_budget(cfg)
-print(json.dumps({{"fits": fits, "gb": est.total_gb, "reason": reason,
-                  "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}}))
-"""
+    cfg = compose("config", overrides={overrides!r})
+{body}"""
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_check_budget_rejects_8b_on_8gb_without_loading_weights(tmp_path):
+    # A fresh interpreter: composing the config and checking the budget must not import torch,
+    # so no tensor can have been allocated and no weights loaded: it is arithmetic on the config.
+    out = in_a_fresh_interpreter(["model=llama31_8b", "budget.vram_gb=8", "lora_r=64", "train.max_seq_length=2048"], """
+from ftlab.memory import check_budget
+fits, est, reason = check_budget(cfg)
+print(json.dumps({"fits": fits, "gb": est.total_gb, "reason": reason,
+                  "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
+""")
     assert not out["fits"] and out["gb"] > 8
     assert "budget.vram_gb=8" in out["reason"] and "predicted" in out["reason"]
     assert not out["torch"] and not out["transformers"]
@@ -185,21 +191,14 @@ def test_an_over_budget_run_is_turned_away_before_the_model_stack_imports(tmp_pa
     in one line, exit 2, no traceback."""
     overrides = ["model=llama31_8b", "budget.vram_gb=8", "lora_r=64", "model.name_or_path=/nonexistent/weights",
                  f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
-    script = f"""
-import json, sys
-from hydra import compose, initialize_config_dir
+    out = in_a_fresh_interpreter(overrides, """
 from ftlab.memory import OverBudget
 from ftlab.pipeline import run
-with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base="1.3"):
-    cfg = compose("config", overrides={overrides!r})
 try:
     run(cfg)
 except OverBudget as e:
-    print(json.dumps({{"run_id": e.run_id, "imported": [m for m in ("transformers", "peft", "trl") if m in sys.modules]}}))
-"""
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps({"run_id": e.run_id, "imported": [m for m in ("transformers", "peft", "trl") if m in sys.modules]}))
+""")
     assert out["imported"] == [] and out["run_id"]
 
     from tests.conftest import run_cli
