@@ -355,6 +355,8 @@ def eval_batch_tokens(cfg: DictConfig) -> int:
     kv = s.kv_heads * (s.hidden // s.heads)
     per_token = s.layers * 2 * kv * s.compute_bytes  # keys and values
     per_token += activation_bytes(replace(s, layers=1, batch=1, seq=1, checkpointing=False), 1)
+    # a CPU decode step's fp32 copy of one layer's keys and values, and its scores, softmax and mask
+    per_token += 2 * kv * 4 + 3 * s.heads * 4
     return max(1, int((priced["activations"] + priced["logits"]) // per_token))
 
 

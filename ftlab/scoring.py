@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, AttentionMaskInterface, StoppingCriteria, StoppingCriteriaList
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from ftlab import attention, memory
@@ -30,42 +30,24 @@ class Scores:
 ROW_ATTENTION = "ftlab_row_sdpa"
 
 
-class FinishedRows(StoppingCriteria):
-    """Which rows of a generating batch have ended their turn. `generate` keeps finished rows
-    in the batch (their next tokens become padding), so row attention skips them: their
-    attention is the one cost a row pays in full however large the batch. Stops nothing itself."""
-
-    def __init__(self, batch: int, eos_token_id: int | None):
-        self.rows = [False] * batch
-        self.eos_token_id = eos_token_id
-
-    def __call__(self, input_ids, scores, **kwargs):
-        if self.eos_token_id is not None:
-            last = input_ids[:, -1].tolist()
-            self.rows = [done or token == self.eos_token_id for done, token in zip(self.rows, last)]
-        return torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
-
-
-_finished_rows: ContextVar[FinishedRows | None] = ContextVar("ftlab_finished_rows", default=None)
-
-
 def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """SDPA run row by row on each row's own keys (its left padding cut off), so a batched
     row computes exactly what its prompt computes alone: the fused kernel's rounding depends
-    on the key length, the mask and the GQA layout, and greedy decoding flips wherever two
-    tokens nearly tie. Linear layers have their own care (`no_one_row_linears`).
+    on the key length, the mask, the GQA layout and the batch size, and greedy decoding flips
+    wherever two tokens nearly tie. Linear layers have their own care (`no_one_row_linears`).
     Any left-padded layout: prefill, one-token decode steps, and chunks of queries that
-    continue a cache. Attends in `attention_dtype`, so a row alone through this function is
-    the reference, not the model's own bf16 SDPA."""
+    continue a cache; on the CPU decode steps take `decode_step_attention`, all rows at once.
+    Attends in `attention_dtype`, so a row alone through this function is the reference, not
+    the model's own bf16 SDPA."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
-    if attention_mask is None:
-        own_keys = [k_len] * batch
-    else:  # the last query sees every key of its row that is not padding
+    valid = None  # the keys the last query sees: every key of its row that is not padding
+    if attention_mask is not None:
         valid = attention_mask[:, 0, -1, :]
-        own_keys = (valid if valid.dtype == torch.bool else valid == 0).sum(-1).tolist()
-    finished = _finished_rows.get()
-    skip = finished.rows if finished is not None and q_len == 1 and len(finished.rows) == batch else [False] * batch
+        valid = valid if valid.dtype == torch.bool else valid == 0
+    if q_len == 1 and query.device.type == "cpu":
+        return decode_step_attention(query, key, value, valid, scaling), None
+    own_keys = [k_len] * batch if valid is None else valid.sum(-1).tolist()
     out = query.new_zeros(batch, q_len, heads, dim)  # in the model's dtype, whatever the attention's
     precision = attention_dtype(query)
     # The queries once; each row's own keys and values below (converting the whole padded cache at
@@ -73,8 +55,6 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     query = query.to(precision)
     with torch.autocast(query.device.type, enabled=False):  # autocast would cast an fp32 SDPA back down
         for row, n_keys in enumerate(own_keys):
-            if skip[row]:  # a finished row's next token is padding whatever it attends to
-                continue
             first_query = max(0, q_len - n_keys)  # queries on padding are never attended to
             queries = q_len - first_query  # the row's last tokens
             causal_mask = None
@@ -88,12 +68,62 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     return out, None
 
 
+DECODE_KEY_BLOCK = 64  # keys are padded to a multiple of this; 16 sufficed for exactness here (measured)
+
+
+class DecodeScratch:
+    """The fp32 keys and values `decode_step_attention` attends over, one buffer for every layer
+    and step of a generating batch: a fresh buffer of megabytes per layer and step costs more
+    than the attention itself (zero-filling fresh pages, measured)."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def keys_and_values(self, batch: int, kv_heads: int, length: int, dim: int, device) -> torch.Tensor:
+        shape = (2, batch, kv_heads, length, dim)
+        b = self.buffer
+        if b is None or b.shape[:3] != shape[:3] or b.shape[3] < length or b.shape[4] != dim or b.device != device:
+            b = self.buffer = torch.zeros(shape, device=device)  # beyond the keys written: finite, and masked
+        return b[:, :, :, :length]
+
+
+_decode_scratch: ContextVar[DecodeScratch | None] = ContextVar("ftlab_decode_scratch", default=None)
+
+
+def decode_step_attention(query, key, value, valid, scaling=None):
+    """A decode step (one query per row) in fp32, every row at once, each row's result bit for
+    bit what it is alone. Each row's keys are taken in reverse order, newest first, so they start
+    at position 0 whatever the row's left padding; the batch's padding then trails them, as does
+    the padding to a multiple of DECODE_KEY_BLOCK keys that every row gets, alone too. A masked
+    key adds an exact 0 to the softmax's sums and to the weighted values, and whole blocks of
+    zeros after the last key leave every sum's order as it was: batched and alone, a row's keys
+    meet the same reductions. One pass over the batch instead of a fused SDPA call per row:
+    SDPA's CPU kernel rounds a row differently at another batch size, so it cannot batch rows."""
+    batch, heads, _, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    length = k_len + (-k_len % DECODE_KEY_BLOCK)
+    scratch = _decode_scratch.get() or DecodeScratch()
+    keys, values = scratch.keys_and_values(batch, kv_heads, length, dim, query.device)
+    keys[:, :, :k_len].copy_(key.flip(2))
+    values[:, :, :k_len].copy_(value.flip(2))
+    newest_first = torch.zeros(batch, length, dtype=torch.bool, device=query.device)
+    newest_first[:, :k_len] = True if valid is None else valid.flip(-1)
+    scaling = dim**-0.5 if scaling is None else scaling
+    with torch.autocast(query.device.type, enabled=False):  # autocast would multiply in bf16
+        # a query head's group shares its key head: (batch, key heads, group, dim)
+        queries = query.float().reshape(batch, kv_heads, heads // kv_heads, dim)
+        scores = torch.matmul(queries, keys.transpose(2, 3)) * scaling
+        scores = scores.masked_fill(~newest_first[:, None, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, -1), values)
+    return out.reshape(batch, 1, heads, dim).to(query.dtype)
+
+
 def attention_dtype(query: torch.Tensor) -> torch.dtype:
-    """fp32 on the CPU: torch's bf16 SDPA kernel there is slow for the one-query decode steps
-    (~120 us per row at 300 keys against ~30 us for fp32 with the upcast included, on an
-    AVX512-BF16 EPYC; prefill costs the same either way), and an fp32 softmax is the more
-    exact one (the bf16 kernel rounds the probabilities to bf16 before weighting the values).
-    Elsewhere the model's dtype, which the fused GPU kernels need."""
+    """fp32 on the CPU, as its decode steps attend (`decode_step_attention`): torch's bf16 SDPA
+    kernel there is slow for one-query steps (~120 us per row at 300 keys against ~30 us for
+    fp32 with the upcast included, on an AVX512-BF16 EPYC; prefill costs the same either way),
+    and an fp32 softmax is the more exact one (the bf16 kernel rounds the probabilities to bf16
+    before weighting the values). Elsewhere the model's dtype, which the fused GPU kernels need."""
     return torch.float32 if query.device.type == "cpu" else query.dtype
 
 
@@ -225,17 +255,14 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
             attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
                                      device=device)
-            # Only row attention can use it; the fused path keeps generate's own (deferred) stop checks.
-            finished = FinishedRows(len(idx), tokenizer.eos_token_id) if batch_invariant else None
-            token = _finished_rows.set(finished)
+            scratch = _decode_scratch.set(DecodeScratch())  # one per batch: its rows and keys
             try:
                 out = model.generate(
                     input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
                     pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                    stopping_criteria=StoppingCriteriaList([finished] if finished else []),
                 )
             finally:
-                _finished_rows.reset(token)
+                _decode_scratch.reset(scratch)
             for row, i in enumerate(idx):
                 outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
