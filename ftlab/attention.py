@@ -16,6 +16,9 @@ from __future__ import annotations
 AUTO = "auto"
 SHORT_EAGER = "ftlab_sdpa_short_eager"  # what auto is on the CPU
 EAGER_BELOW_KEYS = 192
+# Evaluation's CPU decode steps pad each row's keys to a multiple of this (scoring.decode_step_attention);
+# 16 sufficed for bit-exact rows here (measured), 64 leaves room for wider reductions.
+DECODE_KEY_BLOCK = 64
 
 
 def resolve(name: str) -> str:

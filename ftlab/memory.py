@@ -353,10 +353,13 @@ def eval_batch_tokens(cfg: DictConfig) -> int:
     s = settings(cfg)
     priced = estimate_settings(s).terms
     kv = s.kv_heads * (s.hidden // s.heads)
-    per_token = s.layers * 2 * kv * s.compute_bytes  # keys and values
+    # Keys and values of every layer: in HF's cache in the compute dtype, or on the CPU in fp32 where
+    # row attention keeps them (scoring.RowAlignedKeys), each row's rounded up to a block of keys: at
+    # most attention.DECODE_KEY_BLOCK - 1 more per row of at least max_new_tokens + 1.
+    rounding = 1 + (attention.DECODE_KEY_BLOCK - 1) / (cfg.eval.max_new_tokens + 1)
+    per_token = s.layers * 2 * kv * max(s.compute_bytes, 4 * rounding)
     per_token += activation_bytes(replace(s, layers=1, batch=1, seq=1, checkpointing=False), 1)
-    # a CPU decode step's fp32 copy of one layer's keys and values, and its scores, softmax and mask
-    per_token += 2 * kv * 4 + 3 * s.heads * 4
+    per_token += 3 * s.heads * 4 * rounding  # a CPU decode step's scores, softmax and mask (one layer)
     return max(1, int((priced["activations"] + priced["logits"]) // per_token))
 
 

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import sdpa_mask
 
 from ftlab import attention, memory
@@ -41,13 +42,18 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
     the model's own bf16 SDPA."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
-    valid = None  # the keys the last query sees: every key of its row that is not padding
+    # the keys the last query sees: every key of its row that is not padding
+    valid = torch.ones(batch, k_len, dtype=torch.bool, device=query.device)
     if attention_mask is not None:
         valid = attention_mask[:, 0, -1, :]
         valid = valid if valid.dtype == torch.bool else valid == 0
+    layer = getattr(module, "layer_idx", None)
     if q_len == 1 and query.device.type == "cpu":
-        return decode_step_attention(query, key, value, valid, scaling), None
-    own_keys = [k_len] * batch if valid is None else valid.sum(-1).tolist()
+        return decode_step_attention(query, key, value, valid, scaling, layer), None
+    if k_len != valid.shape[-1]:
+        raise RuntimeError("row attention keeps only decode steps' keys itself: queries after cached keys need "
+                           "HF's own cache")
+    own_keys = valid.sum(-1).tolist()
     out = query.new_zeros(batch, q_len, heads, dim)  # in the model's dtype, whatever the attention's
     precision = attention_dtype(query)
     # The queries once; each row's own keys and values below (converting the whole padded cache at
@@ -65,55 +71,95 @@ def row_sdpa_attention(module, query, key, value, attention_mask, scaling=None, 
                 value[row : row + 1, :, k_len - n_keys :].to(precision), attn_mask=causal_mask,
                 is_causal=causal_mask is None and queries > 1, scale=scaling, enable_gqa=heads != key.shape[1],
             )[0].transpose(0, 1)
+    if query.device.type == "cpu" and (aligned := _row_aligned.get()) is not None:
+        aligned.keys_and_values(layer, key, value, valid)  # the keys its decode steps continue
     return out, None
 
 
-DECODE_KEY_BLOCK = 64  # keys are padded to a multiple of this; 16 sufficed for exactness here (measured)
-
-
-class DecodeScratch:
-    """The fp32 keys and values `decode_step_attention` attends over, one buffer for every layer
-    and step of a generating batch: a fresh buffer of megabytes per layer and step costs more
-    than the attention itself (zero-filling fresh pages, measured)."""
+class RowAlignedKeys:
+    """fp32 copies of each layer's keys and values for CPU decode steps, each row's own keys from
+    position 0 (its left padding cut off), one key per row appended at each step. HF's cache puts
+    every row's new key in the same column, so a row's keys start wherever its padding ends;
+    re-aligning them from that cache at every layer and step (a reversed copy, then a conversion)
+    cost more than the attention. `generate` then keeps no cache of its own (`AttendedKeysOnly`).
+    A layer's copy is (re)built from the keys the attention is given whenever they are all there:
+    at a prefill, or from HF's own cache where one is kept."""
 
     def __init__(self):
-        self.buffer: torch.Tensor | None = None
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (keys and values, key counts)
 
-    def keys_and_values(self, batch: int, kv_heads: int, length: int, dim: int, device) -> torch.Tensor:
-        shape = (2, batch, kv_heads, length, dim)
-        b = self.buffer
-        if b is None or b.shape[:3] != shape[:3] or b.shape[3] < length or b.shape[4] != dim or b.device != device:
-            b = self.buffer = torch.zeros(shape, device=device)  # beyond the keys written: finite, and masked
-        return b[:, :, :, :length]
+    def keys_and_values(self, layer: int | None, key, value, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (batch, key heads, keys padded to a DECODE_KEY_BLOCK, dim) in fp32 with
+        row b's `valid` keys first, in order; what follows them is finite and to be masked. `key`
+        and `value` hold either every key `valid` covers or the step's new keys (one per row)."""
+        batch, kv_heads, k_len, dim = key.shape
+        counts = valid.sum(-1)
+        longest = int(counts.max())
+        length = longest + (-longest % attention.DECODE_KEY_BLOCK)
+        kept, kept_counts = self.layers.get(layer, (None, None))
+        if k_len == valid.shape[-1]:  # every key: (re)build
+            kept = torch.zeros(2, batch, kv_heads, length, dim, device=key.device)
+            for row in range(batch):
+                own = valid[row]
+                kept[0, row, :, : int(counts[row])] = key[row][:, own]
+                kept[1, row, :, : int(counts[row])] = value[row][:, own]
+        elif kept is None or kept_counts.shape != counts.shape or not torch.equal(kept_counts + k_len, counts):
+            raise RuntimeError(f"layer {layer}: a decode step's keys continue no keys kept for its rows")
+        else:  # the step's new keys go after each row's own
+            if kept.shape[3] < length:
+                kept = torch.cat((kept, kept.new_zeros(*kept.shape[:3], length - kept.shape[3], dim)), 3)  # a block
+            rows = torch.arange(batch, device=key.device)
+            for step in range(k_len):
+                at = kept_counts + step
+                kept[0][rows, :, at] = key[:, :, step].float()
+                kept[1][rows, :, at] = value[:, :, step].float()
+        if layer is not None:
+            self.layers[layer] = (kept, counts)
+        return kept[0, :, :, :length], kept[1, :, :, :length]
 
 
-_decode_scratch: ContextVar[DecodeScratch | None] = ContextVar("ftlab_decode_scratch", default=None)
+class AttendedKeysOnly(DynamicLayer):
+    """A cache layer for `generate` that stores nothing: it counts the positions and hands each
+    step's keys and values to row attention, which keeps them row-aligned (`RowAlignedKeys`)."""
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device, self.length, self.is_initialized = key_states.device, 0, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.length += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.is_initialized = False
 
 
-def decode_step_attention(query, key, value, valid, scaling=None):
+_row_aligned: ContextVar[RowAlignedKeys | None] = ContextVar("ftlab_row_aligned_keys", default=None)
+
+
+def decode_step_attention(query, key, value, valid, scaling=None, layer: int | None = None):
     """A decode step (one query per row) in fp32, every row at once, each row's result bit for
-    bit what it is alone. Each row's keys are taken in reverse order, newest first, so they start
-    at position 0 whatever the row's left padding; the batch's padding then trails them, as does
-    the padding to a multiple of DECODE_KEY_BLOCK keys that every row gets, alone too. A masked
-    key adds an exact 0 to the softmax's sums and to the weighted values, and whole blocks of
-    zeros after the last key leave every sum's order as it was: batched and alone, a row's keys
-    meet the same reductions. One pass over the batch instead of a fused SDPA call per row:
-    SDPA's CPU kernel rounds a row differently at another batch size, so it cannot batch rows."""
+    bit what it is alone. Each row's keys start at position 0 whatever its left padding
+    (`RowAlignedKeys`); the batch's padding then trails them, as does the padding to a multiple
+    of DECODE_KEY_BLOCK keys that every row gets, alone too. A masked key adds an exact 0 to the
+    softmax's sums and to the weighted values, and whole blocks of zeros after the last key leave
+    every sum's order as it was: batched and alone, a row's keys meet the same reductions. One
+    pass over the batch instead of a fused SDPA call per row: SDPA's CPU kernel rounds a row
+    differently at another batch size, so it cannot batch rows."""
     batch, heads, _, dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    length = k_len + (-k_len % DECODE_KEY_BLOCK)
-    scratch = _decode_scratch.get() or DecodeScratch()
-    keys, values = scratch.keys_and_values(batch, kv_heads, length, dim, query.device)
-    keys[:, :, :k_len].copy_(key.flip(2))
-    values[:, :, :k_len].copy_(value.flip(2))
-    newest_first = torch.zeros(batch, length, dtype=torch.bool, device=query.device)
-    newest_first[:, :k_len] = True if valid is None else valid.flip(-1)
+    kv_heads = key.shape[1]
+    keys, values = (_row_aligned.get() or RowAlignedKeys()).keys_and_values(layer, key, value, valid)
+    own_keys = torch.arange(keys.shape[2], device=query.device) < valid.sum(-1, keepdim=True)
     scaling = dim**-0.5 if scaling is None else scaling
     with torch.autocast(query.device.type, enabled=False):  # autocast would multiply in bf16
         # a query head's group shares its key head: (batch, key heads, group, dim)
         queries = query.float().reshape(batch, kv_heads, heads // kv_heads, dim)
         scores = torch.matmul(queries, keys.transpose(2, 3)) * scaling
-        scores = scores.masked_fill(~newest_first[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(~own_keys[:, None, None, :], float("-inf"))
         out = torch.matmul(torch.softmax(scores, -1), values)
     return out.reshape(batch, 1, heads, dim).to(query.dtype)
 
@@ -127,23 +173,32 @@ def attention_dtype(query: torch.Tensor) -> torch.dtype:
     return torch.float32 if query.device.type == "cpu" else query.dtype
 
 
+def row_attention_mask(**kwargs):
+    """SDPA's boolean mask, never skipped for is_causal: it is how row attention learns each row's
+    keys, and at a decode step how many keys there are (`AttendedKeysOnly` hands over only the new)."""
+    return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
+
+
 AttentionInterface.register(ROW_ATTENTION, row_sdpa_attention)
-AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(ROW_ATTENTION, row_attention_mask)
 
 
 @contextmanager
 def batch_invariant_attention(model):
     """Generation through `row_sdpa_attention` while the block runs (models on SDPA, or on the
-    CPU's auto attention, only: eager or flash attention are left as they are)."""
+    CPU's auto attention, only: eager or flash attention are left as they are), with its decode
+    steps' row-aligned keys kept from step to step."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = base.config._attn_implementation
     if previous not in ("sdpa", attention.SHORT_EAGER):
         yield
         return
     base.set_attn_implementation(ROW_ATTENTION)
+    aligned = _row_aligned.set(RowAlignedKeys())
     try:
         yield
     finally:
+        _row_aligned.reset(aligned)
         base.set_attn_implementation(previous)
 
 
@@ -255,14 +310,13 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
             attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
                                      device=device)
-            scratch = _decode_scratch.set(DecodeScratch())  # one per batch: its rows and keys
-            try:
-                out = model.generate(
-                    input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                )
-            finally:
-                _decode_scratch.reset(scratch)
+            # Where row attention keeps the keys (the CPU), HF's cache would only copy them all at every step.
+            keeps_keys = _row_aligned.get() is not None and device.type == "cpu"
+            cache = Cache(layer_class_to_replicate=AttendedKeysOnly) if keeps_keys else None
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, cache=cache,
+            )
             for row, i in enumerate(idx):
                 outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)

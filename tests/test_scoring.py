@@ -50,6 +50,15 @@ def test_batched_generation_matches_one_at_a_time(tmp_path):
     assert any(batched)
 
 
+def test_a_model_off_row_attention_generates_as_it_would_without_evaluation_numerics(tmp_path):
+    """Eager attention is left as it is (and keeps HF's own cache): the same outputs either way."""
+    model, tokenizer, prompts = tiny_chat_model(tmp_path)
+    model.set_attn_implementation("eager")
+    invariant = scoring.generate(model, tokenizer, prompts, batch_size=6, max_new_tokens=8)
+    assert invariant == scoring.generate(model, tokenizer, prompts, batch_size=6, max_new_tokens=8,
+                                         batch_invariant=False)
+
+
 def test_decode_steps_give_each_row_its_own_bits_at_any_batch_and_padding():
     """A decode step attends every row of a left-padded batch at once (CPU), and each row's
     result is bit for bit what the row computes alone, unpadded, across key lengths that
@@ -116,6 +125,35 @@ def test_batched_generation_logits_are_bit_identical(tmp_path, dtype, intermedia
         batched = step_logits(prompts)
         for row, prompt in enumerate(prompts):  # alone: one row, no padding
             assert torch.equal(batched[row], step_logits([prompt])[0]), f"prompt {row} ({len(prompt)} tokens)"
+
+
+def test_evaluation_numerics_compute_the_models_own_logits(tmp_path):
+    """Row attention with its step-to-step row-aligned keys is still the model's attention: a
+    left-padded batch's logits at every generated step match HF's own SDPA over the same batch
+    (fp32, to rounding), beyond the prefill and across a block of keys."""
+    cfg = ModelConfig(name="tiny", name_or_path="tiny", source="tiny")
+    cfg.arch.hidden_size, cfg.arch.intermediate_size, cfg.arch.num_layers, cfg.arch.vocab_size = 64, 128, 2, 512
+    cfg.arch.num_heads, cfg.arch.num_kv_heads = 4, 2
+    ckpt = models.resolve_checkpoint(cfg, str(tmp_path))
+    tokenizer = models.load_tokenizer(ckpt)
+    model = models.load_base(ckpt, cfg, PeftConfig(method="lora", load_in_bits=16)).float().eval()
+    torch.manual_seed(0)
+    rows = [torch.randint(3, 512, (n,)).tolist() for n in (5, 30, 60)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+    def step_logits():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                             return_dict_in_generate=True)
+        return torch.stack(out.logits, 1)
+
+    with torch.inference_mode():
+        own = step_logits()
+        with scoring.batch_invariant_numerics(model):
+            rows_aligned = step_logits()
+    torch.testing.assert_close(rows_aligned, own, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("query_length", [None, 4], ids=["prefill", "chunk"])
