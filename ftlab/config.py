@@ -174,10 +174,10 @@ class EvalConfig:
     # null: as many as fit in the memory the training step's activations and logits were
     # priced at by the budget check (ftlab/memory.py, eval_batch_tokens).
     max_batch_tokens: Optional[int] = None
-    # Attend row by row over each prompt's own keys, so a prompt's output does not depend on the
-    # prompts batched with it (SDPA's fused kernel over padded keys rounds differently and flips
-    # near-ties: SmolLM2 in bf16 gave 7/12 outputs identical to one at a time, 12/12 row by row).
-    # Cost on the CPU, measured against the fused kernel: from none (fp32) to ~40% more eval time.
+    # Attend over each prompt's own keys only (ftlab/scoring.py), so a prompt's output does not
+    # depend on the prompts batched with it (SDPA's fused kernel over padded keys rounds differently
+    # and flips near-ties: SmolLM2 in bf16 gave 7/12 outputs identical to one at a time, 12/12 so).
+    # Cost on the CPU, measured against the fused kernel: 0.93-1.29x its eval time (2026-12-02).
     batch_invariant: bool = True
     max_new_tokens: int = 64
     max_examples: Optional[int] = None
