@@ -88,10 +88,11 @@ class RowAlignedKeys:
     def __init__(self):
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (keys and values, key counts)
 
-    def keys_and_values(self, layer: int | None, key, value, valid) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_and_values(self, layer: int | None, key, value, valid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values (batch, key heads, keys padded to a DECODE_KEY_BLOCK, dim) in fp32 with
-        row b's `valid` keys first, in order; what follows them is finite and to be masked. `key`
-        and `value` hold either every key `valid` covers or the step's new keys (one per row)."""
+        row b's `valid` keys first, in order (what follows them is finite and to be masked), and
+        each row's count of them. `key` and `value` hold either every key `valid` covers or a
+        decode step's new key (one per row)."""
         batch, kv_heads, k_len, dim = key.shape
         counts = valid.sum(-1)
         longest = int(counts.max())
@@ -103,19 +104,18 @@ class RowAlignedKeys:
                 own = valid[row]
                 kept[0, row, :, : int(counts[row])] = key[row][:, own]
                 kept[1, row, :, : int(counts[row])] = value[row][:, own]
-        elif kept is None or kept_counts.shape != counts.shape or not torch.equal(kept_counts + k_len, counts):
+        elif (k_len != 1 or kept is None or kept_counts.shape != counts.shape
+              or not torch.equal(kept_counts + 1, counts)):
             raise RuntimeError(f"layer {layer}: a decode step's keys continue no keys kept for its rows")
-        else:  # the step's new keys go after each row's own
+        else:  # the step's new key goes after each row's own
             if kept.shape[3] < length:
                 kept = torch.cat((kept, kept.new_zeros(*kept.shape[:3], length - kept.shape[3], dim)), 3)  # a block
             rows = torch.arange(batch, device=key.device)
-            for step in range(k_len):
-                at = kept_counts + step
-                kept[0][rows, :, at] = key[:, :, step].float()
-                kept[1][rows, :, at] = value[:, :, step].float()
+            kept[0][rows, :, kept_counts] = key[:, :, 0].float()
+            kept[1][rows, :, kept_counts] = value[:, :, 0].float()
         if layer is not None:
             self.layers[layer] = (kept, counts)
-        return kept[0, :, :, :length], kept[1, :, :, :length]
+        return kept[0, :, :, :length], kept[1, :, :, :length], counts
 
 
 class AttendedKeysOnly(DynamicLayer):
@@ -152,8 +152,8 @@ def decode_step_attention(query, key, value, valid, scaling=None, layer: int | N
     differently at another batch size, so it cannot batch rows."""
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    keys, values = (_row_aligned.get() or RowAlignedKeys()).keys_and_values(layer, key, value, valid)
-    own_keys = torch.arange(keys.shape[2], device=query.device) < valid.sum(-1, keepdim=True)
+    keys, values, counts = (_row_aligned.get() or RowAlignedKeys()).keys_and_values(layer, key, value, valid)
+    own_keys = torch.arange(keys.shape[2], device=query.device) < counts[:, None]
     scaling = dim**-0.5 if scaling is None else scaling
     with torch.autocast(query.device.type, enabled=False):  # autocast would multiply in bf16
         # a query head's group shares its key head: (batch, key heads, group, dim)
@@ -165,11 +165,11 @@ def decode_step_attention(query, key, value, valid, scaling=None, layer: int | N
 
 
 def attention_dtype(query: torch.Tensor) -> torch.dtype:
-    """fp32 on the CPU, as its decode steps attend (`decode_step_attention`): torch's bf16 SDPA
-    kernel there is slow for one-query steps (~120 us per row at 300 keys against ~30 us for
-    fp32 with the upcast included, on an AVX512-BF16 EPYC; prefill costs the same either way),
-    and an fp32 softmax is the more exact one (the bf16 kernel rounds the probabilities to bf16
-    before weighting the values). Elsewhere the model's dtype, which the fused GPU kernels need."""
+    """fp32 on the CPU, as its decode steps attend (`decode_step_attention`; torch's bf16 SDPA
+    kernel there was slow for one-query steps: ~120 us per row at 300 keys against ~30 us for
+    fp32 with the upcast included, on an AVX512-BF16 EPYC). The prefill costs the same either
+    way, and an fp32 softmax is the more exact one (the bf16 kernel rounds the probabilities to
+    bf16 before weighting the values). Elsewhere the model's dtype, which the fused GPU kernels need."""
     return torch.float32 if query.device.type == "cpu" else query.dtype
 
 
