@@ -183,6 +183,15 @@ AttentionInterface.register(ROW_ATTENTION, row_sdpa_attention)
 AttentionMaskInterface.register(ROW_ATTENTION, row_attention_mask)
 
 
+def generation_cache(device: torch.device) -> Cache | None:
+    """The cache for one `generate` call: where row attention keeps the keys (the CPU, inside
+    `batch_invariant_attention`) one that stores nothing, as HF's would only copy them all at
+    every step; elsewhere None, HF's own."""
+    if _row_aligned.get() is not None and device.type == "cpu":
+        return Cache(layer_class_to_replicate=AttendedKeysOnly)
+    return None
+
+
 @contextmanager
 def batch_invariant_attention(model):
     """Generation through `row_sdpa_attention` while the block runs (models on SDPA, or on the
@@ -310,12 +319,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], batch_size: int, max_n
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
             attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
                                      device=device)
-            # Where row attention keeps the keys (the CPU), HF's cache would only copy them all at every step.
-            keeps_keys = _row_aligned.get() is not None and device.type == "cpu"
-            cache = Cache(layer_class_to_replicate=AttendedKeysOnly) if keeps_keys else None
             out = model.generate(
                 input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, cache=cache,
+                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                cache=generation_cache(device),
             )
             for row, i in enumerate(idx):
                 outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()

@@ -23,15 +23,32 @@ def test_empty_prediction_scores_zero_bertscore():
     assert m["bertscore_f1"] == pytest.approx(0.5, abs=1e-3)
 
 
-def tiny_chat_model(tmp_path):
-    """A tiny random fp32 model, its tokenizer and 12 chat prompts from the default data."""
+def tiny_model(tmp_path, dtype=torch.float32, hidden_size=64, intermediate_size=128):
+    """A tiny random 2-layer model (4 query heads over 2 key heads, 512 tokens) and its tokenizer."""
     cfg = ModelConfig(name="tiny", name_or_path="tiny", source="tiny")
-    cfg.arch.hidden_size, cfg.arch.num_layers, cfg.arch.intermediate_size, cfg.arch.vocab_size = 64, 2, 128, 512
+    cfg.arch.hidden_size, cfg.arch.intermediate_size, cfg.arch.num_layers, cfg.arch.vocab_size = (
+        hidden_size, intermediate_size, 2, 512)
     cfg.arch.num_heads, cfg.arch.num_kv_heads = 4, 2
     ckpt = models.resolve_checkpoint(cfg, str(tmp_path))
-    tokenizer = models.load_tokenizer(ckpt)
-    model = models.load_base(ckpt, cfg, PeftConfig(method="lora", load_in_bits=16))
-    model = model.float()
+    model = models.load_base(ckpt, cfg, PeftConfig(method="lora", load_in_bits=16)).to(dtype)
+    return model, models.load_tokenizer(ckpt)
+
+
+def step_logits(model, tokenizer, rows: list[list[int]], new_tokens: int) -> torch.Tensor:
+    """Greedy generation of `new_tokens` after left-padded token rows, with the cache scoring.generate
+    would use: every step's logits, (rows, steps, vocab)."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                         return_dict_in_generate=True, cache=scoring.generation_cache(model.device))
+    return torch.stack(out.logits, 1)
+
+
+def tiny_chat_model(tmp_path):
+    """A tiny random fp32 model, its tokenizer and 12 chat prompts from the default data."""
+    model, tokenizer = tiny_model(tmp_path)
     # A random model tends to repeat one token (often a newline or the end token); forbid
     # special and whitespace-only tokens so the comparison is over non-empty generations.
     model.generation_config.suppress_tokens = [
@@ -102,57 +119,31 @@ def test_batched_generation_logits_are_bit_identical(tmp_path, dtype, intermedia
     of over 1024 inputs)."""
     if not linear_is_batch_invariant(dtype):
         pytest.skip(f"this machine's {dtype} matmul rounds a row differently in a batch")
-    cfg = ModelConfig(name="tiny", name_or_path="tiny", source="tiny")
     # SmolLM2's width: enough outputs for the one-row kernel's rare roundings to show
-    cfg.arch.hidden_size, cfg.arch.intermediate_size, cfg.arch.num_layers, cfg.arch.vocab_size = 576, intermediate_size, 2, 512
-    cfg.arch.num_heads, cfg.arch.num_kv_heads = 4, 2
-    ckpt = models.resolve_checkpoint(cfg, str(tmp_path))
-    tokenizer = models.load_tokenizer(ckpt)
-    model = models.load_base(ckpt, cfg, PeftConfig(method="lora", load_in_bits=16)).to(dtype).eval()
+    model, tokenizer = tiny_model(tmp_path, dtype, hidden_size=576, intermediate_size=intermediate_size)
+    model.eval()
     torch.manual_seed(0)
     prompts = [torch.randint(3, 512, (n,)).tolist() for n in (5, 17, 40, 41, 63)]
 
-    def step_logits(rows):
-        width = max(map(len, rows))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                             return_dict_in_generate=True)
-        return torch.stack(out.logits, 1)  # (rows, steps, vocab)
-
     with torch.inference_mode(), scoring.batch_invariant_numerics(model), scoring.contiguous_head_input(model):
-        batched = step_logits(prompts)
+        batched = step_logits(model, tokenizer, prompts, 6)
         for row, prompt in enumerate(prompts):  # alone: one row, no padding
-            assert torch.equal(batched[row], step_logits([prompt])[0]), f"prompt {row} ({len(prompt)} tokens)"
+            alone = step_logits(model, tokenizer, [prompt], 6)[0]
+            assert torch.equal(batched[row], alone), f"prompt {row} ({len(prompt)} tokens)"
 
 
 def test_evaluation_numerics_compute_the_models_own_logits(tmp_path):
     """Row attention with its step-to-step row-aligned keys is still the model's attention: a
     left-padded batch's logits at every generated step match HF's own SDPA over the same batch
     (fp32, to rounding), beyond the prefill and across a block of keys."""
-    cfg = ModelConfig(name="tiny", name_or_path="tiny", source="tiny")
-    cfg.arch.hidden_size, cfg.arch.intermediate_size, cfg.arch.num_layers, cfg.arch.vocab_size = 64, 128, 2, 512
-    cfg.arch.num_heads, cfg.arch.num_kv_heads = 4, 2
-    ckpt = models.resolve_checkpoint(cfg, str(tmp_path))
-    tokenizer = models.load_tokenizer(ckpt)
-    model = models.load_base(ckpt, cfg, PeftConfig(method="lora", load_in_bits=16)).float().eval()
+    model, tokenizer = tiny_model(tmp_path)
+    model.eval()
     torch.manual_seed(0)
     rows = [torch.randint(3, 512, (n,)).tolist() for n in (5, 30, 60)]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-
-    def step_logits():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                             return_dict_in_generate=True)
-        return torch.stack(out.logits, 1)
-
     with torch.inference_mode():
-        own = step_logits()
+        own = step_logits(model, tokenizer, rows, 10)
         with scoring.batch_invariant_numerics(model):
-            rows_aligned = step_logits()
+            rows_aligned = step_logits(model, tokenizer, rows, 10)
     torch.testing.assert_close(rows_aligned, own, atol=1e-4, rtol=1e-4)
 
 
