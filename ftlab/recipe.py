@@ -106,9 +106,8 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
         metrics.update({f"gain_{k}": scores.metrics[k] - base_scores[k] for k in scores.metrics if k in base_scores})
     mlflow.log_metrics(metrics)
     mlflow.set_tag("ftlab.peak_memory_kind", result.peak_memory_kind)
-    shown = data.held_out[: cfg.eval.samples_to_log]
-    tracking.log_samples([e.prompt[-1]["content"] for e in shown], [e.reference for e in shown],
-                         scores.predictions[: len(shown)], "samples/generations.json")
+    tracking.log_samples(tracking.samples_table(data.held_out, scores.predictions, cfg.eval.samples_to_log),
+                         "samples/generations.json")
     if result.adapter_dir is not None:
         mlflow.log_artifacts(str(result.adapter_dir), "adapter")
     return metrics
@@ -125,9 +124,7 @@ def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] |
     start = time.perf_counter()
     scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype, desc="evaluate base")
     seconds = time.perf_counter() - start
-    shown = data.held_out[: cfg.eval.samples_to_log]
-    samples = {"prompt": [e.prompt[-1]["content"] for e in shown], "reference": [e.reference for e in shown],
-               "prediction": scores.predictions[: len(shown)]}
+    samples = tracking.samples_table(data.held_out, scores.predictions, cfg.eval.samples_to_log)
     tracking.log_base_scores(key, cfg.model.name, scores.metrics, samples,
                              {k: v for k, v in tags.items() if k != "ftlab.role" and k not in tracking.SWEEP_TAGS},
                              seconds)

@@ -301,10 +301,17 @@ def training_callback(out_dir: Path):
     return MlflowSteps()
 
 
-def log_samples(prompts: list[str], references: list[str], predictions: list[str], artifact: str) -> None:
-    mlflow.log_table(
-        {"prompt": prompts, "reference": references, "prediction": predictions}, artifact_file=artifact
-    )
+def samples_table(held_out: list, predictions: list[str], limit: int) -> dict[str, list[str]]:
+    """The first `limit` scored held-out examples (prompt, reference, prediction). Only scored ones:
+    eval.max_examples may score fewer than samples_to_log, and columns of unequal length would make
+    mlflow.log_table log one row of lists instead."""
+    shown = list(zip(held_out, predictions))[:limit]
+    return {"prompt": [e.prompt[-1]["content"] for e, _ in shown], "reference": [e.reference for e, _ in shown],
+            "prediction": [p for _, p in shown]}
+
+
+def log_samples(table: dict[str, list[str]], artifact: str) -> None:
+    mlflow.log_table(table, artifact_file=artifact)
 
 
 def find_base_scores(key: str) -> dict[str, float] | None:
@@ -323,7 +330,7 @@ def log_base_scores(key: str, model_name: str, metrics: dict[str, float], sample
     with mlflow.start_run(run_name=f"base:{model_name}", nested=mlflow.active_run() is not None,
                           tags={"ftlab.role": "base_eval", "ftlab.base_eval_key": key, **tags}):
         mlflow.log_metrics({**metrics, "eval_seconds": seconds})
-        mlflow.log_table(samples, artifact_file="samples/base_generations.json")
+        log_samples(samples, "samples/base_generations.json")
 
 
 SWEEP_TAGS = ("mlflow.parentRunId", "ftlab.sweep_id", "ftlab.trial_number")

@@ -42,6 +42,17 @@ def test_tiny_run_logs_params_metrics_artifacts(make_cfg):
     assert set(samples["columns"]) == {"prompt", "reference", "prediction"} and len(samples["data"]) == 5
 
 
+def test_sample_tables_hold_one_row_per_scored_example_when_fewer_are_scored_than_shown(make_cfg):
+    cfg = make_cfg("eval.max_examples=3", "eval.samples_to_log=5", "train.max_steps=2", "eval.max_new_tokens=4")
+    run(cfg)
+    client = MlflowClient()
+    for role, artifact in (("trial", "samples/generations.json"), ("base_eval", "samples/base_generations.json")):
+        [logged] = _runs(cfg, role)
+        table = json.loads(Path(client.download_artifacts(logged.info.run_id, artifact)).read_text())
+        assert len(table["data"]) == 3, role  # not one row of three-item lists
+        assert all(isinstance(cell, str) for row in table["data"] for cell in row), role
+
+
 def test_base_model_is_scored_once_per_data_and_eval_config(make_cfg):
     first = run(make_cfg("lora_r=4"))
     second = run(make_cfg("lora_r=8"))
