@@ -101,7 +101,7 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
         cfg.train.save_adapter = False
         model_obj = models.load_base(ckpt, cfg.model, cfg.peft)
         model_obj = models.add_adapter(model_obj, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                                       cfg.train.gradient_checkpointing)
+                                       cfg.train.gradient_checkpointing, cfg.peft.adapter_dtype)
         result = train(model_obj, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out,
                        models.compute_dtype(cfg.model.dtype))
         seconds, tokens = result.train_seconds, result.trained_tokens

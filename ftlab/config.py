@@ -67,7 +67,8 @@ class PeftConfig:
     load_in_bits: int = 4  # 4, 8 or 16
     quant_type: str = "nf4"
     double_quant: bool = True
-    # LoRA adapters stay fp32 for stable updates even when the base computes in bf16.
+    # LoRA adapters stay fp32 for stable updates even when the base computes in bf16; bfloat16 or
+    # float16 halve their memory (and the estimate prices what is set).
     adapter_dtype: str = "float32"
 
 

@@ -308,7 +308,9 @@ def target_modules(value) -> str | list[str]:
     return [str(v) for v in value]
 
 
-def add_adapter(model, r: int, alpha: int, dropout: float, targets, gradient_checkpointing: bool):
+def add_adapter(model, r: int, alpha: int, dropout: float, targets, gradient_checkpointing: bool,
+                adapter_dtype: str = "float32"):
+    """LoRA adapters in peft.adapter_dtype: fp32 (PEFT's upcast) unless asked otherwise."""
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
@@ -318,4 +320,9 @@ def add_adapter(model, r: int, alpha: int, dropout: float, targets, gradient_che
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules(targets),
         task_type="CAUSAL_LM", bias="none",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype == "float32")
+    dtype = getattr(torch, adapter_dtype)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model

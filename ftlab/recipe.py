@@ -75,7 +75,7 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     set_seed(cfg.seed)  # the adapter's initial weights too: the same config and seed train the same run
     if cfg.peft.method != "full":
         model = models.add_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                                   cfg.train.gradient_checkpointing)
+                                   cfg.train.gradient_checkpointing, cfg.peft.adapter_dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mlflow.log_metric("trainable_params", trainable)
 

@@ -31,6 +31,11 @@ def test_qlora_base_is_4bit_and_adapters_train_in_fp32(make_cfg, tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.dtype == torch.float32 for p in trainable.values())
 
+    model = models.add_adapter(models.load_base(ckpt, cfg.model, cfg.peft), 8, 16, 0.0, "all-linear", True,
+                               adapter_dtype="bfloat16")  # what peft.adapter_dtype=bfloat16 prices
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
+
 
 def test_training_after_an_evaluation_gets_the_same_gradients(make_cfg, tmp_path):
     """bitsandbytes repacks 4-bit weights for its CPU inference kernel in eval mode and never
