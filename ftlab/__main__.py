@@ -4,8 +4,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import ftlab.config  # noqa: F401  (registers the structured-config schema)
-from ftlab.memory import BudgetError
+from ftlab.config import ConfigError  # and registers the structured-config schema
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -21,7 +20,7 @@ def main(cfg: DictConfig) -> dict:
             return sweep.run_trial(cfg, run)  # a failed trial is recorded, and the sweep goes on
         try:
             return run(cfg)
-        except BudgetError as e:  # the config's to fix, like bad data: a message (exit 2), not a traceback
+        except ConfigError as e:  # the config's to fix, like bad data: a message (exit 2), not a traceback
             print(f"ftlab: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 

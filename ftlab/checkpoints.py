@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftlab.config import ConfigError
+
 log = logging.getLogger("ftlab")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -25,8 +27,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint, self.step = checkpoint, step
 
 
-class ResumeError(RuntimeError):
-    """train.resume was asked for but there is nothing to resume from."""
+class ResumeError(ConfigError):
+    """train.resume was asked for but there is nothing (of this config) to resume from."""
 
 
 class StopOnSignal:

@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A run config value ftlab cannot run with, naming its key (`python -m ftlab` exits 2 with it)."""
 
 
 class SweepConfigError(ValueError):
@@ -309,6 +313,48 @@ class ServeConfig:
     ready_timeout_s: float = 600.0  # how long to wait for the server to answer /health
     tracking_uri: Optional[str] = None
     cache_dir: Optional[str] = None
+
+
+# What the schema's types cannot say: the run config's closed choices and ranges. None (null)
+# means "not set" wherever a key allows it. The estimator checks what it prices (ftlab/memory.py).
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "peft.adapter_dtype": ("float32", "bfloat16", "float16"),
+    "train.sampling": ("group_by_length", "random", "sequential"),
+    "budget.fit": ("skip", "auto_batch"),
+}
+RANGES = {  # key: (test, what the value must be)
+    "lr": (lambda v: v > 0, "> 0"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.epochs": (lambda v: v > 0, "> 0"),
+    "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 (train for train.epochs) or >= 1"),
+    "train.grad_accum": (lambda v: v >= 1, ">= 1"),
+    "train.warmup": (lambda v: v >= 0, ">= 0 (steps, or a fraction < 1 of all steps)"),
+    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.loraplus_lr_ratio": (lambda v: v > 0, "> 0 (1 = plain LoRA)"),
+    "train.logging_steps": (lambda v: v >= 1, ">= 1"),
+    "train.save_steps": (lambda v: v >= 0, ">= 0 (0: checkpoint only when interrupted)"),
+    "eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval.max_batch_tokens": (lambda v: v >= 1, ">= 1, or null to size batches from the budget"),
+    "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "eval.max_examples": (lambda v: v >= 1, ">= 1, or null for every held-out example"),
+    "eval.samples_to_log": (lambda v: v >= 0, ">= 0"),
+    "budget.max_hours": (lambda v: v > 0, "> 0, or null for no limit"),
+    "budget.memory_cap_gb": (lambda v: v > 0, "> 0, or null for no cap"),
+}
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value out of CHOICES or RANGES, before anything loads."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: use one of {', '.join(allowed)}")
+    for key, (valid, must_be) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not valid(value):
+            raise ConfigError(f"{key}={value}: must be {must_be}")
 
 
 def register_configs() -> None:

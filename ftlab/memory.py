@@ -70,7 +70,7 @@ from dataclasses import dataclass, field, replace
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-import ftlab.config  # noqa: F401  (registers the structured-config schema)
+from ftlab.config import ConfigError  # and registers the structured-config schema
 from ftlab import attention
 
 GIB = 2**30
@@ -82,7 +82,7 @@ TERM_ORDER = ("weights", "weight_copies", "quant_state", "lora_params", "grads",
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
 
 
-class BudgetError(ValueError):
+class BudgetError(ConfigError):
     """A config the estimator cannot price, naming the key to fix."""
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ftlab import attention, checkpoints, memory, tracking
+from ftlab import attention, checkpoints, config, memory, tracking
 
 log = logging.getLogger("ftlab")
 
@@ -31,6 +31,7 @@ def quiet_third_party_output() -> None:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     wall_start = time.perf_counter()
+    config.check(cfg)
     quiet_third_party_output()
     tracking.setup(cfg.tracking_uri, cfg.experiment)
     run_name = cfg.run_name or f"{cfg.model.name}-r{cfg.lora_r}-lr{cfg.lr:g}"

@@ -17,7 +17,7 @@ from transformers import set_seed
 from ftlab import checkpoints, models, scoring, tracking
 from ftlab.data import prepare
 from ftlab.data.report import log_data_report
-from ftlab.train import memory_cap_callback, peak_so_far_mb, release_memory, train
+from ftlab.train import check_trainer_choices, memory_cap_callback, peak_so_far_mb, release_memory, train
 
 
 def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
@@ -33,6 +33,7 @@ def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
 
 def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
         resume: checkpoints.ResumePoint | None, wall_start: float) -> dict[str, float]:
+    check_trainer_choices(cfg.train)
     cache = models.cache_root(cfg.cache_dir)
 
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.cache_dir)

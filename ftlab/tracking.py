@@ -21,6 +21,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.checkpoints import ResumeError
+
 # MLflow's own limits (mlflow.utils.validation): exceeding them raises mid-run.
 MAX_PARAM_VALUE = 6000
 MAX_PARAM_KEY = 250
@@ -178,9 +180,9 @@ def resumable_runs(resume, cfg_hash: str) -> tuple[list[str], str]:
         raise TrackingError(f"train.resume={resume}: no such MLflow run in tracking_uri="
                             f"{mask(mlflow.get_tracking_uri())} ({e.message})") from e
     if run.info.status == "FINISHED":
-        raise TrackingError(f"train.resume={resume}: that run already FINISHED; there is nothing to resume")
+        raise ResumeError(f"train.resume={resume}: that run already FINISHED; there is nothing to resume")
     if run.data.tags.get("ftlab.config_hash", cfg_hash) != cfg_hash:
-        raise TrackingError(f"train.resume={resume}: that run was started with another config (ftlab.config_hash "
+        raise ResumeError(f"train.resume={resume}: that run was started with another config (ftlab.config_hash "
                             f"{run.data.tags['ftlab.config_hash']}, now {cfg_hash}); resume with the same overrides")
     return [run.info.run_id], f"run {run.info.run_id}"
 

@@ -1,4 +1,10 @@
 """The schema: overrides users type, and errors that name the bad key before any model loads."""
+import mlflow
+import pytest
+
+from ftlab import config
+from ftlab.config import ConfigError
+from ftlab.pipeline import run
 from tests.conftest import run_cli
 
 
@@ -33,3 +39,40 @@ def test_wrong_type_fails_naming_key(tmp_path):
     proc = run_cli("lora_r=sixteen", timeout=120)
     assert proc.returncode != 0
     assert "lora_r" in proc.stderr + proc.stdout
+
+
+BAD_VALUES = ["train.sampling=bogus", "model.dtype=bf16", "peft.adapter_dtype=int8", "budget.fit=shrink", "lr=-1",
+              "lora_alpha=0", "lora_dropout=1.0", "train.grad_accum=0", "train.max_steps=0", "eval.max_examples=0",
+              "eval.samples_to_log=-1", "eval.max_new_tokens=0"]
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
+def test_a_value_out_of_its_choices_or_range_fails_naming_the_key_before_anything_is_logged(make_cfg, tmp_path,
+                                                                                          override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        run(make_cfg(override))
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no store, no run: nothing half-logged
+
+
+@pytest.mark.parametrize("preset", ["model=smollm2_135m", "model=tiny", "model=llama32_1b", "model=llama31_70b",
+                                    "peft=lora", "peft=full"])
+def test_every_shipped_config_passes_the_check(make_cfg, preset):
+    config.check(make_cfg(preset, tiny=False))
+
+
+@pytest.mark.parametrize("override, says", [("train.sampling=bogus", "train.sampling='bogus': use one of"),
+                                            ("train.resume=true", "train.resume: nothing to resume from")])
+def test_a_config_error_is_one_line_and_exit_2_from_the_command_line(tmp_path, override, says):
+    proc = run_cli("model=tiny", override, f"tracking_uri=sqlite:///{tmp_path}/m.db", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"ftlab: {says}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override", ["train.optim=adamw_bogus", "train.lr_scheduler=cosine_bogus"])
+def test_a_trainer_name_transformers_does_not_know_fails_naming_the_key_before_a_run_starts(make_cfg, override):
+    cfg = make_cfg(override)
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"^{key}='{value}': use one of "):
+        run(cfg)
+    assert not mlflow.search_runs(experiment_names=[cfg.experiment], output_format="list")
