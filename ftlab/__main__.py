@@ -15,14 +15,14 @@ def main(cfg: DictConfig) -> dict:
     from ftlab.data.records import exit_on_data_error
     from ftlab.pipeline import run
 
-    with exit_on_data_error():  # bad data is the same for every trial: stop, even in a sweep
-        if sweep.in_multirun():
-            return sweep.run_trial(cfg, run)  # a failed trial is recorded, and the sweep goes on
-        try:
+    try:
+        with exit_on_data_error():  # bad data is the same for every trial: stop, even in a sweep
+            if sweep.in_multirun():
+                return sweep.run_trial(cfg, run)  # a failed trial is recorded, and the sweep goes on
             return run(cfg)
-        except ConfigError as e:  # the config's to fix, like bad data: a message (exit 2), not a traceback
-            print(f"ftlab: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+    except ConfigError as e:  # the config's to fix, like bad data: a message (exit 2), not a traceback;
+        print(f"ftlab: {e}", file=sys.stderr)  # in a sweep, one that every trial shares (sweep.objective)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ class ConfigError(ValueError):
     """A run config value ftlab cannot run with, naming its key (`python -m ftlab` exits 2 with it)."""
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(ConfigError):
     """A sweep that cannot run as configured (search space, sampler, storage). Defined here,
     not in the sweeper plugin, because Hydra re-executes plugin modules when it scans them,
     which would give the class a second identity."""
@@ -345,8 +345,40 @@ RANGES = {  # key: (test, what the value must be)
 }
 
 
+# What a finished trial reports (scoring.text_metrics, then recipe.py), so what sweep.objective and
+# registry.gate_metric can name; tests/test_pipeline.py checks a real run against these lists.
+HELD_OUT_METRICS = ("rouge_l", "rouge_1", "exact_match", "bertscore_f1", "json_valid", "json_field_accuracy")
+RUN_METRICS = ("eval_loss", "train_loss_final", "train_seconds", "eval_seconds", "wall_seconds", "trained_tokens",
+               "tokens_per_second", "predicted_peak_gb")
+PEAK_MEMORY_METRICS = ("peak_memory_mb_cuda_max_allocated", "peak_memory_mb_cpu_peak_rss_delta",
+                       "peak_memory_mb_cpu_peak_rss_delta_since_start")
+
+
+def trial_metric(name: str) -> bool:
+    """Whether a finished trial reports `name` (the base_/gain_ ones when eval.compare_base is on)."""
+    held_out = name.removeprefix("base_").removeprefix("gain_")
+    return name in RUN_METRICS or name in PEAK_MEMORY_METRICS or held_out in HELD_OUT_METRICS
+
+
+def check_objective(objective: list[str], direction: list[str]) -> None:
+    """sweep.objective and sweep.direction, checked as a sweep starts: a name no trial reports
+    would otherwise surface only after every trial has run, with no best trial."""
+    if len(objective) != len(direction):
+        raise SweepConfigError(f"sweep.objective={objective} and sweep.direction={direction} differ in length")
+    for name in objective:
+        if not trial_metric(name):
+            raise SweepConfigError(f"sweep.objective: {name!r} is not a metric a trial reports; use one of "
+                                   f"{', '.join(HELD_OUT_METRICS + RUN_METRICS)}, or base_/gain_ with a held-out one")
+    for way in direction:
+        if way not in ("maximize", "minimize"):
+            raise SweepConfigError(f"sweep.direction: {way!r}: use maximize or minimize")
+
+
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value out of CHOICES or RANGES, before anything loads."""
+    if cfg.registry.gate_metric not in HELD_OUT_METRICS:
+        raise ConfigError(f"registry.gate_metric={cfg.registry.gate_metric!r}: the gate compares held-out scores; "
+                          f"use one of {', '.join(HELD_OUT_METRICS)}")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

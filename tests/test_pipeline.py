@@ -6,6 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ftlab import config
 from ftlab.pipeline import run
 
 
@@ -22,6 +23,8 @@ def test_tiny_run_logs_params_metrics_artifacts(make_cfg):
                 "base_rouge_l", "gain_rouge_l", "wall_seconds"):
         assert key in metrics, key
     assert any(k.startswith("peak_memory_mb_") for k in metrics)
+    assert [k for k in metrics if not config.trial_metric(k)] == []  # what sweep.objective may name...
+    assert set(config.HELD_OUT_METRICS + config.RUN_METRICS) <= set(metrics)  # ...and all of it is reported
 
     [trial] = _runs(cfg, "trial")
     assert trial.info.status == "FINISHED"

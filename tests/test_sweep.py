@@ -62,6 +62,14 @@ def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
     assert "Loading weights" not in out.stderr  # and /nonexistent/weights was never looked at
 
 
+def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp_path):
+    out = sweep(tmp_path, "lora_r=4,8", "sweep.objective=[rouge_l,rougel_typo]", "sweep.direction=[maximize,maximize]",
+                check=False)
+    assert out.returncode == 2
+    assert "ftlab: sweep.objective: 'rougel_typo' is not a metric a trial reports" in out.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path)
+
+
 def test_pareto_front_keeps_only_undominated_trials():
     trials = [{"metrics": {"q": q, "gb": gb}} for q, gb in [(0.5, 4), (0.6, 6), (0.4, 5), (0.6, 7)]]
     front = pareto_front(trials, ["q", "gb"], [1, -1])

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from ftlab.config import SweepConfigError
+from ftlab.config import SweepConfigError, check_objective
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,7 @@ class OptunaSweeper(Sweeper):
         quiet_optuna_warnings()
         space, fixed = self.search_space(arguments)
         objective, direction = list(self.config.sweep.objective), list(self.config.sweep.direction)
-        if len(objective) != len(direction):
-            raise SweepConfigError(f"sweep.objective={objective} and sweep.direction={direction} differ in length")
+        check_objective(objective, direction)
         sweep_id = os.environ.get(ftlab_sweep.ENV_SWEEP_ID) or self.study_name or ftlab_sweep.sweep_id(self.config)
         storage = self.make_storage(sweep_id)
         sampler = self.make_sampler(space, len(objective))
