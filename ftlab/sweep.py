@@ -58,7 +58,8 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         print(f"ftlab: skipped {e.run_name}: {e.reason}")
         return {"state": "skipped_budget", "run_id": e.run_id, "reason": e.reason,
                 "predicted_peak_gb": e.predicted_gb, "budget_gb": budget_gib(cfg), "metrics": {}}
-    except DataError:
+    except DataError as e:
+        fail_sweep(cfg, e)
         raise  # the same bad data would fail every trial: stop the sweep with the message
     except Exception as e:
         log.error("trial %s failed, the sweep goes on: %s: %s", cfg.sweep.trial_number, type(e).__name__, e)
@@ -68,6 +69,16 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         if run_id:
             outcome["metrics"] = MlflowClient().get_run(run_id).data.metrics
         return outcome
+
+
+def fail_sweep(cfg: DictConfig, error: Exception) -> None:
+    """An error every trial would hit stops the sweep, and Hydra then skips on_multirun_end: end
+    the parent run FAILED with the reason here, instead of leaving it RUNNING for good."""
+    parent = cfg.sweep.parent_run_id or os.environ.get(ENV_PARENT_RUN_ID)
+    if parent:
+        client = MlflowClient()
+        client.set_tag(parent, "ftlab.error", tracking.mask(f"{type(error).__name__}: {error}")[:tracking.MAX_PARAM_VALUE])
+        client.set_terminated(parent, status="FAILED")
 
 
 def _this_trials_run(cfg: DictConfig) -> str | None:

@@ -70,6 +70,17 @@ def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path)
 
 
+def test_bad_data_stops_the_sweep_and_ends_its_parent_run_failed_with_the_reason(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    out = sweep(tmp_path, "lora_r=4,8", f"data.path={data}", check=False)
+    assert out.returncode == 2 and f"{data}:2: malformed JSON" in out.stderr
+    [parent] = runs(tmp_path, "sweep")
+    assert parent.info.status == "FAILED"  # not RUNNING forever in the UI
+    assert f"{data}:2: malformed JSON" in parent.data.tags["ftlab.error"]
+    assert not runs(tmp_path)  # no trial started
+
+
 def test_pareto_front_keeps_only_undominated_trials():
     trials = [{"metrics": {"q": q, "gb": gb}} for q, gb in [(0.5, 4), (0.6, 6), (0.4, 5), (0.6, 7)]]
     front = pareto_front(trials, ["q", "gb"], [1, -1])
