@@ -1,10 +1,8 @@
 """`python -m ftlab`: one run; `python -m ftlab -m ...`: a sweep."""
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from ftlab.config import ConfigError  # and registers the structured-config schema
+from ftlab.config import ConfigError, exit_2_on  # and registers the structured-config schema
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -12,17 +10,14 @@ def main(cfg: DictConfig) -> dict:
     # Imported once Hydra has composed and checked the config: a mistyped key is reported
     # before ~8 s of importing torch, transformers, peft and MLflow, not after.
     from ftlab import sweep
-    from ftlab.data.records import exit_on_data_error
+    from ftlab.data import DataError
     from ftlab.pipeline import run
 
-    try:
-        with exit_on_data_error():  # bad data is the same for every trial: stop, even in a sweep
-            if sweep.in_multirun():
-                return sweep.run_trial(cfg, run)  # a failed trial is recorded, and the sweep goes on
-            return run(cfg)
-    except ConfigError as e:  # the config's to fix, like bad data: a message (exit 2), not a traceback;
-        print(f"ftlab: {e}", file=sys.stderr)  # in a sweep, one that every trial shares (sweep.objective)
-        raise SystemExit(2) from None
+    # In a sweep, only what every trial shares gets this far: bad data, sweep.objective.
+    with exit_2_on(DataError, ConfigError):
+        if sweep.in_multirun():
+            return sweep.run_trial(cfg, run)  # a failed trial is recorded, and the sweep goes on
+        return run(cfg)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ or a wrong type fails at composition time, before any data or weights are loaded
 """
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -14,6 +16,17 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 class ConfigError(ValueError):
     """A run config value ftlab cannot run with, naming its key (`python -m ftlab` exits 2 with it)."""
+
+
+@contextmanager
+def exit_2_on(*errors: type[Exception]):
+    """Entry points: an error the user acts on (a config value, bad data, a name the registry
+    lacks) is one line, `ftlab: <message>`, and exit 2, not a traceback."""
+    try:
+        yield
+    except errors as e:
+        print(f"ftlab: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class SweepConfigError(ConfigError):

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
-from ftlab.config import FtlabConfig
+from ftlab.config import FtlabConfig, exit_2_on
 from ftlab.data import Example, prepare
 
 log = logging.getLogger("ftlab.registry")
@@ -322,13 +322,12 @@ def on_sweep_end(cfg: DictConfig, parent_run_id: str, best_run_id: str) -> Model
 def main() -> None:
     import hydra
 
-    import ftlab.config  # noqa: F401  (registers the schemas)
-
     # `python -m ftlab.registry promote version=2` reads better than `action=promote`.
     if len(sys.argv) > 1 and "=" not in sys.argv[1] and not sys.argv[1].startswith("-"):
         sys.argv[1] = f"action={sys.argv[1]}"
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="registry_command")
+    @exit_2_on(RegistryError)
     def command(cfg: DictConfig) -> None:
         tracking.setup(cfg.tracking_uri, cfg.experiment)
         name = model_name(cfg.registry.model_name, cfg.experiment)

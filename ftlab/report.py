@@ -9,7 +9,6 @@ import base64
 import json
 import math
 import shlex
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-import ftlab.config  # noqa: F401,E402  (registers the structured-config schema)
+from ftlab.config import exit_2_on  # noqa: E402  (and registers the structured-config schema)
 from ftlab.tracking import default_tracking_uri, mask  # noqa: E402
 
 STATE_ORDER = {"finished": 0, "failed": 1, "killed": 2, "skipped_budget": 3}
@@ -551,11 +550,8 @@ def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_u
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.report sweep=<sweep id or parent run id>`."""
-    try:
+    with exit_2_on(ReportError):
         out = build_report(cfg.sweep, cfg.out_dir, cfg.tracking_uri or default_tracking_uri())
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"report: {out / 'report.html'} (also logged on the sweep's parent run under report/)")
 
 

@@ -25,6 +25,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from ftlab import models, registry, tracking
+from ftlab.config import exit_2_on
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -252,9 +253,8 @@ def smoke_check(base_url: str, model: Resolved, api_key: str | None, max_tokens:
 def main() -> None:
     import hydra
 
-    import ftlab.config  # noqa: F401  (registers the schemas)
-
     @hydra.main(version_base="1.3", config_path="../conf/serve", config_name="config")
+    @exit_2_on(ServeError)
     def command(cfg: DictConfig) -> None:
         # SIGTERM (e.g. from a supervisor) takes the same path as Ctrl-C, so the engine is stopped.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -153,6 +153,7 @@ def test_report_files_metrics_and_padding(default_data, tmp_path):
     assert padding_share([4, 2, 4, 4], 2, 8, packed=False) == pytest.approx(2 / 16)
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("data")  # not the experiment id an earlier test made active in another store
     with mlflow.start_run() as run:
         log_data_report(data, train_cfg)
     logged = mlflow.get_run(run.info.run_id).data

@@ -98,7 +98,7 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     assert int(client.get_model_version_by_alias(name, "previous").version) == 2
 
 
-def test_registry_cli_names_unknown_keys(tmp_path):
+def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "ftlab.registry", *args,
                                f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"], cwd=ROOT, capture_output=True,
@@ -106,3 +106,6 @@ def test_registry_cli_names_unknown_keys(tmp_path):
 
     unknown = cli("promote", "verison=2")
     assert unknown.returncode != 0 and "verison" in unknown.stderr
+    nothing = cli("promote")  # a registry with no versions: the user's to fix, one line, exit 2
+    assert nothing.returncode == 2 and "Traceback" not in nothing.stderr
+    assert "ftlab: registered model 'ftlab' has no versions; register a run first" in nothing.stderr

@@ -99,7 +99,11 @@ def test_check_sends_a_held_out_prompt_and_reports_speed(server, production, cap
     assert "tokens/s" in out and repr(first.prompt[-1]["content"][:40])[1:-1] in out  # the source run's held-out prompt
 
 
-def test_unknown_key_is_named():
+def test_unknown_key_or_model_is_named():
     out = subprocess.run([sys.executable, "-m", "ftlab.serve", "model=x", "prot=8000"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "prot" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "ftlab.serve", "model=/nonexistent/checkpoint"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "ftlab: model=/nonexistent/checkpoint: not models:/<name>@<alias>" in out.stderr

@@ -6,16 +6,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import ftlab.config  # noqa: F401  (registers the structured-config schema)
 from ftlab import models
-from ftlab.data import prepare
-from ftlab.data.records import exit_on_data_error
+from ftlab.config import exit_2_on  # and registers the structured-config schema
+from ftlab.data import DataError, prepare
 from ftlab.data.report import print_table, write_outputs
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    with exit_on_data_error():
+    with exit_2_on(DataError):
         cache = models.cache_root(cfg.cache_dir)
         tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, cfg.cache_dir),
                                           cfg.model.trust_remote_code)

@@ -2,8 +2,6 @@
 a bad data set). Kept apart so readers, cleaning and the report share them without cycles."""
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -46,12 +44,3 @@ class Example:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-@contextmanager
-def exit_on_data_error():
-    """Entry points: a DataError is the user's to fix, so print it as a message (exit 2), not a traceback."""
-    try:
-        yield
-    except DataError as e:
-        print(f"ftlab: bad data: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
