@@ -75,7 +75,7 @@ def breakdown(store: Path, start: float, end: float) -> dict[str, float]:
 def over_budget(store: Path) -> tuple[str, ...]:
     """The config both rejection timings use, recorded in its own MLflow store."""
     return ("model=llama31_8b", "lora_r=64", "train.max_seq_length=4096", "budget.vram_gb=8",
-            f"tracking_uri=sqlite:///{store}/reject.db")
+            f"tracking_uri=sqlite:///{store}/reject.db", f"hydra.run.dir={store}/reject")
 
 
 def rejection_seconds(store: Path) -> tuple[float, str]:

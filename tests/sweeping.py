@@ -2,10 +2,8 @@
 MLflow runs and the Optuna study."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, run_cli, store_overrides

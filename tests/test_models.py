@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ftlab import models
-from ftlab.config import ModelConfig, PeftConfig
+from ftlab.config import ModelConfig
 from ftlab.pipeline import run
 
 
