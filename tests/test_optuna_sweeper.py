@@ -48,7 +48,7 @@ def test_budget_rejections_are_pruned_with_reason_and_not_loaded(tmp_path):
     mlflow_runs = {r.info.run_id: r for r in runs(tmp_path)}
     for t in trials:
         assert "budget.vram_gb=8" in t.user_attrs["skip_reason"] and t.user_attrs["predicted_peak_gb"] > 8
-        assert t.user_attrs["budget_excess_gb"] > 0  # infeasible for TPE's constraints
+        assert t.user_attrs["budget_excess_gb"] > 0 and t.constraints["budget_excess_gb"] > 0  # infeasible for TPE
         run = mlflow_runs[t.user_attrs["mlflow_run_id"]]
         assert run.data.tags["ftlab.state"] == "skipped_budget" and run.info.status == "KILLED"
         assert run.data.tags["ftlab.trial_number"] == str(t.number)
@@ -57,7 +57,8 @@ def test_budget_rejections_are_pruned_with_reason_and_not_loaded(tmp_path):
 def test_trials_link_to_mlflow_runs_and_the_same_command_resumes(tmp_path):
     args = optuna_args(tmp_path, "resume", "lora_r=choice(4,8)", "lr=tag(log, interval(1e-4, 1e-2))",
                        "hydra.sweeper.seed=0")
-    sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")
+    out = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")
+    assert "FutureWarning" not in out.stderr  # no Optuna API on its way out (TPE + heartbeats: the default)
     first = {t.number: t.params for t in study(tmp_path, "resume").trials}
     sweep(tmp_path, *args, "hydra.sweeper.n_trials=3")  # the same study, one more trial wanted
     trials = study(tmp_path, "resume").trials

@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 from ftlab.config import SweepConfigError, check_objective
 
 log = logging.getLogger(__name__)
+BUDGET_CONSTRAINT = "budget_excess_gb"  # Optuna constraint: GiB over budget.vram_gb (or the OOM cap), feasible <= 0
 
 
 def quiet_optuna_warnings() -> None:
@@ -73,17 +74,11 @@ def grid_values(name: str, dist: BaseDistribution) -> list:
     raise SweepConfigError(f"hydra.sweeper.sampler=grid: {name} is an interval; give it as choice(...) or range(...)")
 
 
-def budget_constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """> 0: infeasible (GiB over budget, or an OOM). TPE sends infeasible trials to its
-    'bad' group, so over-budget regions stop being suggested."""
-    return [float(trial.user_attrs.get("budget_excess_gb", 0.0))]
-
-
 def oom_override(study: optuna.Study) -> list[str]:
     """After an out-of-memory trial, later trials get budget.oom_at_gb: the smallest predicted
     peak that ran out of memory. Configs predicted at least that large are then skipped before
-    they load anything and told back PRUNED with their excess, which TPE's constraints_func
-    reads as infeasible (TPE ignores FAIL trials, so the OOM itself would not steer it)."""
+    they load anything and told back PRUNED with their excess as the trial's constraint, which
+    TPE reads as infeasible (TPE ignores FAIL trials, so the OOM itself would not steer it)."""
     ooms = [t.user_attrs["predicted_peak_gb"] for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
             if t.user_attrs.get("failure_kind") == "oom" and "predicted_peak_gb" in t.user_attrs]
     return [f"budget.oom_at_gb={min(ooms)!r}"] if ooms else []
@@ -147,7 +142,7 @@ class OptunaSweeper(Sweeper):
     def make_sampler(self, space: dict, n_objectives: int) -> optuna.samplers.BaseSampler:
         name = self.sampler_name
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=self.seed, constraints_func=budget_constraint)
+            return optuna.samplers.TPESampler(seed=self.seed)  # reads each trial's budget constraint
         if name == "random":
             return optuna.samplers.RandomSampler(seed=self.seed)
         if name == "grid":
@@ -178,7 +173,7 @@ class OptunaSweeper(Sweeper):
             try:
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=self.heartbeat_interval,
-                    grace_period=self.grace_period, failed_trial_callback=mark_mlflow_run_killed)
+                    grace_period=self.grace_period, heartbeat_stale_trial_callback=mark_mlflow_run_killed)
             except Exception as e:
                 if attempt == 4:
                     raise SweepConfigError(f"hydra.sweeper.storage={tracking.mask(url)}: {e}") from e
@@ -291,7 +286,10 @@ class OptunaSweeper(Sweeper):
         if outcome["state"] == "skipped_budget":
             trial.set_user_attr("skip_reason", outcome["reason"])
             trial.set_user_attr("predicted_peak_gb", outcome["predicted_peak_gb"])
-            trial.set_user_attr("budget_excess_gb", outcome["predicted_peak_gb"] - (outcome.get("budget_gb") or 0))
+            excess = outcome["predicted_peak_gb"] - (outcome.get("budget_gb") or 0)
+            trial.set_user_attr("budget_excess_gb", excess)
+            # > 0 is infeasible: TPE sends such trials to its 'bad' group, so the region stops being suggested.
+            trial.set_constraint(BUDGET_CONSTRAINT, excess)
             tell(study, trial, state=TrialState.PRUNED)
             log.info("trial %d pruned: %s", trial.number, outcome["reason"])
             return
@@ -308,6 +306,7 @@ class OptunaSweeper(Sweeper):
             trial.set_user_attr("error", f"objective {objective} missing or NaN in the trial's metrics")
             tell(study, trial, state=TrialState.FAIL)
             return
+        trial.set_constraint(BUDGET_CONSTRAINT, 0.0)  # fitted and ran
         tell(study, trial, values)
 
     def write_results(self, study: optuna.Study, objective: list[str]) -> None:
