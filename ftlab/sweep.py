@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import tracking
-from ftlab.config import check_objective
+from ftlab.config import SweepConfigError, check_objective
 from ftlab.data import DataError
 from ftlab.memory import OverBudget, budget_gib
 
@@ -46,8 +46,7 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
     """Run one trial of a sweep and return its outcome for the sweeper: {state, run_id,
     metrics, ...}. Hydra's sweepers re-raise a job's exception and end the sweep, so a
     failure is caught here, after trial_run has recorded it, and returned as state=failed."""
-    # Raised out of the trial, this stops the sweep (Hydra turns a callback's error into a warning,
-    # so on_multirun_start's own check can only keep the parent run from being created).
+    # Raised out of the trial, this stops the sweep (Hydra turns a callback's error into a warning).
     check_objective(list(cfg.sweep.objective), list(cfg.sweep.direction))
     if cfg.sweep.trial_number is None:
         cfg.sweep.trial_number = HydraConfig.get().job.num
@@ -114,7 +113,10 @@ class SweepCallback(Callback):
     """Registered under hydra.callbacks in conf/config.yaml."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_objective(list(config.sweep.objective), list(config.sweep.direction))
+        try:
+            check_objective(list(config.sweep.objective), list(config.sweep.direction))
+        except SweepConfigError:
+            return  # no parent run for a sweep that cannot run; its first trial stops it with the message
         tracking.setup(config.tracking_uri, config.experiment)
         sid = sweep_id(config)
         parent = tracking.start_sweep_run(sid, command_line(), list(config.sweep.objective),
