@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 from ftlab.config import ConfigError, exit_2_on  # and registers the structured-config schema
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     # Imported once Hydra has composed and checked the config: a mistyped key is reported
     # before ~8 s of importing torch, transformers, peft and MLflow, not after.

@@ -415,7 +415,7 @@ def fit_batch(cfg: DictConfig) -> tuple[int, int] | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.memory model=llama31_8b lora_r=64 ...`: the estimate, no weights."""
     cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_gb=None)

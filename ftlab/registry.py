@@ -326,7 +326,7 @@ def main() -> None:
     if len(sys.argv) > 1 and "=" not in sys.argv[1] and not sys.argv[1].startswith("-"):
         sys.argv[1] = f"action={sys.argv[1]}"
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="registry_command")
+    @hydra.main(version_base="1.3", config_path="conf", config_name="registry_command")
     @exit_2_on(RegistryError)
     def command(cfg: DictConfig) -> None:
         tracking.setup(cfg.tracking_uri, cfg.experiment)

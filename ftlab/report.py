@@ -547,7 +547,7 @@ def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_u
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+@hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.report sweep=<sweep id or parent run id>`."""
     with exit_2_on(ReportError):

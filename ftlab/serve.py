@@ -253,7 +253,7 @@ def smoke_check(base_url: str, model: Resolved, api_key: str | None, max_tokens:
 def main() -> None:
     import hydra
 
-    @hydra.main(version_base="1.3", config_path="../conf/serve", config_name="config")
+    @hydra.main(version_base="1.3", config_path="conf/serve", config_name="config")
     @exit_2_on(ServeError)
     def command(cfg: DictConfig) -> None:
         # SIGTERM (e.g. from a supervisor) takes the same path as Ctrl-C, so the engine is stopped.

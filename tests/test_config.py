@@ -76,3 +76,27 @@ def test_a_trainer_name_transformers_does_not_know_fails_naming_the_key_before_a
     with pytest.raises(ConfigError, match=rf"^{key}='{value}': use one of "):
         run(cfg)
     assert not mlflow.search_runs(experiment_names=[cfg.experiment], output_format="list")
+
+
+def test_an_installed_wheel_finds_its_configs_and_sweeps_from_any_directory(tmp_path):
+    """conf/ and sweeps/ sit at the repository root; the wheel carries them inside the package."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def ok(*cmd, cwd=tmp_path):
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    ok(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"),
+       str(ROOT))
+    ok(sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv"))  # the dependencies: this env's
+    python = str(tmp_path / "venv" / "bin" / "python")
+    ok(python, "-m", "pip", "install", "-q", "--no-deps", *map(str, (tmp_path / "wheel").glob("ftlab-*.whl")))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert ok(python, "-c", "import ftlab; print(ftlab.__file__)", cwd=elsewhere).startswith(str(tmp_path / "venv"))
+    out = ok(python, "-m", "ftlab.memory", "model=llama31_8b", "sweeps=rank_lr", cwd=elsewhere)
+    assert "predicted peak" in out

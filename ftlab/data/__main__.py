@@ -12,7 +12,7 @@ from ftlab.data import DataError, prepare
 from ftlab.data.report import print_table, write_outputs
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     with exit_2_on(DataError):
         cache = models.cache_root(cfg.cache_dir)
