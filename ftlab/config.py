@@ -212,6 +212,8 @@ class BudgetConfig:
     """Resource limits checked before a trial loads any weights."""
 
     vram_gb: Optional[float] = None
+    # Training time per trial: training stops after the step that crosses it, and the trial scores
+    # and logs what it trained (tag ftlab.stopped_early).
     max_hours: Optional[float] = None
     fit: str = "skip"  # skip | auto_batch
     # Hard cap on a trial's measured memory (GiB): on a GPU a per-process memory fraction,

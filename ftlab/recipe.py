@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -17,7 +18,10 @@ from transformers import set_seed
 from ftlab import checkpoints, models, scoring, tracking
 from ftlab.data import prepare
 from ftlab.data.report import log_data_report
-from ftlab.train import check_trainer_choices, memory_cap_callback, peak_so_far_mb, release_memory, train
+from ftlab.train import (check_trainer_choices, memory_cap_callback, peak_so_far_mb, release_memory,
+                         time_cap_callback, train)
+
+log = logging.getLogger("ftlab")
 
 
 def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
@@ -86,8 +90,15 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     callbacks = [tracking.training_callback(out_dir), *(instantiate(c) for c in cfg.train.callbacks)]
     if cfg.budget.memory_cap_gb:
         callbacks.append(memory_cap_callback(cfg.budget.memory_cap_gb))
+    time_cap = time_cap_callback(cfg.budget.max_hours) if cfg.budget.max_hours else None
+    if time_cap:
+        callbacks.append(time_cap)
     result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks,
                    resume_from=resume.checkpoint if resume else None)
+    if time_cap and time_cap.stopped_at_step is not None:
+        note = f"stopped at step {time_cap.stopped_at_step} by budget.max_hours={cfg.budget.max_hours:g}"
+        mlflow.set_tag("ftlab.stopped_early", note)
+        log.warning("%s; scoring what it trained", note)
     eval_start = time.perf_counter()
     scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype, desc="evaluate adapter")
 

@@ -177,6 +177,25 @@ def memory_cap_callback(cap_gb: float):
     return MemoryCap()
 
 
+def time_cap_callback(max_hours: float):
+    """Enforce budget.max_hours: training stops after the optimizer step that crosses it, and the
+    trial goes on to score and log what it trained (stopped_at_step says where it stopped)."""
+    from transformers import TrainerCallback
+
+    class TimeCap(TrainerCallback):
+        stopped_at_step: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.perf_counter() - self.start > max_hours * 3600 and state.global_step < state.max_steps:
+                control.should_training_stop = True
+                self.stopped_at_step = state.global_step
+
+    return TimeCap()
+
+
 def quiet_progress_callback():
     """transformers' progress bar, showing loss in the bar instead of printing every log dict."""
     from transformers.trainer_callback import ProgressCallback

@@ -64,6 +64,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     assert state["global_step"] == 2  # the checkpoint was not overwritten: training went on after it
 
 
+def test_max_hours_stops_training_after_the_step_that_crosses_it_and_the_trial_still_scores(make_cfg, tmp_path):
+    metrics = run(make_cfg(*SHORT, "budget.max_hours=1e-9"))  # crossed by the first step
+    [trial] = _trials(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert trial.info.status == "FINISHED"
+    assert trial.data.tags["ftlab.stopped_early"] == "stopped at step 1 by budget.max_hours=1e-09"
+    assert _steps(f"sqlite:///{tmp_path}/mlruns/mlflow.db", trial.info.run_id) == [1]  # of train.max_steps=4
+    assert "rouge_l" in metrics and trial.data.metrics["eval_loss"] == metrics["eval_loss"]
+
+
 def test_resume_with_nothing_to_resume_fails_and_says_where_it_looked(make_cfg, tmp_path):
     with pytest.raises(checkpoints.ResumeError, match="ftlab.config_hash") as error:
         run(make_cfg(*SHORT, "train.resume=true"))
