@@ -74,13 +74,24 @@ def sqlite_busy_timeout(uri: str) -> str:
     return uri
 
 
+def postgres_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; use psycopg2 (a dependency) when
+    psycopg 3 is not installed, so the plain URL works (MLflow's store, Optuna's storage)."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
 def setup(tracking_uri: str | None, experiment: str) -> str:
     """Point MLflow at the store and make sure the experiment exists. Fails loudly now,
     not after an hour of training, if the store cannot be reached."""
     uri = tracking_uri or default_tracking_uri()
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    mlflow.set_tracking_uri(sqlite_busy_timeout(uri))
+    mlflow.set_tracking_uri(sqlite_busy_timeout(postgres_driver(uri)))
     try:
         client = MlflowClient()
         exp = client.get_experiment_by_name(experiment)

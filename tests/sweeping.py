@@ -24,7 +24,7 @@ def sweep(tmp_path: Path, *args: str, check: bool = True, env: dict | None = Non
     return out
 
 
-def runs(tmp_path: Path, role: str = "trial") -> list:
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+def runs(tmp_path: Path, role: str = "trial", uri: str | None = None) -> list:
+    client = MlflowClient(uri or f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("ftlab")
     return client.search_runs([exp.experiment_id], f"tags.`ftlab.role` = '{role}'", max_results=1000)

@@ -4,13 +4,14 @@ two workers share one study without running a trial twice."""
 import subprocess
 import sys
 import uuid
+from contextlib import ExitStack, contextmanager
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hydra_plugins.ftlab_optuna_sweeper.optuna_sweeper import postgres_driver
-from tests.conftest import ROOT, store_overrides
+from ftlab.tracking import postgres_driver
+from tests.conftest import ROOT
 from tests.sweeping import SMALL_TRIAL, runs, sweep
 
 def optuna_sweep_args(storage, name, n_trials, *extra, grace_period=2):
@@ -83,26 +84,59 @@ def test_sigkill_at_three_points_then_rerun_finishes_without_redoing_trials(tmp_
     assert parent.info.status == "FINISHED"
 
 
-def worker(tmp_path, storage, name, n_trials):
-    cmd = [sys.executable, "-m", "ftlab", "-m", *SMALL_TRIAL, *store_overrides(tmp_path),
-           f"hydra.sweep.dir={tmp_path}/multirun-{uuid.uuid4().hex[:6]}", 
+def worker(tmp_path, storage, tracking_uri, name, n_trials):
+    cmd = [sys.executable, "-m", "ftlab", "-m", *SMALL_TRIAL, f"tracking_uri={tracking_uri}",
+           f"output_dir={tmp_path}/runs", f"sweep.report_dir={tmp_path}/reports",
+           f"hydra.sweep.dir={tmp_path}/multirun-{uuid.uuid4().hex[:6]}",
            # busy workers must not fail each other's live trials
            *optuna_sweep_args(storage, name, n_trials, grace_period=120)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
-def test_two_workers_share_one_study(tmp_path, backend):
+@contextmanager
+def server_database(backend: str):
+    """A throwaway database on the machine's PostgreSQL or MariaDB server, as a SQLAlchemy URL."""
+    name = f"ftlab_{uuid.uuid4().hex[:10]}"
+    if backend == "postgresql":
+        import psycopg2
+
+        admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+        admin.autocommit = True
+        url, drop = f"postgresql://postgres@127.0.0.1:5432/{name}", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    else:
+        import pymysql
+
+        admin = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+        url, drop = f"mysql+pymysql://root@127.0.0.1:3306/{name}", f"DROP DATABASE IF EXISTS {name}"
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield url
+    finally:
+        admin.cursor().execute(drop)
+        admin.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb", "sqlite"])
+def test_two_workers_share_one_study_and_one_mlflow_store(tmp_path, backend):
+    """Optuna's storage and MLflow's backend store both on the server (two databases: both keep an
+    alembic_version table), or both in SQLite files."""
     name = f"two-workers-{uuid.uuid4().hex[:8]}"
-    storage = ("postgresql://postgres@127.0.0.1:5432/test" if backend == "postgresql"
-               else f"sqlite:///{tmp_path}/optuna.db")
+    with ExitStack() as stack:
+        if backend == "sqlite":
+            storage, tracking_uri = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+            (tmp_path / "mlruns").mkdir()
+        else:
+            storage, tracking_uri = (stack.enter_context(server_database(backend)) for _ in range(2))
+        two_workers_share_one_study(tmp_path, storage, tracking_uri, name)
+
+
+def two_workers_share_one_study(tmp_path, storage, tracking_uri, name):
     # Create both stores first, as an operator would, so the workers do not race on schema creation.
     from ftlab import tracking
 
-    (tmp_path / "mlruns").mkdir()
-    tracking.setup(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "ftlab")
+    tracking.setup(tracking_uri, "ftlab")
     optuna.create_study(study_name=name, storage=postgres_driver(storage), direction="maximize")
-    procs = [worker(tmp_path, storage, name, 3) for _ in range(2)]
+    procs = [worker(tmp_path, storage, tracking_uri, name, 3) for _ in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-3000:]
@@ -110,7 +144,7 @@ def test_two_workers_share_one_study(tmp_path, backend):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3
     assert len({t.number for t in trials}) == len(trials)
-    trial_runs = runs(tmp_path)
+    trial_runs = runs(tmp_path, uri=postgres_driver(tracking_uri))
     linked = [t.user_attrs["mlflow_run_id"] for t in complete]
     assert len(set(linked)) == 3 and set(linked) <= {r.info.run_id for r in trial_runs}
     numbers = [r.data.tags["ftlab.trial_number"] for r in trial_runs]

@@ -84,17 +84,6 @@ def oom_override(study: optuna.Study) -> list[str]:
     return [f"budget.oom_at_gb={min(ooms)!r}"] if ooms else []
 
 
-def postgres_driver(url: str) -> str:
-    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; use psycopg2 (a dependency) when
-    psycopg 3 is not installed, so the plain URL works."""
-    import importlib.util
-
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
-
-
 def tell(study: optuna.Study, trial: optuna.Trial, values=None, state: TrialState | None = None) -> None:
     """study.tell that tolerates GridSampler calling study.stop() once its grid is done:
     stop() only works inside study.optimize. Optuna stores the trial's state in a finally
@@ -160,7 +149,7 @@ class OptunaSweeper(Sweeper):
         if url is None:
             Path("mlruns").mkdir(exist_ok=True)
             url = f"sqlite:///{Path('mlruns/optuna.db').resolve()}"
-        url = postgres_driver(url)
+        url = tracking.postgres_driver(url)
         # Several workers on one SQLite file wait for the lock instead of failing at once.
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
 
