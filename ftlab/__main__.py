@@ -12,9 +12,10 @@ def main(cfg: DictConfig) -> dict:
     from ftlab import sweep
     from ftlab.data import DataError
     from ftlab.pipeline import run
+    from ftlab.tracking import TrackingError
 
     # In a sweep, only what every trial shares gets this far: bad data, sweep.objective.
-    with exit_2_on(DataError, ConfigError):
+    with exit_2_on(DataError, ConfigError, TrackingError):
         if sweep.in_multirun():
             return sweep.run_trial(cfg, run)  # a failed trial is recorded, and the sweep goes on
         return run(cfg)

@@ -62,9 +62,10 @@ def test_every_shipped_config_passes_the_check(make_cfg, preset):
 
 
 @pytest.mark.parametrize("override, says", [("train.sampling=bogus", "train.sampling='bogus': use one of"),
-                                            ("train.resume=true", "train.resume: nothing to resume from")])
+                                            ("train.resume=true", "train.resume: nothing to resume from"),
+                                            ("tracking_uri=http://127.0.0.1:9", "cannot use the MLflow tracking store")])
 def test_a_config_error_is_one_line_and_exit_2_from_the_command_line(tmp_path, override, says):
-    proc = run_cli("model=tiny", override, f"tracking_uri=sqlite:///{tmp_path}/m.db", timeout=120)
+    proc = run_cli("model=tiny", f"tracking_uri=sqlite:///{tmp_path}/m.db", override, timeout=120)  # the last wins
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"ftlab: {says}" in proc.stderr and "Traceback" not in proc.stderr
 
