@@ -390,7 +390,8 @@ def check_objective(objective: list[str], direction: list[str]) -> None:
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first value out of CHOICES or RANGES, before anything loads."""
+    """Raise ConfigError for the first value ftlab cannot run with (registry.gate_metric, CHOICES,
+    RANGES), before anything loads or is logged."""
     if cfg.registry.gate_metric not in HELD_OUT_METRICS:
         raise ConfigError(f"registry.gate_metric={cfg.registry.gate_metric!r}: the gate compares held-out scores; "
                           f"use one of {', '.join(HELD_OUT_METRICS)}")
