@@ -70,7 +70,8 @@ from dataclasses import dataclass, field, replace
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from ftlab.config import ConfigError  # and registers the structured-config schema
+from ftlab.config import ConfigError, exit_2_on  # and registers the structured-config schema
+from ftlab.config import check as check_config
 from ftlab import attention
 
 GIB = 2**30
@@ -416,8 +417,10 @@ def fit_batch(cfg: DictConfig) -> tuple[int, int] | None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@exit_2_on(ConfigError)
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.memory model=llama31_8b lora_r=64 ...`: the estimate, no weights."""
+    check_config(cfg)
     cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_gb=None)
     fits, est, reason = check_budget(cfg)
     print(f"{cfg.model.name} {cfg.peft.method} ({cfg.peft.load_in_bits}-bit), lora_r={cfg.lora_r}, "

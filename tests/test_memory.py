@@ -279,3 +279,13 @@ def test_eval_batches_hold_what_the_training_step_was_priced_for(make_cfg):
     assert eval_batch_tokens(make_cfg("model=llama31_8b", "lora_r=64", "train.max_seq_length=2048",
                                       "train.per_device_batch_size=1", tiny=False)) < tokens
     assert eval_batch_tokens(make_cfg("model=llama31_8b", "eval.max_batch_tokens=3000", tiny=False)) == 3000
+
+
+@pytest.mark.parametrize("override, says", [("lora_r=0", "lora_r=0: the LoRA rank must be >= 1"),
+                                            ("lr=0", "lr=0.0: must be > 0")])
+def test_the_estimate_command_turns_a_bad_value_away_in_one_line(override, says):
+    from tests.conftest import ROOT
+
+    cli = subprocess.run([sys.executable, "-m", "ftlab.memory", override], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert cli.returncode == 2 and f"ftlab: {says}" in cli.stderr and "Traceback" not in cli.stderr
