@@ -10,6 +10,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
-from ftlab.config import FtlabConfig, exit_2_on
+from ftlab.config import HELD_OUT_METRICS, FtlabConfig, exit_2_on
 from ftlab.data import Example, prepare
 
 log = logging.getLogger("ftlab.registry")
@@ -139,6 +140,16 @@ def _requirements() -> list[str]:
             "accelerate", "safetensors"]
 
 
+@contextmanager
+def logging_level(logger: str, level: int):
+    previous = logging.getLogger(logger).level
+    logging.getLogger(logger).setLevel(level)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).setLevel(previous)
+
+
 def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersion:
     """Merge the run's adapter, log the merged checkpoint on the run as a transformers model
     (`text-generation`) and register it under `name`. Returns the new version."""
@@ -157,7 +168,10 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
         prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
         params = {"max_new_tokens": 64}
         # Resume the trial run so the model lives next to the adapter and metrics it came from.
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        # mlflow.transformers' warnings here are not the user's to act on: a local merge has no hub
+        # model card or license, and the example's params are ftlab's own generation settings.
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), \
+                logging_level("mlflow.transformers", logging.ERROR):
             mlflow.log_metric("merge_relative_logit_diff", merged.relative_diff)
             info = mlflow.transformers.log_model(
                 transformers_model=components, name=MERGED_ARTIFACT, task="text-generation",
@@ -177,9 +191,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
         "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
         "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
         "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
-        **{f"metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items()
-           if k in ("rouge_l", "rouge_1", "bertscore_f1", "exact_match", "json_valid", "json_field_accuracy",
-                    "eval_loss")},
+        **{f"metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items() if k in (*HELD_OUT_METRICS, "eval_loss")},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -329,6 +341,9 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path="conf", config_name="registry_command")
     @exit_2_on(RegistryError)
     def command(cfg: DictConfig) -> None:
+        from ftlab.pipeline import quiet_third_party_output
+
+        quiet_third_party_output()
         tracking.setup(cfg.tracking_uri, cfg.experiment)
         name = model_name(cfg.registry.model_name, cfg.experiment)
         if cfg.action == "register":
