@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import tracking
-from ftlab.config import SweepConfigError, check_objective
+from ftlab.config import ConfigError, SweepConfigError, check_objective
 from ftlab.data import DataError
 from ftlab.memory import OverBudget, budget_gib
 
@@ -57,9 +57,12 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         print(f"ftlab: skipped {e.run_name}: {e.reason}")
         return {"state": "skipped_budget", "run_id": e.run_id, "reason": e.reason,
                 "predicted_peak_gb": e.predicted_gb, "budget_gb": budget_gib(cfg), "metrics": {}}
-    except DataError as e:
+    except (DataError, ConfigError) as e:
+        # Bad data, or a value ftlab cannot run with (config.check: lr=-1, train.sampling=bogus, a
+        # resume with nothing to resume): the sweep as written is wrong, and its trials fail before
+        # they log anything. Stop it with the message, rather than report a sweep of silent failures.
         fail_sweep(cfg, e)
-        raise  # the same bad data would fail every trial: stop the sweep with the message
+        raise
     except Exception as e:
         log.error("trial %s failed, the sweep goes on: %s: %s", cfg.sweep.trial_number, type(e).__name__, e)
         run_id = _this_trials_run(cfg)

@@ -3,6 +3,7 @@ with the basic launcher and with joblib's separate processes; over-budget config
 before anything loads; the best trial and ftlab_sweep.json recorded at the end."""
 import json
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from ftlab.sweep import pareto_front
@@ -70,14 +71,18 @@ def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path)
 
 
-def test_bad_data_stops_the_sweep_and_ends_its_parent_run_failed_with_the_reason(tmp_path):
+@pytest.mark.parametrize("bad", ["data", "value"])
+def test_bad_data_or_a_bad_value_stops_the_sweep_and_ends_its_parent_run_failed_with_the_reason(tmp_path, bad):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
-    out = sweep(tmp_path, "lora_r=4,8", f"data.path={data}", check=False)
-    assert out.returncode == 2 and f"{data}:2: malformed JSON" in out.stderr
+    override, says = ((f"data.path={data}", f"{data}:2: malformed JSON") if bad == "data" else
+                      ("train.sampling=bogus", "train.sampling='bogus': use one of"))
+    out = sweep(tmp_path, "lora_r=4,8", override, check=False)
+    assert out.returncode == 2 and "ftlab: " in out.stderr and says in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count(says) == 1  # the first trial stopped it
     [parent] = runs(tmp_path, "sweep")
     assert parent.info.status == "FAILED"  # not RUNNING forever in the UI
-    assert f"{data}:2: malformed JSON" in parent.data.tags["ftlab.error"]
+    assert says in parent.data.tags["ftlab.error"]
     assert not runs(tmp_path)  # no trial started
 
 
