@@ -74,6 +74,7 @@ class Sweep:
     base: dict[str, float] | None  # base-model scores, the reference row
     examples: list[dict[str, str]]  # prompt, reference, base, winner
     best_run_id: str | None = None
+    stopped: str | None = None  # the error that stopped the sweep (bad data, a bad value): its parent run FAILED
 
     @property
     def finished(self) -> list[Trial]:
@@ -128,6 +129,7 @@ def gather(client: MlflowClient, sweep: str) -> Sweep:
         experiment=client.get_experiment(parent.info.experiment_id).name, command=mask(tags.get("ftlab.command", "")),
         objectives=objectives, directions=directions, trials=trials, varying=varying_params(trials),
         base=None, examples=[], best_run_id=tags.get("ftlab.best_run_id"),
+        stopped=mask(tags["ftlab.error"]) if parent.info.status == "FAILED" and tags.get("ftlab.error") else None,
     )
     base_run = _base_run(client, parent, sweep_result.winner or (trials[0] if trials else None))
     if base_run is not None:
@@ -447,6 +449,13 @@ MARKDOWN = """# Sweep {{ s.sweep_id }}
 Parent MLflow run `{{ s.parent_run_id }}` (experiment `{{ s.experiment }}`); objective {{ objective }}.
 {{ s.finished|length }} finished, {{ s.trials|length - s.finished|length }} failed or skipped of {{ s.trials|length }} trials.
 {% if s.command %}Sweep command: `{{ s.command }}`{% endif %}
+{% if s.stopped %}
+**The sweep stopped early:**
+
+```
+{{ s.stopped }}
+```
+{% endif %}
 
 ## Trials, best first
 
@@ -488,6 +497,7 @@ pre{background:#f4f4f4;padding:1em;overflow-x:auto} img{max-width:100%}</style><
 <p>Parent MLflow run <code>{{ s.parent_run_id }}</code> (experiment <code>{{ s.experiment }}</code>); objective {{ objective }}.
 {{ s.finished|length }} finished, {{ s.trials|length - s.finished|length }} failed or skipped of {{ s.trials|length }} trials.</p>
 {% if s.command %}<p>Sweep command: <code>{{ s.command }}</code></p>{% endif %}
+{% if s.stopped %}<p><b>The sweep stopped early:</b></p><pre>{{ s.stopped }}</pre>{% endif %}
 <h2>Trials, best first</h2>
 <table><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in rows %}<tr{% if row[2] == "reference" %} class="reference"{% endif %}>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>

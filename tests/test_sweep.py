@@ -1,11 +1,13 @@
 """Grid sweeps with Hydra's multirun: one parent MLflow run, trials as its children,
 with the basic launcher and with joblib's separate processes; over-budget configs skipped
 before anything loads; the best trial and ftlab_sweep.json recorded at the end."""
+import html
 import json
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ftlab.report import build_report
 from ftlab.sweep import pareto_front
 from tests.sweeping import runs, sweep
 
@@ -84,6 +86,10 @@ def test_bad_data_or_a_bad_value_stops_the_sweep_and_ends_its_parent_run_failed_
     assert parent.info.status == "FAILED"  # not RUNNING forever in the UI
     assert says in parent.data.tags["ftlab.error"]
     assert not runs(tmp_path)  # no trial started
+    out = build_report(parent.info.run_id, tmp_path / "report", f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    for page in ("report.md", "report.html"):  # the report a user asks for afterwards says why
+        text = html.unescape((out / page).read_text())
+        assert "The sweep stopped early" in text and says in text, page
 
 
 def test_pareto_front_keeps_only_undominated_trials():
