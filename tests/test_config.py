@@ -81,6 +81,7 @@ def test_a_trainer_name_transformers_does_not_know_fails_naming_the_key_before_a
 
 def test_an_installed_wheel_finds_its_configs_and_sweeps_from_any_directory(tmp_path):
     """conf/ and sweeps/ sit at the repository root; the wheel carries them inside the package."""
+    import shutil
     import subprocess
     import sys
 
@@ -91,8 +92,12 @@ def test_an_installed_wheel_finds_its_configs_and_sweeps_from_any_directory(tmp_
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
+    # Built from a copy (links kept): an in-tree build would leave build/ in the repository.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "mlruns", "outputs", "multirun", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     ok(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"),
-       str(ROOT))
+       str(source))
     ok(sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv"))  # the dependencies: this env's
     python = str(tmp_path / "venv" / "bin" / "python")
     ok(python, "-m", "pip", "install", "-q", "--no-deps", *map(str, (tmp_path / "wheel").glob("ftlab-*.whl")))

@@ -132,8 +132,14 @@ def test_two_workers_share_one_study_and_one_mlflow_store(tmp_path, backend):
 
 def two_workers_share_one_study(tmp_path, storage, tracking_uri, name):
     # Create both stores first, as an operator would, so the workers do not race on schema creation.
+    # A database store keeps artifacts where its experiment says (MLflow's default: ./mlruns of the
+    # process that created it): here, the test's directory, not the repository's.
+    from mlflow.tracking import MlflowClient
+
     from ftlab import tracking
 
+    if not tracking_uri.startswith("sqlite"):
+        MlflowClient(postgres_driver(tracking_uri)).create_experiment("ftlab", (tmp_path / "artifacts").as_uri())
     tracking.setup(tracking_uri, "ftlab")
     optuna.create_study(study_name=name, storage=postgres_driver(storage), direction="maximize")
     procs = [worker(tmp_path, storage, tracking_uri, name, 3) for _ in range(2)]
