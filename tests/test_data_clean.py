@@ -11,6 +11,7 @@ import mlflow
 import pytest
 from rapidfuzz import fuzz, process, utils
 
+from ftlab import tracking
 from ftlab.config import TrainConfig
 from ftlab.data import DataError, prepare
 from ftlab.data.generate import generate_with_plan
@@ -152,8 +153,8 @@ def test_report_files_metrics_and_padding(default_data, tmp_path):
     assert len((out / "train.jsonl").read_text().splitlines()) == len(data.train)
     assert padding_share([4, 2, 4, 4], 2, 8, packed=False) == pytest.approx(2 / 16)
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("data")  # not the experiment id an earlier test made active in another store
+    # Its own experiment (not the id an earlier test made active in another store), artifacts next to the DB.
+    tracking.setup(f"sqlite:///{tmp_path}/mlflow.db", "data")
     with mlflow.start_run() as run:
         log_data_report(data, train_cfg)
     logged = mlflow.get_run(run.info.run_id).data
