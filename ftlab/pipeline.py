@@ -24,6 +24,8 @@ def quiet_third_party_output() -> None:
     missing (the CPU fallback is used), rouge-score's tokenizer notice, deprecation
     warnings raised inside transformers/trl for arguments ftlab does not pass."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Registering a local merge: no hub model card or license, and the example's params are ftlab's own.
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
     warnings.filterwarnings("ignore", message=r".*an autograd kernel was not registered.*")

@@ -10,7 +10,6 @@ import logging
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,16 +139,6 @@ def _requirements() -> list[str]:
             "accelerate", "safetensors"]
 
 
-@contextmanager
-def logging_level(logger: str, level: int):
-    previous = logging.getLogger(logger).level
-    logging.getLogger(logger).setLevel(level)
-    try:
-        yield
-    finally:
-        logging.getLogger(logger).setLevel(previous)
-
-
 def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersion:
     """Merge the run's adapter, log the merged checkpoint on the run as a transformers model
     (`text-generation`) and register it under `name`. Returns the new version."""
@@ -168,10 +157,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
         prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
         params = {"max_new_tokens": 64}
         # Resume the trial run so the model lives next to the adapter and metrics it came from.
-        # mlflow.transformers' warnings here are not the user's to act on: a local merge has no hub
-        # model card or license, and the example's params are ftlab's own generation settings.
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), \
-                logging_level("mlflow.transformers", logging.ERROR):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             mlflow.log_metric("merge_relative_logit_diff", merged.relative_diff)
             info = mlflow.transformers.log_model(
                 transformers_model=components, name=MERGED_ARTIFACT, task="text-generation",
