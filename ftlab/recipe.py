@@ -87,14 +87,18 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     out_dir = Path(cfg.output_dir) / active.info.run_id
     if resume:
         mlflow.set_tags({"ftlab.resumed_from_step": resume.step, "ftlab.resumed_from_checkpoint": str(resume.checkpoint)})
-    callbacks = [tracking.training_callback(out_dir), *(instantiate(c) for c in cfg.train.callbacks)]
+    steps = tracking.training_callback(out_dir)
+    callbacks = [steps, *(instantiate(c) for c in cfg.train.callbacks)]
     if cfg.budget.memory_cap_gb:
         callbacks.append(memory_cap_callback(cfg.budget.memory_cap_gb))
     time_cap = time_cap_callback(cfg.budget.max_hours) if cfg.budget.max_hours else None
     if time_cap:
         callbacks.append(time_cap)
-    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks,
-                   resume_from=resume.checkpoint if resume else None)
+    try:
+        result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out_dir, dtype, callbacks=callbacks,
+                       resume_from=resume.checkpoint if resume else None)
+    finally:
+        steps.close()  # a failed run keeps the loss curve it logged up to the failure
     if time_cap and time_cap.stopped_at_step is not None:
         note = f"stopped at step {time_cap.stopped_at_step} by budget.max_hours={cfg.budget.max_hours:g}"
         mlflow.set_tag("ftlab.stopped_early", note)

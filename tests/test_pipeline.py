@@ -110,6 +110,8 @@ def test_failed_trial_is_marked_failed_with_reason_and_traceback(make_cfg):
     assert trial.info.status == "FAILED"
     assert trial.data.tags["ftlab.state"] == "failed"
     assert "injected failure at step 2" in trial.data.tags["ftlab.error"]
+    # The loss of step 1, logged before the failure (step 2 raised before its own log), reached the store.
+    assert [m.step for m in MlflowClient().get_metric_history(trial.info.run_id, "train_loss")] == [1]
     text = Path(MlflowClient().download_artifacts(trial.info.run_id, "error/traceback.txt")).read_text()
     assert "RaiseAtStep" in text or "on_step_end" in text
 

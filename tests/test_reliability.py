@@ -95,7 +95,8 @@ def test_dead_tracking_server_fails_at_start_within_seconds():
     assert time.monotonic() - start < 30  # MLflow's own defaults retry for minutes
 
 
-def test_step_metrics_survive_a_tracking_server_outage(make_cfg, tmp_path):
+def test_step_metrics_survive_a_tracking_server_outage(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking.BufferedMetrics, "EVERY_S", 0.0)  # a send per step: retries during the outage
     with MlflowServer(tmp_path / "server") as server:
         relay = TcpRelay(server.port).open()
         uri = f"http://127.0.0.1:{relay.port}"
@@ -170,3 +171,19 @@ def test_no_secret_reaches_params_tags_metrics_or_artifacts(tmp_path, postgres_d
     for secret in (token, password):
         assert not [item for item in logged if secret in str(item)]
         assert not [p for p in files if secret.encode() in p.read_bytes()]
+
+
+def test_step_metrics_are_sent_in_batches_and_all_arrive(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.setup(uri, "ftlab")
+    with mlflow.start_run() as active:
+        buffered = tracking.BufferedMetrics(active.info.run_id, tmp_path / "unlogged_metrics.jsonl")
+        for step in (1, 2, 3):
+            buffered.log({"train_loss": 2.0 / step}, step=step)
+        assert _steps(uri, active.info.run_id) == []  # within EVERY_S of the start: still buffered
+        buffered.next_try = 0.0  # EVERY_S has passed
+        buffered.log({"train_loss": 0.5}, step=4)
+        assert _steps(uri, active.info.run_id) == [1, 2, 3, 4]  # one batch
+        buffered.log({"train_loss": 0.4}, step=5)
+        buffered.close()
+    assert _steps(uri, active.info.run_id) == [1, 2, 3, 4, 5]
