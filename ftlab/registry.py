@@ -244,9 +244,9 @@ def _gate_scores(candidate: ModelVersion, current: ModelVersion, name: str, metr
             examples = examples or held_out(cfg, tokenizer)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             scores = scoring.score(model, tokenizer, examples, cfg, dtype, desc=f"gate v{v.version}")
-            if metric not in scores.metrics:
-                raise RegistryError(f"registry.gate_metric={metric} is not a held-out metric; "
-                                    f"choose one of {sorted(scores.metrics)}")
+            if metric not in scores.metrics:  # the JSON metrics need JSON references
+                raise RegistryError(f"registry.gate_metric={metric}: run {candidate.run_id}'s held-out set does "
+                                    f"not give it; choose one of {', '.join(sorted(scores.metrics))}")
             results.append(scores.metrics[metric])
             del model
     return results[0], results[1]
@@ -255,6 +255,9 @@ def _gate_scores(candidate: ModelVersion, current: ModelVersion, name: str, metr
 def promote(name: str, version: str | None = None, metric: str = "rouge_l", force: bool = False) -> bool:
     """Move `production` to the version if it is at least as good as the current holder on
     `metric` (force=True skips the gate, tagged); the old holder becomes `previous`. Returns whether it moved."""
+    if metric not in HELD_OUT_METRICS:  # before minutes of scoring two versions
+        raise RegistryError(f"registry.gate_metric={metric!r}: the gate compares held-out scores; "
+                            f"use one of {', '.join(HELD_OUT_METRICS)}")
     client = MlflowClient()
     candidate = resolve_version(name, version)
     current = alias_holder(name, PRODUCTION)

@@ -108,3 +108,6 @@ def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path):
     nothing = cli("promote")  # a registry with no versions: the user's to fix, one line, exit 2
     assert nothing.returncode == 2 and "Traceback" not in nothing.stderr
     assert "ftlab: registered model 'ftlab' has no versions; register a run first" in nothing.stderr
+    typo = cli("promote", "registry.gate_metric=rougeL")  # named before any version is looked up or scored
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert "registry.gate_metric='rougeL': the gate compares held-out scores; use one of rouge_l" in typo.stderr
