@@ -15,7 +15,8 @@ GOOD = b'{"instruction": "Triage this", "input": "the app crashes", "output": "{
 
 # name -> (the bad line, None if it must load, else (reject kind, words of the reason))
 CASES = {
-    "truncated line": (b'{"instruction": "Triage this", "output": "x', ("malformed_json", "malformed JSON")),
+    "truncated line": (b'{"instruction": "Triage this", "output": "x',
+                       ("malformed_json", "malformed JSON (Unterminated string starting at: column 42)")),
     "trailing comma": (b'{"instruction": "a", "output": "b",}', ("malformed_json", "malformed JSON")),
     "two objects on a line": (b'{"instruction": "a", "output": "b"} {"x": 1}', ("malformed_json", "Extra data")),
     "bare string": (b'"just a string"', ("not_an_object", "expected a JSON object, got str")),

@@ -78,7 +78,7 @@ def read_jsonl(path: Path) -> Iterator[RawRecord | RecordError]:
             try:
                 yield RawRecord(where, _parse_json(text), raw)
             except json.JSONDecodeError as e:
-                yield RecordError(f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json", where, raw)
+                yield RecordError(f"malformed JSON ({e.msg}: column {e.colno})", "malformed_json", where, raw)
             except RecursionError:
                 yield RecordError("malformed JSON (nested too deeply)", "malformed_json", where, raw)
             except RecordError as e:
@@ -100,7 +100,7 @@ def read_json(path: Path) -> Iterator[RawRecord | RecordError]:
     try:
         items = _parse_json(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}: column {e.colno})") from None
     except RecursionError:
         raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
     except RecordError as e:
