@@ -197,10 +197,22 @@ def time_cap_callback(max_hours: float):
 
 
 def quiet_progress_callback():
-    """transformers' progress bar, showing loss in the bar instead of printing every log dict."""
+    """transformers' progress bars, named, with the loss in the training bar instead of
+    printing every log dict."""
     from transformers.trainer_callback import ProgressCallback
 
     class LossInBar(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description("train")
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            new_bar = self.prediction_bar is None
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+            if new_bar and self.prediction_bar is not None:
+                self.prediction_bar.set_description("held-out loss")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
                 self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
