@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
 
@@ -155,5 +156,6 @@ def _print_summary(run_id: str, metrics: dict, base: dict | None, cfg: DictConfi
             ref = f"   (base {base[k]:.3f})" if base and k in base else ""
             lines.append(f"  {k:<18} {metrics[k]:.3f}{ref}")
     uri = mlflow.get_tracking_uri()
-    lines.append(f"  open the UI:  mlflow ui --backend-store-uri {tracking.mask(uri)}")
+    # Quoted: a SQLite URI carries '?timeout=60', which zsh would expand as a glob and refuse.
+    lines.append(f"  open the UI:  mlflow ui --backend-store-uri {shlex.quote(tracking.mask(uri))}")
     print("\n".join(lines))
