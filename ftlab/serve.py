@@ -2,10 +2,14 @@
 vLLM and a GPU are present, else `transformers serve` on the CPU. transformers serve has no API-key
 option, so when a key is set a small aiohttp proxy checks it in front. `check=true` sends one
 held-out prompt through the openai client and prints latency and tokens/s.
+
+The model stack (MLflow, torch, transformers through ftlab.registry) is imported where a model
+is resolved, so check_settings refuses a bad port or option in a second, not after ~13 s of imports.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.util
 import os
 import re
@@ -21,10 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 from omegaconf import DictConfig
 
-from ftlab import models, registry, tracking
 from ftlab.config import exit_2_on
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
@@ -51,6 +53,10 @@ def resolve(cfg: DictConfig) -> Resolved:
             raise ServeError(f"model={cfg.model}: not models:/<name>@<alias>, models:/<name>/<version>, "
                              "nor a checkpoint directory with config.json")
         return Resolved(path.resolve(), path.name, None)
+    import mlflow
+
+    from ftlab import models, registry, tracking
+
     mlflow.set_tracking_uri(cfg.tracking_uri or tracking.default_tracking_uri())
     name = match["name"]
     try:
@@ -67,14 +73,34 @@ def resolve(cfg: DictConfig) -> Resolved:
     return Resolved(checkpoint, f"{name}-v{version.version}", version.run_id)
 
 
-def choose_engine(cfg: DictConfig) -> str:
-    gpu_vllm = importlib.util.find_spec("vllm") is not None and _cuda_available()
-    if cfg.engine == "vllm" and not gpu_vllm:
-        raise ServeError("engine=vllm needs vLLM installed (pip install vllm) and a CUDA GPU; use engine=auto")
+def check_settings(cfg: DictConfig) -> None:
+    """What can be refused before a model is downloaded or a process started, including a port
+    something else holds (the key proxy would otherwise fail in its thread while the readiness
+    check reached that other server)."""
     if cfg.engine not in ("auto", "vllm", "transformers"):
         raise ServeError(f"engine={cfg.engine}: use auto, vllm or transformers")
     if cfg.quantize not in (None, "8bit", "4bit"):
         raise ServeError(f"quantize={cfg.quantize}: use 8bit or 4bit (bitsandbytes), or leave it unset")
+    for key in ("tensor_parallel_size", "max_tokens"):
+        if cfg[key] < 1:
+            raise ServeError(f"{key}={cfg[key]}: must be >= 1")
+    if not 1 <= cfg.port <= 65535:
+        raise ServeError(f"port={cfg.port}: use 1-65535")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
+        try:
+            s.bind((cfg.host, cfg.port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ServeError(f"port={cfg.port}: something already listens on {cfg.host}:{cfg.port}; "
+                                 "stop it or choose another port=") from None
+            raise ServeError(f"host={cfg.host} port={cfg.port}: cannot listen there ({e.strerror or e})") from None
+
+
+def choose_engine(cfg: DictConfig) -> str:
+    gpu_vllm = importlib.util.find_spec("vllm") is not None and _cuda_available()
+    if cfg.engine == "vllm" and not gpu_vllm:
+        raise ServeError("engine=vllm needs vLLM installed (pip install vllm) and a CUDA GPU; use engine=auto")
     # vLLM's in-flight bitsandbytes mode is 4-bit only, so 8-bit goes to transformers.
     if cfg.quantize == "8bit":
         if cfg.engine == "vllm":
@@ -177,13 +203,16 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
 def running(cfg: DictConfig):
     """Start the engine (and the key proxy when needed); yield (base_url, model, api_key, engine
     process); always stop the engine."""
+    check_settings(cfg)
     model = resolve(cfg)
     engine = choose_engine(cfg)
     api_key = cfg.api_key or os.environ.get("FTLAB_API_KEY")
     proxied = engine == "transformers" and api_key
     engine_host, engine_port = ("127.0.0.1", free_port()) if proxied else (cfg.host, cfg.port)
     cmd = engine_command(engine, cfg, model, engine_host, engine_port, api_key)
-    print("starting:", tracking.mask(" ".join(cmd)).replace(api_key or "\0", "***"), flush=True)
+    from ftlab.tracking import mask
+
+    print("starting:", mask(" ".join(cmd)).replace(api_key or "\0", "***"), flush=True)
     if engine == "transformers":
         # transformers serve pins requests to the model named on its command line.
         model.served_name = str(model.checkpoint)
@@ -225,6 +254,8 @@ EOF
 def held_out_prompt(model: Resolved) -> list[dict]:
     """The first held-out prompt of the trial the model came from, or a generated ticket."""
     if model.run_id:
+        from ftlab import models, registry
+
         cfg = registry.run_config(model.run_id)
         return registry.held_out(cfg, models.load_tokenizer(model.checkpoint))[0].prompt
     from ftlab.data.generate import generate

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,3 +108,24 @@ def test_unknown_key_or_model_is_named():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "ftlab: model=/nonexistent/checkpoint: not models:/<name>@<alias>" in out.stderr
+
+
+def test_a_taken_port_or_bad_setting_is_refused_before_the_model_is_fetched(tmp_path):
+    def cli(*args):
+        # A registry with no models: any message about the model would mean it was looked up first.
+        return subprocess.run([sys.executable, "-m", "ftlab.serve", "model=models:/absent@production",
+                               f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli(f"port={port}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"ftlab: port={port}: something already listens on 127.0.0.1:{port}; stop it or choose another port=" \
+        in out.stderr
+    for setting, says in (("port=99999", "port=99999: use 1-65535"), ("quantize=3bit", "quantize=3bit: use 8bit"),
+                          ("max_tokens=0", "max_tokens=0: must be >= 1")):
+        out = cli(setting)
+        assert out.returncode == 2 and f"ftlab: {says}" in out.stderr, out.stderr[-2000:]
