@@ -328,12 +328,12 @@ def main() -> None:
         sys.argv[1] = f"action={sys.argv[1]}"
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="registry_command")
-    @exit_2_on(RegistryError)
+    @exit_2_on(RegistryError, tracking.TrackingError)
     def command(cfg: DictConfig) -> None:
         from ftlab.pipeline import quiet_third_party_output
 
         quiet_third_party_output()
-        tracking.setup(cfg.tracking_uri, cfg.experiment)
+        tracking.setup(tracking.existing_store(cfg.tracking_uri), cfg.experiment)
         name = model_name(cfg.registry.model_name, cfg.experiment)
         if cfg.action == "register":
             if not cfg.run_id:

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ftlab.config import exit_2_on  # noqa: E402  (and registers the structured-config schema)
-from ftlab.tracking import default_tracking_uri, mask  # noqa: E402
+from ftlab.tracking import TrackingError, existing_store, mask  # noqa: E402
 
 STATE_ORDER = {"finished": 0, "failed": 1, "killed": 2, "skipped_budget": 3}
 # Logged by the pipeline beside the config; they follow from other params, so they are
@@ -541,7 +541,10 @@ def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_u
     client = MlflowClient(tracking_uri=tracking_uri)
     sweep = gather(client, parent_run_id)
     out = Path(out_dir) / sweep.sweep_id
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"out_dir={out_dir}: cannot write the report there ({e.strerror or e})") from None
     study = optuna_study(sweep)
     importances, note = param_importances(study)
     front = pareto_run_ids(study)
@@ -560,8 +563,8 @@ def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_u
 @hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.report sweep=<sweep id or parent run id>`."""
-    with exit_2_on(ReportError):
-        out = build_report(cfg.sweep, cfg.out_dir, cfg.tracking_uri or default_tracking_uri())
+    with exit_2_on(ReportError, TrackingError):
+        out = build_report(cfg.sweep, cfg.out_dir, existing_store(cfg.tracking_uri))
     print(f"report: {out / 'report.html'} (also logged on the sweep's parent run under report/)")
 
 

@@ -57,7 +57,10 @@ def resolve(cfg: DictConfig) -> Resolved:
 
     from ftlab import models, registry, tracking
 
-    mlflow.set_tracking_uri(cfg.tracking_uri or tracking.default_tracking_uri())
+    try:
+        mlflow.set_tracking_uri(tracking.existing_store(cfg.tracking_uri))
+    except tracking.TrackingError as e:
+        raise ServeError(str(e)) from None
     name = match["name"]
     try:
         version = registry.resolve_version(name, match["alias"] or match["version"])

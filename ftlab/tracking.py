@@ -66,6 +66,21 @@ def default_tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
 
+def existing_store(tracking_uri: str | None) -> str:
+    """The store a reading command (report, registry, serve) opens. A SQLite file that is not
+    there means a typo or another directory: say so, instead of creating an empty store (and
+    ./mlruns) and then finding nothing in it."""
+    uri = tracking_uri or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if not path.is_file():
+            if tracking_uri:
+                raise TrackingError(f"tracking_uri={mask(uri)}: no MLflow store at {path}")
+            raise TrackingError(f"no MLflow store here: the default store, ./mlruns/mlflow.db, is not in "
+                                f"{Path.cwd()}; run the command where your runs' mlruns/ is, or pass tracking_uri=...")
+    return uri
+
+
 def sqlite_busy_timeout(uri: str) -> str:
     """SQLite takes one writer at a time and pysqlite gives up after 5 s with 'database is
     locked'; parallel trials and sweep workers on one store wait up to 60 s for the lock instead."""

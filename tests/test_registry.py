@@ -105,6 +105,12 @@ def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path):
 
     unknown = cli("promote", "verison=2")
     assert unknown.returncode != 0 and "verison" in unknown.stderr
+    no_store = cli("promote")  # a mistyped store path is named, not created
+    assert no_store.returncode == 2 and "Traceback" not in no_store.stderr
+    assert f"ftlab: tracking_uri=sqlite:///{tmp_path}/mlflow.db: no MLflow store at {tmp_path}/mlflow.db" \
+        in no_store.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    tracking.setup(f"sqlite:///{tmp_path}/mlflow.db", "ftlab")
     nothing = cli("promote")  # a registry with no versions: the user's to fix, one line, exit 2
     assert nothing.returncode == 2 and "Traceback" not in nothing.stderr
     assert "ftlab: registered model 'ftlab' has no versions; register a run first" in nothing.stderr

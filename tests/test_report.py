@@ -183,6 +183,18 @@ def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
     typo = run_report("swep=x", uri, cwd=tmp_path)
     assert typo.returncode != 0 and "Key 'swep' not in 'ReportConfig'" in typo.stderr
 
+    unwritable = run_report(f"sweep={SWEEP_ID}", uri, f"out_dir={tmp_path}/{SWEEP_ID}/report.html", cwd=tmp_path)
+    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+    assert f"ftlab: out_dir={tmp_path}/{SWEEP_ID}/report.html: cannot write the report there" in unwritable.stderr
+
+    # Run where there is no ./mlruns: the store is named, and neither a store nor ./mlruns is created.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    no_store = run_report(f"sweep={SWEEP_ID}", cwd=elsewhere)
+    assert no_store.returncode == 2 and "Traceback" not in no_store.stderr
+    assert f"ftlab: no MLflow store here: the default store, ./mlruns/mlflow.db, is not in {elsewhere}" in no_store.stderr
+    assert list(elsewhere.iterdir()) == []
+
 
 def run_report(*args: str, cwd: Path):
     return subprocess.run([sys.executable, "-m", "ftlab.report", *args], cwd=cwd, capture_output=True, text=True,
