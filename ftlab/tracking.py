@@ -100,13 +100,38 @@ def postgres_driver(url: str) -> str:
     return url
 
 
+def probe_database(uri: str, attempts: int = 3) -> None:
+    """Connect once to a database store (a few tries over ~3 s). MLflow itself retries an
+    unreachable database 10 times over ~100 s, warning each time: a worker started against a
+    wrong URI or a stopped server should hear so in seconds."""
+    import sqlalchemy
+
+    timeout = {"connect_timeout": 10} if uri.startswith(("postgresql", "mysql")) else {}
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool, connect_args=timeout)
+    try:
+        for attempt in range(attempts):
+            try:
+                with engine.connect():
+                    return
+            except sqlalchemy.exc.DBAPIError as e:
+                if attempt == attempts - 1:
+                    raise TrackingError(f"cannot use the MLflow tracking store tracking_uri={mask(uri)}: "
+                                        f"{mask(str(e.orig)).strip()}") from None
+                time.sleep(2.0 ** attempt)
+    finally:
+        engine.dispose()
+
+
 def setup(tracking_uri: str | None, experiment: str) -> str:
     """Point MLflow at the store and make sure the experiment exists. Fails loudly now,
     not after an hour of training, if the store cannot be reached."""
     uri = tracking_uri or default_tracking_uri()
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    mlflow.set_tracking_uri(sqlite_busy_timeout(postgres_driver(uri)))
+    store = sqlite_busy_timeout(postgres_driver(uri))
+    if store.startswith(("postgresql", "mysql", "mssql")):
+        probe_database(store)
+    mlflow.set_tracking_uri(store)
     try:
         client = MlflowClient()
         exp = client.get_experiment_by_name(experiment)

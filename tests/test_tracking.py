@@ -24,10 +24,17 @@ def test_flatten_truncates_long_values_and_masks_secrets(monkeypatch):
 
 
 def test_unreachable_store_fails_before_training(tmp_path):
+    import time
+
     import pytest
 
-    with pytest.raises(tracking.TrackingError, match="tracking_uri"):
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match=r"tracking_uri=mysql\+pymysql://nobody:\*\*\*@127\.0\.0\.1:1/none: "
+                                                     r"\(2003, \"Can't connect to MySQL server"):
         tracking.setup("mysql+pymysql://nobody:secret@127.0.0.1:1/none", "x")
+    assert time.monotonic() - start < 30  # MLflow's own engine retries for ~100 s
+    with pytest.raises(tracking.TrackingError, match='database "ftlab_no_such_db" does not exist'):
+        tracking.setup("postgresql://postgres@127.0.0.1:5432/ftlab_no_such_db", "x")
 
 
 def test_workers_that_each_created_a_parent_run_converge_on_the_oldest(tmp_path):
