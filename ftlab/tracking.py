@@ -107,7 +107,10 @@ def probe_database(uri: str, attempts: int = 3) -> None:
     import sqlalchemy
 
     timeout = {"connect_timeout": 10} if uri.startswith(("postgresql", "mysql")) else {}
-    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool, connect_args=timeout)
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool, connect_args=timeout)
+    except Exception as e:  # a malformed URL, or its driver not installed
+        raise TrackingError(f"cannot use the MLflow tracking store tracking_uri={mask(uri)}: {e}") from None
     try:
         for attempt in range(attempts):
             try:

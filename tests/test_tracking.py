@@ -35,6 +35,8 @@ def test_unreachable_store_fails_before_training(tmp_path):
     assert time.monotonic() - start < 30  # MLflow's own engine retries for ~100 s
     with pytest.raises(tracking.TrackingError, match='database "ftlab_no_such_db" does not exist'):
         tracking.setup("postgresql://postgres@127.0.0.1:5432/ftlab_no_such_db", "x")
+    with pytest.raises(tracking.TrackingError, match="Can't load plugin: sqlalchemy.dialects:mysql.nosuchdriver"):
+        tracking.setup("mysql+nosuchdriver://nobody@127.0.0.1/none", "x")  # a driver that is not installed
 
 
 def test_workers_that_each_created_a_parent_run_converge_on_the_oldest(tmp_path):
