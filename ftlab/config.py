@@ -389,12 +389,19 @@ def check_objective(objective: list[str], direction: list[str]) -> None:
             raise SweepConfigError(f"sweep.direction: {way!r}: use maximize or minimize")
 
 
+def gate_metric_problem(metric: str) -> str | None:
+    """Why registry.gate_metric cannot gate (None: it can). Checked by check() for a run and by
+    registry.promote for the registry command, whose config check() does not see."""
+    if metric in HELD_OUT_METRICS:
+        return None
+    return f"registry.gate_metric={metric!r}: the gate compares held-out scores; use one of {', '.join(HELD_OUT_METRICS)}"
+
+
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value ftlab cannot run with (registry.gate_metric, CHOICES,
     RANGES), before anything loads or is logged."""
-    if cfg.registry.gate_metric not in HELD_OUT_METRICS:
-        raise ConfigError(f"registry.gate_metric={cfg.registry.gate_metric!r}: the gate compares held-out scores; "
-                          f"use one of {', '.join(HELD_OUT_METRICS)}")
+    if problem := gate_metric_problem(cfg.registry.gate_metric):
+        raise ConfigError(problem)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

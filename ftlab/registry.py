@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
-from ftlab.config import HELD_OUT_METRICS, FtlabConfig, exit_2_on
+from ftlab.config import HELD_OUT_METRICS, FtlabConfig, exit_2_on, gate_metric_problem
 from ftlab.data import Example, prepare
 
 log = logging.getLogger("ftlab.registry")
@@ -255,9 +255,8 @@ def _gate_scores(candidate: ModelVersion, current: ModelVersion, name: str, metr
 def promote(name: str, version: str | None = None, metric: str = "rouge_l", force: bool = False) -> bool:
     """Move `production` to the version if it is at least as good as the current holder on
     `metric` (force=True skips the gate, tagged); the old holder becomes `previous`. Returns whether it moved."""
-    if metric not in HELD_OUT_METRICS:  # before minutes of scoring two versions
-        raise RegistryError(f"registry.gate_metric={metric!r}: the gate compares held-out scores; "
-                            f"use one of {', '.join(HELD_OUT_METRICS)}")
+    if problem := gate_metric_problem(metric):  # before minutes of scoring two versions
+        raise RegistryError(problem)
     client = MlflowClient()
     candidate = resolve_version(name, version)
     current = alias_holder(name, PRODUCTION)

@@ -60,17 +60,22 @@ def mask(text: str) -> str:
     return text
 
 
-def default_tracking_uri(root: Path | None = None) -> str:
+def default_tracking_uri(root: Path | None = None, create: bool = True) -> str:
     root = (root or Path.cwd()) / "mlruns"
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+
+def unusable_store(uri: str, reason: object) -> TrackingError:
+    return TrackingError(f"cannot use the MLflow tracking store tracking_uri={mask(uri)}: {reason}")
 
 
 def existing_store(tracking_uri: str | None) -> str:
     """The store a reading command (report, registry, serve) opens. A SQLite file that is not
     there means a typo or another directory: say so, instead of creating an empty store (and
     ./mlruns) and then finding nothing in it."""
-    uri = tracking_uri or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+    uri = tracking_uri or default_tracking_uri(create=False)
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///").split("?")[0])
         if not path.is_file():
@@ -110,7 +115,7 @@ def probe_database(uri: str, attempts: int = 3) -> None:
     try:
         engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool, connect_args=timeout)
     except Exception as e:  # a malformed URL, or its driver not installed
-        raise TrackingError(f"cannot use the MLflow tracking store tracking_uri={mask(uri)}: {e}") from None
+        raise unusable_store(uri, e) from None
     try:
         for attempt in range(attempts):
             try:
@@ -118,8 +123,7 @@ def probe_database(uri: str, attempts: int = 3) -> None:
                     return
             except sqlalchemy.exc.DBAPIError as e:
                 if attempt == attempts - 1:
-                    raise TrackingError(f"cannot use the MLflow tracking store tracking_uri={mask(uri)}: "
-                                        f"{mask(str(e.orig)).strip()}") from None
+                    raise unusable_store(uri, mask(str(e.orig)).strip()) from None
                 time.sleep(2.0 ** attempt)
     finally:
         engine.dispose()
@@ -148,7 +152,7 @@ def setup(tracking_uri: str | None, experiment: str) -> str:
                 pass  # another worker created it meanwhile
         mlflow.set_experiment(experiment)
     except Exception as e:
-        raise TrackingError(f"cannot use the MLflow tracking store tracking_uri={mask(uri)}: {e}") from e
+        raise unusable_store(uri, e) from e
     return uri
 
 
