@@ -2,6 +2,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from ftlab.checkpoints import exit_on_interrupt
 from ftlab.config import ConfigError, exit_2_on  # and registers the structured-config schema
 
 
@@ -22,4 +23,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_interrupt():  # outside Hydra, so a sweeper sees the interrupt and stops as it should
+        main()

@@ -1,11 +1,14 @@
 """Interrupt-safe training: the first SIGINT/SIGTERM finishes the current optimizer step,
-saves a normal HF Trainer checkpoint and stops; a second one aborts at once. And the other
-half: finding the checkpoint a `train.resume` run continues from, never silently from zero.
+saves a normal HF Trainer checkpoint and stops; a second one aborts at once. Outside training,
+SIGTERM (`kill`, a scheduler's preemption) is raised as Ctrl-C is, so runs end KILLED and a
+sweep stops cleanly. And the other half: finding the checkpoint a resumed run continues from,
+never silently from zero.
 """
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,13 +21,46 @@ log = logging.getLogger("ftlab")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on a signal after saving a checkpoint. A KeyboardInterrupt, so the
-    trial's MLflow run ends KILLED like any other interruption."""
+class Interrupted(KeyboardInterrupt):
+    """A run or sweep stopped by SIGINT/SIGTERM. A KeyboardInterrupt, so the trial's MLflow run
+    ends KILLED and Hydra's sweepers stop, as on Ctrl-C."""
 
-    def __init__(self, message: str, checkpoint: Path | None, step: int):
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
         super().__init__(message)
-        self.checkpoint, self.step = checkpoint, step
+        self.signal_name = signal_name
+
+
+class TrainingInterrupted(Interrupted):
+    """Training stopped on a signal after saving a checkpoint (when there was a step to save).
+    `summary` says what happened; the message adds how a single run continues."""
+
+    def __init__(self, summary: str, signal_name: str, checkpoint: Path | None, step: int):
+        hint = "; continue with the same command plus train.resume=true" if checkpoint else ""
+        super().__init__(summary + hint, signal_name)
+        self.summary, self.checkpoint, self.step = summary, checkpoint, step
+
+
+def _raise_interrupted(signum, frame):
+    name = signal.Signals(signum).name
+    raise Interrupted(f"interrupted by {name}", name)
+
+
+@contextmanager
+def exit_on_interrupt():
+    """Entry points: SIGTERM is raised like Ctrl-C for the duration of the block, and either
+    ends the command with one line, `ftlab: <what stopped and how to continue>`, and the shell's
+    exit status for the signal (130 for SIGINT, 143 for SIGTERM) instead of a traceback."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main else None
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        name = getattr(e, "signal_name", "SIGINT")
+        print(f"ftlab: {str(e) or f'interrupted by {name}'}", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[name].value) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class ResumeError(ConfigError):
@@ -43,7 +79,7 @@ class StopOnSignal:
     def handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.signal_name is not None:
-            raise KeyboardInterrupt(f"second {name} while saving after {self.signal_name}: aborted without a checkpoint")
+            raise Interrupted(f"second {name} while saving after {self.signal_name}: aborted without a checkpoint", name)
         self.signal_name = name
         log.warning("%s received: finishing this step, saving a checkpoint, then stopping (send it again to abort)",
                     name)

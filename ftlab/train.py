@@ -327,8 +327,8 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
         # A signal after the last step's end finds no step left to checkpoint; say what is on disk.
         saved = (f"checkpoint saved in {checkpoint}" if checkpoint and checkpoint.name == f"checkpoint-{step}"
                  else f"no checkpoint of step {step} (newest on disk: {checkpoint})")
-        raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {step}; {saved}; "
-                                  "continue with train.resume=true", checkpoint, step)
+        raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {step}; {saved}", stopper.signal_name,
+                                  checkpoint, step)
     eval_loss = trainer.evaluate()["eval_loss"]
     tokens = _trained_tokens(trainer)
     adapter_dir = None
