@@ -66,6 +66,24 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
 
 def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | None:
     if cfg.train.resume is False or cfg.train.resume is None:
-        return None
+        return _interrupted_in_this_sweep(cfg, cfg_hash)
     candidates, how = tracking.resumable_runs(cfg.train.resume, cfg_hash)
     return checkpoints.find_resume_point(candidates, Path(cfg.output_dir), how)
+
+
+def _interrupted_in_this_sweep(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | None:
+    """In a sweep run again after an interrupt, a trial whose config was interrupted in this
+    sweep continues that run from its last checkpoint; without one it starts from zero, and says so."""
+    if cfg.sweep.id is None:
+        return None
+    interrupted = tracking.interrupted_trials(str(cfg.sweep.id), cfg_hash)
+    if not interrupted:
+        return None
+    try:
+        point = checkpoints.find_resume_point(interrupted, Path(cfg.output_dir), "")
+    except checkpoints.ResumeError:
+        log.warning("run %s of this config was interrupted before its first checkpoint (%s/%s holds none): this "
+                    "trial starts from zero", interrupted[0], cfg.output_dir, interrupted[0])
+        return None
+    log.warning("continuing run %s, interrupted in this sweep, from %s", point.run_id, point.checkpoint)
+    return point

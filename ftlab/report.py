@@ -74,7 +74,7 @@ class Sweep:
     base: dict[str, float] | None  # base-model scores, the reference row
     examples: list[dict[str, str]]  # prompt, reference, base, winner
     best_run_id: str | None = None
-    stopped: str | None = None  # the error that stopped the sweep (bad data, a bad value): its parent run FAILED
+    stopped: str | None = None  # what stopped the sweep: an error (parent FAILED) or an interrupt (KILLED)
 
     @property
     def finished(self) -> list[Trial]:
@@ -129,7 +129,7 @@ def gather(client: MlflowClient, sweep: str) -> Sweep:
         experiment=client.get_experiment(parent.info.experiment_id).name, command=mask(tags.get("ftlab.command", "")),
         objectives=objectives, directions=directions, trials=trials, varying=varying_params(trials),
         base=None, examples=[], best_run_id=tags.get("ftlab.best_run_id"),
-        stopped=mask(tags["ftlab.error"]) if parent.info.status == "FAILED" and tags.get("ftlab.error") else None,
+        stopped=mask(tags["ftlab.error"]) if parent.info.status in ("FAILED", "KILLED") and tags.get("ftlab.error") else None,
     )
     base_run = _base_run(client, parent, sweep_result.winner or (trials[0] if trials else None))
     if base_run is not None:

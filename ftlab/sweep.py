@@ -13,7 +13,6 @@ import logging
 import os
 import shlex
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import tracking
+from ftlab.checkpoints import Interrupted
 from ftlab.config import ConfigError, SweepConfigError, check_objective
 from ftlab.data import DataError
 from ftlab.memory import OverBudget, budget_gib
@@ -50,9 +50,17 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
     check_objective(list(cfg.sweep.objective), list(cfg.sweep.direction))
     if cfg.sweep.trial_number is None:
         cfg.sweep.trial_number = HydraConfig.get().job.num
+    if continues_finished_trials() and (kept := kept_trial(cfg)):
+        return kept
     try:
         metrics = run(cfg)
         return {"state": "finished", "run_id": _this_trials_run(cfg), "metrics": metrics}
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the sweep stops; the same command continues it
+        name = getattr(e, "signal_name", "SIGINT")
+        what = getattr(e, "summary", None) or str(e) or f"interrupted by {name}"
+        stopped = Interrupted(f"{what}; sweep {cfg.sweep.id} stopped: run the same command again to continue it", name)
+        end_sweep(cfg, stopped, "KILLED")
+        raise stopped from None
     except OverBudget as e:
         print(f"ftlab: skipped {e.run_name}: {e.reason}")
         return {"state": "skipped_budget", "run_id": e.run_id, "reason": e.reason,
@@ -61,7 +69,7 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         # Bad data, or a value ftlab cannot run with (config.check: lr=-1, train.sampling=bogus, a
         # resume with nothing to resume): the sweep as written is wrong, and its trials fail before
         # they log anything. Stop it with the message, rather than report a sweep of silent failures.
-        fail_sweep(cfg, e)
+        end_sweep(cfg, e, "FAILED")
         raise
     except Exception as e:
         log.error("trial %s failed, the sweep goes on: %s: %s", cfg.sweep.trial_number, type(e).__name__, e)
@@ -73,14 +81,34 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         return outcome
 
 
-def fail_sweep(cfg: DictConfig, error: Exception) -> None:
-    """An error every trial would hit stops the sweep, and Hydra then skips on_multirun_end: end
-    the parent run FAILED with the reason here, instead of leaving it RUNNING for good."""
+def end_sweep(cfg: DictConfig, error: BaseException, status: str) -> None:
+    """An error every trial would hit, or an interrupt, stops the sweep, and Hydra then skips
+    on_multirun_end: end the parent run with the reason here, instead of leaving it RUNNING for good."""
     parent = cfg.sweep.parent_run_id or os.environ.get(ENV_PARENT_RUN_ID)
     if parent:
         client = MlflowClient()
         client.set_tag(parent, "ftlab.error", tracking.mask(f"{type(error).__name__}: {error}")[:tracking.MAX_PARAM_VALUE])
-        client.set_terminated(parent, status="FAILED")
+        client.set_terminated(parent, status=status)
+
+
+def kept_trial(cfg: DictConfig) -> dict[str, Any] | None:
+    """The outcome of this config's trial in this sweep, if a run of the sweep already finished
+    it (or skipped it over budget), so a rerun of the sweep does not train it again. Grid-like
+    sweepers only (continues_finished_trials)."""
+    tracking.setup(cfg.tracking_uri, cfg.experiment)
+    cfg_hash = tracking.config_hash(cfg)
+    run = tracking.decided_trial(str(cfg.sweep.id), cfg_hash)
+    if run is None:
+        # A run of this config still RUNNING was left by a process that died (kill -9): a grid has
+        # no heartbeats to tell. Ended KILLED, it is continued from its checkpoint like an interrupted one.
+        tracking.mark_killed(str(cfg.sweep.id), cfg_hash=cfg_hash)
+        return None
+    state = run.data.tags["ftlab.state"]
+    verdict = "finished" if state == "finished" else "was skipped over the budget"
+    print(f"ftlab: trial {cfg.sweep.trial_number} kept: its config already {verdict} in sweep {cfg.sweep.id} "
+          f"(run {run.info.run_id})")
+    return {"state": state, "run_id": run.info.run_id, "metrics": dict(run.data.metrics), "kept": True,
+            "reason": run.data.tags.get("ftlab.skip_reason")}
 
 
 def _this_trials_run(cfg: DictConfig) -> str | None:
@@ -93,16 +121,23 @@ def _this_trials_run(cfg: DictConfig) -> str | None:
 
 
 def sweep_id(config: DictConfig) -> str:
-    """The study name when the sweeper has one; for ftlab's Optuna sweeper without one, a
-    digest of the command's overrides, so re-running the same command resumes the same
-    study and joins the same parent run; otherwise a fresh id per sweep."""
+    """sweep.name, else the Optuna study name, else a digest of the sweeper and the command's
+    overrides: running the same command again continues the same sweep (its parent run, its
+    study, its finished trials, its interrupted trials from their checkpoints)."""
+    if config.sweep.get("name"):
+        return str(config.sweep.name)
     sweeper = config.hydra.sweeper
     if sweeper.get("study_name"):
         return str(sweeper.study_name)
-    if "ftlab_optuna_sweeper" in str(sweeper.get("_target_", "")):
-        overrides = sorted(config.hydra.overrides.task)
-        return "ftlab-" + hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:12]
-    return uuid.uuid4().hex[:12]
+    key = [str(sweeper.get("_target_")), *sorted(config.hydra.overrides.task)]
+    return "ftlab-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+
+
+def continues_finished_trials() -> bool:
+    """Grid-like sweepers launch every config again when a sweep is rerun: there a trial whose
+    config already reached a verdict in the sweep is kept instead of trained again. ftlab's
+    Optuna sweeper only launches trials it still needs, so a duplicate there is a new trial."""
+    return "ftlab_optuna_sweeper" not in str(HydraConfig.get().sweeper.get("_target_", ""))
 
 
 def command_line() -> str:

@@ -43,7 +43,7 @@ log = logging.getLogger("ftlab")
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # Config keys that do not change what is trained: left out of the resume identity.
-NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps", "sweep.")
+NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps", "sweep.", "budget.oom_at_gb")
 
 
 class TrackingError(RuntimeError):
@@ -415,6 +415,26 @@ def sweep_tags(sweep) -> dict[str, str]:
     return tags
 
 
+def sweep_trials(sweep_id: str, cfg_hash: str) -> list:
+    """This sweep's trial runs of one config (tag ftlab.config_hash), newest first."""
+    return mlflow.search_runs(filter_string=f"tags.`ftlab.sweep_id` = '{sweep_id}' and tags.`ftlab.config_hash` = "
+                                            f"'{cfg_hash}' and tags.`ftlab.role` = 'trial'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+
+
+def decided_trial(sweep_id: str, cfg_hash: str):
+    """A run of this sweep that finished this config, or skipped it over budget."""
+    return next((r for r in sweep_trials(sweep_id, cfg_hash)
+                 if r.data.tags.get("ftlab.state") in ("finished", "skipped_budget")), None)
+
+
+def interrupted_trials(sweep_id: str, cfg_hash: str) -> list[str]:
+    """Run ids of this sweep's interrupted runs of this config (KILLED by a signal or a crashed
+    worker; not those skipped over budget), newest first: a rerun of the sweep continues them."""
+    return [r.info.run_id for r in sweep_trials(sweep_id, cfg_hash)
+            if r.info.status == "KILLED" and r.data.tags.get("ftlab.state") == "killed"]
+
+
 def skipped_run(cfg: DictConfig, run_name: str, tags: dict, reason: str, predicted_gb: float) -> str:
     """Record a trial that was not started (over the VRAM budget): a KILLED run with the
     reason and the predicted peak, so the sweep's table shows why it is missing."""
@@ -434,6 +454,8 @@ def start_sweep_run(sweep_id: str, command: str, objective: list[str], direction
     found = sweep_parent(client, experiment_id, sweep_id)
     if found is not None:
         client.update_run(found, status="RUNNING")
+        if "ftlab.error" in client.get_run(found).data.tags:  # why it stopped last time: it goes on now
+            client.delete_tag(found, "ftlab.error")
         return found
     run = client.create_run(experiment_id, run_name=f"sweep-{sweep_id}", tags={
         "ftlab.role": "sweep", "ftlab.sweep_id": sweep_id, "ftlab.command": mask(command)[:MAX_PARAM_VALUE],
@@ -469,14 +491,16 @@ def child_runs(parent_run_id: str) -> list:
                                       max_results=5000, order_by=["attributes.start_time ASC"])
 
 
-def mark_killed(sweep_id: str, trial_number: int) -> list[str]:
-    """End the runs a crashed worker left RUNNING for this trial as KILLED."""
+def mark_killed(sweep_id: str, trial_number: int | None = None, cfg_hash: str | None = None) -> list[str]:
+    """End the runs a dead process left RUNNING for this trial (or this config) of the sweep as KILLED."""
+    which = (f"tags.`ftlab.trial_number` = '{trial_number}'" if trial_number is not None
+             else f"tags.`ftlab.config_hash` = '{cfg_hash}'")
     client = MlflowClient()
     runs = client.search_runs([_active_experiment_id()],
-                              f"tags.`ftlab.sweep_id` = '{sweep_id}' and tags.`ftlab.trial_number` = '{trial_number}' "
-                              "and attributes.status = 'RUNNING'")
+                              f"tags.`ftlab.sweep_id` = '{sweep_id}' and {which} and attributes.status = 'RUNNING'")
     for r in runs:
         client.set_tag(r.info.run_id, "ftlab.state", "killed")
         client.set_tag(r.info.run_id, "ftlab.failure_kind", "interrupted")
+        client.set_tag(r.info.run_id, "ftlab.error", "its process died while it ran (no heartbeat, or the sweep was run again)")
         client.set_terminated(r.info.run_id, status="KILLED")
     return [r.info.run_id for r in runs]

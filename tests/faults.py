@@ -64,6 +64,20 @@ class KillOnce(TrainerCallback):
             self._kill()
 
 
+class SignalOnce(TrainerCallback):
+    """Send this process `signal` (SIGTERM: a scheduler's preemption; SIGKILL: a lost machine) at
+    the end of step `step` of trial `kill_trial`; once (marker file), so running the same command
+    again goes through."""
+
+    def __init__(self, trial: int, kill_trial: int, marker: str, step: int = 2, signal: str = "SIGTERM"):
+        self.fire, self.marker, self.step, self.signal = trial == kill_trial, marker, step, signal
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.fire and state.global_step >= self.step and not Path(self.marker).exists():
+            Path(self.marker).write_text("fired")
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
 class SignalAtStep(TrainerCallback):
     """Send a signal (default SIGTERM) to this very process at the end of a step, as `kill` would."""
 

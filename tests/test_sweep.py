@@ -5,10 +5,12 @@ import html
 import json
 
 import pytest
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from ftlab.report import build_report
-from ftlab.sweep import pareto_front
+from ftlab.sweep import pareto_front, sweep_id
+from tests.conftest import CONF
 from tests.sweeping import runs, sweep
 
 
@@ -96,3 +98,17 @@ def test_pareto_front_keeps_only_undominated_trials():
     trials = [{"metrics": {"q": q, "gb": gb}} for q, gb in [(0.5, 4), (0.6, 6), (0.4, 5), (0.6, 7)]]
     front = pareto_front(trials, ["q", "gb"], [1, -1])
     assert [(t["metrics"]["q"], t["metrics"]["gb"]) for t in front] == [(0.5, 4), (0.6, 6)]
+
+
+def sweep_config(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_a_sweep_is_named_by_sweep_name_else_by_its_command_so_the_same_command_continues_it():
+    grid = sweep_id(sweep_config("lora_r=4", "lr=0.001"))
+    assert grid.startswith("ftlab-") and grid == sweep_id(sweep_config("lr=0.001", "lora_r=4"))  # order is no change
+    assert grid != sweep_id(sweep_config("lora_r=8", "lr=0.001"))
+    assert grid != sweep_id(sweep_config("lora_r=4", "lr=0.001", "hydra/sweeper=optuna"))
+    assert sweep_id(sweep_config("lora_r=4", "sweep.name=contracts-v2")) == "contracts-v2"
+    assert sweep_id(sweep_config("hydra/sweeper=optuna", "hydra.sweeper.study_name=rank-lr")) == "rank-lr"

@@ -10,6 +10,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from mlflow.tracking import MlflowClient
+
+from ftlab.report import gather
 from ftlab.tracking import postgres_driver
 from tests.conftest import ROOT
 from tests.sweeping import SMALL_TRIAL, runs, sweep
@@ -54,6 +57,66 @@ def test_grid_sweep_goes_on_after_a_failed_trial(tmp_path):
     sweep(tmp_path, "lora_r=4,8", fault)  # exit code 0: the sweep itself succeeded
     states = sorted((r.data.tags["ftlab.trial_number"], r.info.status) for r in runs(tmp_path))
     assert states == [("0", "FAILED"), ("1", "FINISHED")]
+
+
+def signal_once(tmp_path, trial, signal, step=2):
+    return (f"train.callbacks=[{{_target_:tests.faults.SignalOnce,trial:${{sweep.trial_number}},kill_trial:{trial},"
+            f"signal:{signal},step:{step},marker:'{tmp_path}/signalled'}}]")
+
+
+def loss_steps(tmp_path, run_id):
+    return [m.step for m in MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_metric_history(run_id, "train_loss")]
+
+
+def test_a_preempted_optuna_sweep_run_again_continues_the_interrupted_trial_from_its_checkpoint(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    space = ["lora_r=choice(4,8)", *(a for a in optuna_sweep_args(storage, "preempted", 2) if not a.startswith("lora_r="))]
+    args = ["train.max_steps=3", signal_once(tmp_path, 1, "SIGTERM"), *space]
+    stopped = sweep(tmp_path, *args, check=False)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]  # 128 + SIGTERM, as a shell reports it
+    assert "Traceback" not in stopped.stderr
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert message.startswith("ftlab: interrupted by SIGTERM at step 2; checkpoint saved in ")
+    assert message.endswith("stopped: run the same command again to continue it")
+    [parent] = runs(tmp_path, "sweep")
+    assert parent.info.status == "KILLED" and "interrupted by SIGTERM" in parent.data.tags["ftlab.error"]
+    report = gather(MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db"), parent.info.run_id)
+    assert report.stopped.endswith("run the same command again to continue it")  # the report says so too
+    first = {r.data.tags["ftlab.trial_number"]: r for r in runs(tmp_path)}
+    assert sorted((n, r.info.status) for n, r in first.items()) == [("0", "FINISHED"), ("1", "KILLED")]
+    interrupted = first["1"].info.run_id
+
+    sweep(tmp_path, *args)  # the same command
+    [again] = runs(tmp_path, "sweep")
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert "ftlab.error" not in again.data.tags
+    trials = {r.info.run_id: r for r in runs(tmp_path)}
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials.values())
+    assert trials[interrupted].data.tags["ftlab.resumed_from_step"] == "2"
+    assert loss_steps(tmp_path, interrupted) == [1, 2, 3]  # one loss curve, continued after step 2
+    study = optuna.load_study(study_name="preempted", storage=storage).trials
+    assert [t.state for t in study] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert study[1].user_attrs["failure_kind"] == "interrupted"
+    assert study[2].user_attrs["retry_of"] == 1 and study[2].params == study[1].params
+    assert study[2].user_attrs["mlflow_run_id"] == interrupted
+
+
+def test_a_killed_grid_sweep_run_again_keeps_finished_trials_and_continues_from_the_last_checkpoint(tmp_path):
+    args = ["lora_r=4,8", "train.max_steps=3", "train.save_steps=1", signal_once(tmp_path, 1, "SIGKILL")]
+    assert sweep(tmp_path, *args, check=False).returncode == -9  # at the end of step 2, checkpoint-1 on disk
+    first = {r.data.tags["ftlab.trial_number"]: r for r in runs(tmp_path)}
+    assert sorted((n, r.info.status) for n, r in first.items()) == [("0", "FINISHED"), ("1", "RUNNING")]
+
+    again = sweep(tmp_path, *args)  # the same command
+    [parent] = runs(tmp_path, "sweep")
+    assert parent.info.status == "FINISHED"
+    assert f"trial 0 kept: its config already finished in sweep {parent.data.tags['ftlab.sweep_id']}" in again.stdout
+    trials = {r.info.run_id: r for r in runs(tmp_path)}
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials.values())
+    assert trials[first["0"].info.run_id].info.end_time == first["0"].info.end_time  # kept, not trained again
+    continued = trials[first["1"].info.run_id]  # the dead process's run, ended KILLED, then continued
+    assert continued.data.tags["ftlab.resumed_from_step"] == "1"
+    assert loss_steps(tmp_path, continued.info.run_id) == [1, 2, 3]
 
 
 def kill_hook(tmp_path, trial, at):

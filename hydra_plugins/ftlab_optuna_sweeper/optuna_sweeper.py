@@ -84,6 +84,14 @@ def oom_override(study: optuna.Study) -> list[str]:
     return [f"budget.oom_at_gb={min(ooms)!r}"] if ooms else []
 
 
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue an interrupted trial's params to be asked first, by this sweep's next run or by
+    another worker: the same config continues its MLflow run from its last checkpoint
+    (ftlab.pipeline) instead of the sampler moving on and the work done being lost."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    log.info("trial %d: its params are queued to run again (%s)", trial.number, trial.params)
+
+
 def tell(study: optuna.Study, trial: optuna.Trial, values=None, state: TrialState | None = None) -> None:
     """study.tell that tolerates GridSampler calling study.stop() once its grid is done:
     stop() only works inside study.optimize. Optuna stores the trial's state in a finally
@@ -157,6 +165,8 @@ class OptunaSweeper(Sweeper):
             killed = tracking.mark_killed(sweep_id, trial.number)
             log.warning("trial %d of %s had no heartbeat for %ss: FAIL in Optuna, MLflow run(s) %s KILLED",
                         trial.number, study.study_name, self.grace_period or 2 * self.heartbeat_interval, killed)
+            if "retry_of" not in trial.user_attrs:  # once: a config that crashes its worker must not loop
+                retry(study, trial)
 
         for attempt in range(5):  # workers starting together race to create the tables
             try:
@@ -211,8 +221,16 @@ class OptunaSweeper(Sweeper):
             overrides = [[*fixed, *(f"{k}={v}" for k, v in t.params.items()), f"sweep.trial_number={t.number}", *oom]
                          for t in batch]
             self.validate_batch_is_legal(overrides)
-            with self.heartbeats(storage, [t._trial_id for t in batch]):
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            try:
+                with self.heartbeats(storage, [t._trial_id for t in batch]):
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: ftlab's entry point reports it and exits
+                for trial in batch:
+                    trial.set_user_attr("failure_kind", "interrupted")
+                    trial.set_user_attr("error", str(e)[:2000])
+                    tell(study, trial, state=TrialState.FAIL)
+                    retry(study, study.get_trials(deepcopy=False)[trial.number])
+                raise
             self.job_idx += len(returns)
             for trial, ret in zip(batch, returns):
                 try:
