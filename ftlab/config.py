@@ -246,8 +246,8 @@ class SweepConfig:
     outside a sweep. objective/direction are what sweepers optimise and the best trial
     is picked by."""
 
-    # The sweep's name (its id). null: derived from the command's overrides, so running the same
-    # command again continues the same sweep; a new name starts a fresh one.
+    # The sweep's name (its id). null: derived from the command's overrides and the data file's
+    # content, so running the same command again continues the same sweep; a new name starts afresh.
     name: Optional[str] = None
     id: Optional[str] = None
     parent_run_id: Optional[str] = None

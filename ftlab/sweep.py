@@ -27,6 +27,7 @@ from ftlab import tracking
 from ftlab.checkpoints import Interrupted
 from ftlab.config import ConfigError, SweepConfigError, check_objective
 from ftlab.data import DataError
+from ftlab.data.prepare import source_digest
 from ftlab.memory import OverBudget, budget_gib
 
 log = logging.getLogger("ftlab.sweep")
@@ -121,15 +122,18 @@ def _this_trials_run(cfg: DictConfig) -> str | None:
 
 
 def sweep_id(config: DictConfig) -> str:
-    """sweep.name, else the Optuna study name, else a digest of the sweeper and the command's
-    overrides: running the same command again continues the same sweep (its parent run, its
-    study, its finished trials, its interrupted trials from their checkpoints)."""
+    """sweep.name, else the Optuna study name, else a digest of the sweeper, the command's
+    overrides and the content of the data file: running the same command again continues the
+    same sweep (its parent run, its study, its finished trials, its interrupted trials from
+    their checkpoints), and after the data file is edited it starts a new one."""
     if config.sweep.get("name"):
         return str(config.sweep.name)
     sweeper = config.hydra.sweeper
     if sweeper.get("study_name"):
         return str(sweeper.study_name)
     key = [str(sweeper.get("_target_")), *sorted(config.hydra.overrides.task)]
+    if config.data.path:
+        key.append(source_digest(str(config.data.path), config.data.hf_split))
     return "ftlab-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
 
 

@@ -218,8 +218,13 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Identity of what a run trains, for train.resume=true to find an interrupted twin."""
+    """Identity of what a run trains: its config and the content of the data file it names (an
+    edited file is new training), for train.resume=true and a rerun sweep to find its twins."""
     flat = {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_IN_CONFIG_HASH)}
+    if cfg.data.path:  # the embedded data is defined by its config; only a user's file needs reading
+        from ftlab.data.prepare import source_digest  # not at import: the run's gate stays light
+
+        flat["data.content"] = source_digest(str(cfg.data.path), cfg.data.hf_split)
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -105,10 +105,16 @@ def sweep_config(*overrides):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
-def test_a_sweep_is_named_by_sweep_name_else_by_its_command_so_the_same_command_continues_it():
+def test_a_sweep_is_named_by_sweep_name_else_by_its_command_so_the_same_command_continues_it(tmp_path):
     grid = sweep_id(sweep_config("lora_r=4", "lr=0.001"))
     assert grid.startswith("ftlab-") and grid == sweep_id(sweep_config("lr=0.001", "lora_r=4"))  # order is no change
     assert grid != sweep_id(sweep_config("lora_r=8", "lr=0.001"))
     assert grid != sweep_id(sweep_config("lora_r=4", "lr=0.001", "hydra/sweeper=optuna"))
     assert sweep_id(sweep_config("lora_r=4", "sweep.name=contracts-v2")) == "contracts-v2"
     assert sweep_id(sweep_config("hydra/sweeper=optuna", "hydra.sweeper.study_name=rank-lr")) == "rank-lr"
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    on_file = sweep_id(sweep_config("lora_r=4", f"data.path={data}"))
+    assert on_file == sweep_id(sweep_config("lora_r=4", f"data.path={data}"))
+    data.write_text('{"prompt": "a", "completion": "c"}\n')  # edited: a new sweep, not the old one's trials
+    assert sweep_id(sweep_config("lora_r=4", f"data.path={data}")) != on_file

@@ -51,3 +51,13 @@ def test_workers_that_each_created_a_parent_run_converge_on_the_oldest(tmp_path)
     assert client.get_run(second).info.lifecycle_stage == "deleted"
     assert tracking.start_sweep_run("s1", "python -m ftlab -m", ["rouge_l"], ["maximize"]) == first  # a third joins
     assert tracking.sweep_parent(client, experiment, "other") is None
+
+
+def test_the_config_hash_follows_the_content_of_the_data_file_so_an_edited_file_is_not_resumed_or_kept(make_cfg, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    cfg = make_cfg(f"data.path={data}")
+    first = tracking.config_hash(cfg)
+    assert tracking.config_hash(make_cfg(f"data.path={data}", "train.resume=true", "sweep.name=x")) == first
+    data.write_text('{"prompt": "a", "completion": "c"}\n')
+    assert tracking.config_hash(cfg) != first

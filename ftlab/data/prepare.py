@@ -161,7 +161,7 @@ def _token_stats(examples: list[Example]) -> dict:
 # --------------------------------------------------------------------------- cache
 
 
-def _digest_source(source: str, hf_split: str) -> str:
+def source_digest(source: str, hf_split: str) -> str:
     """Content hash of the source file (or every file of a directory); a hub name hashes as itself."""
     path = Path(source).expanduser()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
@@ -184,7 +184,7 @@ def cache_key(source: str, cfg: DataConfig, tokenizer, max_seq_length: int) -> s
     settings = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
     for where_only in ("rejects", "export_dir"):  # where outputs go does not change the data
         settings.pop(where_only, None)
-    parts = [CACHE_VERSION, _digest_source(source, cfg.hf_split), settings, _digest_tokenizer(tokenizer),
+    parts = [CACHE_VERSION, source_digest(source, cfg.hf_split), settings, _digest_tokenizer(tokenizer),
              max_seq_length]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
