@@ -147,9 +147,11 @@ def decode_step_attention(query, key, value, valid, scaling=None, layer: int | N
     (`RowAlignedKeys`); the batch's padding then trails them, as does the padding to a multiple
     of DECODE_KEY_BLOCK keys that every row gets, alone too. A masked key adds an exact 0 to the
     softmax's sums and to the weighted values, and whole blocks of zeros after the last key leave
-    every sum's order as it was: batched and alone, a row's keys meet the same reductions. One
-    pass over the batch instead of a fused SDPA call per row: SDPA's CPU kernel rounds a row
-    differently at another batch size, so it cannot batch rows."""
+    every sum's order as it was: batched and alone, a row's keys meet the same reductions. The
+    weighted values are summed one block at a time, in order, rather than by one matmul over all
+    the keys: MKL on Intel AVX-512 splits a long reduction by its length, so trailing zero blocks
+    changed a row's bits there (measured). One pass over the batch instead of a fused SDPA call
+    per row: SDPA's CPU kernel rounds a row differently at another batch size, so it cannot batch rows."""
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     keys, values, counts = (_row_aligned.get() or RowAlignedKeys()).keys_and_values(layer, key, value, valid)
@@ -160,7 +162,12 @@ def decode_step_attention(query, key, value, valid, scaling=None, layer: int | N
         queries = query.float().reshape(batch, kv_heads, heads // kv_heads, dim)
         scores = torch.matmul(queries, keys.transpose(2, 3)) * scaling
         scores = scores.masked_fill(~own_keys[:, None, None, :], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, -1), values)
+        probs = torch.softmax(scores, -1)
+        blocks = keys.shape[2] // attention.DECODE_KEY_BLOCK
+        # (batch, key heads, block, group, dim): each block's weighted values, a reduction of one block's length
+        per_block = torch.matmul(probs.unflatten(-1, (blocks, attention.DECODE_KEY_BLOCK)).transpose(2, 3),
+                                 values.unflatten(2, (blocks, attention.DECODE_KEY_BLOCK)))
+        out = per_block.cumsum(2)[:, :, -1]  # cumsum adds the blocks one after another, whatever their number
     return out.reshape(batch, 1, heads, dim).to(query.dtype)
 
 
