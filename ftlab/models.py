@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -300,6 +301,25 @@ def unpack_cpu_4bit(model) -> int:
                 module.weight.data, state)
             undone += 1
     return undone
+
+
+@contextmanager
+def many_row_4bit(model):
+    """While the block runs, 4-bit layers compute as in training (dequantize, then one matmul)
+    instead of through bitsandbytes' CPU inference kernel, which an eval-mode forward switches to
+    on AVX512-BF16 CPUs. That kernel goes row by row: the fastest for a decode step's few rows,
+    but for the held-out loss pass (~1,000 rows a call) 6-13x slower than dequantizing and one
+    matmul (a Xeon with AMX, SmolLM2's layers, measured). bitsandbytes 0.50."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
 
 
 def target_modules(value) -> str | list[str]:

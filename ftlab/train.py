@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ftlab.checkpoints import TrainingInterrupted, last_checkpoint, stop_on_signals
 from ftlab.config import ConfigError, TrainConfig
 from ftlab.data import PreparedData
-from ftlab.models import unpack_cpu_4bit
+from ftlab.models import many_row_4bit, unpack_cpu_4bit
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,8 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
                  else f"no checkpoint of step {step} (newest on disk: {checkpoint})")
         raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {step}; {saved}", stopper.signal_name,
                                   checkpoint, step)
-    eval_loss = trainer.evaluate()["eval_loss"]
+    with many_row_4bit(model):
+        eval_loss = trainer.evaluate()["eval_loss"]
     tokens = _trained_tokens(trainer)
     adapter_dir = None
     if cfg.save_adapter:

@@ -37,6 +37,53 @@ def test_qlora_base_is_4bit_and_adapters_train_in_fp32(make_cfg, tmp_path):
     assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
 
 
+def test_the_held_out_loss_pass_computes_4bit_layers_as_training_does(make_cfg, tmp_path):
+    """bitsandbytes' CPU inference kernel goes row by row (6-13x slower on a loss pass's ~1,000
+    rows): inside many_row_4bit an eval-mode forward keeps the training path, with the same
+    logits up to bf16 rounding, and the layers switch as before once the block ends."""
+    from bitsandbytes.nn import Linear4bit
+
+    cfg = make_cfg()
+    model = models.load_base(models.resolve_checkpoint(cfg.model, str(tmp_path)), cfg.model, cfg.peft).eval()
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers[0].support_avx512bf16_for_cpu:
+        pytest.skip("bitsandbytes has no CPU inference kernel on this CPU (no AVX512-BF16)")
+
+    def packed():
+        return [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers]
+
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]] * 4)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with models.many_row_4bit(model):
+            many_row = model(input_ids=ids).logits
+            assert not any(packed())
+        inference_kernel = model(input_ids=ids).logits
+        assert all(packed()) and all(m.support_avx512bf16_for_cpu for m in layers)
+    torch.testing.assert_close(many_row, inference_kernel, rtol=0.02, atol=0.02)
+
+
+def test_training_computes_its_held_out_loss_on_the_training_path(make_cfg, tmp_path):
+    """train()'s closing loss pass runs in eval mode, which would switch the 4-bit layers to
+    bitsandbytes' row-by-row inference kernel; it keeps them on the training path."""
+    from bitsandbytes.nn import Linear4bit
+
+    from ftlab.data import prepare
+    from ftlab.train import train
+
+    cfg = make_cfg("train.max_steps=1", "train.save_adapter=false")  # saving would unpack the layers itself
+    ckpt = models.resolve_checkpoint(cfg.model, str(tmp_path))
+    tokenizer = models.load_tokenizer(ckpt)
+    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(str(tmp_path)))
+    model = models.add_adapter(models.load_base(ckpt, cfg.model, cfg.peft), 8, 16, 0.0, "all-linear", False)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers[0].support_avx512bf16_for_cpu:
+        pytest.skip("bitsandbytes has no CPU inference kernel on this CPU (no AVX512-BF16)")
+    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, tmp_path / "out",
+                   models.compute_dtype(cfg.model.dtype))
+    assert result.eval_loss > 0
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
 def test_training_after_an_evaluation_gets_the_same_gradients(make_cfg, tmp_path):
     """bitsandbytes repacks 4-bit weights for its CPU inference kernel in eval mode and never
     back; gradients do not flow through that kernel. ftlab undoes it before training."""
