@@ -100,9 +100,9 @@ def kept_trial(cfg: DictConfig) -> dict[str, Any] | None:
     cfg_hash = tracking.config_hash(cfg)
     run = tracking.decided_trial(str(cfg.sweep.id), cfg_hash)
     if run is None:
-        # A run of this config still RUNNING was left by a process that died (kill -9): a grid has
-        # no heartbeats to tell. Ended KILLED, it is continued from its checkpoint like an interrupted one.
-        tracking.mark_killed(str(cfg.sweep.id), cfg_hash=cfg_hash)
+        # A run of this trial and config still RUNNING was left by a process that died (kill -9): a grid
+        # has no heartbeats to tell. Ended KILLED, it is continued from its checkpoint like an interrupted one.
+        tracking.mark_killed(str(cfg.sweep.id), cfg.sweep.trial_number, cfg_hash)
         return None
     state = run.data.tags["ftlab.state"]
     verdict = "finished" if state == "finished" else "was skipped over the budget"

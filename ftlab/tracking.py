@@ -496,13 +496,15 @@ def child_runs(parent_run_id: str) -> list:
                                       max_results=5000, order_by=["attributes.start_time ASC"])
 
 
-def mark_killed(sweep_id: str, trial_number: int | None = None, cfg_hash: str | None = None) -> list[str]:
-    """End the runs a dead process left RUNNING for this trial (or this config) of the sweep as KILLED."""
-    which = (f"tags.`ftlab.trial_number` = '{trial_number}'" if trial_number is not None
-             else f"tags.`ftlab.config_hash` = '{cfg_hash}'")
+def mark_killed(sweep_id: str, trial_number: int, cfg_hash: str | None = None) -> list[str]:
+    """End the runs a dead process left RUNNING for this trial of the sweep (with this config, if
+    given) as KILLED."""
+    which = [f"tags.`ftlab.sweep_id` = '{sweep_id}'", f"tags.`ftlab.trial_number` = '{trial_number}'",
+             "attributes.status = 'RUNNING'"]
+    if cfg_hash is not None:
+        which.append(f"tags.`ftlab.config_hash` = '{cfg_hash}'")
     client = MlflowClient()
-    runs = client.search_runs([_active_experiment_id()],
-                              f"tags.`ftlab.sweep_id` = '{sweep_id}' and {which} and attributes.status = 'RUNNING'")
+    runs = client.search_runs([_active_experiment_id()], " and ".join(which))
     for r in runs:
         client.set_tag(r.info.run_id, "ftlab.state", "killed")
         client.set_tag(r.info.run_id, "ftlab.failure_kind", "interrupted")
