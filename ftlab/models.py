@@ -345,4 +345,35 @@ def add_adapter(model, r: int, alpha: int, dropout: float, targets, gradient_che
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
+    for module in model.modules():
+        if type(module).__qualname__ == "Linear4bit" and type(module).__module__ == "peft.tuners.lora.bnb":
+            module.forward = _lean_lora_forward(module)
     return model
+
+
+def _lean_lora_forward(layer):
+    """peft's forward of a LoRA layer on a 4-bit linear, less two full-size passes over its output
+    that it makes every call: a defensive copy of the base output and a multiplication by the
+    scaling when it is 1 (lora_alpha = lora_r, ftlab's default), the latter with its backward.
+    The same values bit for bit; anything but plain LoRA called plainly (merged or disabled
+    adapters, DoRA and other variants, per-row adapter names) takes peft's own forward. peft 0.21."""
+    peft_forward = layer.forward
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or layer.disable_adapters or layer.merged or layer.lora_variant:
+            return peft_forward(x, *args, **kwargs)
+        result = layer.base_layer(x)
+        for name in layer.active_adapters:
+            if name not in layer.lora_A.keys():
+                continue
+            lora_A, lora_B, scaling = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+            convert = not torch.is_autocast_enabled()  # as peft decides it
+            if convert:
+                expected, x = result.dtype, layer._cast_input_dtype(x, lora_A.weight.dtype)
+            output = lora_B(lora_A(layer.lora_dropout[name](x)))
+            if scaling != 1:
+                output = output * scaling
+            result = result + (output.to(expected) if convert else output)
+        return result
+
+    return forward

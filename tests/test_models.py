@@ -84,6 +84,36 @@ def test_training_computes_its_held_out_loss_on_the_training_path(make_cfg, tmp_
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
 
+@pytest.mark.parametrize("alpha", [8, 12])  # scaling 1 (ftlab's default alpha = r) and 1.5
+def test_lora_on_a_4bit_base_computes_what_peft_computes_bit_for_bit(make_cfg, tmp_path, alpha):
+    """ftlab's lean forward of peft's 4-bit LoRA layers (no defensive copy, no multiplication by
+    a scaling of 1): the same loss and the same gradients, bit for bit."""
+    cfg = make_cfg()
+    ckpt = models.resolve_checkpoint(cfg.model, str(tmp_path))
+    dtype = models.compute_dtype(cfg.model.dtype)
+
+    def loss_and_grads(lean: bool):
+        torch.manual_seed(0)
+        model = models.add_adapter(models.load_base(ckpt, cfg.model, cfg.peft), 8, alpha, 0.0, "all-linear", False)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)  # B=0 would make every adapter output 0
+        layers = [m for m in model.modules() if hasattr(m, "lora_A") and "forward" in m.__dict__]
+        assert len(layers) == 7 * cfg.model.arch.num_layers  # every 4-bit LoRA layer has the lean forward
+        if not lean:
+            for layer in layers:
+                del layer.forward  # peft's own
+        ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]] * 2)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (lean_loss, lean_grads), (peft_loss, peft_grads) = loss_and_grads(True), loss_and_grads(False)
+    assert torch.equal(lean_loss, peft_loss)
+    assert lean_grads.keys() == peft_grads.keys() and all(torch.equal(lean_grads[n], peft_grads[n]) for n in peft_grads)
+
+
 def test_training_after_an_evaluation_gets_the_same_gradients(make_cfg, tmp_path):
     """bitsandbytes repacks 4-bit weights for its CPU inference kernel in eval mode and never
     back; gradients do not flow through that kernel. ftlab undoes it before training."""
