@@ -7,6 +7,7 @@ the data config, the tokenizer and max_seq_length: a 30-trial sweep prepares dat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -162,9 +163,19 @@ def _token_stats(examples: list[Example]) -> dict:
 
 
 def source_digest(source: str, hf_split: str) -> str:
-    """Content hash of the source file (or every file of a directory); a hub name hashes as itself."""
+    """Content hash of the source file (or every file of a directory); a hub name hashes as itself.
+    A trial asks for it up to three times (sweep.kept_trial, tracking.config_hash, cache_key):
+    the files are read once per process while their size and mtime stay the same."""
     path = Path(source).expanduser()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    stamps = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _digest_files(source, hf_split, stamps)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_files(source: str, hf_split: str, stamps: tuple) -> str:
+    path = Path(source).expanduser()
+    files = [Path(name) for name, _, _ in stamps]
     h = hashlib.sha256(f"{source}|{hf_split}".encode() if not files else b"")
     for p in files:
         h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
