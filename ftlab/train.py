@@ -8,6 +8,7 @@ import ctypes
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,6 +197,21 @@ def time_cap_callback(max_hours: float):
     return TimeCap()
 
 
+@contextmanager
+def datasets_progress_bars_off():
+    """TRL's preparation, a fraction of a second, leaves eight finished `datasets` bars on the console
+    (tokenise, labels, truncate, drop, for each split); the phases that take time have ftlab's own."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def quiet_progress_callback():
     """transformers' progress bars, named, with the loss in the training bar instead of
     printing every log dict."""
@@ -301,15 +317,16 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
                                        Dataset.from_list(data.trl_rows("held_out")))
     if cached:  # TRL's own output: its preparation pass would only check it again (~0.4 s a trial)
         args.dataset_kwargs = {"skip_prepare_dataset": True}
-    trainer = completion_only_trainer_class()(
-        model=model,
-        args=args,
-        optimizers=(optimizer, None),
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
-        processing_class=tokenizer,
-        callbacks=callbacks or [],
-    )
+    with datasets_progress_bars_off():
+        trainer = completion_only_trainer_class()(
+            model=model,
+            args=args,
+            optimizers=(optimizer, None),
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
+            processing_class=tokenizer,
+            callbacks=callbacks or [],
+        )
     if not cfg.packing:
         _TOKENIZED.clear()  # one entry: a sweep over data or models must not pile them up
         _TOKENIZED[key] = (trainer.train_dataset, trainer.eval_dataset)
