@@ -168,7 +168,7 @@ def source_digest(source: str, hf_split: str) -> str:
     the files are read once per process while their size and mtime stay the same."""
     path = Path(source).expanduser()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
-    stamps = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    stamps = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
     return _digest_files(source, hf_split, stamps)
 
 
