@@ -14,6 +14,9 @@ def compose_config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
     import ftlab.config  # noqa: F401  (registers the structured-config schema)
+    from ftlab.pipeline import quiet_third_party_output
+
+    quiet_third_party_output()  # the notices `python -m ftlab` hides, e.g. bitsandbytes' missing hub kernel
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
