@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ftlab import models
 from ftlab.config import ModelConfig
@@ -150,6 +151,40 @@ def test_training_after_an_evaluation_gets_the_same_gradients(make_cfg, tmp_path
     assert torch.allclose(first_layer_grad(evaluate_first=True, unpack=True), reference, rtol=0.05, atol=1e-4)
     broken = first_layer_grad(evaluate_first=True, unpack=False)  # what training got before the fix
     assert broken.abs().sum() < 0.5 * reference.abs().sum()
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_answer_token_loss_matches_autograd_cross_entropy(autocast):
+    """The frozen LM head's fused loss gives autograd's loss, predictions and hidden-state
+    gradient; a head that trains takes autograd's path and gets its gradient."""
+    from ftlab.train import answer_token_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 3000, bias=False).requires_grad_(False)
+    hidden = torch.randn(37, 64, dtype=torch.bfloat16 if autocast else torch.float32)
+    targets = torch.randint(0, 3000, (37,))
+
+    def loss_and_grad(fused: bool):
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                loss, predicted = answer_token_loss(head, h, targets)
+            else:
+                logits = head(h).float()
+                loss, predicted = F.cross_entropy(logits, targets, reduction="sum"), logits.argmax(-1)
+        (loss / 7).backward()
+        return loss, predicted, h.grad
+
+    (loss, predicted, grad), (ref_loss, ref_predicted, ref_grad) = loss_and_grad(True), loss_and_grad(False)
+    assert grad.dtype == ref_grad.dtype == hidden.dtype
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert torch.equal(predicted, ref_predicted)
+    assert torch.allclose(grad.float(), ref_grad.float(), rtol=1e-2 if autocast else 1e-5, atol=1e-6)
+
+    head.requires_grad_(True)
+    loss, _ = answer_token_loss(head, hidden.float(), targets)
+    loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
 def test_missing_local_gguf_names_the_path(tmp_path):
