@@ -99,7 +99,10 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
         cfg.train.max_steps = steps
         cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_memory_gb())
         cfg.train.save_adapter = False
+        from transformers import set_seed
+
         model_obj = models.load_base(ckpt, cfg.model, cfg.peft)
+        set_seed(cfg.seed)  # as ftlab's recipe does: the adapter's initial weights, so runs repeat
         model_obj = models.add_adapter(model_obj, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                        cfg.train.gradient_checkpointing, cfg.peft.adapter_dtype)
         result = train(model_obj, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out,
