@@ -93,14 +93,14 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
         eval_loss = completion_loss(trainer.model, tokenizer, data.held_out, torch.bfloat16)
         tokens = next(e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e)
     else:
+        from transformers import set_seed
+
         from ftlab.memory import device_memory_gb, resolve_checkpointing
         from ftlab.train import train
 
         cfg.train.max_steps = steps
         cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_memory_gb())
         cfg.train.save_adapter = False
-        from transformers import set_seed
-
         model_obj = models.load_base(ckpt, cfg.model, cfg.peft)
         set_seed(cfg.seed)  # as ftlab's recipe does: the adapter's initial weights, so runs repeat
         model_obj = models.add_adapter(model_obj, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,

@@ -142,16 +142,15 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_predicted):
         weight, targets, log_probs = ctx.saved_tensors
         grad_logits = log_probs.exp_()  # saved only for this one backward, so overwritten
-        grad_logits[torch.arange(len(targets)), targets] -= 1
+        grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1
         grad_logits = grad_logits.mul_(grad_loss).to(ctx.matmul_dtype)
         return grad_logits @ weight.to(ctx.matmul_dtype), None, None  # as autocast's matmul backward
 
 
 def answer_token_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
     """(summed cross-entropy, argmax predictions) of `lm_head(hidden)` against `targets`."""
-    weight = getattr(lm_head, "weight", None)
-    if type(lm_head) is torch.nn.Linear and lm_head.bias is None and not weight.requires_grad:
-        return _FrozenHeadCrossEntropy.apply(hidden, weight, targets)
+    if type(lm_head) is torch.nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad:
+        return _FrozenHeadCrossEntropy.apply(hidden, lm_head.weight, targets)
     logits = lm_head(hidden).float()  # a trained or adapted head: autograd's path
     return F.cross_entropy(logits, targets, reduction="sum"), logits.detach().argmax(-1)
 
