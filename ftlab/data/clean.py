@@ -13,8 +13,6 @@ import re
 import zlib
 from collections import Counter, defaultdict
 
-from datasketch import MinHash, MinHashLSH
-
 from ftlab.data.records import DataError, Example
 
 WORD = re.compile(r"\w+")
@@ -73,6 +71,9 @@ def drop_near_duplicates(examples: list[Example], threshold: float, num_perm: in
     then decides, so no pair below the threshold is ever dropped."""
     if not 0 < threshold <= 1:
         raise DataError(f"data.near_dup_threshold={threshold}: must be in (0, 1]")
+    # Imported here: datasketch loads scipy (~0.3 s), which a run on cached data never needs.
+    from datasketch import MinHash, MinHashLSH
+
     shingles = [_shingles(record_text(e)) for e in examples]
     # bulk() hashes all records in one vectorised pass.
     hashes = MinHash.bulk(shingles, num_perm=num_perm, hashfunc=_crc32)
