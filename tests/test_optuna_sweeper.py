@@ -7,7 +7,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from ftlab.config import SweepConfigError
-from hydra_plugins.ftlab_optuna_sweeper.optuna_sweeper import distribution, grid_values
+from hydra_plugins.ftlab_optuna_sweeper._impl import distribution, grid_values
 from tests.sweeping import runs, sweep
 
 

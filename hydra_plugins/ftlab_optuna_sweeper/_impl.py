@@ -1,0 +1,333 @@
+"""The Optuna sweeper: Hydra's sweep syntax (choice, range, interval, tag(log, ...)) turned
+into Optuna distributions, trials asked in batches of n_jobs and launched by any Hydra
+launcher, told back as COMPLETE / PRUNED (over the VRAM budget) / FAIL, in a persistent
+storage that resumed runs and extra workers share. Structure follows hydra-optuna-sweeper
+1.2's _impl.py, rewritten for Optuna >= 4 (that plugin pins optuna < 3). optuna_sweeper.py is
+the class Hydra finds, which imports this module only when a sweep uses it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, List, Optional
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from ftlab.config import SweepConfigError, check_objective
+
+log = logging.getLogger(__name__)
+BUDGET_CONSTRAINT = "budget_excess_gb"  # Optuna constraint: GiB over budget.vram_gb (or the OOM cap), feasible <= 0
+
+
+def quiet_optuna_warnings() -> None:
+    """Ask-and-tell with heartbeats is fine here: OptunaSweeper.heartbeats sends them, which is
+    all study.optimize would add; fail_stale_trials has been stable since Optuna 2.9. (Set at
+    sweep time: Hydra restores warning filters after importing plugins.)"""
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def distribution(override: Override) -> BaseDistribution:
+    """An Optuna distribution from one sweep override. range() is exclusive of its stop,
+    as everywhere in Hydra; interval() is continuous; tag(log, ...) samples in log space,
+    tag(int, interval(...)) integers."""
+    value = override.value()
+    key = override.get_key_element()
+    if override.is_choice_sweep():
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+    if override.is_range_sweep():
+        assert isinstance(value, RangeSweep)
+        if value.shuffle or any(isinstance(x, float) for x in (value.start, value.stop, value.step)):
+            return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+        step = int(value.step)
+        last = int(value.start) + (len(range(int(value.start), int(value.stop), step)) - 1) * step
+        return IntDistribution(int(value.start), last, step=step)
+    if override.is_interval_sweep():
+        assert isinstance(value, IntervalSweep)
+        log_scale = "log" in value.tags
+        if "int" in value.tags:
+            return IntDistribution(int(value.start), int(value.end), log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise SweepConfigError(f"{key}: unsupported sweep {override.input_line!r}; use choice(...), range(...), "
+                           f"interval(a,b) or tag(log, interval(a,b))")
+
+
+def grid_values(name: str, dist: BaseDistribution) -> list:
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, IntDistribution) and not dist.log:
+        return list(range(dist.low, dist.high + 1, dist.step))
+    raise SweepConfigError(f"hydra.sweeper.sampler=grid: {name} is an interval; give it as choice(...) or range(...)")
+
+
+def oom_override(study: optuna.Study) -> list[str]:
+    """After an out-of-memory trial, later trials get budget.oom_at_gb: the smallest predicted
+    peak that ran out of memory. Configs predicted at least that large are then skipped before
+    they load anything and told back PRUNED with their excess as the trial's constraint, which
+    TPE reads as infeasible (TPE ignores FAIL trials, so the OOM itself would not steer it)."""
+    ooms = [t.user_attrs["predicted_peak_gb"] for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if t.user_attrs.get("failure_kind") == "oom" and "predicted_peak_gb" in t.user_attrs]
+    return [f"budget.oom_at_gb={min(ooms)!r}"] if ooms else []
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue an interrupted trial's params to be asked first, by this sweep's next run or by
+    another worker: the same config continues its MLflow run from its last checkpoint
+    (ftlab.pipeline) instead of the sampler moving on and the work done being lost."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    log.info("trial %d: its params are queued to run again (%s)", trial.number, trial.params)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, values=None, state: TrialState | None = None) -> None:
+    """study.tell that tolerates GridSampler calling study.stop() once its grid is done:
+    stop() only works inside study.optimize. Optuna stores the trial's state in a finally
+    block after the sampler's hook, so nothing is lost; the sweep loop checks is_exhausted."""
+    try:
+        study.tell(trial, values, state=state)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
+
+
+class OptunaSweeperImpl(Sweeper):
+    def __init__(self, sampler: str, seed: Optional[int], n_trials: int, n_jobs: int,
+                 max_failed_trials: Optional[int], storage: Optional[str], study_name: Optional[str],
+                 heartbeat_interval: int, grace_period: Optional[int], params: dict) -> None:
+        self.sampler_name, self.seed = sampler, seed
+        self.n_trials, self.n_jobs = n_trials, n_jobs
+        self.max_failed_trials = max_failed_trials or max(n_trials, 10)
+        self.storage_url, self.study_name = storage, study_name
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+        self.params = dict(params or {})
+        self.job_idx = 0
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def search_space(self, arguments: List[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
+        parser = OverridesParser.create()
+        from_config = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()])
+        space, fixed = {}, []
+        for override in [*from_config, *parser.parse_overrides(arguments)]:
+            if override.is_sweep_override():
+                space[override.get_key_element()] = distribution(override)
+            else:
+                fixed.append(override.input_line)
+        if not space:
+            raise SweepConfigError("hydra/sweeper=optuna: no search space; add e.g. lora_r='choice(8,16,64)' on the "
+                                   "command line or hydra.sweeper.params in a sweeps/ config")
+        return space, fixed
+
+    def make_sampler(self, space: dict, n_objectives: int) -> optuna.samplers.BaseSampler:
+        name = self.sampler_name
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=self.seed)  # reads each trial's budget constraint
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=self.seed)
+        if name == "grid":
+            return optuna.samplers.GridSampler({k: grid_values(k, d) for k, d in space.items()}, seed=self.seed)
+        if name == "cmaes":
+            if n_objectives > 1:
+                raise SweepConfigError("hydra.sweeper.sampler=cmaes optimises one objective; use tpe for several")
+            return optuna.samplers.CmaEsSampler(seed=self.seed)
+        raise SweepConfigError(f"hydra.sweeper.sampler={name}: expected tpe, random, grid or cmaes")
+
+    def make_storage(self, sweep_id: str) -> optuna.storages.RDBStorage:
+        from ftlab import tracking
+
+        url = self.storage_url
+        if url is None:
+            Path("mlruns").mkdir(exist_ok=True)
+            url = f"sqlite:///{Path('mlruns/optuna.db').resolve()}"
+        url = tracking.postgres_driver(url)
+        # Several workers on one SQLite file wait for the lock instead of failing at once.
+        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+        def mark_mlflow_run_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            killed = tracking.mark_killed(sweep_id, trial.number)
+            log.warning("trial %d of %s had no heartbeat for %ss: FAIL in Optuna, MLflow run(s) %s KILLED",
+                        trial.number, study.study_name, self.grace_period or 2 * self.heartbeat_interval, killed)
+            if "retry_of" not in trial.user_attrs:  # once: a config that crashes its worker must not loop
+                retry(study, trial)
+
+        for attempt in range(5):  # workers starting together race to create the tables
+            try:
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=self.heartbeat_interval,
+                    grace_period=self.grace_period, heartbeat_stale_trial_callback=mark_mlflow_run_killed)
+            except Exception as e:
+                if attempt == 4:
+                    raise SweepConfigError(f"hydra.sweeper.storage={tracking.mask(url)}: {e}") from e
+                time.sleep(1 + attempt)
+
+    # ------------------------------------------------------------------ the sweep
+
+    def sweep(self, arguments: List[str]) -> Any:
+        import os
+
+        from ftlab import sweep as ftlab_sweep
+
+        quiet_optuna_warnings()
+        space, fixed = self.search_space(arguments)
+        objective, direction = list(self.config.sweep.objective), list(self.config.sweep.direction)
+        check_objective(objective, direction)
+        sweep_id = os.environ.get(ftlab_sweep.ENV_SWEEP_ID) or self.study_name or ftlab_sweep.sweep_id(self.config)
+        storage = self.make_storage(sweep_id)
+        sampler = self.make_sampler(space, len(objective))
+        study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=sampler, directions=direction,
+                                    load_if_exists=True)
+        log.info("Optuna study %s: %d trials wanted, %d in storage", sweep_id, self.n_trials, len(study.trials))
+
+        while True:
+            optuna.storages.fail_stale_trials(study)
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+            running = states.count(TrialState.RUNNING)
+            failed = sum(s == TrialState.FAIL for s in states)
+            if done >= self.n_trials:
+                break
+            if failed >= self.max_failed_trials:
+                log.error("stopping: %d failed trials (hydra.sweeper.max_failed_trials=%d)", failed,
+                          self.max_failed_trials)
+                break
+            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+                break
+            free = self.n_trials - done - running
+            if free <= 0:  # the rest is running in other workers (or in a crashed one, until it goes stale)
+                time.sleep(min(5, self.heartbeat_interval))
+                continue
+            batch = self.claim(study, [study.ask(space) for _ in range(min(self.n_jobs, free))])
+            if not batch:
+                continue
+            oom = oom_override(study)  # one storage query per batch, not per trial
+            overrides = [[*fixed, *(f"{k}={v}" for k, v in t.params.items()), f"sweep.trial_number={t.number}", *oom]
+                         for t in batch]
+            self.validate_batch_is_legal(overrides)
+            try:
+                with self.heartbeats(storage, [t._trial_id for t in batch]):
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: ftlab's entry point reports it and exits
+                for trial in batch:
+                    trial.set_user_attr("failure_kind", "interrupted")
+                    trial.set_user_attr("error", str(e)[:2000])
+                    tell(study, trial, state=TrialState.FAIL)
+                    retry(study, study.get_trials(deepcopy=False)[trial.number])
+                raise
+            self.job_idx += len(returns)
+            for trial, ret in zip(batch, returns):
+                try:
+                    self.record(study, trial, ret, objective)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # Another worker saw no heartbeat within grace_period and failed it; its
+                    # replacement is already counted, so this result stays in MLflow only.
+                    log.warning("trial %d was failed as stale by another worker while it ran; raise "
+                                "hydra.sweeper.grace_period (now %ss) if workers are this busy", trial.number,
+                                self.grace_period or 2 * self.heartbeat_interval)
+
+        self.write_results(study, objective)
+        return study
+
+    def claim(self, study: optuna.Study, asked: list[optuna.Trial]) -> list[optuna.Trial]:
+        """Workers asking at the same moment could start more than n_trials: keep the
+        earliest-numbered running trials that fit, fail the surplus without running it."""
+        trials = study.get_trials(deepcopy=False)
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
+        allowed = set(running[: max(0, self.n_trials - done)])
+        kept = []
+        for t in asked:
+            if t.number in allowed:
+                kept.append(t)
+            else:
+                t.set_user_attr("surplus", "another worker asked at the same time; not run")
+                tell(study, t, state=TrialState.FAIL)
+        return kept
+
+    @contextmanager
+    def heartbeats(self, storage: optuna.storages.RDBStorage, trial_ids: list[int]):
+        """study.optimize sends heartbeats itself; ask-and-tell has to."""
+        stop = threading.Event()
+
+        def beat():
+            while True:
+                for tid in trial_ids:
+                    storage.record_heartbeat(tid)
+                if stop.wait(self.heartbeat_interval):
+                    return
+
+        thread = threading.Thread(target=beat, daemon=True, name="optuna-heartbeat")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def record(self, study: optuna.Study, trial: optuna.Trial, ret, objective: list[str]) -> None:
+        if ret.status == JobStatus.FAILED:  # raised outside ftlab's trial wrapper (e.g. a bad override)
+            outcome = {"state": "failed", "error": f"{type(ret._return_value).__name__}: {ret._return_value}",
+                       "failure_kind": "exception", "metrics": {}}
+        else:
+            outcome = ret.return_value
+        if outcome.get("run_id"):
+            trial.set_user_attr("mlflow_run_id", outcome["run_id"])
+        trial.set_user_attr("state", outcome["state"])
+        if outcome["state"] == "skipped_budget":
+            trial.set_user_attr("skip_reason", outcome["reason"])
+            trial.set_user_attr("predicted_peak_gb", outcome["predicted_peak_gb"])
+            excess = outcome["predicted_peak_gb"] - (outcome.get("budget_gb") or 0)
+            trial.set_user_attr("budget_excess_gb", excess)
+            # > 0 is infeasible: TPE sends such trials to its 'bad' group, so the region stops being suggested.
+            trial.set_constraint(BUDGET_CONSTRAINT, excess)
+            tell(study, trial, state=TrialState.PRUNED)
+            log.info("trial %d pruned: %s", trial.number, outcome["reason"])
+            return
+        metrics = outcome.get("metrics") or {}
+        if "predicted_peak_gb" in metrics:
+            trial.set_user_attr("predicted_peak_gb", metrics["predicted_peak_gb"])
+        if outcome["state"] == "failed":
+            trial.set_user_attr("error", outcome["error"][:2000])
+            trial.set_user_attr("failure_kind", outcome["failure_kind"])
+            tell(study, trial, state=TrialState.FAIL)
+            return
+        values = [metrics.get(name) for name in objective]
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+            trial.set_user_attr("error", f"objective {objective} missing or NaN in the trial's metrics")
+            tell(study, trial, state=TrialState.FAIL)
+            return
+        trial.set_constraint(BUDGET_CONSTRAINT, 0.0)  # fitted and ran
+        tell(study, trial, values)
+
+    def write_results(self, study: optuna.Study, objective: list[str]) -> None:
+        """The best trial, or for several objectives the Pareto front, next to the sweep's outputs."""
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        front = study.best_trials if complete else []
+        results = {"study_name": study.study_name, "objective": objective,
+                   "directions": [d.name.lower() for d in study.directions],
+                   "counts": {s.name: sum(t.state == s for t in study.trials) for s in TrialState},
+                   "pareto_front" if len(objective) > 1 else "best": [
+                       {"number": t.number, "values": t.values, "params": t.params,
+                        "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in front]}
+        out = Path(self.config.hydra.sweep.dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "optuna_results.json").write_text(json.dumps(results, indent=2))
+        log.info("Optuna study %s: %s", study.study_name, results["counts"])
