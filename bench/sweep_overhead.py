@@ -6,9 +6,9 @@ sweep callback with its report), on an MLflow store that exists, as every sweep 
 store's very first command finds it (creating a SQLite store's tables, timed and printed
 apart, takes ~1 s once), and compares the wall time with the sum of the trials'
 own `train_seconds` + `eval_seconds` (and the base model's one evaluation) read back from
-MLflow, split by the runs' timestamps into start-up, one-off preparation, per-trial overhead
-and the end, and says how long trials must be for the overhead to stay under 5%. Then times the rejection of
-an over-budget config (Llama 3.1 8B, r=64, seq 4096, budget 8 GiB) through the real
+MLflow, split by the runs' timestamps into start-up, one-off preparation (before and during the
+first trial), the per-trial overhead of the later trials and the end, and says how long trials
+must be for the overhead to stay under 5%. Then times the rejection of an over-budget config (Llama 3.1 8B, r=64, seq 4096, budget 8 GiB) through the real
 pipeline entry: it must fail before any weights, tokenizer or data load; and the same config as a command.
 
     python bench/sweep_overhead.py [steps per trial]
@@ -56,19 +56,25 @@ def breakdown(store: Path, start: float, end: float) -> dict[str, float]:
     [parent] = client.search_runs([exp.experiment_id], "tags.`ftlab.role` = 'sweep'")
     trials = client.search_runs([exp.experiment_id], "tags.`ftlab.role` = 'trial'")
     [base] = client.search_runs([exp.experiment_id], "tags.`ftlab.role` = 'base_eval'")
-    first = min(t.info.start_time for t in trials) / 1000
-    last = max(t.info.end_time for t in trials) / 1000
-    work = sum(t.data.metrics["train_seconds"] + t.data.metrics["eval_seconds"] for t in trials)
+    trials.sort(key=lambda t: t.info.start_time)
+    starts = [t.info.start_time / 1000 for t in trials]
+    ends = [t.info.end_time / 1000 for t in trials]
+    works = [t.data.metrics["train_seconds"] + t.data.metrics["eval_seconds"] for t in trials]
     base_eval = base.data.metrics["eval_seconds"]  # the base model's scores: evaluation work, done once
+    # A later trial's overhead: from the previous trial's end to its own, less its train+eval. The
+    # first trial's overhead beyond that is one-off (first imports of TRL and matplotlib, warm-up).
+    per_trial = sum(ends[i] - ends[i - 1] - works[i] for i in range(1, len(trials))) / (len(trials) - 1)
     return {
         "trials": len(trials),
         "wall": end - start,
-        "train + eval": work,
+        "train + eval": sum(works),
         "base-model eval (once, before trial 0)": base_eval,
         "start-up (interpreter, Hydra, MLflow and its parent run)": parent.info.start_time / 1000 - start,
-        "one-off before trial 0 (torch, transformers, peft, trl imports; tiny model, data)": first - parent.info.start_time / 1000 - base_eval,
-        "between and around trials (load, tokenise, log)": last - first - work,
-        "end (best run, report, exit)": end - last,
+        "one-off before trial 0 (torch, transformers, peft, metrics imports; model, data)":
+            starts[0] - parent.info.start_time / 1000 - base_eval,
+        "one-off in trial 0 (TRL and plotting imports, warm-up)": ends[0] - starts[0] - works[0] - per_trial,
+        f"per trial x {len(trials)} (config, load, adapter, logging)": per_trial * len(trials),
+        "end (best run, report, exit)": end - ends[-1],
     }
 
 
@@ -118,7 +124,7 @@ def main() -> None:
     width = max(map(len, parts))
     for name, seconds in parts.items():
         print(f"  {name:<{width}} {seconds:6.1f} s  {seconds / wall:6.1%}")
-    per_trial = parts["between and around trials (load, tokenise, log)"] / n
+    per_trial = parts[f"per trial x {n} (config, load, adapter, logging)"] / n
     fixed = wall - work - per_trial * n
     # Overhead share of an n-trial sweep whose trials each take T s of train+eval:
     # (fixed + n * per_trial) / (fixed + n * (per_trial + T)) <= 5%  <=>  T >= 19 * (fixed / n + per_trial)
