@@ -15,6 +15,7 @@ pipeline entry: it must fail before any weights, tokenizer or data load; and the
 """
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,9 +62,10 @@ def breakdown(store: Path, start: float, end: float) -> dict[str, float]:
     ends = [t.info.end_time / 1000 for t in trials]
     works = [t.data.metrics["train_seconds"] + t.data.metrics["eval_seconds"] for t in trials]
     base_eval = base.data.metrics["eval_seconds"]  # the base model's scores: evaluation work, done once
-    # A later trial's overhead: from the previous trial's end to its own, less its train+eval. The
-    # first trial's overhead beyond that is one-off (first imports of TRL and matplotlib, warm-up).
-    per_trial = sum(ends[i] - ends[i - 1] - works[i] for i in range(1, len(trials))) / (len(trials) - 1)
+    # A later trial's overhead: from the previous trial's end to its own, less its train+eval; the
+    # median, as the first of them still pays some one-offs. What the trials pay beyond that is
+    # one-off (trial 0's first imports of TRL and matplotlib, warm-up).
+    per_trial = statistics.median(ends[i] - ends[i - 1] - works[i] for i in range(1, len(trials)))
     return {
         "trials": len(trials),
         "wall": end - start,
@@ -72,7 +74,8 @@ def breakdown(store: Path, start: float, end: float) -> dict[str, float]:
         "start-up (interpreter, Hydra, MLflow and its parent run)": parent.info.start_time / 1000 - start,
         "one-off before trial 0 (torch, transformers, peft, metrics imports; model, data)":
             starts[0] - parent.info.start_time / 1000 - base_eval,
-        "one-off in trial 0 (TRL and plotting imports, warm-up)": ends[0] - starts[0] - works[0] - per_trial,
+        "one-off in the trials (TRL and plotting imports, warm-up)":
+            ends[-1] - starts[0] - sum(works) - per_trial * len(trials),
         f"per trial x {len(trials)} (config, load, adapter, logging)": per_trial * len(trials),
         "end (best run, report, exit)": end - ends[-1],
     }
