@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import shlex
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,11 +191,27 @@ def _base_run(client: MlflowClient, parent: Run, trial: Trial | None) -> Run | N
     return runs[0] if runs else None
 
 
+@contextmanager
+def _no_artifact_progress_bars():
+    """MLflow draws two download bars for every artifact, a few KB here: a report over a sweep
+    would fill the console with them."""
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"]
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
+
+
 def _table(client: MlflowClient, run_id: str, path: str) -> list[dict]:
     """Rows of an mlflow.log_table artifact ({"columns": [...], "data": [[...]]})."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = client.download_artifacts(run_id, path, tmp)
+            with _no_artifact_progress_bars():
+                local = client.download_artifacts(run_id, path, tmp)
         except Exception:  # noqa: BLE001  (no samples logged: the report simply shows none)
             return []
         table = json.loads(Path(local).read_text())
