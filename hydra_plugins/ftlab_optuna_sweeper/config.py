@@ -5,6 +5,11 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+# Hydra's plugin scan imports this module wherever a config is composed: ftlab's structured-config
+# schema (config.yaml's `ftlab_schema` default) is registered with it, so compose("config")
+# works in a process that has not imported ftlab itself (a test's fresh interpreter, a notebook).
+import ftlab.config  # noqa: F401
+
 
 @dataclass
 class OptunaSweeperConf:
