@@ -26,9 +26,9 @@ def resolve(name: str) -> str:
     memory estimate needs (a config turned away over budget never imports transformers)."""
     if name != AUTO:
         return name
-    import torch
+    from ftlab import device
 
-    return "sdpa" if torch.cuda.is_available() else SHORT_EAGER
+    return "sdpa" if device.cuda_available() else SHORT_EAGER
 
 
 def for_loading(name: str) -> str:

@@ -201,11 +201,13 @@ def checkpointing_setting(value) -> bool:
 
 def device_memory_gb() -> float:
     """What a trial may use, for train.gradient_checkpointing=auto: the GPU's memory, or the
-    RAM available now on a CPU. (torch is imported here, not with the module: pricing a config
+    RAM available now on a CPU. (torch is imported here, and only with a GPU: pricing a config
     needs no torch.)"""
-    import torch
+    from ftlab import device
 
-    if torch.cuda.is_available():
+    if device.cuda_available():
+        import torch
+
         return torch.cuda.get_device_properties(0).total_memory / GIB
     import psutil
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ftlab import device
 from ftlab.memory import (GIB, BudgetError, check_budget, estimate, eval_batch_tokens, fit_batch,
                           resolve_checkpointing, settings)
 
@@ -187,8 +188,9 @@ print(json.dumps({"fits": fits, "gb": est.total_gb, "reason": reason,
 
 def test_an_over_budget_run_is_turned_away_before_the_model_stack_imports(tmp_path):
     """pipeline.run records the skipped run and raises before importing transformers, peft or trl
-    (seconds of imports a config that cannot run should not wait for); the command line says why
-    in one line, exit 2, no traceback."""
+    (seconds of imports a config that cannot run should not wait for), and torch too where no GPU
+    runtime is visible (torch answers whether CUDA is there); the command line says why in one
+    line, exit 2, no traceback."""
     overrides = ["model=llama31_8b", "budget.vram_gb=8", "lora_r=64", "model.name_or_path=/nonexistent/weights",
                  f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
     out = in_a_fresh_interpreter(overrides, """
@@ -197,9 +199,10 @@ from ftlab.pipeline import run
 try:
     run(cfg)
 except OverBudget as e:
-    print(json.dumps({"run_id": e.run_id, "imported": [m for m in ("transformers", "peft", "trl") if m in sys.modules]}))
+    print(json.dumps({"run_id": e.run_id,
+                      "imported": [m for m in ("torch", "transformers", "peft", "trl") if m in sys.modules]}))
 """)
-    assert out["imported"] == [] and out["run_id"]
+    assert out["imported"] == (["torch"] if device.gpu_runtime_visible() else []) and out["run_id"]
 
     from tests.conftest import run_cli
 
