@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-# What a GPU runtime opens on Linux: NVIDIA's control device, WSL2's GPU paravirtualisation, ROCm's KFD.
-GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+# What a GPU runtime opens on Linux: NVIDIA's control device (Jetson's integrated GPU has its own),
+# WSL2's GPU paravirtualisation, ROCm's KFD.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvhost-ctrl-gpu", "/dev/dxg", "/dev/kfd")
 
 
 def gpu_runtime_visible() -> bool:
