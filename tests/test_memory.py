@@ -212,6 +212,17 @@ except OverBudget as e:
     assert "Traceback" not in cli.stderr
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the device-file check is Linux's; elsewhere torch is asked")
+def test_the_gpu_check_asks_torch_only_where_a_gpu_runtimes_device_file_exists(tmp_path, monkeypatch):
+    import torch
+
+    control = tmp_path / "nvidiactl"
+    monkeypatch.setattr(device, "GPU_DEVICE_FILES", (str(control),))
+    assert not device.gpu_runtime_visible() and device.cuda_available() is False
+    control.touch()
+    assert device.gpu_runtime_visible() and device.cuda_available() == torch.cuda.is_available()
+
+
 def test_impossible_budget_names_the_key(make_cfg):
     for bad in ("0", "-4"):
         with pytest.raises(BudgetError, match=r"budget\.vram_gb"):
