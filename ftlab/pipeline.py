@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -43,12 +44,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
             **tracking.sweep_tags(cfg.sweep)}
     predicted_gb = _fit_budget(cfg, run_name, tags)
     resume = _resume_point(cfg, cfg_hash)  # a resume with nothing to resume fails now, too
+    first_import = "ftlab.recipe" not in sys.modules
     from ftlab import recipe  # only for a config that will run: see the module docstring
 
-    # What these imports built lives as long as the process: frozen, the garbage collections after
-    # it (automatic ones in training, release_memory's after each trial) skip it (~0.5 s once).
-    gc.freeze()
-
+    if first_import:
+        # What these imports built lives as long as the process: frozen, the garbage collections
+        # after it (automatic ones in training, release_memory's after each trial) skip it (~0.5 s
+        # once). Only then: a later trial's objects (its config) must stay collectable.
+        gc.freeze()
     return recipe.run(cfg, run_name, tags, predicted_gb, resume, wall_start)
 
 
