@@ -7,9 +7,9 @@ Returns the run's metrics, so sweepers can read the objective.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -44,15 +44,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
             **tracking.sweep_tags(cfg.sweep)}
     predicted_gb = _fit_budget(cfg, run_name, tags)
     resume = _resume_point(cfg, cfg_hash)  # a resume with nothing to resume fails now, too
-    first_import = "ftlab.recipe" not in sys.modules
     from ftlab import recipe  # only for a config that will run: see the module docstring
 
-    if first_import:
-        # What these imports built lives as long as the process: frozen, the garbage collections
-        # after it (automatic ones in training, release_memory's after each trial) skip it (~0.5 s
-        # once). Only then: a later trial's objects (its config) must stay collectable.
-        gc.freeze()
+    _freeze_imported_libraries()
     return recipe.run(cfg, run_name, tags, predicted_gb, resume, wall_start)
+
+
+@functools.cache  # once a process: a later trial's objects (its config) must stay collectable
+def _freeze_imported_libraries() -> None:
+    """What the model stack's imports built lives as long as the process: frozen, the garbage
+    collections after it (automatic ones in training, release_memory's after each trial) skip it
+    (~0.5 s once)."""
+    gc.freeze()
 
 
 def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
