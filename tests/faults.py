@@ -1,7 +1,10 @@
-"""Fault injection for reliability tests, plugged in the way users add callbacks:
+"""Fault injection and probes for reliability tests, plugged in the way users add callbacks:
 `train.callbacks=[{_target_: tests.faults.RaiseAtStep, step: 2}]`."""
+import gc
+import json
 import os
 import signal
+import weakref
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -33,6 +36,23 @@ class FailOnTrial(TrainerCallback):
             raise RuntimeError(f"injected failure in trial {self.trial}")
         if self.trial in self.oom_on:
             self.cap.on_step_end(args, state, control, **kwargs)
+
+
+_TRAINED_MODELS: list = []  # weak references to every model a trial of this process trained
+
+
+class RecordLeftovers(TrainerCallback):
+    """At each trial's training start, append a JSON line to `path`: how many earlier trials'
+    models are still alive in this process, and how many objects the garbage collector has frozen."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        alive = sum(ref() is not None for ref in _TRAINED_MODELS)
+        _TRAINED_MODELS.append(weakref.ref(model))
+        with self.path.open("a") as f:
+            f.write(json.dumps({"earlier_models_alive": alive, "frozen": gc.get_freeze_count()}) + "\n")
 
 
 def sigkill_once(marker: str) -> None:

@@ -36,9 +36,16 @@ def assert_sweep_recorded(tmp_path, expected_r):
     assert summary["best_run_id"] == best_run.info.run_id
 
 
-def test_grid_sweep_groups_trials_under_one_parent_run(tmp_path):
-    sweep(tmp_path, "lora_r=4,8,16")
+def test_grid_sweep_groups_trials_under_one_parent_run_and_frees_each_trials_leftovers(tmp_path):
+    probe = tmp_path / "leftovers.jsonl"
+    sweep(tmp_path, "lora_r=4,8,16", f"train.callbacks=[{{_target_: tests.faults.RecordLeftovers, path: '{probe}'}}]")
     assert_sweep_recorded(tmp_path, [4, 8, 16])
+    # The trials share one process (Hydra's basic launcher): no earlier trial's model survives it,
+    # and what the collector freezes stops growing after the first trial (frozen objects are never
+    # collected, so a trial's garbage frozen with them would stay for the whole sweep).
+    seen = [json.loads(line) for line in probe.read_text().splitlines()]
+    assert [s["earlier_models_alive"] for s in seen] == [0, 0, 0]
+    assert seen[2]["frozen"] - seen[1]["frozen"] < 500, seen
 
 
 def test_grid_sweep_with_joblib_processes_finds_the_parent_then_registers_and_reports(tmp_path):
