@@ -13,6 +13,8 @@ Light on purpose: the memory estimate imports the names without torch or transfo
 """
 from __future__ import annotations
 
+from ftlab import device
+
 AUTO = "auto"
 SHORT_EAGER = "ftlab_sdpa_short_eager"  # what auto is on the CPU
 EAGER_BELOW_KEYS = 192
@@ -26,8 +28,6 @@ def resolve(name: str) -> str:
     memory estimate needs (a config turned away over budget never imports transformers)."""
     if name != AUTO:
         return name
-    from ftlab import device
-
     return "sdpa" if device.cuda_available() else SHORT_EAGER
 
 

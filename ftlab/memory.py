@@ -72,7 +72,7 @@ from omegaconf import DictConfig, ListConfig
 
 from ftlab.config import ConfigError, exit_2_on  # and registers the structured-config schema
 from ftlab.config import check as check_config
-from ftlab import attention
+from ftlab import attention, device
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 0.5 * GIB
@@ -203,8 +203,6 @@ def device_memory_gb() -> float:
     """What a trial may use, for train.gradient_checkpointing=auto: the GPU's memory, or the
     RAM available now on a CPU. (torch is imported here, and only with a GPU: pricing a config
     needs no torch.)"""
-    from ftlab import device
-
     if device.cuda_available():
         import torch
 

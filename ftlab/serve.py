@@ -27,6 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ftlab import device
 from ftlab.config import exit_2_on
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
@@ -101,7 +102,7 @@ def check_settings(cfg: DictConfig) -> None:
 
 
 def choose_engine(cfg: DictConfig) -> str:
-    gpu_vllm = importlib.util.find_spec("vllm") is not None and _cuda_available()
+    gpu_vllm = importlib.util.find_spec("vllm") is not None and device.cuda_available()
     if cfg.engine == "vllm" and not gpu_vllm:
         raise ServeError("engine=vllm needs vLLM installed (pip install vllm) and a CUDA GPU; use engine=auto")
     # vLLM's in-flight bitsandbytes mode is 4-bit only, so 8-bit goes to transformers.
@@ -113,12 +114,6 @@ def choose_engine(cfg: DictConfig) -> str:
     if cfg.engine == "auto":
         return "vllm" if gpu_vllm else "transformers"
     return cfg.engine
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def engine_command(engine: str, cfg: DictConfig, model: Resolved, host: str, port: int,
