@@ -8,8 +8,9 @@ apart, takes ~1 s once), and compares the wall time with the sum of the trials'
 own `train_seconds` + `eval_seconds` (and the base model's one evaluation) read back from
 MLflow, split by the runs' timestamps into start-up, one-off preparation (before and during the
 first trial), the per-trial overhead of the later trials and the end, and says how long trials
-must be for the overhead to stay under 5%. Then times the rejection of an over-budget config (Llama 3.1 8B, r=64, seq 4096, budget 8 GiB) through the real
-pipeline entry: it must fail before any weights, tokenizer or data load; and the same config as a command.
+must be for the overhead to stay under 5%. Then times the rejection of an over-budget config
+(Llama 3.1 8B, r=64, seq 4096, budget 8 GiB) through the real pipeline entry: it must fail
+before any weights, tokenizer or data load; and the same config as a command.
 
     python bench/sweep_overhead.py [steps per trial]
 """
@@ -69,6 +70,7 @@ def breakdown(store: Path, start: float, end: float) -> dict[str, float]:
     return {
         "trials": len(trials),
         "wall": end - start,
+        "per_trial": per_trial,
         "train + eval": sum(works),
         "base-model eval (once, before trial 0)": base_eval,
         "start-up (interpreter, Hydra, MLflow and its parent run)": parent.info.start_time / 1000 - start,
@@ -121,13 +123,12 @@ def main() -> None:
         rejection_seconds(store)  # the first call pays MLflow's store creation; time the second
         reject_s, reason = rejection_seconds(store)
         cli_reject_s = command_line_rejection_seconds(store)
-    n, wall = parts.pop("trials"), parts.pop("wall")
+    n, wall, per_trial = parts.pop("trials"), parts.pop("wall"), parts.pop("per_trial")
     work = parts["train + eval"] + parts["base-model eval (once, before trial 0)"]
     print(f"{n} trials x {steps} steps, wall {wall:.1f} s:")
     width = max(map(len, parts))
     for name, seconds in parts.items():
         print(f"  {name:<{width}} {seconds:6.1f} s  {seconds / wall:6.1%}")
-    per_trial = parts[f"per trial x {n} (config, load, adapter, logging)"] / n
     fixed = wall - work - per_trial * n
     # Overhead share of an n-trial sweep whose trials each take T s of train+eval:
     # (fixed + n * per_trial) / (fixed + n * (per_trial + T)) <= 5%  <=>  T >= 19 * (fixed / n + per_trial)
