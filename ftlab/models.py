@@ -367,7 +367,9 @@ def _lean_lora_forward(layer):
             if name not in layer.lora_A.keys():
                 continue
             lora_A, lora_B, scaling = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
-            convert = not torch.is_autocast_enabled()  # as peft decides it
+            # peft asks torch.is_autocast_enabled(), which is CUDA's autocast: on the CPU it casts the
+            # input to fp32 under autocast too, and autocast casts it back for the matmul (the same bits)
+            convert = not torch.is_autocast_enabled(x.device.type)
             if convert:
                 expected, x = result.dtype, layer._cast_input_dtype(x, lora_A.weight.dtype)
             output = lora_B(lora_A(layer.lora_dropout[name](x)))

@@ -174,15 +174,17 @@ def completion_only_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if model.training else "eval"
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            hidden = base.model(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                position_ids=inputs.get("position_ids"), use_cache=False,
-            ).last_hidden_state
             labels = inputs["labels"][:, 1:]
             mask = labels != -100
             targets = labels[mask]
             count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
-            loss, predicted = answer_token_loss(base.lm_head, hidden[:, :-1][mask], targets)
+            # The mixed precision the Trainer applies by wrapping model.forward, which this bypasses
+            with self.accelerator.autocast():
+                hidden = base.model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                    position_ids=inputs.get("position_ids"), use_cache=False,
+                ).last_hidden_state
+                loss, predicted = answer_token_loss(base.lm_head, hidden[:, :-1][mask], targets)
             loss = loss / torch.as_tensor(count).clamp(min=1)
             with torch.no_grad():
                 n = max(int(mask.sum()), 1)
@@ -361,6 +363,7 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
                                        Dataset.from_list(data.trl_rows("held_out")))
     if cached:  # TRL's own output: its preparation pass would only check it again (~0.4 s a trial)
         args.dataset_kwargs = {"skip_prepare_dataset": True}
+    adapters = {param: param.data for param in model.parameters() if param.requires_grad}
     with datasets_progress_bars_off():
         trainer = completion_only_trainer_class()(
             model=model,
@@ -371,6 +374,11 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
             processing_class=tokenizer,
             callbacks=callbacks or [],
         )
+    # SFTTrainer casts a quantized model's adapters to bf16 (TRL 1.16): back to the tensors that
+    # add_adapter made, in peft.adapter_dtype. In bf16 the master weights and AdamW's states would
+    # round small updates away; the matmuls compute in bf16 anyway, under autocast (compute_loss).
+    for param, data in adapters.items():
+        param.data = data
     if not cfg.packing:
         _TOKENIZED.clear()  # one entry: a sweep over data or models must not pile them up
         _TOKENIZED[key] = (trainer.train_dataset, trainer.eval_dataset)

@@ -85,6 +85,33 @@ def test_training_computes_its_held_out_loss_on_the_training_path(make_cfg, tmp_
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
 
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_training_keeps_the_adapters_in_peft_adapter_dtype(make_cfg, tmp_path, adapter_dtype):
+    """TRL's SFTTrainer casts a quantized model's adapters to bf16 as it starts; training, the
+    optimizer's states and the saved adapter stay in peft.adapter_dtype (fp32 by default, as the
+    memory estimate prices it), while the matmuls compute in bf16 under autocast."""
+    from safetensors import safe_open
+
+    from ftlab.data import prepare
+    from ftlab.train import train
+
+    cfg = make_cfg("train.max_steps=2", f"peft.adapter_dtype={adapter_dtype}")
+    ckpt = models.resolve_checkpoint(cfg.model, str(tmp_path))
+    tokenizer = models.load_tokenizer(ckpt)
+    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(str(tmp_path)))
+    model = models.add_adapter(models.load_base(ckpt, cfg.model, cfg.peft), 8, 16, 0.0, "all-linear", False,
+                               cfg.peft.adapter_dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, tmp_path / "out",
+                   models.compute_dtype(cfg.model.dtype))
+    dtype = getattr(torch, adapter_dtype)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained.keys() == before.keys() and all(p.dtype == dtype for p in trained.values())
+    assert any(not torch.equal(trained[n], before[n]) for n in before)  # it trained
+    with safe_open(str(result.adapter_dir / "adapter_model.safetensors"), "pt") as saved:
+        assert {saved.get_tensor(k).dtype for k in saved.keys()} == {dtype}
+
+
 @pytest.mark.parametrize("alpha", [8, 12])  # scaling 1 (ftlab's default alpha = r) and 1.5
 def test_lora_on_a_4bit_base_computes_what_peft_computes_bit_for_bit(make_cfg, tmp_path, alpha):
     """ftlab's lean forward of peft's 4-bit LoRA layers (no defensive copy, no multiplication by
