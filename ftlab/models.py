@@ -355,8 +355,11 @@ def _lean_lora_forward(layer):
     """peft's forward of a LoRA layer on a 4-bit linear, less two full-size passes over its output
     that it makes every call: a defensive copy of the base output and a multiplication by the
     scaling when it is 1 (lora_alpha = lora_r, ftlab's default), the latter with its backward.
-    The same values bit for bit; anything but plain LoRA called plainly (merged or disabled
-    adapters, DoRA and other variants, per-row adapter names) takes peft's own forward. peft 0.21."""
+    The same values bit for bit, except in training under autocast, where lora_B's matmul adds
+    the base output in its epilogue (one addmm: a write and a read of the full-size output fewer,
+    the sum rounded once instead of twice). Anything but plain LoRA called plainly (merged or
+    disabled adapters, DoRA and other variants, per-row adapter names) takes peft's own forward.
+    peft 0.21."""
     peft_forward = layer.forward
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -370,6 +373,11 @@ def _lean_lora_forward(layer):
             # peft asks torch.is_autocast_enabled(), which is CUDA's autocast: on the CPU it casts the
             # input to fp32 under autocast too, and autocast casts it back for the matmul (the same bits)
             convert = not torch.is_autocast_enabled(x.device.type)
+            if not convert and layer.training and lora_B.bias is None:
+                down = lora_A(layer.lora_dropout[name](x))
+                result = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
+                                     lora_B.weight.T, alpha=scaling).view(result.shape)
+                continue
             if convert:
                 expected, x = result.dtype, layer._cast_input_dtype(x, lora_A.weight.dtype)
             output = lora_B(lora_A(layer.lora_dropout[name](x)))
