@@ -63,24 +63,32 @@ def test_the_held_out_loss_pass_computes_4bit_layers_as_training_does(make_cfg, 
     torch.testing.assert_close(many_row, inference_kernel, rtol=0.02, atol=0.02)
 
 
+def tiny_adapted_model(cfg, tmp_path):
+    """The tiny base with rank-8 adapters on every linear (in peft.adapter_dtype), and a train()
+    that trains it on the prepared data under cfg."""
+    from ftlab.data import prepare
+    from ftlab.train import train
+
+    ckpt = models.resolve_checkpoint(cfg.model, str(tmp_path))
+    tokenizer = models.load_tokenizer(ckpt)
+    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(str(tmp_path)))
+    model = models.add_adapter(models.load_base(ckpt, cfg.model, cfg.peft), 8, 16, 0.0, "all-linear", False,
+                               cfg.peft.adapter_dtype)
+    return model, lambda: train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, tmp_path / "out",
+                                models.compute_dtype(cfg.model.dtype))
+
+
 def test_training_computes_its_held_out_loss_on_the_training_path(make_cfg, tmp_path):
     """train()'s closing loss pass runs in eval mode, which would switch the 4-bit layers to
     bitsandbytes' row-by-row inference kernel; it keeps them on the training path."""
     from bitsandbytes.nn import Linear4bit
 
-    from ftlab.data import prepare
-    from ftlab.train import train
-
     cfg = make_cfg("train.max_steps=1", "train.save_adapter=false")  # saving would unpack the layers itself
-    ckpt = models.resolve_checkpoint(cfg.model, str(tmp_path))
-    tokenizer = models.load_tokenizer(ckpt)
-    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(str(tmp_path)))
-    model = models.add_adapter(models.load_base(ckpt, cfg.model, cfg.peft), 8, 16, 0.0, "all-linear", False)
+    model, train = tiny_adapted_model(cfg, tmp_path)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if not layers[0].support_avx512bf16_for_cpu:
         pytest.skip("bitsandbytes has no CPU inference kernel on this CPU (no AVX512-BF16)")
-    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, tmp_path / "out",
-                   models.compute_dtype(cfg.model.dtype))
+    result = train()
     assert result.eval_loss > 0
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
@@ -92,18 +100,10 @@ def test_training_keeps_the_adapters_in_peft_adapter_dtype(make_cfg, tmp_path, a
     memory estimate prices it), while the matmuls compute in bf16 under autocast."""
     from safetensors import safe_open
 
-    from ftlab.data import prepare
-    from ftlab.train import train
-
     cfg = make_cfg("train.max_steps=2", f"peft.adapter_dtype={adapter_dtype}")
-    ckpt = models.resolve_checkpoint(cfg.model, str(tmp_path))
-    tokenizer = models.load_tokenizer(ckpt)
-    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(str(tmp_path)))
-    model = models.add_adapter(models.load_base(ckpt, cfg.model, cfg.peft), 8, 16, 0.0, "all-linear", False,
-                               cfg.peft.adapter_dtype)
+    model, train = tiny_adapted_model(cfg, tmp_path)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    result = train(model, tokenizer, data, cfg.train, cfg.lr, cfg.seed, tmp_path / "out",
-                   models.compute_dtype(cfg.model.dtype))
+    result = train()
     dtype = getattr(torch, adapter_dtype)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trained.keys() == before.keys() and all(p.dtype == dtype for p in trained.values())
