@@ -6,8 +6,14 @@ A is what a user writes from a blog post: SFTTrainer with a model id, peft_confi
 and TRL's defaults for everything else. Each variant runs in its own process (ftlab
 tunes the allocator process-wide), alternating A/B so machine noise hits both.
 
-    python bench/train_throughput.py                 # SmolLM2-135M and tiny, both datasets
-    python bench/train_throughput.py tiny 6          # model, optimizer steps
+TRL's default is bf16 autocast. On a CPU without bf16 units (AVX2 only) torch runs bf16
+matmuls ~100x slower than fp32 (1.3 vs 129 GFLOP/s measured on an AVX2 EPYC), so a step
+of A would take ~15 minutes there: A then sets bf16=False, the one change such a user
+must make, both compute in fp32, and the bench prints the two matmul speeds it measured.
+
+    python bench/train_throughput.py                        # SmolLM2-135M and tiny, both datasets
+    python bench/train_throughput.py tiny 6                 # model, optimizer steps
+    python bench/train_throughput.py smollm2_135m 3 varied  # ... and one dataset (default, varied)
 """
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
     cfg, ckpt, tokenizer, data = load_case(model, dataset)
     train_rows, eval_rows = data.trl_rows("train"), data.trl_rows("held_out")
     out = Path("/tmp/ftlab-bench") / f"{variant}-{model}-{dataset}"
+    dtype = models.compute_dtype(cfg.model.dtype)  # bf16 where the hardware has bf16 units, else fp32
     if variant == "A":
         from peft import LoraConfig
         from transformers import BitsAndBytesConfig
@@ -77,9 +84,10 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
         args = SFTConfig(
             output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=2e-4,
             max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
-            model_init_kwargs={"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
+            bf16=None if dtype == torch.bfloat16 else False,  # None: TRL's default (bf16)
+            model_init_kwargs={"dtype": dtype, "quantization_config": BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16)},
+                bnb_4bit_compute_dtype=dtype)},
         )
         trainer = SFTTrainer(
             model=str(ckpt), args=args, train_dataset=Dataset.from_list(train_rows),
@@ -90,7 +98,7 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
             start = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - start
-        eval_loss = completion_loss(trainer.model, tokenizer, data.held_out, torch.bfloat16)
+        eval_loss = completion_loss(trainer.model, tokenizer, data.held_out, dtype)
         tokens = next(e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e)
     else:
         from transformers import set_seed
@@ -105,13 +113,35 @@ def run_variant(variant: str, model: str, dataset: str, steps: int) -> dict:
         set_seed(cfg.seed)  # as ftlab's recipe does: the adapter's initial weights, so runs repeat
         model_obj = models.add_adapter(model_obj, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                        cfg.train.gradient_checkpointing, cfg.peft.adapter_dtype)
-        result = train(model_obj, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out,
-                       models.compute_dtype(cfg.model.dtype))
+        result = train(model_obj, tokenizer, data, cfg.train, cfg.lr, cfg.seed, out, dtype)
         seconds, tokens = result.train_seconds, result.trained_tokens
-        eval_loss = completion_loss(model_obj, tokenizer, data.held_out, models.compute_dtype(cfg.model.dtype))
+        eval_loss = completion_loss(model_obj, tokenizer, data.held_out, dtype)
         peak = type("Peak", (), {"peak_mb": result.peak_memory_mb})
     return {"variant": variant, "model": model, "dataset": dataset, "seconds": seconds, "tokens": tokens,
             "tokens_per_s": tokens / seconds, "peak_mb": peak.peak_mb, "eval_loss": eval_loss}  # held-out answer-token loss
+
+
+def computes_in_fp32() -> bool:
+    import torch
+
+    from ftlab import models
+
+    return models.compute_dtype("auto") == torch.float32
+
+
+def matmul_speeds() -> str:
+    """A 1024x576 by 576x1536 matmul (an MLP projection of SmolLM2 on a batch) in fp32 and bf16."""
+    import torch
+
+    speeds = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        torch.mm(a, b)
+        start, reps = time.perf_counter(), 3
+        for _ in range(reps):
+            torch.mm(a, b)
+        speeds.append(f"{str(dtype)[6:]} {2 * 1024 * 576 * 1536 * reps / (time.perf_counter() - start) / 1e9:.1f} GFLOP/s")
+    return ", ".join(speeds)
 
 
 def main() -> None:
@@ -120,9 +150,12 @@ def main() -> None:
         return
     model_list = [arg(1, None)] if len(sys.argv) > 1 else ["tiny", "smollm2_135m"]
     steps = arg(2, 6, int)
+    datasets = [arg(3, None)] if len(sys.argv) > 3 else ["default", "varied"]
+    if computes_in_fp32():
+        print(f"no bf16 units: A runs TRL's defaults with bf16=False (matmul here: {matmul_speeds()})", flush=True)
     results = []
     for model in model_list:
-        for dataset in ("default", "varied"):
+        for dataset in datasets:
             for variant in ("A", "B"):
                 proc = subprocess.run([sys.executable, __file__, "--variant", variant, model, dataset, str(steps)],
                                       capture_output=True, text=True)
