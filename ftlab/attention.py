@@ -1,12 +1,14 @@
-"""Which attention a model trains with: model.attn_implementation=auto is SDPA on a GPU and,
-on the CPU, HF's eager attention (bf16 matmuls, an fp32 softmax) for batches shorter than
-EAGER_BELOW_KEYS keys, SDPA for longer ones.
+"""Which attention a model trains with: model.attn_implementation=auto is SDPA on a GPU and
+on a CPU computing in fp32; on a CPU computing in bf16 it is HF's eager attention (bf16
+matmuls, an fp32 softmax) for batches shorter than EAGER_BELOW_KEYS keys, SDPA for longer ones.
 
 Why: torch's CPU flash-attention kernel is slow for short sequences in bf16. Forward +
 backward, 8 rows, 9 query / 3 key heads of 64 (SmolLM2), on an AVX512-BF16 EPYC: 128 keys
 15.1 ms vs 6.7 ms eager, 160 keys 25.2 vs 14.8 ms; from 192 keys the kernel takes larger
-query blocks and wins or ties (192: 19.8 vs 22.1 ms; 320: 45.5 vs 58.7 ms). Eager keeps an
-S x S probability matrix per head for the backward pass, which the memory estimate prices
+query blocks and wins or ties (192: 19.8 vs 22.1 ms; 320: 45.5 vs 58.7 ms). In fp32 the
+kernel wins at every length (an AVX2-only EPYC, the same shapes: 64 keys 3.8 vs 7.1 ms eager,
+128 keys 12.2 vs 18.4, 192 keys 24.5 vs 36.3, 384 keys 89.7 vs 159.8). Eager keeps an S x S
+probability matrix per head for the backward pass, which the memory estimate prices
 (ftlab/memory.py), bounded here by the threshold.
 
 Light on purpose: the memory estimate imports the names without torch or transformers.
@@ -23,17 +25,19 @@ EAGER_BELOW_KEYS = 192
 DECODE_KEY_BLOCK = 64
 
 
-def resolve(name: str) -> str:
-    """model.attn_implementation as the model is loaded with on this machine: a name, all the
-    memory estimate needs (a config turned away over budget never imports transformers)."""
-    if name != AUTO:
-        return name
-    return "sdpa" if device.cuda_available() else SHORT_EAGER
+def resolve(name: str, dtype: str = "auto") -> str:
+    """model.attn_implementation as the model is loaded with on this machine, for model.dtype:
+    a name, all the memory estimate needs (a config turned away over budget never imports
+    transformers)."""
+    if name != AUTO or device.cuda_available():
+        return "sdpa" if name == AUTO else name
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and device.cpu_has_bf16_units())
+    return SHORT_EAGER if bf16 else "sdpa"
 
 
-def for_loading(name: str) -> str:
-    """resolve(name), registered with transformers when it is ftlab's own."""
-    name = resolve(name)
+def for_loading(name: str, dtype: str = "auto") -> str:
+    """resolve(name, dtype), registered with transformers when it is ftlab's own."""
+    name = resolve(name, dtype)
     if name == SHORT_EAGER:
         register()
     return name

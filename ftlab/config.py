@@ -70,7 +70,8 @@ class ModelConfig:
     allow_pickle_weights: bool = False
     # auto | sdpa | flash_attention_2 | eager. Eager keeps an S x S score matrix per head, which
     # the memory estimator (ftlab/memory.py) prices; sdpa and flash do not. auto: sdpa on a
-    # GPU; on the CPU eager for short batches, where it trains ~2x faster (ftlab/attention.py).
+    # GPU and in fp32; on a CPU in bf16 eager for short batches, where it trains ~2x faster
+    # (ftlab/attention.py).
     attn_implementation: str = "auto"
     arch: ArchConfig = field(default_factory=ArchConfig)
 

@@ -22,3 +22,16 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX, as torch.cpu reports them, read from /proc/cpuinfo's flags on Linux so
+    that choosing the attention for a config (and pricing it) does not import torch."""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_tile"} & set(line.split(":", 1)[1].split()))
+    import torch  # no x86 flags line (ARM's cpuinfo lists "Features"), or not Linux
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ftlab import attention
+from ftlab import attention, device
 from ftlab.config import ArchConfig, ModelConfig, PeftConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def compute_dtype(name: str) -> torch.dtype:
         return getattr(torch, name)
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+    if device.cpu_has_bf16_units():
         return torch.bfloat16
     return torch.float32
 
@@ -273,7 +273,7 @@ def load_base(checkpoint: Path, model_cfg: ModelConfig, peft: PeftConfig):
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint,
         dtype=load_dtype,
-        attn_implementation=attention.for_loading(model_cfg.attn_implementation),
+        attn_implementation=attention.for_loading(model_cfg.attn_implementation, model_cfg.dtype),
         quantization_config=quantization_config(peft, dtype) if peft.method != "full" else None,
         device_map=device_map,
         trust_remote_code=model_cfg.trust_remote_code,

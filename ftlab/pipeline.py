@@ -62,7 +62,7 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
     """Predicted peak (GiB) of the config that will run. Over budget.vram_gb: with
     budget.fit=auto_batch the micro-batch is lowered (grad_accum raised to keep the
     effective batch) until it fits; otherwise a skipped run is recorded and OverBudget raised."""
-    cfg.model.attn_implementation = attention.resolve(cfg.model.attn_implementation)  # priced, and logged, as run
+    cfg.model.attn_implementation = attention.resolve(cfg.model.attn_implementation, cfg.model.dtype)  # priced, logged, as run
     cfg.train.gradient_checkpointing = memory.resolve_checkpointing(cfg, memory.device_memory_gb())
     fits, est, reason = memory.check_budget(cfg)
     if not fits and cfg.budget.fit == "auto_batch" and (pair := memory.fit_batch(cfg)):

@@ -1,5 +1,6 @@
-"""model.attn_implementation=auto: SDPA on a GPU, and on the CPU eager attention for short
-batches (where torch's CPU flash kernel is slow in bf16), SDPA for long ones."""
+"""model.attn_implementation=auto: SDPA on a GPU and in fp32, and on a CPU computing in bf16
+eager attention for short batches (where torch's CPU flash kernel is slow in bf16), SDPA for
+long ones."""
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
@@ -8,9 +9,16 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from ftlab import attention
 
 
-def test_auto_is_the_short_eager_attention_on_the_cpu_and_other_names_stay():
-    assert attention.resolve("auto") == ("sdpa" if torch.cuda.is_available() else attention.SHORT_EAGER)
+def test_auto_is_the_short_eager_attention_on_a_cpu_in_bf16_and_other_names_stay():
+    from ftlab import models
+
+    on_cpu = not torch.cuda.is_available()
+    assert attention.resolve("auto", "bfloat16") == (attention.SHORT_EAGER if on_cpu else "sdpa")
+    assert attention.resolve("auto", "float32") == "sdpa"
+    computes_in_bf16 = models.compute_dtype("auto") == torch.bfloat16
+    assert attention.resolve("auto") == (attention.SHORT_EAGER if on_cpu and computes_in_bf16 else "sdpa")
     assert attention.resolve("eager") == "eager" and attention.resolve("sdpa") == "sdpa"
+    assert attention.resolve("eager", "float32") == "eager"
 
 
 def test_short_batches_attend_eagerly_and_long_ones_through_sdpa():

@@ -223,6 +223,12 @@ def test_the_gpu_check_asks_torch_only_where_a_gpu_runtimes_device_file_exists(t
     assert device.gpu_runtime_visible() and device.cuda_available() == torch.cuda.is_available()
 
 
+def test_the_bf16_units_check_gives_torchs_answer_without_importing_torch():
+    import torch
+
+    assert device.cpu_has_bf16_units() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def test_impossible_budget_names_the_key(make_cfg):
     for bad in ("0", "-4"):
         with pytest.raises(BudgetError, match=r"budget\.vram_gb"):
