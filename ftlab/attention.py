@@ -29,8 +29,10 @@ def resolve(name: str, dtype: str = "auto") -> str:
     """model.attn_implementation as the model is loaded with on this machine, for model.dtype:
     a name, all the memory estimate needs (a config turned away over budget never imports
     transformers)."""
-    if name != AUTO or device.cuda_available():
-        return "sdpa" if name == AUTO else name
+    if name != AUTO:
+        return name
+    if device.cuda_available():
+        return "sdpa"
     bf16 = dtype == "bfloat16" or (dtype == "auto" and device.cpu_has_bf16_units())
     return SHORT_EAGER if bf16 else "sdpa"
 
