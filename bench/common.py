@@ -25,3 +25,17 @@ def compose_config(*overrides: str):
 def arg(position: int, default, cast=str):
     """sys.argv[position] as `cast`, or `default` when it is not given."""
     return cast(sys.argv[position]) if len(sys.argv) > position else default
+
+
+def matmul_flops(dtype, m: int, k: int, n: int, reps: int) -> float:
+    """FLOP/s of an (m x k) by (k x n) matmul in `dtype`, on all of torch's threads, after one warm-up."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    torch.mm(a, b)  # warm up
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2 * m * k * n * reps / (time.perf_counter() - start)

@@ -15,21 +15,10 @@ recomputation counted: this is MFU, not hardware FLOP utilisation):
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from common import arg
+from common import arg, matmul_flops
 from train_throughput import load_case, run_variant
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)  # warm up
-    start = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def flops_per_token(arch, lora_r: int, seq_len: float, label_share: float) -> float:
@@ -49,7 +38,7 @@ def main() -> None:
 
     cfg, _, tokenizer, data = load_case(model, "default")
     dtype = models.compute_dtype(cfg.model.dtype)
-    peak = matmul_peak(dtype)
+    peak = matmul_flops(dtype, 4096, 4096, 4096, reps=10)
     print(f"matmul peak ({dtype}, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
     rows = [tokenizer.apply_chat_template(e.messages, tokenize=True, return_dict=False) for e in data.train]
     prompt_lens = [len(tokenizer.apply_chat_template(e.prompt, tokenize=True, add_generation_prompt=True,

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import arg, compose_config
+from common import arg, compose_config, matmul_flops
 
 
 def load_case(model: str, dataset: str):
@@ -133,15 +133,8 @@ def matmul_speeds() -> str:
     """A 1024x576 by 576x1536 matmul (an MLP projection of SmolLM2 on a batch) in fp32 and bf16."""
     import torch
 
-    speeds = []
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-        torch.mm(a, b)
-        start, reps = time.perf_counter(), 3
-        for _ in range(reps):
-            torch.mm(a, b)
-        speeds.append(f"{str(dtype)[6:]} {2 * 1024 * 576 * 1536 * reps / (time.perf_counter() - start) / 1e9:.1f} GFLOP/s")
-    return ", ".join(speeds)
+    return ", ".join(f"{name} {matmul_flops(dtype, 1024, 576, 1536, reps=3) / 1e9:.1f} GFLOP/s"
+                     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)))
 
 
 def main() -> None:
