@@ -346,6 +346,8 @@ RANGES = {  # key: (test, what the value must be)
     "lr": (lambda v: v > 0, "> 0"),
     "lora_alpha": (lambda v: v > 0, "> 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.eval_size": (lambda v: 0 < v < 1 or (v >= 1 and v == int(v)),
+                       "a whole number of records, or a fraction in (0, 1) of them"),
     "train.epochs": (lambda v: v > 0, "> 0"),
     "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 (train for train.epochs) or >= 1"),
     "train.grad_accum": (lambda v: v >= 1, ">= 1"),

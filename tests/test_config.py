@@ -43,7 +43,8 @@ def test_wrong_type_fails_naming_key(tmp_path):
 
 BAD_VALUES = ["train.sampling=bogus", "model.dtype=bf16", "peft.adapter_dtype=int8", "budget.fit=shrink", "lr=-1",
               "lora_alpha=0", "lora_dropout=1.0", "train.grad_accum=0", "train.max_steps=0", "eval.max_examples=0",
-              "eval.samples_to_log=-1", "eval.max_new_tokens=0", "registry.gate_metric=rougeL"]
+              "eval.samples_to_log=-1", "eval.max_new_tokens=0", "registry.gate_metric=rougeL",
+              "data.eval_size=2.5", "data.eval_size=0"]
 
 
 @pytest.mark.parametrize("override", BAD_VALUES)
