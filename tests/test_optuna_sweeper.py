@@ -64,6 +64,7 @@ def test_trials_link_to_mlflow_runs_and_the_same_command_resumes(tmp_path):
     trials = study(tmp_path, "resume").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert {n: trials[n].params for n in first} == first  # completed trials were not redone
+    assert trials[2].params not in first.values()  # the resumed seeded sampler did not replay trial 0's config
     mlflow_runs = {r.info.run_id: r for r in runs(tmp_path)}
     assert len(mlflow_runs) == 3
     for t in trials:

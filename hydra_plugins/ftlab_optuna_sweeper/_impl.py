@@ -137,18 +137,18 @@ class OptunaSweeperImpl(Sweeper):
                                    "command line or hydra.sweeper.params in a sweeps/ config")
         return space, fixed
 
-    def make_sampler(self, space: dict, n_objectives: int) -> optuna.samplers.BaseSampler:
+    def make_sampler(self, space: dict, n_objectives: int, seed: Optional[int]) -> optuna.samplers.BaseSampler:
         name = self.sampler_name
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=self.seed)  # reads each trial's budget constraint
+            return optuna.samplers.TPESampler(seed=seed)  # reads each trial's budget constraint
         if name == "random":
-            return optuna.samplers.RandomSampler(seed=self.seed)
+            return optuna.samplers.RandomSampler(seed=seed)
         if name == "grid":
-            return optuna.samplers.GridSampler({k: grid_values(k, d) for k, d in space.items()}, seed=self.seed)
+            return optuna.samplers.GridSampler({k: grid_values(k, d) for k, d in space.items()}, seed=seed)
         if name == "cmaes":
             if n_objectives > 1:
                 raise SweepConfigError("hydra.sweeper.sampler=cmaes optimises one objective; use tpe for several")
-            return optuna.samplers.CmaEsSampler(seed=self.seed)
+            return optuna.samplers.CmaEsSampler(seed=seed)
         raise SweepConfigError(f"hydra.sweeper.sampler={name}: expected tpe, random, grid or cmaes")
 
     def make_storage(self, sweep_id: str) -> optuna.storages.RDBStorage:
@@ -192,9 +192,13 @@ class OptunaSweeperImpl(Sweeper):
         check_objective(objective, direction)
         sweep_id = os.environ.get(ftlab_sweep.ENV_SWEEP_ID) or self.study_name or ftlab_sweep.sweep_id(self.config)
         storage = self.make_storage(sweep_id)
-        sampler = self.make_sampler(space, len(objective))
+        sampler = self.make_sampler(space, len(objective), self.seed)
         study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=sampler, directions=direction,
                                     load_if_exists=True)
+        if self.seed is not None and study.trials:
+            # A seeded sampler starts its random stream over: a resumed sweep (or a later worker) would
+            # ask first for the configs the study's first trials already ran. Go on with a seed of its own.
+            sampler = study.sampler = self.make_sampler(space, len(objective), self.seed + len(study.trials))
         log.info("Optuna study %s: %d trials wanted, %d in storage", sweep_id, self.n_trials, len(study.trials))
 
         while True:
