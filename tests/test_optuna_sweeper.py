@@ -1,5 +1,7 @@
 """ftlab's Optuna sweeper: Hydra's sweep syntax, trials linked to MLflow runs, a
 persistent study that the same command resumes, budget pruning that TPE learns from."""
+import json
+
 import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -73,3 +75,26 @@ def test_trials_link_to_mlflow_runs_and_the_same_command_resumes(tmp_path):
         assert run.data.metrics["rouge_l"] == t.value
     [parent] = runs(tmp_path, "sweep")  # the resumed sweep joined its parent run
     assert {r.data.tags["mlflow.parentRunId"] for r in mlflow_runs.values()} == {parent.info.run_id}
+
+
+def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(tmp_path):
+    # Two choices, five trials: the sampler must repeat itself; each config runs (or is turned away) once.
+    sweep(tmp_path, *optuna_args(tmp_path, "repeats", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0",
+                                 "hydra.sweeper.n_trials=5", "budget.vram_gb=1",
+                                 "train.per_device_batch_size=choice(2,4096)"))
+    trials = study(tmp_path, "repeats").trials
+    first = {}
+    for t in trials:
+        first.setdefault(t.params["train.per_device_batch_size"], t)
+    assert set(first) == {2, 4096}
+    assert first[2].state == TrialState.COMPLETE and first[4096].state == TrialState.PRUNED
+    repeats = [t for t in trials if t.number not in {f.number for f in first.values()}]
+    assert len(repeats) == 3
+    for t in repeats:
+        original = first[t.params["train.per_device_batch_size"]]
+        assert t.user_attrs["repeat_of"] == original.number
+        assert (t.state, t.values, t.constraints) == (original.state, original.values, original.constraints)
+        assert t.user_attrs["mlflow_run_id"] == original.user_attrs["mlflow_run_id"]
+    assert len(runs(tmp_path)) == 2  # one MLflow run per config: repeats trained nothing and logged nothing
+    results = json.loads((tmp_path / "multirun" / "optuna_results.json").read_text())
+    assert results["repeats_reused"] == 3 and [b["number"] for b in results["best"]] == [first[2].number]

@@ -19,9 +19,11 @@ from tests.sweeping import SMALL_TRIAL, runs, sweep
 
 def optuna_sweep_args(storage, name, n_trials, *extra, grace_period=2):
     # Heartbeat every second; stale after grace_period s, so a re-run soon after a kill takes over its trial.
-    return ["hydra/sweeper=optuna", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0",
+    # lr makes every trial's config new, so none is a repeat whose earlier outcome is reused.
+    return ["hydra/sweeper=optuna", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=8",
             f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={name}",
-            f"hydra.sweeper.n_trials={n_trials}", "lora_r=choice(4,8,16)", "hydra.sweeper.heartbeat_interval=1",
+            f"hydra.sweeper.n_trials={n_trials}", "lora_r=choice(4,8,16)", "lr=tag(log, interval(1e-4, 1e-2))",
+            "hydra.sweeper.heartbeat_interval=1",
             f"hydra.sweeper.grace_period={grace_period}", *extra]
 
 
@@ -30,7 +32,7 @@ def test_failed_and_oom_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     fault = "train.callbacks=[{_target_:tests.faults.FailOnTrial,trial:${sweep.trial_number},oom_on:[1],raise_on:[3]}]"
     sweep(tmp_path, *optuna_sweep_args(storage, "faults", 3, fault))
     trials = optuna.load_study(study_name="faults", storage=storage).trials
-    assert [t.params["lora_r"] for t in trials] == [8, 16, 16, 8, 8]  # RandomSampler(seed=0)
+    assert [t.params["lora_r"] for t in trials] == [8, 16, 16, 4, 8]  # RandomSampler(seed=8)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.FAIL,
                                          TrialState.COMPLETE]
     assert trials[1].user_attrs["failure_kind"] == "oom"

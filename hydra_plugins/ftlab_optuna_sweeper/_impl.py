@@ -93,6 +93,34 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     log.info("trial %d: its params are queued to run again (%s)", trial.number, trial.params)
 
 
+# What a repeated config takes over from the trial that ran it (see reuse_earlier_outcome).
+REUSED_ATTRS = ("mlflow_run_id", "state", "skip_reason", "predicted_peak_gb", "budget_excess_gb")
+
+
+def reuse_earlier_outcome(study: optuna.Study, trial: optuna.Trial, config: list[str]) -> bool:
+    """Tell a trial the outcome of an earlier COMPLETE or PRUNED trial with the same overrides
+    instead of running it: the same config and seed train the same run, and samplers repeat
+    configs once a small space is used up (TPE over choice(8,16) asks a third time). This is
+    Optuna's FAQ recipe for duplicate suggestions. Failed trials are not reused (a failure may
+    be transient); the overrides are recorded on every trial that runs, so a study resumed
+    with other fixed overrides reuses nothing."""
+    trial.set_user_attr("config", config)
+    earlier = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                    if t.user_attrs.get("config") == config and "repeat_of" not in t.user_attrs), None)
+    if earlier is None:
+        return False
+    for key in REUSED_ATTRS:
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    trial.set_user_attr("repeat_of", earlier.number)
+    for name, value in earlier.constraints.items():
+        trial.set_constraint(name, value)
+    tell(study, trial, earlier.values, state=earlier.state)
+    log.info("trial %d repeats trial %d's config %s: its outcome reused, not run again", trial.number, earlier.number,
+             trial.params)
+    return True
+
+
 def tell(study: optuna.Study, trial: optuna.Trial, values=None, state: TrialState | None = None) -> None:
     """study.tell that tolerates GridSampler calling study.stop() once its grid is done:
     stop() only works inside study.optimize. Optuna stores the trial's state in a finally
@@ -220,11 +248,12 @@ class OptunaSweeperImpl(Sweeper):
                 time.sleep(min(5, self.heartbeat_interval))
                 continue
             batch = self.claim(study, [study.ask(space) for _ in range(min(self.n_jobs, free))])
+            configs = {t.number: [*fixed, *(f"{k}={v}" for k, v in t.params.items())] for t in batch}
+            batch = [t for t in batch if not reuse_earlier_outcome(study, t, configs[t.number])]
             if not batch:
                 continue
             oom = oom_override(study)  # one storage query per batch, not per trial
-            overrides = [[*fixed, *(f"{k}={v}" for k, v in t.params.items()), f"sweep.trial_number={t.number}", *oom]
-                         for t in batch]
+            overrides = [[*configs[t.number], f"sweep.trial_number={t.number}", *oom] for t in batch]
             self.validate_batch_is_legal(overrides)
             try:
                 with self.heartbeats(storage, [t._trial_id for t in batch]):
@@ -323,11 +352,15 @@ class OptunaSweeperImpl(Sweeper):
 
     def write_results(self, study: optuna.Study, objective: list[str]) -> None:
         """The best trial, or for several objectives the Pareto front, next to the sweep's outputs."""
-        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-        front = study.best_trials if complete else []
+        trials = study.trials
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        # A repeated config is listed once, as the trial that ran it.
+        ran = {t.user_attrs.get("repeat_of", t.number) for t in (study.best_trials if complete else [])}
+        front = [trials[number] for number in sorted(ran)]
         results = {"study_name": study.study_name, "objective": objective,
                    "directions": [d.name.lower() for d in study.directions],
-                   "counts": {s.name: sum(t.state == s for t in study.trials) for s in TrialState},
+                   "counts": {s.name: sum(t.state == s for t in trials) for s in TrialState},
+                   "repeats_reused": sum("repeat_of" in t.user_attrs for t in trials),
                    "pareto_front" if len(objective) > 1 else "best": [
                        {"number": t.number, "values": t.values, "params": t.params,
                         "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in front]}
