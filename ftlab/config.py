@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 
 class ConfigError(ValueError):
@@ -21,9 +22,12 @@ class ConfigError(ValueError):
 @contextmanager
 def exit_2_on(*errors: type[Exception]):
     """Entry points: an error the user acts on (a config value, bad data, a name the registry
-    lacks) is one line, `ftlab: <message>`, and exit 2, not a traceback."""
+    lacks, a required value not given) is one line, `ftlab: <message>`, and exit 2, not a traceback."""
     try:
         yield
+    except MissingMandatoryValue as e:
+        print(f"ftlab: {e.full_key} is required: add {e.full_key}=... to the command", file=sys.stderr)
+        raise SystemExit(2) from None
     except errors as e:
         print(f"ftlab: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -325,6 +325,10 @@ def main() -> None:
     # `python -m ftlab.registry promote version=2` reads better than `action=promote`.
     if len(sys.argv) > 1 and "=" not in sys.argv[1] and not sys.argv[1].startswith("-"):
         sys.argv[1] = f"action={sys.argv[1]}"
+    if not any(a.startswith(("action=", "-")) for a in sys.argv[1:]):
+        print("ftlab: say what to do: python -m ftlab.registry register run_id=<run id> | promote version=<n> "
+              "| promote run_id=<run id> | rollback", file=sys.stderr)
+        raise SystemExit(2)
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="registry_command")
     @exit_2_on(RegistryError, tracking.TrackingError)

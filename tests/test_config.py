@@ -1,11 +1,15 @@
 """The schema: overrides users type, and errors that name the bad key before any model loads."""
+import os
+import subprocess
+import sys
+
 import mlflow
 import pytest
 
 from ftlab import config
 from ftlab.config import ConfigError
 from ftlab.pipeline import run
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def test_top_level_knobs_override(make_cfg):
@@ -107,3 +111,15 @@ def test_an_installed_wheel_finds_its_configs_and_sweeps_from_any_directory(tmp_
     assert ok(python, "-c", "import ftlab; print(ftlab.__file__)", cwd=elsewhere).startswith(str(tmp_path / "venv"))
     out = ok(python, "-m", "ftlab.memory", "model=llama31_8b", "sweeps=rank_lr", cwd=elsewhere)
     assert "predicted peak" in out
+
+
+@pytest.mark.parametrize("command, says", [
+    ("ftlab.registry", "ftlab: say what to do: python -m ftlab.registry register run_id=<run id> | promote"),
+    ("ftlab.serve", "ftlab: model is required: add model=... to the command"),
+    ("ftlab.report", "ftlab: sweep is required: add sweep=... to the command")])
+def test_a_command_without_what_it_needs_says_so_in_one_line(tmp_path, command, says):
+    out = subprocess.run([sys.executable, "-m", command], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2, out.stderr[-2000:]
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(says)
