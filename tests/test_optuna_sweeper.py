@@ -98,3 +98,17 @@ def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(t
     assert len(runs(tmp_path)) == 2  # one MLflow run per config: repeats trained nothing and logged nothing
     results = json.loads((tmp_path / "multirun" / "optuna_results.json").read_text())
     assert results["repeats_reused"] == 3 and [b["number"] for b in results["best"]] == [first[2].number]
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], "ftlab: hydra/sweeper=optuna: no search space; add e.g. lora_r='choice(8,16,64)'"),
+    (["hydra.sweeper.sampler=bogus", "lora_r=choice(4,8)"],
+     "ftlab: hydra.sweeper.sampler=bogus: expected tpe, random, grid or cmaes")])
+def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_failed(tmp_path, args, says):
+    out = sweep(tmp_path, "hydra/sweeper=optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", *args,
+                check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(says)
+    [parent] = runs(tmp_path, "sweep")
+    assert parent.info.status == "FAILED" and says.removeprefix("ftlab: ") in parent.data.tags["ftlab.error"]
+    assert runs(tmp_path) == []  # no trial started

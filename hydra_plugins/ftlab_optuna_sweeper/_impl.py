@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from ftlab.config import SweepConfigError, check_objective
+from ftlab.config import SweepConfigError, check_objective, exit_2_on
 
 log = logging.getLogger(__name__)
 BUDGET_CONSTRAINT = "budget_excess_gb"  # Optuna constraint: GiB over budget.vram_gb (or the OOM cap), feasible <= 0
@@ -210,6 +210,16 @@ class OptunaSweeperImpl(Sweeper):
     # ------------------------------------------------------------------ the sweep
 
     def sweep(self, arguments: List[str]) -> Any:
+        from ftlab import sweep as ftlab_sweep
+
+        with exit_2_on(SweepConfigError):  # a search space, sampler or storage that cannot work: one line
+            try:
+                return self.run_study(arguments)
+            except SweepConfigError as e:
+                ftlab_sweep.end_sweep(self.config, e, "FAILED")  # Hydra skips on_multirun_end after an error
+                raise
+
+    def run_study(self, arguments: List[str]) -> optuna.Study:
         import os
 
         from ftlab import sweep as ftlab_sweep
