@@ -103,7 +103,8 @@ def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(t
 @pytest.mark.parametrize("args, says", [
     ([], "ftlab: hydra/sweeper=optuna: no search space; add e.g. lora_r='choice(8,16,64)'"),
     (["hydra.sweeper.sampler=bogus", "lora_r=choice(4,8)"],
-     "ftlab: hydra.sweeper.sampler=bogus: expected tpe, random, grid or cmaes")])
+     "ftlab: hydra.sweeper.sampler=bogus: expected tpe, random, grid or cmaes"),
+    (["hydra.sweeper.n_trials=0", "lora_r=choice(4,8)"], "ftlab: hydra.sweeper.n_trials=0: must be >= 1")])
 def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_failed(tmp_path, args, says):
     out = sweep(tmp_path, "hydra/sweeper=optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", *args,
                 check=False)

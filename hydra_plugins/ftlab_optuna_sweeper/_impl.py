@@ -225,6 +225,10 @@ class OptunaSweeperImpl(Sweeper):
         from ftlab import sweep as ftlab_sweep
 
         quiet_optuna_warnings()
+        for key in ("n_trials", "n_jobs", "heartbeat_interval", "max_failed_trials", "grace_period"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise SweepConfigError(f"hydra.sweeper.{key}={value}: must be >= 1")
         space, fixed = self.search_space(arguments)
         objective, direction = list(self.config.sweep.objective), list(self.config.sweep.direction)
         check_objective(objective, direction)
