@@ -100,6 +100,17 @@ def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(t
     assert results["repeats_reused"] == 3 and [b["number"] for b in results["best"]] == [first[2].number]
 
 
+def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):
+    # One choice: every ask is the same config, two at a time (n_jobs=2), then one more.
+    sweep(tmp_path, *optuna_args(tmp_path, "twins", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=3",
+                                 "lora_r=choice(4)"))
+    trials = study(tmp_path, "twins").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [t.user_attrs.get("repeat_of") for t in trials] == [None, 0, 0]
+    [run] = runs(tmp_path)
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {run.info.run_id}
+
+
 @pytest.mark.parametrize("args, says", [
     ([], "ftlab: hydra/sweeper=optuna: no search space; add e.g. lora_r='choice(8,16,64)'"),
     (["hydra.sweeper.sampler=bogus", "lora_r=choice(4,8)"],

@@ -261,23 +261,27 @@ class OptunaSweeperImpl(Sweeper):
             if free <= 0:  # the rest is running in other workers (or in a crashed one, until it goes stale)
                 time.sleep(min(5, self.heartbeat_interval))
                 continue
-            batch = self.claim(study, [study.ask(space) for _ in range(min(self.n_jobs, free))])
-            configs = {t.number: [*fixed, *(f"{k}={v}" for k, v in t.params.items())] for t in batch}
-            batch = [t for t in batch if not reuse_earlier_outcome(study, t, configs[t.number])]
+            asked = self.claim(study, [study.ask(space) for _ in range(min(self.n_jobs, free))])
+            configs = {t.number: [*fixed, *(f"{k}={v}" for k, v in t.params.items())] for t in asked}
+            batch, twins = [], []  # twins: a config asked twice in this batch runs once, and they take its outcome
+            for t in asked:
+                if not reuse_earlier_outcome(study, t, configs[t.number]):
+                    (twins if any(configs[b.number] == configs[t.number] for b in batch) else batch).append(t)
             if not batch:
                 continue
             oom = oom_override(study)  # one storage query per batch, not per trial
             overrides = [[*configs[t.number], f"sweep.trial_number={t.number}", *oom] for t in batch]
             self.validate_batch_is_legal(overrides)
             try:
-                with self.heartbeats(storage, [t._trial_id for t in batch]):
+                with self.heartbeats(storage, [t._trial_id for t in batch + twins]):
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: ftlab's entry point reports it and exits
-                for trial in batch:
+                for trial in batch + twins:
                     trial.set_user_attr("failure_kind", "interrupted")
                     trial.set_user_attr("error", str(e)[:2000])
                     tell(study, trial, state=TrialState.FAIL)
-                    retry(study, study.get_trials(deepcopy=False)[trial.number])
+                    if trial in batch:  # a twin's config is queued with the trial that ran it
+                        retry(study, study.get_trials(deepcopy=False)[trial.number])
                 raise
             self.job_idx += len(returns)
             for trial, ret in zip(batch, returns):
@@ -289,6 +293,10 @@ class OptunaSweeperImpl(Sweeper):
                     log.warning("trial %d was failed as stale by another worker while it ran; raise "
                                 "hydra.sweeper.grace_period (now %ss) if workers are this busy", trial.number,
                                 self.grace_period or 2 * self.heartbeat_interval)
+            for trial in twins:
+                if not reuse_earlier_outcome(study, trial, configs[trial.number]):  # the run of its config failed
+                    trial.set_user_attr("error", "its config failed in a twin trial of the same batch")
+                    tell(study, trial, state=TrialState.FAIL)
 
         self.write_results(study, objective)
         return study
