@@ -79,9 +79,9 @@ def test_trials_link_to_mlflow_runs_and_the_same_command_resumes(tmp_path):
 
 def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(tmp_path):
     # Two choices, five trials: the sampler must repeat itself; each config runs (or is turned away) once.
-    sweep(tmp_path, *optuna_args(tmp_path, "repeats", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0",
-                                 "hydra.sweeper.n_trials=5", "budget.vram_gb=1",
-                                 "train.per_device_batch_size=choice(2,4096)"))
+    out = sweep(tmp_path, *optuna_args(tmp_path, "repeats", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0",
+                                       "hydra.sweeper.n_trials=5", "budget.vram_gb=1",
+                                       "train.per_device_batch_size=choice(2,4096)"))
     trials = study(tmp_path, "repeats").trials
     first = {}
     for t in trials:
@@ -98,6 +98,7 @@ def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(t
     assert len(runs(tmp_path)) == 2  # one MLflow run per config: repeats trained nothing and logged nothing
     results = json.loads((tmp_path / "multirun" / "optuna_results.json").read_text())
     assert results["repeats_reused"] == 3 and [b["number"] for b in results["best"]] == [first[2].number]
+    assert "3 repeated configs told their earlier outcome, not run again" in out.stdout + out.stderr
 
 
 def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):

@@ -389,4 +389,5 @@ class OptunaSweeperImpl(Sweeper):
         out = Path(self.config.hydra.sweep.dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "optuna_results.json").write_text(json.dumps(results, indent=2))
-        log.info("Optuna study %s: %s", study.study_name, results["counts"])
+        log.info("Optuna study %s: %s; %d repeated configs told their earlier outcome, not run again",
+                 study.study_name, results["counts"], results["repeats_reused"])
