@@ -101,6 +101,25 @@ def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(t
     assert "3 repeated configs told their earlier outcome, not run again" in out.stdout + out.stderr
 
 
+def test_a_repeat_is_reused_only_while_the_shared_config_and_data_are_unchanged(tmp_path):
+    data = tmp_path / "data.jsonl"
+
+    def write(answer):
+        data.write_text("".join(json.dumps({"instruction": f"ticket {i}", "output": f"{answer} {i}"}) + "\n"
+                                for i in range(40)))
+
+    args = optuna_args(tmp_path, "edited", "lora_r=choice(4)", f"data.path={data}", "data.dedupe=false")
+    write("refund")
+    sweep(tmp_path, *args, "hydra.sweeper.n_trials=1")
+    write("replacement")  # the same study name and params on edited data: new training, not a repeat
+    sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")
+    sweep(tmp_path, *args, "hydra.sweeper.n_trials=3")  # nothing changed since: a repeat
+    trials = study(tmp_path, "edited").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [t.user_attrs.get("repeat_of") for t in trials] == [None, None, 1]
+    assert len(runs(tmp_path)) == 2
+
+
 def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):
     # One choice: every ask is the same config, two at a time (n_jobs=2), then one more.
     sweep(tmp_path, *optuna_args(tmp_path, "twins", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=3",

@@ -24,7 +24,7 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -98,12 +98,12 @@ REUSED_ATTRS = ("mlflow_run_id", "state", "skip_reason", "predicted_peak_gb", "b
 
 
 def reuse_earlier_outcome(study: optuna.Study, trial: optuna.Trial, config: list[str]) -> bool:
-    """Tell a trial the outcome of an earlier COMPLETE or PRUNED trial with the same overrides
+    """Tell a trial the outcome of an earlier COMPLETE or PRUNED trial with the same config
     instead of running it: the same config and seed train the same run, and samplers repeat
     configs once a small space is used up (TPE over choice(8,16) asks a third time). This is
     Optuna's FAQ recipe for duplicate suggestions. Failed trials are not reused (a failure may
-    be transient); the overrides are recorded on every trial that runs, so a study resumed
-    with other fixed overrides reuses nothing."""
+    be transient). `config` (the shared config's hash and the trial's params) is recorded on
+    every trial that runs, so a study resumed with other settings or edited data reuses nothing."""
     trial.set_user_attr("config", config)
     earlier = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
                     if t.user_attrs.get("config") == config and "repeat_of" not in t.user_attrs), None)
@@ -242,6 +242,12 @@ class OptunaSweeperImpl(Sweeper):
             # ask first for the configs the study's first trials already ran. Go on with a seed of its own.
             sampler = study.sampler = self.make_sampler(space, len(objective), self.seed + len(study.trials))
         log.info("Optuna study %s: %d trials wanted, %d in storage", sweep_id, self.n_trials, len(study.trials))
+        # What every trial shares (config files, fixed overrides, the data file's content): a trial repeats
+        # an earlier one only when this and its params match (reuse_earlier_outcome).
+        from ftlab import tracking
+
+        base = "ftlab.config_hash=" + tracking.config_hash(
+            OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"]))
 
         while True:
             optuna.storages.fail_stale_trials(study)
@@ -262,7 +268,8 @@ class OptunaSweeperImpl(Sweeper):
                 time.sleep(min(5, self.heartbeat_interval))
                 continue
             asked = self.claim(study, [study.ask(space) for _ in range(min(self.n_jobs, free))])
-            configs = {t.number: [*fixed, *(f"{k}={v}" for k, v in t.params.items())] for t in asked}
+            params = {t.number: [f"{k}={v}" for k, v in t.params.items()] for t in asked}
+            configs = {number: [base, *p] for number, p in params.items()}
             batch, twins = [], []  # twins: a config asked twice in this batch runs once, and they take its outcome
             for t in asked:
                 if not reuse_earlier_outcome(study, t, configs[t.number]):
@@ -270,7 +277,7 @@ class OptunaSweeperImpl(Sweeper):
             if not batch:
                 continue
             oom = oom_override(study)  # one storage query per batch, not per trial
-            overrides = [[*configs[t.number], f"sweep.trial_number={t.number}", *oom] for t in batch]
+            overrides = [[*fixed, *params[t.number], f"sweep.trial_number={t.number}", *oom] for t in batch]
             self.validate_batch_is_legal(overrides)
             try:
                 with self.heartbeats(storage, [t._trial_id for t in batch + twins]):
