@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 import warnings
@@ -28,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from ftlab import sweep as ftlab_sweep
+from ftlab import tracking
 from ftlab.config import SweepConfigError, check_objective, exit_2_on
 
 log = logging.getLogger(__name__)
@@ -180,8 +183,6 @@ class OptunaSweeperImpl(Sweeper):
         raise SweepConfigError(f"hydra.sweeper.sampler={name}: expected tpe, random, grid or cmaes")
 
     def make_storage(self, sweep_id: str) -> optuna.storages.RDBStorage:
-        from ftlab import tracking
-
         url = self.storage_url
         if url is None:
             Path("mlruns").mkdir(exist_ok=True)
@@ -210,8 +211,6 @@ class OptunaSweeperImpl(Sweeper):
     # ------------------------------------------------------------------ the sweep
 
     def sweep(self, arguments: List[str]) -> Any:
-        from ftlab import sweep as ftlab_sweep
-
         with exit_2_on(SweepConfigError):  # a search space, sampler or storage that cannot work: one line
             try:
                 return self.run_study(arguments)
@@ -220,10 +219,6 @@ class OptunaSweeperImpl(Sweeper):
                 raise
 
     def run_study(self, arguments: List[str]) -> optuna.Study:
-        import os
-
-        from ftlab import sweep as ftlab_sweep
-
         quiet_optuna_warnings()
         for key in ("n_trials", "n_jobs", "heartbeat_interval", "max_failed_trials", "grace_period"):
             value = getattr(self, key)
@@ -244,8 +239,6 @@ class OptunaSweeperImpl(Sweeper):
         log.info("Optuna study %s: %d trials wanted, %d in storage", sweep_id, self.n_trials, len(study.trials))
         # What every trial shares (config files, fixed overrides, the data file's content): a trial repeats
         # an earlier one only when this and its params match (reuse_earlier_outcome).
-        from ftlab import tracking
-
         base = "ftlab.config_hash=" + tracking.config_hash(
             OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"]))
 
