@@ -1,4 +1,4 @@
-"""Every supported format, in every supported container (JSONL, JSON array, CSV, Parquet,
+"""Every supported format, in every supported container (JSONL, JSON array, CSV, TSV, Parquet,
 datasets save_to_disk), normalises to the same chat messages; field names can be remapped."""
 from __future__ import annotations
 
@@ -35,12 +35,12 @@ def write(records: list[dict], path):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     elif path.suffix == ".json":
         path.write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
-    elif path.suffix == ".csv":
+    elif path.suffix in (".csv", ".tsv"):
         # Lists (turns) go into CSV cells as JSON strings, as spreadsheet exports hold them.
         rows = [{k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v for k, v in r.items()}
                 for r in records]
         with path.open("w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
             writer.writeheader()
             writer.writerows(rows)
     elif path.suffix == ".parquet":
@@ -55,7 +55,7 @@ def write(records: list[dict], path):
     return path
 
 
-@pytest.mark.parametrize("container", ["data.jsonl", "data.json", "data.csv", "data.parquet", "hf_dir"])
+@pytest.mark.parametrize("container", ["data.jsonl", "data.json", "data.csv", "data.tsv", "data.parquet", "hf_dir"])
 @pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "prompt_completion"])
 def test_each_format_and_container_round_trips_to_the_same_messages(data_cfg, tmp_path, fmt, container):
     path = write([as_format(m, fmt) for m in CONVERSATIONS], tmp_path / container)
@@ -118,6 +118,47 @@ def test_hf_split_is_chosen_and_a_missing_one_is_named(data_cfg, tmp_path):
     assert examples[0].messages == CONVERSATIONS[1]
     with pytest.raises(DataError, match=r"data.hf_split=valid: .* has splits \['test', 'train'\]"):
         load_examples(str(tmp_path / "d"), data_cfg(hf_split="valid"))
+
+
+def test_a_directory_of_shards_is_read_in_name_order(data_cfg, tmp_path):
+    """Exports often come as a folder of part files (Spark, pandas, split by hand), with markers beside them."""
+    shards = tmp_path / "export"
+    (shards / "year=2026").mkdir(parents=True)
+    write([as_format(CONVERSATIONS[0], "alpaca")], shards / "part-0.parquet")
+    write([as_format(CONVERSATIONS[1], "messages")], shards / "year=2026" / "part-1.jsonl")
+    (shards / "_SUCCESS").write_text("")
+    (shards / ".part-0.parquet.crc").write_bytes(b"\x00crc")
+    (shards / "_temporary").mkdir()
+    (shards / "_temporary" / "part-9.jsonl").write_text("{broken")
+    examples, rejects = load_examples(str(shards), data_cfg(path=str(shards)))
+    assert rejects == []
+    assert [e.messages for e in examples] == CONVERSATIONS
+    assert [e.where for e in examples] == [f"{shards / 'part-0.parquet'}: row 1",
+                                           f"{shards / 'year=2026' / 'part-1.jsonl'}:1"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty is a directory without data files \(.jsonl, .*\) and not a datasets"):
+        load_examples(str(tmp_path / "empty"), data_cfg())
+
+
+def test_a_csv_with_semicolons_is_read_by_its_header(data_cfg, tmp_path):
+    """Spreadsheets in locales with a decimal comma export `;`-separated "CSV"."""
+    path = tmp_path / "export.csv"
+    path.write_text('instruction;input;output\nReset my password;I am locked out.;"{""category"":""account""}"\n'
+                    "Où est ma commande ? 📦;;En route.\n", encoding="utf-8")
+    examples, rejects = load_examples(str(path), data_cfg(path=str(path)))
+    assert rejects == []
+    assert [e.messages for e in examples] == CONVERSATIONS
+
+
+def test_unreadable_parquet_and_datasets_directories_are_named(data_cfg, tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable Parquet file"):
+        load_examples(str(tmp_path / "bad.parquet"), data_cfg())
+    ds = write([as_format(m, "alpaca") for m in CONVERSATIONS], tmp_path / "hf_dir")
+    for arrow in ds.rglob("*.arrow"):
+        arrow.unlink()
+    with pytest.raises(DataError, match=r"hf_dir: not a readable datasets save_to_disk directory"):
+        load_examples(str(ds), data_cfg())
 
 
 def test_missing_file_and_unknown_extension_are_named(data_cfg, tmp_path):

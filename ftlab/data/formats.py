@@ -1,7 +1,7 @@
 """Read records from files and normalise every supported format to chat messages.
 
-Sources: JSON Lines, a JSON array, CSV, Parquet, a `datasets` save_to_disk directory or a
-hub dataset name. Formats: alpaca (instruction/input/output), sharegpt (conversations of
+Sources: JSON Lines, a JSON array, CSV or TSV, Parquet, a directory of such files (shards), a
+`datasets` save_to_disk directory or a hub dataset name. Formats: alpaca (instruction/input/output), sharegpt (conversations of
 from/value), messages (role/content) and prompt_completion; field names can be remapped.
 A record that cannot be used becomes a RecordError carrying its file:line and reason.
 """
@@ -25,6 +25,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 FIELDS = {f.name: f.default for f in dataclasses.fields(FieldNames)}
 # A rejected record's source text is kept in the rejects file up to this many characters.
 RAW_KEPT = 10_000
+# Separators tried, in order, for a .csv whose header has no comma.
+CSV_DELIMITERS = (";", "\t", "|")
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -111,11 +113,23 @@ def read_json(path: Path) -> Iterator[RawRecord | RecordError]:
         yield RawRecord(f"{path}: item {i}", item, json.dumps(item, ensure_ascii=False, default=str)[:RAW_KEPT])
 
 
+def _csv_delimiter(path: Path, header: str) -> str:
+    """Tab for .tsv; for .csv a comma, unless the header has none and holds another separator
+    (spreadsheets in locales with a decimal comma export `;`)."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    if "," not in header:
+        return next((d for d in CSV_DELIMITERS if d in header), ",")
+    return ","
+
+
 def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
     # surrogateescape keeps invalid bytes as lone surrogates, which validation then reports
     # for the row they are in instead of failing the whole file.
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f)
+        delimiter = _csv_delimiter(path, f.readline())
+        f.seek(0)
+        reader = csv.DictReader(f, delimiter=delimiter)
         for row in reader:
             where = f"{path}:{reader.line_num}"
             raw = json.dumps(row, ensure_ascii=False, default=str)[:RAW_KEPT]
@@ -123,6 +137,16 @@ def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
                 yield RecordError("row has more cells than the header has columns", "malformed_row", where, raw)
             else:
                 yield RawRecord(where, {k: v for k, v in row.items() if v is not None}, raw)
+
+
+def read_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError / ArrowInvalid: not Parquet, truncated
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    yield from _rows(table.to_pylist(), str(path))
 
 
 def _rows(rows: list[dict], label: str) -> Iterator[RawRecord]:
@@ -135,7 +159,11 @@ def read_hf(source: str, split: str) -> Iterator[RawRecord]:
     import datasets
 
     if Path(source).is_dir():
-        ds = datasets.load_from_disk(source)
+        try:
+            ds = datasets.load_from_disk(source)
+        except Exception as e:  # a save_to_disk directory with missing or damaged files
+            raise DataError(f"data.path={source}: not a readable datasets save_to_disk directory "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
     else:
         try:
             ds = datasets.load_dataset(source, split=split)
@@ -149,27 +177,37 @@ def read_hf(source: str, split: str) -> Iterator[RawRecord]:
     yield from _rows(ds.to_list(), f"{source}[{split}]")
 
 
+READERS = {".jsonl": read_jsonl, ".ndjson": read_jsonl, ".json": read_json, ".csv": read_csv, ".tsv": read_csv,
+           ".parquet": read_parquet}
+
+
+def read_directory(path: Path) -> Iterator[RawRecord | RecordError]:
+    """Every data file under a directory (shards: part-00000.parquet, ...), in name order; hidden
+    and `_`-prefixed entries (_SUCCESS, .crc files) are skipped."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READERS
+                   and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+    if not files:
+        raise DataError(f"data.path: {path} is a directory without data files ({', '.join(READERS)}) and not a "
+                        "datasets save_to_disk directory")
+    for file in files:
+        yield from READERS[file.suffix.lower()](file)
+
+
 def read_records(source: str, hf_split: str = "train") -> Iterator[RawRecord | RecordError]:
     path = Path(source).expanduser()
     if path.is_dir():
-        return read_hf(str(path), hf_split)
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # datasets' save_to_disk
+            return read_hf(str(path), hf_split)
+        return read_directory(path)
     if not path.exists():
         if HUB_NAME.match(source):
             return read_hf(source, hf_split)
         raise DataError(f"data.path: {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return read_jsonl(path)
-    if suffix == ".json":
-        return read_json(path)
-    if suffix in (".csv", ".tsv"):
-        return read_csv(path)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return _rows(pq.read_table(path).to_pylist(), str(path))
-    raise DataError(f"data.path: {path} has an unknown extension; use .jsonl, .json, .csv, .parquet "
-                    "or a datasets save_to_disk directory")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"data.path: {path} has an unknown extension; use {', '.join(READERS)}, a directory of "
+                        "such files or a datasets save_to_disk directory")
+    return reader(path)
 
 
 # --------------------------------------------------------------------------- normalising
