@@ -30,6 +30,22 @@ def test_hydra_sweep_syntax_becomes_optuna_distributions():
         grid_values("lr", FloatDistribution(1e-5, 1e-3))
 
 
+def test_an_integer_interval_keeps_to_its_bounds():
+    assert parse("lora_r=tag(int, interval(4.5,8.9))") == IntDistribution(5, 8)  # not 4, below the interval
+
+
+@pytest.mark.parametrize("text, says", [
+    ("lr=interval(1e-3,1e-5)", r"lr=interval\(1e-3,1e-5\): `low <= high` must hold"),
+    ("lora_r=range(8,8)", r"lora_r=range\(8,8\): the range holds no values \(its stop is excluded\)"),
+    ("lora_r=range(8,4)", r"lora_r=range\(8,4\): the range holds no values"),
+    ("lr=range(0.5,0.5,0.1)", r"lr=range\(0.5,0.5,0.1\): "),
+    ("lr=tag(log, interval(0,1e-3))", r"lr=tag\(log, interval\(0,1e-3\)\): `low > 0` must hold for `log=True`"),
+    ("lora_r=tag(int, interval(4.2,4.8))", r"lora_r=tag\(int, interval\(4.2,4.8\)\): `low <= high` must hold")])
+def test_bounds_optuna_refuses_name_the_override(text, says):
+    with pytest.raises(SweepConfigError, match=says):
+        parse(text)
+
+
 def study(tmp_path, name):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
 
@@ -135,7 +151,8 @@ def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):
     ([], "ftlab: hydra/sweeper=optuna: no search space; add e.g. lora_r='choice(8,16,64)'"),
     (["hydra.sweeper.sampler=bogus", "lora_r=choice(4,8)"],
      "ftlab: hydra.sweeper.sampler=bogus: expected tpe, random, grid or cmaes"),
-    (["hydra.sweeper.n_trials=0", "lora_r=choice(4,8)"], "ftlab: hydra.sweeper.n_trials=0: must be >= 1")])
+    (["hydra.sweeper.n_trials=0", "lora_r=choice(4,8)"], "ftlab: hydra.sweeper.n_trials=0: must be >= 1"),
+    (["lr=interval(1e-3,1e-5)"], "ftlab: lr=interval(1e-3,1e-5): `low <= high` must hold")])
 def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_failed(tmp_path, args, says):
     out = sweep(tmp_path, "hydra/sweeper=optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", *args,
                 check=False)

@@ -48,7 +48,15 @@ def quiet_optuna_warnings() -> None:
 def distribution(override: Override) -> BaseDistribution:
     """An Optuna distribution from one sweep override. range() is exclusive of its stop,
     as everywhere in Hydra; interval() is continuous; tag(log, ...) samples in log space,
-    tag(int, interval(...)) integers."""
+    tag(int, interval(...)) the integers inside the interval. Bounds Optuna refuses (low above
+    high, an empty range, log with low <= 0) are a SweepConfigError naming the override."""
+    try:
+        return _distribution(override)
+    except ValueError as e:
+        raise SweepConfigError(f"{override.input_line}: {e}") from None
+
+
+def _distribution(override: Override) -> BaseDistribution:
     value = override.value()
     key = override.get_key_element()
     if override.is_choice_sweep():
@@ -58,13 +66,14 @@ def distribution(override: Override) -> BaseDistribution:
         if value.shuffle or any(isinstance(x, float) for x in (value.start, value.stop, value.step)):
             return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
         step = int(value.step)
-        last = int(value.start) + (len(range(int(value.start), int(value.stop), step)) - 1) * step
-        return IntDistribution(int(value.start), last, step=step)
+        if not (n := len(range(int(value.start), int(value.stop), step))):
+            raise ValueError("the range holds no values (its stop is excluded)")
+        return IntDistribution(int(value.start), int(value.start) + (n - 1) * step, step=step)
     if override.is_interval_sweep():
         assert isinstance(value, IntervalSweep)
         log_scale = "log" in value.tags
         if "int" in value.tags:
-            return IntDistribution(int(value.start), int(value.end), log=log_scale)
+            return IntDistribution(math.ceil(value.start), math.floor(value.end), log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
     raise SweepConfigError(f"{key}: unsupported sweep {override.input_line!r}; use choice(...), range(...), "
                            f"interval(a,b) or tag(log, interval(a,b))")
