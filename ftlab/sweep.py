@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab import tracking
 from ftlab.checkpoints import Interrupted
-from ftlab.config import ConfigError, SweepConfigError, check_objective
+from ftlab.config import ConfigError, SweepConfigError, check_objective, exit_2_on
 from ftlab.data import DataError
 from ftlab.data.prepare import source_digest
 from ftlab.memory import OverBudget, budget_gib
@@ -37,6 +38,7 @@ log = logging.getLogger("ftlab.sweep")
 ENV_SWEEP_ID = "FTLAB_SWEEP_ID"
 ENV_PARENT_RUN_ID = "FTLAB_SWEEP_PARENT_RUN_ID"
 SUMMARY_FILE = "ftlab_sweep.json"
+GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def in_multirun() -> bool:
@@ -144,6 +146,21 @@ def continues_finished_trials() -> bool:
     return "ftlab_optuna_sweeper" not in str(HydraConfig.get().sweeper.get("_target_", ""))
 
 
+def check_grid(config: DictConfig) -> None:
+    """Hydra's grid sweeper answers an interval with a traceback, and an empty range with a
+    sweep of no trials that reports nothing: each is one line instead, before the parent run."""
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") != GRID_SWEEPER:
+        return
+    lines = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in (sweeper.get("params") or {}).items())]
+    for override in OverridesParser.create().parse_overrides(lines):
+        if override.is_interval_sweep():
+            raise SweepConfigError(f"{override.input_line}: the grid sweeper takes a,b,c, choice(...) and range(...); "
+                                   "an interval needs hydra/sweeper=optuna")
+        if override.is_sweep_override() and not list(override.sweep_string_iterator()):
+            raise SweepConfigError(f"{override.input_line}: no values to sweep (range(a,b) stops before b)")
+
+
 def command_line() -> str:
     """The command as typed, with secret values masked."""
     args = [("{}=***".format(a.split("=", 1)[0]) if "=" in a and tracking.SECRET_KEY.search(a.split("=", 1)[0].lstrip("+~"))
@@ -155,6 +172,8 @@ class SweepCallback(Callback):
     """Registered under hydra.callbacks in conf/config.yaml."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with exit_2_on(SweepConfigError):  # SystemExit: Hydra would turn an exception here into a warning
+            check_grid(config)
         try:
             check_objective(list(config.sweep.objective), list(config.sweep.direction))
         except SweepConfigError:

@@ -82,6 +82,18 @@ def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path)
 
 
+@pytest.mark.parametrize("override, says", [
+    ("lora_r=range(8,8)", "ftlab: lora_r=range(8,8): no values to sweep (range(a,b) stops before b)"),
+    ("lr=interval(1e-5,1e-3)", "ftlab: lr=interval(1e-5,1e-3): the grid sweeper takes a,b,c, choice(...) and range(...); "
+                               "an interval needs hydra/sweeper=optuna")])
+def test_a_grid_the_basic_sweeper_cannot_run_is_one_line_before_a_parent_run(tmp_path, override, says):
+    """Hydra's own answers: an empty range launches 0 jobs and reports nothing; an interval is a traceback."""
+    out = sweep(tmp_path, "seed=1,2", override, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == says
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path, "sweep")
+
+
 @pytest.mark.parametrize("bad", ["data", "value"])
 def test_bad_data_or_a_bad_value_stops_the_sweep_and_ends_its_parent_run_failed_with_the_reason(tmp_path, bad):
     data = tmp_path / "bad.jsonl"
