@@ -199,6 +199,7 @@ def alias_holder(name: str, alias: str) -> ModelVersion | None:
 def resolve_version(name: str, version: str | None) -> ModelVersion:
     """A version number, an alias, or None for the newest version."""
     client = MlflowClient()
+    _require_registered(client, name)
     if version is None:
         versions = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"], max_results=1)
         if not versions:
@@ -213,6 +214,20 @@ def resolve_version(name: str, version: str | None) -> ModelVersion:
     if holder is None:
         raise RegistryError(f"version={version}: registered model '{name}' has no alias '{version}'")
     return holder
+
+
+def _require_registered(client: MlflowClient, name: str) -> None:
+    """A mistyped model name is named with the names the store does hold (nothing registered
+    yet: the caller's 'no versions' / 'no such version' says enough)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        held = [m.name for m in client.search_registered_models(max_results=20)]
+        if held:
+            raise RegistryError(f"no registered model '{name}' in {tracking.mask(mlflow.get_tracking_uri())}; it "
+                                f"holds {', '.join(repr(n) for n in held)}") from None
 
 
 def checkpoint_dir(model_uri: str, dst: Path | None = None) -> Path:

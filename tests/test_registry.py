@@ -53,6 +53,8 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     assert 0 < float(tags["ftlab.adapter_mb"]) < 5 and tags["ftlab.adapter_uri"] == f"runs:/{best}/adapter"
     assert {"metric.rouge_l", "metric.bertscore_f1", "metric.exact_match", "metric.eval_loss"} <= set(tags)
     assert float(tags["ftlab.merge_relative_logit_diff"]) <= float(tags["ftlab.merge_tolerance"])
+    with pytest.raises(registry.RegistryError, match=rf"no registered model '{name}x' in sqlite:.*; it holds '{name}'"):
+        registry.resolve_version(f"{name}x", "production")  # a typo is named with what the store holds
     model_info = mlflow.models.get_model_info(f"models:/{name}/1")
     assert model_info.signature is not None and "transformers" in model_info.flavors
     assert model_info.flavors["transformers"]["task"] == "text-generation"
