@@ -92,10 +92,13 @@ class Sweep:
 
 
 def find_sweep(client: MlflowClient, sweep: str) -> Run:
-    """The parent run of a sweep, given its run id or its ftlab.sweep_id tag (the newest
-    parent if a resumed sweep has several)."""
+    """The parent run of a sweep, given its run id, its ftlab.sweep_id tag (the newest
+    parent if a resumed sweep has several) or the run id of one of its trials (as copied from
+    the MLflow UI)."""
     try:
         run = client.get_run(sweep)
+        if run.data.tags.get("ftlab.role") == "trial" and (parent := run.data.tags.get("mlflow.parentRunId")):
+            run = client.get_run(parent)
         if run.data.tags.get("ftlab.role") == "sweep":
             return run
     except MlflowException:
@@ -580,7 +583,7 @@ def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_u
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
-    """`python -m ftlab.report sweep=<sweep id or parent run id>`."""
+    """`python -m ftlab.report sweep=<sweep id, parent run id or a trial's run id>`."""
     with exit_2_on(ReportError, TrackingError):
         out = build_report(cfg.sweep, cfg.out_dir, existing_store(cfg.tracking_uri))
     print(f"report: {out / 'report.html'} (also logged on the sweep's parent run under report/)")

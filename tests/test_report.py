@@ -175,6 +175,11 @@ def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
     assert (tmp_path / SWEEP_ID / "report.html").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [SWEEP_ID]  # no Hydra outputs/ or logs
 
+    client = MlflowClient(f"sqlite:///{store}/mlruns/mlflow.db")
+    [trial] = client.search_runs([client.get_run(parent_id).info.experiment_id], "tags.`ftlab.role` = 'trial'",
+                                 max_results=1)
+    assert report.find_sweep(client, trial.info.run_id).info.run_id == parent_id  # a run id copied from the UI
+
     missing = run_report("sweep=no-such-sweep", uri, cwd=tmp_path)
     assert missing.returncode != 0
     assert "sweep=no-such-sweep: no sweep with that sweep id or parent run id" in missing.stderr
