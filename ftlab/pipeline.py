@@ -78,7 +78,7 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
 def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | None:
     if cfg.train.resume is False or cfg.train.resume is None:
         return _interrupted_in_this_sweep(cfg, cfg_hash)
-    candidates, how = tracking.resumable_runs(cfg.train.resume, cfg_hash)
+    candidates, how = tracking.resumable_runs(cfg.train.resume, cfg_hash, cfg)
     return checkpoints.find_resume_point(candidates, Path(cfg.output_dir), how)
 
 

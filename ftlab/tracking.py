@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -228,7 +229,14 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resumable_runs(resume, cfg_hash: str) -> tuple[list[str], str]:
+def config_differences(run: Run, cfg: DictConfig) -> list[str]:
+    """`key: then -> now` for each param of the config hash that the run logged otherwise."""
+    now = {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_IN_CONFIG_HASH)}
+    return [f"{k}: {run.data.params[k]} then -> {v} now" for k, v in now.items()
+            if k in run.data.params and run.data.params[k] != v]
+
+
+def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[list[str], str]:
     """Run ids train.resume may continue, newest first, and how they were chosen (for errors).
     true: KILLED/FAILED trials of this experiment with the same config hash (a RUNNING one may
     be alive elsewhere, so it is only continued when named); a string: that run."""
@@ -245,8 +253,11 @@ def resumable_runs(resume, cfg_hash: str) -> tuple[list[str], str]:
     if run.info.status == "FINISHED":
         raise ResumeError(f"train.resume={resume}: that run already FINISHED; there is nothing to resume")
     if run.data.tags.get("ftlab.config_hash", cfg_hash) != cfg_hash:
-        raise ResumeError(f"train.resume={resume}: that run was started with another config (ftlab.config_hash "
-                            f"{run.data.tags['ftlab.config_hash']}, now {cfg_hash}); resume with the same overrides")
+        differences = config_differences(run, cfg) or (
+            ["the content of data.path changed"] if cfg.data.path else
+            [f"ftlab.config_hash {run.data.tags['ftlab.config_hash']} then -> {cfg_hash} now"])
+        raise ResumeError(f"train.resume={resume}: that run was started with another config "
+                          f"({'; '.join(differences[:6])}); resume with the same overrides")
     return [run.info.run_id], f"run {run.info.run_id}"
 
 

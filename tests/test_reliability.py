@@ -52,6 +52,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     assert trial.data.tags["ftlab.checkpoint"] == str(checkpoint)
     assert _steps(uri, trial.info.run_id) == [1, 2]
 
+    # Another config is refused, naming what differs from the run's own params.
+    with pytest.raises(checkpoints.ResumeError, match=r"another config \(lr: 0.0002 then -> 0.001 now\); resume with"):
+        run(make_cfg(*SHORT, "lr=1e-3", f"train.resume={trial.info.run_id}"))
     # The same config (without the fault) and train.resume=true: the same run goes on from step 2.
     metrics = run(make_cfg(*SHORT, "train.resume=true"))
     assert "rouge_l" in metrics
