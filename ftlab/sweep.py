@@ -196,9 +196,9 @@ class SweepCallback(Callback):
         out.mkdir(parents=True, exist_ok=True)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         record_best(parent, summary)
-        counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items())
-        print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {summary['best_run_id']}; "
-              f"summary {out / SUMMARY_FILE}")
+        counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items()) or "no trials"
+        best = summary["best_run_id"] or f"none (no trial finished with {', '.join(summary['objective'])})"
+        print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {best}; summary {out / SUMMARY_FILE}")
         hand_over(config, parent, summary["best_run_id"])
 
 

@@ -71,6 +71,7 @@ def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
         assert "budget.vram_gb=8" in t.data.tags["ftlab.skip_reason"]
         assert t.data.metrics["predicted_peak_gb"] > 8
     assert out.stdout.count("ftlab: skipped") == 4
+    assert ": 4 skipped_budget; best run none (no trial finished with rouge_l); summary " in out.stdout
     assert "Loading weights" not in out.stderr  # and /nonexistent/weights was never looked at
 
 
