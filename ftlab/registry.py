@@ -44,6 +44,7 @@ class Merged:
     path: Path
     relative_diff: float
     tolerance: float
+    merged: bool = True  # False: a full fine-tune's own weights
 
 
 # --------------------------------------------------------------------------- source runs
@@ -72,8 +73,8 @@ def _trial(client: MlflowClient, run_id: str):
     if "model.checkpoint" not in run.data.params:
         raise RegistryError(f"run_id={run_id} has no param model.checkpoint (the base it was trained on)")
     if not client.list_artifacts(run_id, "adapter"):
-        raise RegistryError(f"run_id={run_id} logged no adapter/ artifact (peft.method=full or "
-                            "train.save_adapter=false): there is nothing to merge")
+        raise RegistryError(f"run_id={run_id} logged no adapter/ artifact (train.save_adapter=false): there is "
+                            "nothing to register")
     return run
 
 
@@ -92,7 +93,8 @@ def _logits(model, tokenizer, examples: list[Example]) -> list[torch.Tensor]:
 
 def merge(run_id: str, out_dir: Path) -> Merged:
     """Base reloaded in 16-bit (never the 4-bit training weights) + adapter -> merge_and_unload
-    -> a standard HF checkpoint (safetensors, tokenizer with chat template, generation config)."""
+    -> a standard HF checkpoint (safetensors, tokenizer with chat template, generation config).
+    A full fine-tune (peft.method=full) logged the trained model itself: nothing to merge."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -105,6 +107,9 @@ def merge(run_id: str, out_dir: Path) -> Merged:
     adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
                                                        dst_path=str(out_dir.parent / "adapter")))
     dtype = models.compute_dtype(cfg.model.dtype)
+    if cfg.peft.method == "full":
+        shutil.copytree(adapter, out_dir)
+        return Merged(out_dir, 0.0, MERGE_TOLERANCE[dtype], merged=False)
     tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
     base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                                                 use_safetensors=not cfg.model.allow_pickle_weights)
@@ -158,7 +163,8 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
         params = {"max_new_tokens": 64}
         # Resume the trial run so the model lives next to the adapter and metrics it came from.
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-            mlflow.log_metric("merge_relative_logit_diff", merged.relative_diff)
+            if merged.merged:
+                mlflow.log_metric("merge_relative_logit_diff", merged.relative_diff)
             info = mlflow.transformers.log_model(
                 transformers_model=components, name=MERGED_ARTIFACT, task="text-generation",
                 signature=infer_signature(prompt, example.reference, params=params),
@@ -166,23 +172,27 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
             )
     version = str(info.registered_model_version)
     adapter_bytes = sum(f.file_size or 0 for f in client.list_artifacts(run_id, "adapter"))
+    adapter_tags = {
+        "ftlab.adapter_mb": f"{adapter_bytes / 2**20:.2f}",
+        # For LoRA hot-swapping servers: the adapter alone, a few MB.
+        "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
+        "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
+        "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
+    } if merged.merged else {"ftlab.full_fine_tune": "true"}
     tags = {
         "ftlab.source_run_id": run_id,
         "ftlab.sweep_id": sweep_id or run.data.tags.get("ftlab.sweep_id", ""),
         "ftlab.base_model": run.data.tags.get("ftlab.model", ""),
         "ftlab.base_checkpoint": run.data.params["model.checkpoint"],
         "ftlab.data_fingerprint": run.data.tags.get("ftlab.data_fingerprint", ""),
-        "ftlab.adapter_mb": f"{adapter_bytes / 2**20:.2f}",
-        # For LoRA hot-swapping servers: the adapter alone, a few MB.
-        "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
-        "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
-        "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
+        **adapter_tags,
         **{f"metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items() if k in (*HELD_OUT_METRICS, "eval_loss")},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    print(f"registered {name} version {version} from run {run_id} "
-          f"(merge check {merged.relative_diff:.1e} <= {merged.tolerance:.0e})")
+    check = (f"merge check {merged.relative_diff:.1e} <= {merged.tolerance:.0e}" if merged.merged
+             else "a full fine-tune: its own weights, nothing merged")
+    print(f"registered {name} version {version} from run {run_id} ({check})")
     return client.get_model_version(name, version)
 
 

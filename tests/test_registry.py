@@ -99,6 +99,21 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     assert int(client.get_model_version_by_alias(name, "previous").version) == 2
 
 
+def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp_path):
+    """peft=full logs the trained model itself: registered as is (no base + adapter to merge)."""
+    run(make_cfg(*FAST[:3], "peft=full", "lr=1e-3"))
+    [trial] = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")
+    version = registry.register(trial.info.run_id, "full")
+    assert version.tags["ftlab.full_fine_tune"] == "true" and "ftlab.adapter_uri" not in version.tags
+    registered = AutoModelForCausalLM.from_pretrained(registry.checkpoint_dir("models:/full/1", tmp_path / "v1"))
+    trained_dir = mlflow.artifacts.download_artifacts(run_id=trial.info.run_id, artifact_path="adapter",
+                                                      dst_path=str(tmp_path / "trained"))
+    trained = AutoModelForCausalLM.from_pretrained(trained_dir)
+    base = AutoModelForCausalLM.from_pretrained(trial.data.params["model.checkpoint"])
+    name, weight = next((n, w) for n, w in trained.state_dict().items() if n.endswith("q_proj.weight"))
+    assert torch.equal(registered.state_dict()[name], weight) and not torch.equal(base.state_dict()[name], weight)
+
+
 def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "ftlab.registry", *args,
