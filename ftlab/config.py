@@ -19,6 +19,12 @@ class ConfigError(ValueError):
     """A run config value ftlab cannot run with, naming its key (`python -m ftlab` exits 2 with it)."""
 
 
+class ModelError(ConfigError):
+    """The base model cannot be resolved or loaded as configured (model.name_or_path, the offline
+    fallback); the message says what to do. Here, not in ftlab.models, so that entry points can
+    catch it without importing torch."""
+
+
 @contextmanager
 def exit_2_on(*errors: type[Exception]):
     """Entry points: an error the user acts on (a config value, bad data, a name the registry

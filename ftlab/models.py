@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ftlab import attention, device
-from ftlab.config import ArchConfig, ModelConfig, PeftConfig
+from ftlab.config import ArchConfig, ModelConfig, ModelError, PeftConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-class ModelError(RuntimeError):
-    """The base model cannot be resolved or loaded; the message says what to do."""
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -65,6 +61,9 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
         return build_tiny(cfg.arch, root, full_vocab=True)
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model.name_or_path: {local} is a directory without config.json, not a Hugging Face "
+                             "checkpoint")
         check_weight_format(local, cfg.allow_pickle_weights)
         return local
     if local.suffix == ".gguf":

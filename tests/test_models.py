@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ftlab import models
 from ftlab.config import ModelConfig
 from ftlab.pipeline import run
+from tests.conftest import run_cli, store_overrides
 
 
 def test_tiny_is_a_real_checkpoint_with_chat_template(make_cfg, tmp_path):
@@ -229,6 +230,16 @@ def test_missing_local_gguf_names_the_path(tmp_path):
     cfg = ModelConfig(name="x", name_or_path=str(tmp_path / "nope.gguf"))
     with pytest.raises(models.ModelError, match="nope.gguf"):
         models.resolve_checkpoint(cfg, str(tmp_path))
+
+
+@pytest.mark.parametrize("where, says", [("nope.gguf", "nope.gguf does not exist"),
+                                         ("notes", "notes is a directory without config.json")])
+def test_a_base_model_that_cannot_be_found_is_one_line_and_exit_2(tmp_path, where, says):
+    (tmp_path / "notes").mkdir()
+    out = run_cli(f"model.name_or_path={tmp_path / where}", *store_overrides(tmp_path), timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ftlab: model.name_or_path: {tmp_path}") and says in last
 
 
 @pytest.mark.slow

@@ -7,14 +7,14 @@ import hydra
 from omegaconf import DictConfig
 
 from ftlab import models
-from ftlab.config import exit_2_on  # and registers the structured-config schema
+from ftlab.config import ConfigError, exit_2_on  # and registers the structured-config schema
 from ftlab.data import DataError, prepare
 from ftlab.data.report import print_table, write_outputs
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    with exit_2_on(DataError):
+    with exit_2_on(DataError, ConfigError):  # ConfigError: a base model (tokenizer) not found, too
         cache = models.cache_root(cfg.cache_dir)
         tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, cfg.cache_dir),
                                           cfg.model.trust_remote_code)
