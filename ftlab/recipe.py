@@ -105,7 +105,8 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
         mlflow.set_tag("ftlab.stopped_early", note)
         log.warning("%s; scoring what it trained", note)
     eval_start = time.perf_counter()
-    scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype, desc="evaluate adapter")
+    scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype,
+                           desc="evaluate adapter" if cfg.peft.method != "full" else "evaluate fine-tuned model")
 
     metrics = {
         **scores.metrics,

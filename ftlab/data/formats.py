@@ -1,8 +1,9 @@
 """Read records from files and normalise every supported format to chat messages.
 
 Sources: JSON Lines, a JSON array, CSV or TSV, Parquet, a directory of such files (shards), a
-`datasets` save_to_disk directory or a hub dataset name. Formats: alpaca (instruction/input/output), sharegpt (conversations of
-from/value), messages (role/content) and prompt_completion; field names can be remapped.
+`datasets` save_to_disk directory or a hub dataset name. Formats: alpaca (instruction/input/
+output), sharegpt (conversations of from/value), messages (role/content) and
+prompt_completion; field names can be remapped.
 A record that cannot be used becomes a RecordError carrying its file:line and reason.
 """
 from __future__ import annotations
