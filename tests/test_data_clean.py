@@ -96,6 +96,10 @@ def test_overlong_drop_or_truncate_in_real_tokens(data_cfg, tiny_tokenizer, tmp_
         assert len(tiny_tokenizer.apply_chat_template(e.messages, return_dict=False)) == e.tokens <= 64
     truncated = next(e for e in cut.train + cut.held_out if e.messages[0]["content"] == "Summarise the log")
     assert long_answer["output"].startswith(truncated.reference) and len(truncated.reference) > 20
+    # Prompts alone over the limit cannot be cut (truncate cuts answers): the error says so, not "set truncate".
+    with pytest.raises(DataError, match=r"every record's prompt alone is longer than train.max_seq_length=8 tokens "
+                                        r"\(data.overlong=truncate cuts answers only\)"):
+        prepare(data_cfg(path=str(path), eval_size=1, overlong="truncate"), tiny_tokenizer, 8, tmp_path / "c")
 
 
 def test_class_balancing(data_cfg, tiny_tokenizer, tmp_path):
