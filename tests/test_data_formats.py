@@ -120,6 +120,21 @@ def test_hf_split_is_chosen_and_a_missing_one_is_named(data_cfg, tmp_path):
         load_examples(str(tmp_path / "d"), data_cfg(hf_split="valid"))
 
 
+def test_openai_content_parts_are_joined_and_non_text_parts_rejected(data_cfg, tmp_path):
+    user, answer = CONVERSATIONS[0][0]["content"], CONVERSATIONS[0][1]["content"]
+    head, tail = user.split("\n\n")
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": head + "\n\n"},
+                                                       {"type": "text", "text": tail}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "A cat."}]}
+    path = write([parts, image], tmp_path / "openai.jsonl")
+    examples, rejects = load_examples(str(path), data_cfg(path=str(path), on_error="skip"))
+    assert [e.messages for e in examples] == [CONVERSATIONS[0]]
+    assert [r["reason"] for r in rejects] == [
+        "messages[0]: field 'content' holds a part of type 'image_url'; only text parts can be trained on"]
+
+
 def test_a_directory_of_shards_is_read_in_name_order(data_cfg, tmp_path):
     """Exports often come as a folder of part files (Spark, pandas, split by hand), with markers beside them."""
     shards = tmp_path / "export"

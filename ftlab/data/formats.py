@@ -248,6 +248,21 @@ def _text(record: dict, key: str, required: bool = True) -> str:
     return value
 
 
+def _joined_text_parts(turn: dict, key: str) -> dict:
+    """OpenAI's chat format also allows content as a list of parts ([{"type": "text", "text": ...}]):
+    text parts are joined; any other part (an image, audio) cannot train a text model."""
+    parts = turn.get(key)
+    if not isinstance(parts, list):
+        return turn
+    texts = []
+    for part in parts:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise RecordError(f"field '{key}' holds a part of type {kind!r}; only text parts can be trained on", "wrong_type")
+        texts.append(part["text"])
+    return {**turn, key: "".join(texts)}
+
+
 def _turns(record: dict, key: str) -> list:
     turns = record.get(key)
     if isinstance(turns, str):  # CSV/Parquet columns often hold the turns as a JSON string
@@ -301,7 +316,7 @@ def to_messages(record: object, fmt: str, fields: Mapping[str, str] | None = Non
             if role is None:
                 raise RecordError(f"{key}[{i}] has unknown role {turn.get(role_key)!r}", "unknown_role")
             try:
-                content = _text(turn, content_key)
+                content = _text(_joined_text_parts(turn, content_key), content_key)
             except RecordError as e:
                 raise RecordError(f"{key}[{i}]: {e.reason}", e.kind) from None
             messages.append({"role": role, "content": content})
