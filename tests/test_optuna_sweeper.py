@@ -94,8 +94,9 @@ def test_trials_link_to_mlflow_runs_and_the_same_command_resumes(tmp_path):
 
 
 def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(tmp_path):
-    # Two choices, five trials: the sampler must repeat itself; each config runs (or is turned away) once.
-    out = sweep(tmp_path, *optuna_args(tmp_path, "repeats", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0",
+    # Two choices, five trials wanted: the sampler repeats itself; each config runs (or is turned away)
+    # once, and the sweep ends when both are decided.
+    out = sweep(tmp_path, *optuna_args(tmp_path, "repeats", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=4",
                                        "hydra.sweeper.n_trials=5", "budget.vram_gb=1",
                                        "train.per_device_batch_size=choice(2,4096)"))
     trials = study(tmp_path, "repeats").trials
@@ -105,7 +106,7 @@ def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(t
     assert set(first) == {2, 4096}
     assert first[2].state == TrialState.COMPLETE and first[4096].state == TrialState.PRUNED
     repeats = [t for t in trials if t.number not in {f.number for f in first.values()}]
-    assert len(repeats) == 3
+    assert len(repeats) == 3  # random with seed 4 asks 2, 2, 2, 2, 4096
     for t in repeats:
         original = first[t.params["train.per_device_batch_size"]]
         assert t.user_attrs["repeat_of"] == original.number
@@ -115,6 +116,19 @@ def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(t
     results = json.loads((tmp_path / "multirun" / "optuna_results.json").read_text())
     assert results["repeats_reused"] == 3 and [b["number"] for b in results["best"]] == [first[2].number]
     assert "3 repeated configs told their earlier outcome, not run again" in out.stdout + out.stderr
+    assert "all configs of the search space (2) are decided, before hydra.sweeper.n_trials=5" in out.stdout + out.stderr
+
+
+def test_n_trials_counts_configs_decided_not_repeats(tmp_path):
+    """A repeat decides nothing new: asked for 3 trials of a 4-config space, 3 configs are trained."""
+    out = sweep(tmp_path, *optuna_args(tmp_path, "distinct", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=2",
+                                       "hydra.sweeper.n_trials=3", "lora_r=choice(2,4)", "lora_alpha=choice(4,8)"))
+    trials = study(tmp_path, "distinct").trials
+    ran = [t for t in trials if "repeat_of" not in t.user_attrs]
+    assert len(ran) == 3 and len({tuple(sorted(t.params.items())) for t in ran}) == 3
+    assert len(trials) == 4  # random with seed 2 asks (2,4), (2,8), (2,4) again, (4,8)
+    assert len(runs(tmp_path)) == 3
+    assert "3 finished" in out.stdout
 
 
 def test_a_repeat_is_reused_only_while_the_shared_config_and_data_are_unchanged(tmp_path):
@@ -129,20 +143,21 @@ def test_a_repeat_is_reused_only_while_the_shared_config_and_data_are_unchanged(
     sweep(tmp_path, *args, "hydra.sweeper.n_trials=1")
     write("replacement")  # the same study name and params on edited data: new training, not a repeat
     sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")
-    sweep(tmp_path, *args, "hydra.sweeper.n_trials=3")  # nothing changed since: a repeat
+    out = sweep(tmp_path, *args, "hydra.sweeper.n_trials=3")  # nothing changed since: its one config is decided
     trials = study(tmp_path, "edited").trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
-    assert [t.user_attrs.get("repeat_of") for t in trials] == [None, None, 1]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert [t.user_attrs.get("repeat_of") for t in trials] == [None, None]
+    assert "all configs of the search space (1) are decided" in out.stdout + out.stderr
     assert len(runs(tmp_path)) == 2
 
 
 def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):
-    # One choice: every ask is the same config, two at a time (n_jobs=2), then one more.
+    # One choice: every ask is the same config, two at a time (n_jobs=2); then the space is done.
     sweep(tmp_path, *optuna_args(tmp_path, "twins", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=3",
                                  "lora_r=choice(4)"))
     trials = study(tmp_path, "twins").trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
-    assert [t.user_attrs.get("repeat_of") for t in trials] == [None, 0, 0]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert [t.user_attrs.get("repeat_of") for t in trials] == [None, 0]
     [run] = runs(tmp_path)
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {run.info.run_id}
 

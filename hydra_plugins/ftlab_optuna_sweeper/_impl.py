@@ -35,6 +35,8 @@ from ftlab.config import SweepConfigError, check_objective, exit_2_on
 
 log = logging.getLogger(__name__)
 BUDGET_CONSTRAINT = "budget_excess_gb"  # Optuna constraint: GiB over budget.vram_gb (or the OOM cap), feasible <= 0
+# A sampler that asks this many times in a row only for configs already decided has run out of new ones.
+MAX_REPEATS_IN_A_ROW = 50
 
 
 def quiet_optuna_warnings() -> None:
@@ -85,6 +87,27 @@ def grid_values(name: str, dist: BaseDistribution) -> list:
     if isinstance(dist, IntDistribution) and not dist.log:
         return list(range(dist.low, dist.high + 1, dist.step))
     raise SweepConfigError(f"hydra.sweeper.sampler=grid: {name} is an interval; give it as choice(...) or range(...)")
+
+
+def space_size(space: dict[str, BaseDistribution]) -> int | None:
+    """How many configs a search space holds; None when a parameter is continuous."""
+    size = 1
+    for dist in space.values():
+        if isinstance(dist, CategoricalDistribution):
+            size *= len(dist.choices)
+        elif isinstance(dist, IntDistribution):
+            size *= len(range(dist.low, dist.high + 1, dist.step))
+        else:
+            return None
+    return size
+
+
+def decided(trials: list[optuna.trial.FrozenTrial], base: str | None = None) -> int:
+    """Configs that reached a verdict (COMPLETE, or PRUNED over budget): what n_trials counts. A
+    repeat told an earlier trial's outcome decided nothing new; failed trials are replaced. With
+    `base`, only the configs sharing this sweep's config hash and data (reuse_earlier_outcome)."""
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "repeat_of" not in t.user_attrs
+               and (base is None or t.user_attrs.get("config", [None])[0] == base) for t in trials)
 
 
 def oom_override(study: optuna.Study) -> list[str]:
@@ -250,14 +273,23 @@ class OptunaSweeperImpl(Sweeper):
         # an earlier one only when this and its params match (reuse_earlier_outcome).
         base = "ftlab.config_hash=" + tracking.config_hash(
             OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"]))
+        size, repeats_in_a_row = space_size(space), 0
 
         while True:
             optuna.storages.fail_stale_trials(study)
-            states = [t.state for t in study.get_trials(deepcopy=False)]
-            done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
-            running = states.count(TrialState.RUNNING)
-            failed = sum(s == TrialState.FAIL for s in states)
+            trials = study.get_trials(deepcopy=False)
+            done = decided(trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            failed = sum(t.state == TrialState.FAIL for t in trials)
             if done >= self.n_trials:
+                break
+            if size is not None and decided(trials, base) >= size:
+                log.info("all configs of the search space (%d) are decided, before hydra.sweeper.n_trials=%d", size,
+                         self.n_trials)
+                break
+            if repeats_in_a_row >= MAX_REPEATS_IN_A_ROW:
+                log.warning("stopping: the sampler asked %d times in a row for configs already decided",
+                            repeats_in_a_row)
                 break
             if failed >= self.max_failed_trials:
                 log.error("stopping: %d failed trials (hydra.sweeper.max_failed_trials=%d)", failed,
@@ -276,6 +308,7 @@ class OptunaSweeperImpl(Sweeper):
             for t in asked:
                 if not reuse_earlier_outcome(study, t, configs[t.number]):
                     (twins if any(configs[b.number] == configs[t.number] for b in batch) else batch).append(t)
+            repeats_in_a_row = 0 if batch else repeats_in_a_row + len(asked)
             if not batch:
                 continue
             oom = oom_override(study)  # one storage query per batch, not per trial
@@ -314,7 +347,7 @@ class OptunaSweeperImpl(Sweeper):
         """Workers asking at the same moment could start more than n_trials: keep the
         earliest-numbered running trials that fit, fail the surplus without running it."""
         trials = study.get_trials(deepcopy=False)
-        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        done = decided(trials)
         running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
         allowed = set(running[: max(0, self.n_trials - done)])
         kept = []
