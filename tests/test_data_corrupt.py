@@ -38,8 +38,11 @@ CASES = {
                        ("no_final_assistant", "does not end with an assistant turn")),
     "no user turn": (b'{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}]}',
                      ("no_user_turn", "no user turn")),
-    "content is a list": (b'{"messages": [{"role": "user", "content": [{"type": "text"}]}, '
-                          b'{"role": "assistant", "content": "x"}]}', ("wrong_type", "must be a string, got list")),
+    "content part without text": (b'{"messages": [{"role": "user", "content": [{"type": "text"}]}, '
+                                  b'{"role": "assistant", "content": "x"}]}',
+                                  ("wrong_type", "field 'content'[0] is a text part without a string 'text'")),
+    "content is a number": (b'{"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]}',
+                            ("wrong_type", "must be a string, got int")),
     "messages is a string": (b'{"messages": "hello"}', ("wrong_type", "not a JSON list of turns")),
     "turn is a string": (b'{"messages": ["hello", "bye"]}', ("wrong_type", "must be an object, got str")),
     "non-UTF-8 bytes": (b'{"instruction": "caf\xe9", "output": "x"}', ("invalid_utf8", "invalid UTF-8 at byte 20")),

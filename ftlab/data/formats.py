@@ -255,10 +255,12 @@ def _joined_text_parts(turn: dict, key: str) -> dict:
     if not isinstance(parts, list):
         return turn
     texts = []
-    for part in parts:
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+    for i, part in enumerate(parts):
+        if not (isinstance(part, dict) and part.get("type") == "text"):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise RecordError(f"field '{key}' holds a part of type {kind!r}; only text parts can be trained on", "wrong_type")
+        if not isinstance(part.get("text"), str):
+            raise RecordError(f"field '{key}'[{i}] is a text part without a string 'text'", "wrong_type")
         texts.append(part["text"])
     return {**turn, key: "".join(texts)}
 
