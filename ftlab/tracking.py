@@ -218,10 +218,15 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return flat
 
 
+def hashed_params(cfg: DictConfig) -> dict[str, str]:
+    """The flattened params that make up a run's config hash (NOT_IN_CONFIG_HASH left out)."""
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_IN_CONFIG_HASH)}
+
+
 def config_hash(cfg: DictConfig) -> str:
     """Identity of what a run trains: its config and the content of the data file it names (an
     edited file is new training), for train.resume=true and a rerun sweep to find its twins."""
-    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_IN_CONFIG_HASH)}
+    flat = hashed_params(cfg)
     if cfg.data.path:  # the embedded data is defined by its config; only a user's file needs reading
         from ftlab.data.prepare import source_digest  # not at import: the run's gate stays light
 
@@ -231,8 +236,7 @@ def config_hash(cfg: DictConfig) -> str:
 
 def config_differences(run: Run, cfg: DictConfig) -> list[str]:
     """`key: then -> now` for each param of the config hash that the run logged otherwise."""
-    now = {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_IN_CONFIG_HASH)}
-    return [f"{k}: {run.data.params[k]} then -> {v} now" for k, v in now.items()
+    return [f"{k}: {run.data.params[k]} then -> {v} now" for k, v in hashed_params(cfg).items()
             if k in run.data.params and run.data.params[k] != v]
 
 
