@@ -171,14 +171,17 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
                 input_example=(prompt, params), pip_requirements=_requirements(), registered_model_name=name,
             )
     version = str(info.registered_model_version)
-    adapter_bytes = sum(f.file_size or 0 for f in client.list_artifacts(run_id, "adapter"))
-    adapter_tags = {
-        "ftlab.adapter_mb": f"{adapter_bytes / 2**20:.2f}",
-        # For LoRA hot-swapping servers: the adapter alone, a few MB.
-        "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
-        "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
-        "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
-    } if merged.merged else {"ftlab.full_fine_tune": "true"}
+    if merged.merged:
+        adapter_bytes = sum(f.file_size or 0 for f in client.list_artifacts(run_id, "adapter"))
+        adapter_tags = {
+            "ftlab.adapter_mb": f"{adapter_bytes / 2**20:.2f}",
+            # For LoRA hot-swapping servers: the adapter alone, a few MB.
+            "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
+            "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
+            "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
+        }
+    else:  # a full fine-tune's adapter/ is the whole model: no adapter to size or point at
+        adapter_tags = {"ftlab.full_fine_tune": "true"}
     tags = {
         "ftlab.source_run_id": run_id,
         "ftlab.sweep_id": sweep_id or run.data.tags.get("ftlab.sweep_id", ""),
