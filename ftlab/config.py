@@ -136,7 +136,7 @@ class DataConfig:
     eval_size: float = 40
     split_seed: int = 1234
     dedupe: bool = True
-    near_dup_threshold: float = 0.9  # MinHash Jaccard estimate on word 3-grams
+    near_dup_threshold: float = 0.9  # Jaccard similarity of word bigrams (MinHash LSH finds candidates)
     # Records whose tokens exceed train.max_seq_length: drop | truncate (the answer is cut)
     overlong: str = "drop"
     # raise: stop before any model loads, naming file:line of the first problems; skip: drop

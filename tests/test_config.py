@@ -123,3 +123,17 @@ def test_a_command_without_what_it_needs_says_so_in_one_line(tmp_path, command, 
     assert out.returncode == 2, out.stderr[-2000:]
     [line] = out.stderr.strip().splitlines()
     assert line.startswith(says)
+
+
+@pytest.mark.parametrize("command, usage", [
+    ("ftlab", "python -m ftlab -m lora_r=8,16,64"),
+    ("ftlab.memory", "python -m ftlab.memory"),
+    ("ftlab.registry", "python -m ftlab.registry promote version=<n>"),
+    ("ftlab.report", "python -m ftlab.report sweep=<"),
+    ("ftlab.serve", "python -m ftlab.serve model=models:/ftlab@production")])
+def test_help_says_what_the_command_does_and_how_to_call_it(tmp_path, command, usage):
+    out = subprocess.run([sys.executable, "-m", command, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ftlab") and "powered by Hydra" not in out.stdout
+    assert usage in out.stdout
