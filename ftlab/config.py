@@ -122,8 +122,9 @@ class DataConfig:
     """Where the fine-tuning data comes from and how it is validated, cleaned and split."""
 
     name: str = "support_tickets"
-    # None: generate the embedded support-ticket dataset; else a JSONL/JSON/CSV/Parquet
-    # file, a datasets save_to_disk directory, or a hub dataset name (when reachable).
+    # None: generate the embedded support-ticket dataset; else a JSONL/JSON/CSV/TSV file (or its
+    # .gz/.bz2/.xz), a Parquet file, a directory of such files, a datasets save_to_disk directory,
+    # or a hub dataset name (when reachable).
     path: Optional[str] = None
     format: str = "auto"  # auto | alpaca | sharegpt | messages | prompt_completion
     # Your column names, e.g. data.fields.output=answer (a typo fails at composition).

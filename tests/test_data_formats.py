@@ -195,3 +195,33 @@ def test_rendered_with_the_models_chat_template(data_cfg, tmp_path, tiny_tokeniz
         prompt = tiny_tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, return_dict=False)
         full = tiny_tokenizer.apply_chat_template(e.messages, return_dict=False)
         assert (e.prompt_tokens, e.tokens) == (len(prompt), len(full))
+
+
+@pytest.mark.parametrize("compression", [".gz", ".bz2", ".xz"])
+def test_compressed_text_files_and_shards_are_read_and_a_damaged_one_is_named(data_cfg, tmp_path, compression):
+    """Exports come compressed (data.jsonl.gz, Spark's part-00000.csv.gz); a truncated download names the file."""
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[compression]
+    shards = tmp_path / "export"
+    shards.mkdir()
+    for i, (name, fmt) in enumerate([("a.jsonl", "alpaca"), ("b.json", "messages"), ("c.csv", "alpaca"),
+                                     ("d.tsv", "prompt_completion")]):
+        plain = write([as_format(m, fmt) for m in CONVERSATIONS], tmp_path / name)
+        packed = shards / f"part-{i}-{name}{compression}"
+        packed.write_bytes(compress(plain.read_bytes()))
+        examples, rejects = load_examples(str(packed), data_cfg(path=str(packed)))
+        assert rejects == [] and [e.messages for e in examples] == CONVERSATIONS, name
+    examples, rejects = load_examples(str(shards), data_cfg(path=str(shards)))
+    assert rejects == [] and [e.messages for e in examples] == CONVERSATIONS * 4
+    assert examples[0].where == f"{shards / ('part-0-a.jsonl' + compression)}:1"
+
+    damaged = tmp_path / f"damaged.jsonl{compression}"
+    damaged.write_bytes(packed.read_bytes()[:-20])
+    with pytest.raises(DataError, match=rf"damaged.jsonl\{compression}: not a readable {compression[1:]} file"):
+        load_examples(str(damaged), data_cfg(path=str(damaged)))
+    (tmp_path / "data.parquet.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"unknown extension; use .jsonl, .* \(the text ones also as .gz, .bz2 or .xz\)"):
+        load_examples(str(tmp_path / "data.parquet.gz"), data_cfg())

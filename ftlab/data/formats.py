@@ -1,16 +1,21 @@
 """Read records from files and normalise every supported format to chat messages.
 
-Sources: JSON Lines, a JSON array, CSV or TSV, Parquet, a directory of such files (shards), a
-`datasets` save_to_disk directory or a hub dataset name. Formats: alpaca (instruction/input/
+Sources: JSON Lines, a JSON array, CSV or TSV (each also gzip-, bz2- or xz-compressed), Parquet, a
+directory of such files (shards), a `datasets` save_to_disk directory or a hub dataset name. Formats: alpaca (instruction/input/
 output), sharegpt (conversations of from/value), messages (role/content) and
 prompt_completion; field names can be remapped.
 A record that cannot be used becomes a RecordError carrying its file:line and reason.
 """
 from __future__ import annotations
 
+import bz2
+import contextlib
 import csv
 import dataclasses
+import gzip
+import io
 import json
+import lzma
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +69,37 @@ def _parse_json(text: str):
     return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
 
 
+# Compressed text files (data.jsonl.gz, part-00000.csv.bz2, ...): read through the stdlib's streams.
+DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _data_suffix(path: Path) -> str:
+    """The suffix that says how records are laid out: '.jsonl' for data.jsonl and data.jsonl.gz."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in DECOMPRESSORS:
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
+@contextlib.contextmanager
+def _open_binary(path: Path) -> Iterator[io.BufferedIOBase]:
+    """The file's bytes, decompressed when its name ends in .gz, .bz2 or .xz; a damaged or
+    truncated archive is a DataError naming the file, wherever the stream breaks."""
+    decompress = DECOMPRESSORS.get(path.suffix.lower())
+    if decompress is None:
+        with path.open("rb") as f:
+            yield f
+        return
+    try:
+        with decompress(path, "rb") as f:
+            yield f
+    except (OSError, EOFError, lzma.LZMAError) as e:  # BadGzipFile is an OSError
+        raise DataError(f"{path}: not a readable {path.suffix.lower()[1:]} file ({e or type(e).__name__})") from None
+
+
 def read_jsonl(path: Path) -> Iterator[RawRecord | RecordError]:
     """Each line's JSON value, or a RecordError for lines that are not valid UTF-8 JSON."""
-    with path.open("rb") as f:
+    with _open_binary(path) as f:
         for lineno, line in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             raw = line[:RAW_KEPT].decode("utf-8", errors="replace").rstrip("\r\n")
@@ -91,7 +124,8 @@ def read_jsonl(path: Path) -> Iterator[RawRecord | RecordError]:
 
 def read_json(path: Path) -> Iterator[RawRecord | RecordError]:
     """A .json file holding an array of records (or, as often happens, JSON Lines)."""
-    data = path.read_bytes()
+    with _open_binary(path) as f:
+        data = f.read()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -117,7 +151,7 @@ def read_json(path: Path) -> Iterator[RawRecord | RecordError]:
 def _csv_delimiter(path: Path, header: str) -> str:
     """Tab for .tsv; for .csv a comma, unless the header has none and holds another separator
     (spreadsheets in locales with a decimal comma export `;`)."""
-    if path.suffix.lower() == ".tsv":
+    if _data_suffix(path) == ".tsv":
         return "\t"
     if "," not in header:
         return next((d for d in CSV_DELIMITERS if d in header), ",")
@@ -127,7 +161,8 @@ def _csv_delimiter(path: Path, header: str) -> str:
 def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
     # surrogateescape keeps invalid bytes as lone surrogates, which validation then reports
     # for the row they are in instead of failing the whole file.
-    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
+                                                     newline="") as f:
         delimiter = _csv_delimiter(path, f.readline())
         f.seek(0)
         reader = csv.DictReader(f, delimiter=delimiter)
@@ -180,18 +215,27 @@ def read_hf(source: str, split: str) -> Iterator[RawRecord]:
 
 READERS = {".jsonl": read_jsonl, ".ndjson": read_jsonl, ".json": read_json, ".csv": read_csv, ".tsv": read_csv,
            ".parquet": read_parquet}
+KNOWN = f"{', '.join(READERS)} (the text ones also as .gz, .bz2 or .xz)"
+
+
+def _reader(path: Path):
+    """The reader for a file's name, or None; Parquet compresses inside, so no .parquet.gz."""
+    reader = READERS.get(_data_suffix(path))
+    if reader is read_parquet and path.suffix.lower() != ".parquet":
+        return None
+    return reader
 
 
 def read_directory(path: Path) -> Iterator[RawRecord | RecordError]:
     """Every data file under a directory (shards: part-00000.parquet, ...), in name order; hidden
     and `_`-prefixed entries (_SUCCESS, .crc files) are skipped."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READERS
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _reader(p)
                    and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
     if not files:
-        raise DataError(f"data.path: {path} is a directory without data files ({', '.join(READERS)}) and not a "
+        raise DataError(f"data.path: {path} is a directory without data files ({KNOWN}) and not a "
                         "datasets save_to_disk directory")
     for file in files:
-        yield from READERS[file.suffix.lower()](file)
+        yield from _reader(file)(file)
 
 
 def read_records(source: str, hf_split: str = "train") -> Iterator[RawRecord | RecordError]:
@@ -204,9 +248,9 @@ def read_records(source: str, hf_split: str = "train") -> Iterator[RawRecord | R
         if HUB_NAME.match(source):
             return read_hf(source, hf_split)
         raise DataError(f"data.path: {path} does not exist")
-    reader = READERS.get(path.suffix.lower())
+    reader = _reader(path)
     if reader is None:
-        raise DataError(f"data.path: {path} has an unknown extension; use {', '.join(READERS)}, a directory of "
+        raise DataError(f"data.path: {path} has an unknown extension; use {KNOWN}, a directory of "
                         "such files or a datasets save_to_disk directory")
     return reader(path)
 
