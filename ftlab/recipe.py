@@ -126,8 +126,8 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     mlflow.set_tag("ftlab.peak_memory_kind", result.peak_memory_kind)
     tracking.log_samples(tracking.samples_table(data.held_out, scores.predictions, cfg.eval.samples_to_log),
                          "samples/generations.json")
-    if result.adapter_dir is not None:
-        mlflow.log_artifacts(str(result.adapter_dir), "adapter")
+    if result.saved_dir is not None:
+        mlflow.log_artifacts(str(result.saved_dir), result.saved_dir.name)
     return metrics
 
 

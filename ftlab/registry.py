@@ -72,8 +72,9 @@ def _trial(client: MlflowClient, run_id: str):
                             f"role {run.data.tags.get('ftlab.role')}); register a finished trial")
     if "model.checkpoint" not in run.data.params:
         raise RegistryError(f"run_id={run_id} has no param model.checkpoint (the base it was trained on)")
-    if not client.list_artifacts(run_id, "adapter"):
-        raise RegistryError(f"run_id={run_id} logged no adapter/ artifact (train.save_adapter=false): there is "
+    artifact = tracking.trained_artifact(run.data.params.get("peft.method", "qlora"))
+    if not client.list_artifacts(run_id, artifact):
+        raise RegistryError(f"run_id={run_id} logged no {artifact}/ artifact (train.save_adapter=false): there is "
                             "nothing to register")
     return run
 
@@ -100,16 +101,18 @@ def merge(run_id: str, out_dir: Path) -> Merged:
 
     run = _trial(MlflowClient(), run_id)
     cfg = run_config(run_id)
+    dtype = models.compute_dtype(cfg.model.dtype)
+    if cfg.peft.method == "full":  # the trained model itself: no base needed
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.trained_artifact("full"),
+                                            dst_path=str(out_dir.parent))
+        (out_dir.parent / tracking.trained_artifact("full")).rename(out_dir)
+        return Merged(out_dir, 0.0, MERGE_TOLERANCE[dtype], merged=False)
     checkpoint = Path(run.data.params["model.checkpoint"])
     if not (checkpoint / "config.json").exists():
         raise RegistryError(f"run_id={run_id}: base checkpoint {checkpoint} (param model.checkpoint) is gone; "
                             "re-create it by running any trial with the same model= settings")
     adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
-                                                       dst_path=str(out_dir.parent / "adapter")))
-    dtype = models.compute_dtype(cfg.model.dtype)
-    if cfg.peft.method == "full":
-        shutil.copytree(adapter, out_dir)
-        return Merged(out_dir, 0.0, MERGE_TOLERANCE[dtype], merged=False)
+                                                       dst_path=str(out_dir.parent)))
     tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
     base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                                                 use_safetensors=not cfg.model.allow_pickle_weights)
@@ -180,7 +183,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
             "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
             "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
         }
-    else:  # a full fine-tune's adapter/ is the whole model: no adapter to size or point at
+    else:  # a full fine-tune: no adapter to size or point at
         adapter_tags = {"ftlab.full_fine_tune": "true"}
     tags = {
         "ftlab.source_run_id": run_id,

@@ -265,6 +265,12 @@ def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[list[str], s
     return [run.info.run_id], f"run {run.info.run_id}"
 
 
+def trained_artifact(peft_method: str) -> str:
+    """Where a trial's trained weights are among its artifacts (and in its output directory):
+    the LoRA adapter, or a full fine-tune's whole model."""
+    return "model" if peft_method == "full" else "adapter"
+
+
 def log_config(cfg: DictConfig) -> None:
     """Params (flattened) and the resolved YAML. A resumed run keeps the params it started
     with (MLflow forbids changing one; train.resume itself differs)."""

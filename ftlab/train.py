@@ -21,6 +21,7 @@ from ftlab.checkpoints import TrainingInterrupted, last_checkpoint, stop_on_sign
 from ftlab.config import ConfigError, TrainConfig
 from ftlab.data import PreparedData
 from ftlab.models import many_row_4bit, unpack_cpu_4bit
+from ftlab.tracking import trained_artifact
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def quiet_progress_callback():
 
 @dataclass
 class TrainResult:
-    adapter_dir: Path | None
+    saved_dir: Path | None  # the adapter (LoRA) or the whole model (a full fine-tune)
     train_loss: float
     eval_loss: float
     train_seconds: float
@@ -401,13 +402,14 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     with many_row_4bit(model):
         eval_loss = trainer.evaluate()["eval_loss"]
     tokens = _trained_tokens(trainer)
-    adapter_dir = None
+    saved_dir = None
     if cfg.save_adapter:
-        adapter_dir = out_dir / "adapter"
-        trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
-        tokenizer.save_pretrained(adapter_dir)
+        is_adapter = hasattr(trainer.model, "peft_config")
+        saved_dir = out_dir / trained_artifact("lora" if is_adapter else "full")
+        trainer.model.save_pretrained(saved_dir, safe_serialization=True)
+        tokenizer.save_pretrained(saved_dir)
     return TrainResult(
-        adapter_dir=adapter_dir,
+        saved_dir=saved_dir,
         train_loss=output.training_loss,
         eval_loss=eval_loss,
         train_seconds=seconds,

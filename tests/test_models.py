@@ -109,7 +109,7 @@ def test_training_keeps_the_adapters_in_peft_adapter_dtype(make_cfg, tmp_path, a
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trained.keys() == before.keys() and all(p.dtype == dtype for p in trained.values())
     assert any(not torch.equal(trained[n], before[n]) for n in before)  # it trained
-    with safe_open(str(result.adapter_dir / "adapter_model.safetensors"), "pt") as saved:
+    with safe_open(str(result.saved_dir / "adapter_model.safetensors"), "pt") as saved:
         assert {saved.get_tensor(k).dtype for k in saved.keys()} == {dtype}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -103,10 +104,16 @@ def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp
     """peft=full logs the trained model itself: registered as is (no base + adapter to merge)."""
     run(make_cfg(*FAST[:3], "peft=full", "lr=1e-3"))
     [trial] = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")
-    version = registry.register(trial.info.run_id, "full")
+    base_dir = Path(trial.data.params["model.checkpoint"])
+    aside = base_dir.rename(base_dir.with_name(base_dir.name + ".aside"))  # the trained weights are all it needs
+    try:
+        version = registry.register(trial.info.run_id, "full")
+    finally:
+        aside.rename(base_dir)
     assert version.tags["ftlab.full_fine_tune"] == "true" and "ftlab.adapter_uri" not in version.tags
     registered = AutoModelForCausalLM.from_pretrained(registry.checkpoint_dir("models:/full/1", tmp_path / "v1"))
-    trained_dir = mlflow.artifacts.download_artifacts(run_id=trial.info.run_id, artifact_path="adapter",
+    assert mlflow.artifacts.list_artifacts(run_id=trial.info.run_id, artifact_path="adapter") == []
+    trained_dir = mlflow.artifacts.download_artifacts(run_id=trial.info.run_id, artifact_path="model",
                                                       dst_path=str(tmp_path / "trained"))
     trained = AutoModelForCausalLM.from_pretrained(trained_dir)
     base = AutoModelForCausalLM.from_pretrained(trial.data.params["model.checkpoint"])
