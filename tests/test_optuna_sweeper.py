@@ -9,7 +9,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from ftlab.config import SweepConfigError
-from hydra_plugins.ftlab_optuna_sweeper._impl import distribution, grid_values
+from hydra_plugins.ftlab_optuna_sweeper._impl import distribution, grid_values, space_size
 from tests.sweeping import runs, sweep
 
 
@@ -26,8 +26,11 @@ def test_hydra_sweep_syntax_becomes_optuna_distributions():
     assert parse("lora_r=tag(int, interval(4,64))") == IntDistribution(4, 64)
     assert parse("target_modules=choice([q_proj,v_proj],all-linear)").choices == ("[q_proj,v_proj]", "all-linear")
     assert grid_values("lora_r", IntDistribution(8, 32, step=8)) == [8, 16, 24, 32]
+    assert grid_values("lora_r", IntDistribution(4, 8, log=True)) == [4, 5, 6, 7, 8]  # integers, in log space or not
     with pytest.raises(SweepConfigError, match="lr is an interval"):
         grid_values("lr", FloatDistribution(1e-5, 1e-3))
+    assert space_size({"r": IntDistribution(1, 10**12), "m": CategoricalDistribution(["a", "b"])}) == 2 * 10**12
+    assert space_size({"r": IntDistribution(1, 4), "lr": FloatDistribution(1e-5, 1e-3)}) is None
 
 
 def test_an_integer_interval_keeps_to_its_bounds():

@@ -16,7 +16,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -81,24 +81,30 @@ def _distribution(override: Override) -> BaseDistribution:
                            f"interval(a,b) or tag(log, interval(a,b))")
 
 
-def grid_values(name: str, dist: BaseDistribution) -> list:
+def finite_values(dist: BaseDistribution) -> Sequence | None:
+    """Every value a parameter can take (a range, not a list: an int interval may be huge), or
+    None when it is continuous."""
     if isinstance(dist, CategoricalDistribution):
-        return list(dist.choices)
-    if isinstance(dist, IntDistribution) and not dist.log:
-        return list(range(dist.low, dist.high + 1, dist.step))
-    raise SweepConfigError(f"hydra.sweeper.sampler=grid: {name} is an interval; give it as choice(...) or range(...)")
+        return dist.choices
+    if isinstance(dist, IntDistribution):
+        return range(dist.low, dist.high + 1, dist.step)
+    return None
+
+
+def grid_values(name: str, dist: BaseDistribution) -> list:
+    if (values := finite_values(dist)) is None:
+        raise SweepConfigError(f"hydra.sweeper.sampler=grid: {name} is an interval; give it as choice(...), range(...) "
+                               "or tag(int, interval(...))")
+    return list(values)
 
 
 def space_size(space: dict[str, BaseDistribution]) -> int | None:
     """How many configs a search space holds; None when a parameter is continuous."""
     size = 1
     for dist in space.values():
-        if isinstance(dist, CategoricalDistribution):
-            size *= len(dist.choices)
-        elif isinstance(dist, IntDistribution):
-            size *= len(range(dist.low, dist.high + 1, dist.step))
-        else:
+        if (values := finite_values(dist)) is None:
             return None
+        size *= len(values)
     return size
 
 
