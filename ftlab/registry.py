@@ -6,6 +6,7 @@ when the candidate scores at least as well as the current holder on the same hel
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -33,6 +34,7 @@ PRODUCTION, PREVIOUS = "production", "previous"
 MERGE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 MERGE_CHECK_PROMPTS = 4
 MERGED_ARTIFACT = "merged"
+HELD_OUT_ARTIFACT = "data/held_out.jsonl"  # logged by ftlab.data.report.log_data_report
 
 
 class RegistryError(RuntimeError):
@@ -56,10 +58,23 @@ def run_config(run_id: str) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(FtlabConfig), OmegaConf.load(path))
 
 
-def held_out(cfg: DictConfig, tokenizer) -> list[Example]:
-    """Re-prepare the trial's held-out split from its own data settings (deterministic)."""
-    data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
-    return data.held_out
+def held_out(run_id: str, tokenizer) -> list[Example]:
+    """The examples the trial was scored on, as it logged them (data/held_out.jsonl). A run logged
+    without them re-prepares them from its data settings, if its data still has the fingerprint it
+    trained on: never a gate silently scored on other data."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=HELD_OUT_ARTIFACT)
+    except (MlflowException, OSError):
+        cfg = run_config(run_id)
+        data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
+        trained_on = MlflowClient().get_run(run_id).data.tags.get("ftlab.data_fingerprint")
+        if trained_on and data.fingerprint != trained_on:
+            raise RegistryError(f"run_id={run_id}: its data ({data.source}) has changed since it trained (fingerprint "
+                                f"{data.fingerprint}, trained on {trained_on}), and the run did not log its held-out "
+                                "set; restore that data to score it") from None
+        return data.held_out
+    with open(path, encoding="utf-8") as f:
+        return [Example(**json.loads(line)) for line in f]
 
 
 def _trial(client: MlflowClient, run_id: str):
@@ -118,7 +133,7 @@ def merge(run_id: str, out_dir: Path) -> Merged:
                                                 use_safetensors=not cfg.model.allow_pickle_weights)
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
-    probe = held_out(cfg, tokenizer)[:MERGE_CHECK_PROMPTS]
+    probe = held_out(run_id, tokenizer)[:MERGE_CHECK_PROMPTS]
     expected = _logits(model, tokenizer, probe)
     merged = model.merge_and_unload()
     actual = _logits(merged, tokenizer, probe)
@@ -161,7 +176,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
         # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
         # from transformers 4's task table and fails on transformers 5.
         components = {"model": AutoModelForCausalLM.from_pretrained(merged.path), "tokenizer": tokenizer}
-        example = held_out(run_config(run_id), tokenizer)[0]
+        example = held_out(run_id, tokenizer)[0]
         prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
         params = {"max_new_tokens": 64}
         # Resume the trial run so the model lives next to the adapter and metrics it came from.
@@ -272,7 +287,7 @@ def _gate_scores(candidate: ModelVersion, current: ModelVersion, name: str, metr
         for v in (candidate, current):
             path = checkpoint_dir(f"models:/{name}/{v.version}", Path(tmp) / str(v.version))
             tokenizer = models.load_tokenizer(path)
-            examples = examples or held_out(cfg, tokenizer)
+            examples = examples or held_out(candidate.run_id, tokenizer)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             scores = scoring.score(model, tokenizer, examples, cfg, dtype, desc=f"gate v{v.version}")
             if metric not in scores.metrics:  # the JSON metrics need JSON references

@@ -254,8 +254,7 @@ def held_out_prompt(model: Resolved) -> list[dict]:
     if model.run_id:
         from ftlab import models, registry
 
-        cfg = registry.run_config(model.run_id)
-        return registry.held_out(cfg, models.load_tokenizer(model.checkpoint))[0].prompt
+        return registry.held_out(model.run_id, models.load_tokenizer(model.checkpoint))[0].prompt
     from ftlab.data.generate import generate
 
     record = generate(1, seed=0)[0]

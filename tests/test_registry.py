@@ -143,3 +143,32 @@ def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path):
     with pytest.raises(registry.RegistryError, match="registry.gate_metric='rougeL': the gate compares held-out "
                                                      "scores; use one of rouge_l"):
         registry.promote("no-such-model", metric="rougeL")
+
+
+def test_the_held_out_set_travels_with_the_run_so_a_moved_data_file_cannot_change_what_the_gate_scores(
+        make_cfg, tmp_path):
+    """Registering merges, checks and signs with the run's own held-out examples: the data file may have
+    been edited or left behind on the training machine. A run without them re-prepares them only from
+    unchanged data."""
+    from ftlab import models
+    from ftlab.data.generate import generate, write_jsonl
+
+    data = tmp_path / "tickets.jsonl"
+    write_jsonl(generate(80, 1), data)
+    run(make_cfg(*FAST[:3], f"data.path={data}", "data.eval_size=8", "eval.samples_to_log=8"))
+    [trial] = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")
+    scored = mlflow.load_table("samples/generations.json", run_ids=[trial.info.run_id])["reference"].tolist()
+    original = data.read_bytes()
+    data.unlink()
+    version = registry.register(trial.info.run_id, "moved")  # the merge check runs on the logged examples
+    assert version.tags["ftlab.source_run_id"] == trial.info.run_id
+    assert [e.reference for e in registry.held_out(trial.info.run_id, None)] == scored
+
+    logged = Path(trial.info.artifact_uri.removeprefix("file://")) / registry.HELD_OUT_ARTIFACT
+    logged.unlink()  # as a run logged before the held-out set was
+    tokenizer = models.load_tokenizer(Path(trial.data.params["model.checkpoint"]))
+    write_jsonl(generate(80, 2), data)
+    with pytest.raises(registry.RegistryError, match=r"tickets.jsonl\) has changed since it trained"):
+        registry.held_out(trial.info.run_id, tokenizer)
+    data.write_bytes(original)
+    assert [e.reference for e in registry.held_out(trial.info.run_id, tokenizer)] == scored

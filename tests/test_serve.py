@@ -96,7 +96,7 @@ def test_check_sends_a_held_out_prompt_and_reports_speed(server, production, cap
     result = smoke_check(server, Resolved(Path(model_id), model_id, run_id), KEY, max_tokens=8)
     assert result["completion_tokens"] > 0 and result["latency_s"] > 0 and result["tokens_per_second"] > 0
     out = capsys.readouterr().out
-    first = registry.held_out(registry.run_config(run_id), models.load_tokenizer(Path(model_id)))[0]
+    first = registry.held_out(run_id, models.load_tokenizer(Path(model_id)))[0]
     assert "tokens/s" in out and repr(first.prompt[-1]["content"][:40])[1:-1] in out  # the source run's held-out prompt
 
 

@@ -117,14 +117,14 @@ def write_jsonl(rows, path: Path) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_outputs(data: PreparedData, train: TrainConfig, out_dir: Path, with_sets: bool = True) -> Path:
-    """report.json, rejects.jsonl, PNGs and (with_sets) the cleaned train.jsonl / held_out.jsonl."""
+def write_outputs(data: PreparedData, train: TrainConfig, out_dir: Path,
+                  sets: tuple[str, ...] = ("train", "held_out")) -> Path:
+    """report.json, rejects.jsonl, PNGs and the cleaned sets named (train.jsonl, held_out.jsonl)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(full_report(data, train), indent=2, ensure_ascii=False))
     write_jsonl(data.rejects, out_dir / "rejects.jsonl")
-    if with_sets:
-        write_jsonl((e.to_dict() for e in data.train), out_dir / "train.jsonl")
-        write_jsonl((e.to_dict() for e in data.held_out), out_dir / "held_out.jsonl")
+    for name in sets:
+        write_jsonl((e.to_dict() for e in getattr(data, name)), out_dir / f"{name}.jsonl")
     for name, png in data_plots(data).items():
         (out_dir / name).write_bytes(png)
     return out_dir
@@ -152,13 +152,15 @@ def print_table(data: PreparedData, train: TrainConfig) -> None:
 
 
 def log_data_report(data: PreparedData, train: TrainConfig) -> None:
-    """Print the table and log the report, rejects and PNGs as artifacts, counts as metrics."""
+    """Print the table and log the report, rejects, PNGs and the held-out set as artifacts, counts as
+    metrics. The held-out set travels with the run: the registry's gate and merge check and serve's
+    check score on it wherever the data file is now, and whatever became of it."""
     import mlflow
 
     print_table(data, train)
     report = full_report(data, train)
     with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifacts(str(write_outputs(data, train, Path(tmp), with_sets=False)), "data")
+        mlflow.log_artifacts(str(write_outputs(data, train, Path(tmp), sets=("held_out",))), "data")
     p = report["packing"]
     mlflow.log_metrics({
         **{f"data_{k}": v for k, v in report["counts"].items()},
