@@ -198,8 +198,9 @@ class SweepCallback(Callback):
         record_best(parent, summary)
         counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items()) or "no trials"
         best = summary["best_run_id"] or f"none (no trial finished with {', '.join(summary['objective'])})"
-        print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {best}; summary {out / SUMMARY_FILE}")
-        hand_over(config, parent, summary["best_run_id"])
+        stages = hand_over(config, parent, summary["best_run_id"])
+        report = f"; report {stages['ftlab.report'] / 'report.html'}" if stages.get("ftlab.report") else ""
+        print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {best}{report}; summary {out / SUMMARY_FILE}")
 
 
 def summarise(parent_run_id: str, objective: list[str], direction: list[str]) -> dict[str, Any]:
@@ -246,17 +247,19 @@ def record_best(parent_run_id: str, summary: dict) -> None:
     client.set_terminated(parent_run_id, status="FINISHED")
 
 
-def hand_over(config: DictConfig, parent_run_id: str, best_run_id: str | None) -> None:
+def hand_over(config: DictConfig, parent_run_id: str, best_run_id: str | None) -> dict[str, Any]:
     """Call the registry and report stages if installed; their failure is logged, it does
-    not fail a sweep whose trials are already recorded."""
+    not fail a sweep whose trials are already recorded. Returns what each stage that ran returned."""
     cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     stages = [("ftlab.registry", "on_sweep_end", (cfg, parent_run_id, best_run_id)),
               ("ftlab.report", "build_report", (parent_run_id, cfg.sweep.report_dir))]
+    results = {}
     for module, function, args in stages:
         if importlib.util.find_spec(module) is None:
             continue
         try:
-            getattr(importlib.import_module(module), function)(*args)
+            results[module] = getattr(importlib.import_module(module), function)(*args)
         except Exception:
             log.exception("%s.%s failed after sweep (parent run %s); the sweep's runs are intact",
                           module, function, parent_run_id)
+    return results

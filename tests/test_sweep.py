@@ -49,7 +49,7 @@ def test_grid_sweep_groups_trials_under_one_parent_run_and_frees_each_trials_lef
 
 
 def test_grid_sweep_with_joblib_processes_finds_the_parent_then_registers_and_reports(tmp_path):
-    sweep(tmp_path, "lora_r=4,8", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    out = sweep(tmp_path, "lora_r=4,8", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
           "train.save_adapter=true", "registry.auto_promote=true")
     assert_sweep_recorded(tmp_path, [4, 8])
     # The sweep callback hands the best trial to the registry and writes the report.
@@ -59,6 +59,7 @@ def test_grid_sweep_with_joblib_processes_finds_the_parent_then_registers_and_re
     assert production.tags["ftlab.source_run_id"] == parent.data.tags["ftlab.best_run_id"]
     report = tmp_path / "reports" / parent.data.tags["ftlab.sweep_id"] / "report.html"
     assert report.exists() and parent.data.tags["ftlab.best_run_id"] in report.read_text()
+    assert f"; best run {parent.data.tags['ftlab.best_run_id']}; report {report}; summary " in out.stdout  # named
 
 
 def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
@@ -71,7 +72,7 @@ def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
         assert "budget.vram_gb=8" in t.data.tags["ftlab.skip_reason"]
         assert t.data.metrics["predicted_peak_gb"] > 8
     assert out.stdout.count("ftlab: skipped") == 4
-    assert ": 4 skipped_budget; best run none (no trial finished with rouge_l); summary " in out.stdout
+    assert ": 4 skipped_budget; best run none (no trial finished with rouge_l); report " in out.stdout
     assert "Loading weights" not in out.stderr  # and /nonexistent/weights was never looked at
 
 
