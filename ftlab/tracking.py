@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import time
 import traceback
@@ -49,6 +50,12 @@ NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps", "sw
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before any training starts."""
+
+
+def store_argument(tracking_uri: str | None) -> str:
+    """' tracking_uri=...' for a printed command that must reach a run's store (masked, quoted
+    for a shell), or '' for the default ./mlruns."""
+    return f" {shlex.quote(f'tracking_uri={mask(tracking_uri)}')}" if tracking_uri else ""
 
 
 def mask(text: str) -> str:

@@ -21,10 +21,15 @@ def test_tiny_run_logs_params_metrics_artifacts(make_cfg, capsys):
     cfg = make_cfg("lora_r=8", "lr=1e-3")
     metrics = run(cfg)
     # The summary's UI command pastes into any shell: the SQLite URI's '?timeout=' is quoted.
-    [ui] = [line for line in capsys.readouterr().out.splitlines() if "open the UI:" in line]
+    out = capsys.readouterr().out.splitlines()
+    [ui] = [line for line in out if "open the UI:" in line]
     assert shlex.split(ui.split("open the UI:")[1]) == ["mlflow", "ui", "--backend-store-uri",
                                                         mlflow.get_tracking_uri()]
     assert "'" in ui and "?" in mlflow.get_tracking_uri()
+    [register] = [line for line in out if "register it:" in line]  # on the run's own store
+    assert shlex.split(register.split("register it:")[1]) == [
+        "python", "-m", "ftlab.registry", "register", f"run_id={mlflow.last_active_run().info.run_id}",
+        f"tracking_uri={cfg.tracking_uri}"]
     for key in ("rouge_l", "bertscore_f1", "exact_match", "json_valid", "eval_loss", "tokens_per_second",
                 "base_rouge_l", "gain_rouge_l", "wall_seconds"):
         assert key in metrics, key

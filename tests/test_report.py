@@ -165,6 +165,10 @@ def test_reproduce_command_composes_the_winners_config(sweep):
     params = tracking.flatten(cfg)
     for key in gathered.varying:
         assert params[key] == winner.params[key], key
+    register, promote, serve = report.next_steps(gathered, winner)[1:]
+    assert shlex.split(register) == ["python", "-m", "ftlab.registry", "register", f"run_id={winner.run_id}",
+                                     f"tracking_uri={winner.params['tracking_uri']}"]  # the sweep's store, not ./mlruns
+    assert all(shlex.split(step)[-1] == f"tracking_uri=sqlite:///{store}/mlruns/mlflow.db" for step in (promote, serve))
 
 
 def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
