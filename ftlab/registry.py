@@ -384,14 +384,18 @@ def main() -> None:
         quiet_third_party_output()
         tracking.setup(tracking.existing_store(cfg.tracking_uri), cfg.experiment)
         name = model_name(cfg.registry.model_name, cfg.experiment)
+        store = tracking.store_argument(cfg.tracking_uri)
+        named = f" registry.model_name={name}" if cfg.registry.model_name else ""
         if cfg.action == "register":
             if not cfg.run_id:
                 raise RegistryError("register needs run_id=<trial run id>")
-            register(cfg.run_id, name)
+            version = register(cfg.run_id, name).version
+            print(f"  promote it:  python -m ftlab.registry promote version={version}{named}{store}")
         elif cfg.action == "promote":
             version = register(cfg.run_id, name).version if cfg.run_id else cfg.version
             if not promote(name, version, cfg.registry.gate_metric, cfg.force):
                 sys.exit(1)
+            print(f"  serve it:  python -m ftlab.serve model=models:/{name}@{PRODUCTION}{store}")
         elif cfg.action == "rollback":
             rollback(name)
         else:

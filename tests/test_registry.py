@@ -1,6 +1,8 @@
 """Merge, register, gate-protected promotion and rollback, on real tiny sweeps."""
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 import uuid
@@ -160,7 +162,23 @@ def test_the_held_out_set_travels_with_the_run_so_a_moved_data_file_cannot_chang
     scored = mlflow.load_table("samples/generations.json", run_ids=[trial.info.run_id])["reference"].tolist()
     original = data.read_bytes()
     data.unlink()
-    version = registry.register(trial.info.run_id, "moved")  # the merge check runs on the logged examples
+    cfg = make_cfg()
+
+    def cli(*args: str) -> list[str]:  # as a user pastes it, from anywhere: the store named in the command
+        out = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.splitlines()
+
+    # Merged, checked and registered on the logged examples; each step prints the next one.
+    registered = cli("-m", "ftlab.registry", "register", f"run_id={trial.info.run_id}", "registry.model_name=moved",
+                     f"tracking_uri={cfg.tracking_uri}")
+    [promote] = [line.split("promote it:")[1] for line in registered if "promote it:" in line]
+    promoted = cli(*shlex.split(promote)[1:])
+    [serve] = [line.split("serve it:")[1] for line in promoted if "serve it:" in line]
+    assert shlex.split(serve)[1:] == ["-m", "ftlab.serve", "model=models:/moved@production",
+                                      f"tracking_uri={cfg.tracking_uri}"]
+    version = MlflowClient().get_model_version_by_alias("moved", "production")
     assert version.tags["ftlab.source_run_id"] == trial.info.run_id
     assert [e.reference for e in registry.held_out(trial.info.run_id, None)] == scored
 
