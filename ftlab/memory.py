@@ -28,9 +28,6 @@ The formula (every term is a separate entry of `MemoryEstimate.terms`):
                    2 B/param + 2 fp32 absmax per 2048; Lion/SGD-momentum: 1 state.
                    Paged variants (paged_adamw_*) are counted in full: paging only helps
                    when the GPU is already out of memory (QLoRA paper, section 3).
-                   When LoRA+ is on (train.loraplus_lr_ratio != 1) ftlab builds a plain
-                   torch AdamW for the adapters whatever train.optim says, so that is what
-                   is counted.
   activations      per token, per decoder layer, in the compute dtype (Korthikanti et al.
                    2022 "Reducing Activation Recomputation", adapted to Llama: RMSNorm
                    with fp32 upcast 8h B, q/k/v after RoPE + attention output 4h+4kv B,
@@ -147,7 +144,6 @@ class Settings:
     targets: tuple[str, ...]
     lora_dropout: float
     optim: str
-    loraplus: bool
     batch: int
     seq: int
     checkpointing: bool
@@ -184,7 +180,6 @@ def settings(cfg: DictConfig) -> Settings:
         compute_bytes=DTYPE_BYTES.get(compute, 2),
         rank=int(cfg.lora_r), targets=target_names(cfg.target_modules),
         lora_dropout=float(cfg.lora_dropout), optim=str(train.optim),
-        loraplus=float(train.loraplus_lr_ratio) != 1.0,
         batch=int(train.per_device_batch_size), seq=int(train.max_seq_length),
         checkpointing=checkpointing_setting(train.gradient_checkpointing),
         attn=str(cfg.model.attn_implementation),
@@ -298,9 +293,6 @@ def estimate_settings(s: Settings) -> MemoryEstimate:
         trainable_bytes = s.adapter_bytes
         terms["lora_params"] = float(trainable * trainable_bytes)
         optim = s.optim
-        if s.loraplus:
-            optim = "adamw_torch"
-            notes.append("LoRA+ is on (train.loraplus_lr_ratio != 1): ftlab uses torch AdamW, train.optim is not used")
     terms["grads"] = float(trainable * trainable_bytes)
     terms["optimizer"] = trainable * optimizer_bytes_per_param(optim)
 

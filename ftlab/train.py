@@ -351,10 +351,15 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     optimizer = None
     if cfg.loraplus_lr_ratio != 1 and hasattr(model, "peft_config"):
         from peft.optimizers import create_loraplus_optimizer
+        from transformers import Trainer
 
-        optimizer = create_loraplus_optimizer(
-            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay
-        )
+        # train.optim's optimizer as the Trainer would build it (its class, betas, eps, 8-bit or paged
+        # state), given LoRA+'s parameter groups; train.weight_decay set on the groups, where peft's
+        # default of 0 would otherwise override it.
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        kwargs.pop("lr", None)
+        optimizer = create_loraplus_optimizer(model, optimizer_cls, lr=lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                              loraplus_weight_decay=cfg.weight_decay, **kwargs)
     # TRL tokenises (chat template, completion mask, truncation) in SFTTrainer.__init__; the
     # trials of a sweep that share data, tokenizer and length reuse its output. Not with
     # packing: TRL would pack already-packed rows again.

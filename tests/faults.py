@@ -20,6 +20,19 @@ class RaiseAtStep(TrainerCallback):
             raise RuntimeError(f"{self.message} at step {state.global_step}")
 
 
+class RecordOptimizer(TrainerCallback):
+    """Write the optimizer's class and its parameter groups (size, lr, weight decay) to `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        groups = [{"params": len(g["params"]), "lr": g["lr"], "weight_decay": g["weight_decay"]}
+                  for g in optimizer.param_groups if g["params"]]
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+        Path(self.path).write_text(json.dumps({"class": type(inner).__name__, "groups": groups}))
+
+
 class FailOnTrial(TrainerCallback):
     """Fail chosen trials of a sweep at their first step: `raise_on` with an exception,
     `oom_on` through the real memory cap (budget.memory_cap_gb's check, with a tiny cap).

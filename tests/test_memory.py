@@ -68,7 +68,7 @@ PUBLISHED = [
 @pytest.mark.parametrize("case, overrides, published_gib", PUBLISHED, ids=[c[0] for c in PUBLISHED])
 def test_matches_published_peak_within_25_percent(make_cfg, case, overrides, published_gib, record_property):
     # Plain AdamW/LoRA as the published runs used (ftlab's LoRA+ would swap the optimizer).
-    cfg = make_cfg(*overrides, "train.loraplus_lr_ratio=1", tiny=False)
+    cfg = make_cfg(*overrides, tiny=False)
     predicted = estimate(cfg).total_gb
     error = predicted / published_gib - 1
     record_property("published_gib", published_gib)
@@ -79,7 +79,7 @@ def test_matches_published_peak_within_25_percent(make_cfg, case, overrides, pub
 
 
 def total(make_cfg, *overrides) -> float:
-    return estimate(make_cfg("model=llama32_1b", "train.loraplus_lr_ratio=1", *overrides, tiny=False)).total_bytes
+    return estimate(make_cfg("model=llama32_1b", *overrides, tiny=False)).total_bytes
 
 
 def test_memory_grows_with_rank_batch_and_sequence(make_cfg):
@@ -138,7 +138,7 @@ def test_cpu_auto_attention_prices_its_short_eager_batches(make_cfg):
 
 def test_targets_full_finetune_and_8bit_optimizer(make_cfg):
     def terms(*o):
-        return estimate(make_cfg("model=llama32_1b", "train.loraplus_lr_ratio=1", *o, tiny=False)).terms
+        return estimate(make_cfg("model=llama32_1b", *o, tiny=False)).terms
 
     assert terms("target_modules=[q_proj,v_proj]")["lora_params"] < terms("target_modules=all-linear")["lora_params"]
     full = terms("peft=full")

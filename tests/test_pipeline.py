@@ -105,6 +105,20 @@ def test_trials_on_the_same_data_tokenise_it_once(make_cfg, monkeypatch, capsys)
     assert len(tokenised) == 4
 
 
+@pytest.mark.parametrize("optim, expected", [("adamw_torch", "AdamW"), ("sgd", "SGD"), ("adafactor", "Adafactor")])
+def test_lora_plus_trains_with_the_chosen_optimizer_and_weight_decay(make_cfg, tmp_path, optim, expected):
+    """LoRA+ (on by default) builds its own parameter groups: A at lr, B at lr x ratio, both with
+    train.weight_decay, in train.optim's optimizer, the one the memory estimate prices."""
+    probe = tmp_path / "optimizer.json"
+    run(make_cfg("train.max_steps=1", "eval.compare_base=false", "eval.max_new_tokens=2", "lr=1e-3",
+                 "train.loraplus_lr_ratio=16", f"train.optim={optim}", "train.weight_decay=0.01",
+                 f"train.callbacks=[{{_target_: tests.faults.RecordOptimizer, path: '{probe}'}}]"))
+    seen = json.loads(probe.read_text())
+    assert seen["class"] == expected
+    assert [(g["lr"], g["weight_decay"]) for g in seen["groups"]] == [(1e-3, 0.01), (pytest.approx(1.6e-2), 0.01)]
+    assert seen["groups"][0]["params"] == seen["groups"][1]["params"] > 0  # every A, every B
+
+
 def test_long_param_values_do_not_crash_the_run(make_cfg):
     # MLflow rejects param values over 6000 characters; ftlab truncates them and keeps the full config.
     long_prompt = "Triage this support ticket carefully. " * 200  # 7,600 characters
