@@ -129,7 +129,8 @@ class DataConfig:
     format: str = "auto"  # auto | alpaca | sharegpt | messages | prompt_completion
     # Your column names, e.g. data.fields.output=answer (a typo fails at composition).
     fields: FieldNames = field(default_factory=FieldNames)
-    hf_split: str = "train"  # which split of a datasets directory / hub dataset
+    # Which split of a datasets directory, a hub dataset, or a directory of split files (train.jsonl, test.jsonl).
+    hf_split: str = "train"
     # Embedded generator settings (used when path is None).
     num_records: int = 300
     generator_seed: int = 7

@@ -155,6 +155,22 @@ def test_a_directory_of_shards_is_read_in_name_order(data_cfg, tmp_path):
         load_examples(str(tmp_path / "empty"), data_cfg())
 
 
+def test_a_directory_of_split_files_is_read_for_data_hf_split_only(data_cfg, tmp_path, caplog):
+    """A downloaded dataset with train.jsonl beside test.jsonl: the test set must not join the pool."""
+    published = tmp_path / "published"
+    (published / "data").mkdir(parents=True)
+    write([as_format(CONVERSATIONS[0], "alpaca")], published / "data" / "train-00000-of-00001.parquet")
+    write([as_format(CONVERSATIONS[1], "alpaca")], published / "test.jsonl")
+    write([as_format(CONVERSATIONS[1], "messages")], published / "dev.csv")
+    for split, expected in (("train", [CONVERSATIONS[0]]), ("test", [CONVERSATIONS[1]]), ("valid", [CONVERSATIONS[1]])):
+        examples, _ = load_examples(str(published), data_cfg(path=str(published), hf_split=split))
+        assert [e.messages for e in examples] == expected, split
+    assert "reading the train split (data.hf_split=train): 1 file(s); left out: dev.csv, test.jsonl" in caplog.text
+    with pytest.raises(DataError, match=r"holds files of the splits \['test', 'train', 'validation'\], none of "
+                                        r"data.hf_split=holdout"):
+        load_examples(str(published), data_cfg(path=str(published), hf_split="holdout"))
+
+
 def test_a_csv_with_semicolons_is_read_by_its_header(data_cfg, tmp_path):
     """Spreadsheets in locales with a decimal comma export `;`-separated "CSV"."""
     path = tmp_path / "export.csv"

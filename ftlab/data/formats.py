@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import io
 import json
+import logging
 import lzma
 import re
 from dataclasses import dataclass
@@ -34,6 +35,12 @@ RAW_KEPT = 10_000
 # Separators tried, in order, for a .csv whose header has no comma.
 CSV_DELIMITERS = (";", "\t", "|")
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+# Words that name a split in a file or folder name (train.jsonl, data/test-00000.parquet, dev.csv),
+# as the datasets library reads them: such a directory's files are read for data.hf_split only.
+SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+               "test": ("test", "testing", "eval", "evaluation")}
+
+log = logging.getLogger("ftlab")
 
 
 @dataclass
@@ -226,14 +233,33 @@ def _reader(path: Path):
     return reader
 
 
-def read_directory(path: Path) -> Iterator[RawRecord | RecordError]:
+def _split_of(relative: Path) -> str | None:
+    words = set(re.split(r"[\W_]+", str(relative).lower()))
+    return next((split for split, names in SPLIT_WORDS.items() if words & set(names)), None)
+
+
+def read_directory(path: Path, hf_split: str = "train") -> Iterator[RawRecord | RecordError]:
     """Every data file under a directory (shards: part-00000.parquet, ...), in name order; hidden
-    and `_`-prefixed entries (_SUCCESS, .crc files) are skipped."""
+    and `_`-prefixed entries (_SUCCESS, .crc files) are skipped. Files named by split (train.jsonl
+    beside test.jsonl) are read for data.hf_split only: a published test set mixed into the pool
+    would be trained on."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and _reader(p)
                    and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
     if not files:
         raise DataError(f"data.path: {path} is a directory without data files ({KNOWN}) and not a "
                         "datasets save_to_disk directory")
+    splits = {file: _split_of(file.relative_to(path)) for file in files}
+    if any(splits.values()):
+        wanted = next((split for split, names in SPLIT_WORDS.items() if hf_split in (split, *names)), hf_split)
+        chosen = [file for file in files if splits[file] == wanted]
+        if not chosen:
+            found = sorted({s for s in splits.values() if s})
+            raise DataError(f"data.path: {path} holds files of the splits {found}, none of data.hf_split={hf_split}")
+        left_out = [str(file.relative_to(path)) for file in files if file not in chosen]
+        if left_out:
+            log.warning("data.path %s: reading the %s split (data.hf_split=%s): %d file(s); left out: %s", path,
+                        wanted, hf_split, len(chosen), ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""))
+        files = chosen
     for file in files:
         yield from _reader(file)(file)
 
@@ -243,7 +269,7 @@ def read_records(source: str, hf_split: str = "train") -> Iterator[RawRecord | R
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # datasets' save_to_disk
             return read_hf(str(path), hf_split)
-        return read_directory(path)
+        return read_directory(path, hf_split)
     if not path.exists():
         if HUB_NAME.match(source):
             return read_hf(source, hf_split)
