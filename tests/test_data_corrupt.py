@@ -3,6 +3,7 @@ naming file:line and the problem; with on_error=skip every rejected record lands
 rejects file with its reason; the CLI exits 2 with a message, never a traceback."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -127,6 +128,17 @@ def test_the_10mb_line_is_dropped_as_overlong_and_empty_file_is_named(data_cfg, 
     empty.write_text("\n\n")
     with pytest.raises(DataError, match=f"{empty}: no usable records"):
         load_examples(str(empty), data_cfg(path=str(empty)))
+
+
+def test_a_csv_cell_over_the_csv_modules_limit_is_dropped_as_overlong(data_cfg, tiny_tokenizer, tmp_path):
+    """Python's csv refuses cells over 128 KiB, which failed the whole file with a traceback."""
+    path = tmp_path / "pasted_logs.csv"
+    rows = [("Summarise this log", "log " * 50_000, "too long")] + [(f"ticket {i}", f"body {i}", "ok") for i in range(4)]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([("instruction", "input", "output"), *rows])
+    data = prepare(data_cfg(path=str(path), eval_size=1, dedupe=False), tiny_tokenizer, 256, tmp_path / "c")
+    assert data.report["counts"]["dropped_overlong"] == 1
+    assert len(data.train) + len(data.held_out) == 4
 
 
 def test_bad_csv_and_json_files_name_the_row(data_cfg, tmp_path):

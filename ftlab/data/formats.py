@@ -34,6 +34,7 @@ FIELDS = {f.name: f.default for f in dataclasses.fields(FieldNames)}
 RAW_KEPT = 10_000
 # Separators tried, in order, for a .csv whose header has no comma.
 CSV_DELIMITERS = (";", "\t", "|")
+CSV_FIELD_LIMIT = 2**31 - 1  # characters in one cell (the csv module's default: 131,072)
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Words that name a split in a file or folder name (train.jsonl, data/test-00000.parquet, dev.csv),
 # as the datasets library reads them: such a directory's files are read for data.hf_split only.
@@ -173,7 +174,16 @@ def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
         delimiter = _csv_delimiter(path, f.readline())
         f.seek(0)
         reader = csv.DictReader(f, delimiter=delimiter)
-        for row in reader:
+        # The csv module refuses a cell over 128 KiB, failing the whole file; a long record is the
+        # length check's to drop (data.overlong), with its reason, as in JSON Lines.
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
             where = f"{path}:{reader.line_num}"
             raw = json.dumps(row, ensure_ascii=False, default=str)[:RAW_KEPT]
             if None in row:
