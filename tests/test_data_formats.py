@@ -171,6 +171,20 @@ def test_a_directory_of_split_files_is_read_for_data_hf_split_only(data_cfg, tmp
         load_examples(str(published), data_cfg(path=str(published), hf_split="holdout"))
 
 
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json", "data.tsv", "data.csv"])
+def test_utf16_text_with_a_byte_order_mark_is_read(data_cfg, tmp_path, name):
+    """Excel's "Unicode Text" export (UTF-16 TSV) and PowerShell's Out-File write UTF-16 with a BOM."""
+    utf8 = write([as_format(m, "alpaca") for m in CONVERSATIONS], tmp_path / name)
+    utf16 = tmp_path / "utf16" / name
+    utf16.parent.mkdir()
+    utf16.write_bytes(utf8.read_text(encoding="utf-8").encode("utf-16"))  # BOM, then UTF-16 in native order
+    examples, rejects = load_examples(str(utf16), data_cfg(path=str(utf16)))
+    assert rejects == [] and [e.messages for e in examples] == CONVERSATIONS
+    utf16.write_bytes(b"\xff\xfe" + b"\x00\xd8" + b"a\x00")  # a lone surrogate
+    with pytest.raises(DataError, match=rf"{name}: starts with UTF-16's byte-order mark but is not UTF-16 text"):
+        load_examples(str(utf16), data_cfg(path=str(utf16)))
+
+
 def test_a_csv_with_semicolons_is_read_by_its_header(data_cfg, tmp_path):
     """Spreadsheets in locales with a decimal comma export `;`-separated "CSV"."""
     path = tmp_path / "export.csv"

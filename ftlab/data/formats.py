@@ -91,18 +91,27 @@ def _data_suffix(path: Path) -> str:
 
 @contextlib.contextmanager
 def _open_binary(path: Path) -> Iterator[io.BufferedIOBase]:
-    """The file's bytes, decompressed when its name ends in .gz, .bz2 or .xz; a damaged or
-    truncated archive is a DataError naming the file, wherever the stream breaks."""
+    """The file's bytes, decompressed when its name ends in .gz, .bz2 or .xz (a damaged or truncated
+    archive is a DataError naming the file, wherever the stream breaks), and as UTF-8 when the text
+    is UTF-16 with its byte-order mark (Excel's "Unicode Text" export, PowerShell's Out-File)."""
     decompress = DECOMPRESSORS.get(path.suffix.lower())
-    if decompress is None:
-        with path.open("rb") as f:
-            yield f
-        return
     try:
-        with decompress(path, "rb") as f:
-            yield f
+        with (decompress or open)(path, "rb") as f:
+            yield _as_utf8(f, path)
     except (OSError, EOFError, lzma.LZMAError) as e:  # BadGzipFile is an OSError
+        if decompress is None:
+            raise
         raise DataError(f"{path}: not a readable {path.suffix.lower()[1:]} file ({e or type(e).__name__})") from None
+
+
+def _as_utf8(f: io.BufferedIOBase, path: Path) -> io.BufferedIOBase:
+    if f.peek(2)[:2] not in (b"\xff\xfe", b"\xfe\xff"):
+        return f
+    try:
+        return io.BytesIO(f.read().decode("utf-16").encode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: starts with UTF-16's byte-order mark but is not UTF-16 text ({e.reason} at byte "
+                        f"{e.start}); save it as UTF-8") from None
 
 
 def read_jsonl(path: Path) -> Iterator[RawRecord | RecordError]:
