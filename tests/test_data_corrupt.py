@@ -149,7 +149,8 @@ def test_bad_csv_and_json_files_name_the_row(data_cfg, tmp_path):
     message = str(raised.value)
     assert f"{csv_path}:3: field 'output' is empty" in message
     assert f"{csv_path}:4: row has more cells" in message
-    assert f"{csv_path}:5: field 'instruction' holds invalid Unicode" in message
+    assert f"{csv_path}:5: field 'instruction' holds bytes that are not UTF-8 (byte 0xe9): save the file as UTF-8" \
+        in message  # Windows-1252's é
     json_path = tmp_path / "bad.json"
     json_path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a",\n]\n')
     with pytest.raises(DataError, match=f"{json_path}:4: malformed JSON"):

@@ -330,7 +330,10 @@ def _text(record: dict, key: str, required: bool = True) -> str:
     if not value.isascii():
         try:
             value.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: "\ud800" escapes in JSON, bad bytes in CSV
+        except UnicodeEncodeError as e:  # lone surrogates: "\ud800" escapes in JSON, bad bytes in CSV
+            if "\udc80" <= value[e.start] <= "\udcff":  # a byte read with surrogateescape: not UTF-8
+                raise RecordError(f"field '{key}' holds bytes that are not UTF-8 (byte 0x{ord(value[e.start]) - 0xdc00:02x}): "
+                                  "save the file as UTF-8 (Excel: \"CSV UTF-8\")", "invalid_utf8") from None
             raise RecordError(f"field '{key}' holds invalid Unicode (not UTF-8 encodable)", "invalid_utf8") from None
     if required and not value.strip():
         raise RecordError(f"field '{key}' is empty", "empty_field")
