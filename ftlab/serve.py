@@ -50,6 +50,11 @@ def resolve(cfg: DictConfig) -> Resolved:
     match = MODEL_URI.match(cfg.model)
     if not match:
         path = Path(cfg.model).expanduser()
+        if (path / "adapter_config.json").exists():  # outputs/runs/<run id>/adapter, or one downloaded
+            run_id = path.parent.name if path.name == "adapter" else "<trial run id>"
+            raise ServeError(f"model={cfg.model} is a LoRA adapter, not a model: merge and register it "
+                             f"(python -m ftlab.registry register run_id={run_id}), then serve "
+                             "model=models:/<name>/<version>")
         if not (path / "config.json").exists():
             raise ServeError(f"model={cfg.model}: not models:/<name>@<alias>, models:/<name>/<version>, "
                              "nor a checkpoint directory with config.json")

@@ -110,6 +110,17 @@ def test_unknown_key_or_model_is_named():
     assert "ftlab: model=/nonexistent/checkpoint: not models:/<name>@<alias>" in out.stderr
 
 
+def test_an_adapter_directory_is_named_with_the_command_that_makes_it_servable(tmp_path):
+    adapter = tmp_path / "runs" / "0123abcd" / "adapter"  # what a run leaves in output_dir
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "ftlab.serve", f"model={adapter}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (f"ftlab: model={adapter} is a LoRA adapter, not a model: merge and register it "
+            "(python -m ftlab.registry register run_id=0123abcd)") in out.stderr
+
+
 def test_a_taken_port_or_bad_setting_is_refused_before_the_model_is_fetched(tmp_path):
     def cli(*args):
         # A registry with no models: any message about the model would mean it was looked up first.
