@@ -82,6 +82,10 @@ def _trial(client: MlflowClient, run_id: str):
         run = client.get_run(run_id)
     except MlflowException as e:
         raise RegistryError(f"run_id={run_id}: no such run in {tracking.mask(mlflow.get_tracking_uri())}") from e
+    if run.data.tags.get("ftlab.role") == "sweep":  # a parent run id copied from the UI
+        best = run.data.tags.get("ftlab.best_run_id")
+        raise RegistryError(f"run_id={run_id} is the parent run of sweep {run.data.tags.get('ftlab.sweep_id')}, not a "
+                            "trial; " + (f"its best trial is run_id={best}" if best else "it has no best trial (yet)"))
     if run.info.status != "FINISHED" or run.data.tags.get("ftlab.role") != "trial":
         raise RegistryError(f"run_id={run_id} is not a finished trial run (status {run.info.status}, "
                             f"role {run.data.tags.get('ftlab.role')}); register a finished trial")

@@ -3,6 +3,9 @@ with the basic launcher and with joblib's separate processes; over-budget config
 before anything loads; the best trial and ftlab_sweep.json recorded at the end."""
 import html
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -10,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from ftlab.report import build_report
 from ftlab.sweep import pareto_front, sweep_id
-from tests.conftest import CONF
+from tests.conftest import CONF, ROOT
 from tests.sweeping import runs, sweep
 
 
@@ -60,6 +63,12 @@ def test_grid_sweep_with_joblib_processes_finds_the_parent_then_registers_and_re
     report = tmp_path / "reports" / parent.data.tags["ftlab.sweep_id"] / "report.html"
     assert report.exists() and parent.data.tags["ftlab.best_run_id"] in report.read_text()
     assert f"; best run {parent.data.tags['ftlab.best_run_id']}; report {report}; summary " in out.stdout  # named
+    # The parent's run id, copied from the UI instead of a trial's, is named with the trial to register.
+    wrong = subprocess.run([sys.executable, "-m", "ftlab.registry", "register", f"run_id={parent.info.run_id}",
+                            f"tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert wrong.returncode == 2 and (f"is the parent run of sweep {parent.data.tags['ftlab.sweep_id']}, not a trial; "
+                                      f"its best trial is run_id={parent.data.tags['ftlab.best_run_id']}") in wrong.stderr
 
 
 def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
