@@ -55,7 +55,8 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     assert tags["ftlab.base_model"] == "tiny" and len(tags["ftlab.data_fingerprint"]) == 16
     assert 0 < float(tags["ftlab.adapter_mb"]) < 5 and tags["ftlab.adapter_uri"] == f"runs:/{best}/adapter"
     assert {"metric.rouge_l", "metric.bertscore_f1", "metric.exact_match", "metric.eval_loss"} <= set(tags)
-    assert float(tags["ftlab.merge_relative_logit_diff"]) <= float(tags["ftlab.merge_tolerance"])
+    assert (float(tags["ftlab.merge_relative_logit_diff"]) <= float(tags["ftlab.merge_tolerance"])
+            or float(tags["ftlab.merge_effect_share"]) <= registry.MERGE_MAX_EFFECT_SHARE)
     with pytest.raises(registry.RegistryError, match=rf"no registered model '{name}x' in sqlite:.*; it holds '{name}'"):
         registry.resolve_version(f"{name}x", "production")  # a typo is named with what the store holds
     model_info = mlflow.models.get_model_info(f"models:/{name}/1")
@@ -100,6 +101,22 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     assert rollback.returncode == 0, rollback.stderr
     assert int(client.get_model_version_by_alias(name, "production").version) == 1
     assert int(client.get_model_version_by_alias(name, "previous").version) == 2
+
+
+def test_a_merge_that_leaves_the_adapter_out_is_refused(make_cfg, monkeypatch):
+    """The merge check tells 16-bit rounding (a small share of the adapter's effect on the logits)
+    from a broken merge (all of it)."""
+    run(make_cfg(*FAST[:3], "lr=1e-2"))
+    [trial] = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")
+    from peft.tuners.lora import LoraModel
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", LoraModel.unload)  # the base, adapter dropped
+    with pytest.raises(registry.RegistryError, match=r"merged logits differ from base\+adapter by .* 100% of the "
+                                                     r"adapter's own effect on them; the merge is broken"):
+        registry.register(trial.info.run_id, "broken")
+    monkeypatch.undo()
+    version = registry.register(trial.info.run_id, "sound")
+    assert float(version.tags["ftlab.merge_effect_share"]) < registry.MERGE_MAX_EFFECT_SHARE
 
 
 def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp_path):
