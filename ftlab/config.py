@@ -250,6 +250,10 @@ class RegistryConfig:
     auto_promote: bool = False
     # Held-out metric (higher is better) the candidate must match or beat to be promoted.
     gate_metric: str = "rouge_l"
+    # The merged checkpoint's dtype. None: the run's compute dtype (bf16 where the hardware has it).
+    # An adapter's update is often below a bf16 weight's resolution and partly rounds away there;
+    # float16 (3 more mantissa bits) or float32 (twice the size) keep more of it.
+    merge_dtype: Optional[str] = None
 
 
 @dataclass
@@ -353,6 +357,7 @@ CHOICES = {
     "peft.adapter_dtype": ("float32", "bfloat16", "float16"),
     "train.sampling": ("group_by_length", "random", "sequential"),
     "budget.fit": ("skip", "auto_batch"),
+    "registry.merge_dtype": (None, "bfloat16", "float16", "float32"),
 }
 RANGES = {  # key: (test, what the value must be)
     "lr": (lambda v: v > 0, "> 0"),
@@ -423,7 +428,7 @@ def check(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: use one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r}: use one of {', '.join(map(str, allowed))}")
     for key, (valid, must_be) in RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and not valid(value):

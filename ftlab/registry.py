@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
-from ftlab.config import HELD_OUT_METRICS, FtlabConfig, exit_2_on, gate_metric_problem
+from ftlab.config import CHOICES, HELD_OUT_METRICS, FtlabConfig, exit_2_on, gate_metric_problem
 from ftlab.data import Example, prepare
 
 log = logging.getLogger("ftlab.registry")
@@ -123,16 +123,25 @@ def _rms(t: torch.Tensor) -> float:
     return t.double().pow(2).mean().sqrt().item()
 
 
-def merge(run_id: str, out_dir: Path) -> Merged:
-    """Base reloaded in 16-bit (never the 4-bit training weights) + adapter -> merge_and_unload
-    -> a standard HF checkpoint (safetensors, tokenizer with chat template, generation config).
-    A full fine-tune (peft.method=full) logged the trained model itself: nothing to merge."""
+def merge_dtype(cfg: DictConfig, setting: str | None) -> torch.dtype:
+    """registry.merge_dtype, or the run's compute dtype."""
+    allowed = CHOICES["registry.merge_dtype"]
+    if setting not in allowed:
+        raise RegistryError(f"registry.merge_dtype={setting}: use one of {', '.join(map(str, allowed))}")
+    return getattr(torch, setting) if setting else models.compute_dtype(cfg.model.dtype)
+
+
+def merge(run_id: str, out_dir: Path, dtype_setting: str | None = None) -> Merged:
+    """Base reloaded in 16 bits or more (never the 4-bit training weights; registry.merge_dtype) +
+    adapter -> merge_and_unload -> a standard HF checkpoint (safetensors, tokenizer with chat
+    template, generation config). A full fine-tune (peft.method=full) logged the trained model
+    itself: nothing to merge."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run = _trial(MlflowClient(), run_id)
     cfg = run_config(run_id)
-    dtype = models.compute_dtype(cfg.model.dtype)
+    dtype = merge_dtype(cfg, dtype_setting)
     if cfg.peft.method == "full":  # the trained model itself: no base needed
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.trained_artifact("full"),
                                             dst_path=str(out_dir.parent))
@@ -182,21 +191,27 @@ def _requirements() -> list[str]:
             "accelerate", "safetensors"]
 
 
-def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersion:
-    """Merge the run's adapter, log the merged checkpoint on the run as a transformers model
-    (`text-generation`) and register it under `name`. Returns the new version."""
+def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting: str | None = None) -> ModelVersion:
+    """Merge the run's adapter, score the merged model on the run's held-out set, log it on the run
+    as a transformers model (`text-generation`) and register it under `name`. Returns the new version."""
     from mlflow.models import infer_signature
     from transformers import AutoModelForCausalLM
 
     client = MlflowClient()
     run = _trial(client, run_id)
+    cfg = run_config(run_id)
+    dtype = models.compute_dtype(cfg.model.dtype)
     with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
-        merged = merge(run_id, Path(tmp) / "checkpoint")
+        merged = merge(run_id, Path(tmp) / "checkpoint", dtype_setting)
         tokenizer = models.load_tokenizer(merged.path)
         # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
         # from transformers 4's task table and fails on transformers 5.
         components = {"model": AutoModelForCausalLM.from_pretrained(merged.path), "tokenizer": tokenizer}
-        example = held_out(run_id, tokenizer)[0]
+        examples = held_out(run_id, tokenizer)
+        # What is registered is scored, not the run: the run scored its adapter on the 4-bit base
+        # it trained on, and the merged 16-bit model answers somewhat differently.
+        scores = scoring.score(components["model"], tokenizer, examples, cfg, dtype, desc="evaluate merged").metrics
+        example = examples[0]
         prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
         params = {"max_new_tokens": 64}
         # Resume the trial run so the model lives next to the adapter and metrics it came from.
@@ -219,6 +234,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
             "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
             "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
             "ftlab.merge_effect_share": f"{merged.effect_share:.3f}",
+            "ftlab.merge_dtype": str(merge_dtype(cfg, dtype_setting)).removeprefix("torch."),
         }
     else:  # a full fine-tune: no adapter to size or point at
         adapter_tags = {"ftlab.full_fine_tune": "true"}
@@ -229,7 +245,8 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
         "ftlab.base_checkpoint": run.data.params["model.checkpoint"],
         "ftlab.data_fingerprint": run.data.tags.get("ftlab.data_fingerprint", ""),
         **adapter_tags,
-        **{f"metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items() if k in (*HELD_OUT_METRICS, "eval_loss")},
+        **{f"metric.{k}": f"{v:.4f}" for k, v in scores.items()},
+        **{f"run_metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items() if k in (*HELD_OUT_METRICS, "eval_loss")},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -237,6 +254,12 @@ def register(run_id: str, name: str, sweep_id: str | None = None) -> ModelVersio
              f"merge check: logits within {merged.relative_diff:.1e} of base+adapter, "
              f"{merged.effect_share:.0%} of the adapter's effect")
     print(f"registered {name} version {version} from run {run_id} ({check})")
+    print("  held-out scores of the registered model (the run's, on its training base, in brackets): " + ", ".join(
+        f"{k} {v:.3f}" + (f" ({run.data.metrics[k]:.3f})" if k in run.data.metrics else "") for k, v in scores.items()))
+    if merged.merged and merge_dtype(cfg, dtype_setting) == torch.bfloat16 and any(
+            v < run.data.metrics.get(k, v) - 0.02 for k, v in scores.items()):
+        print("  bf16 rounds away part of a small adapter update: registry.merge_dtype=float16 (or float32, twice "
+              "the size) keeps more of it; the adapter alone is at ftlab.adapter_uri")
     return client.get_model_version(name, version)
 
 
@@ -311,7 +334,7 @@ def _gate_scores(candidate: ModelVersion, current: ModelVersion, name: str, metr
             path = checkpoint_dir(f"models:/{name}/{v.version}", Path(tmp) / str(v.version))
             tokenizer = models.load_tokenizer(path)
             examples = examples or held_out(candidate.run_id, tokenizer)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path)  # in its own dtype (registry.merge_dtype), as registered
             scores = scoring.score(model, tokenizer, examples, cfg, dtype, desc=f"gate v{v.version}")
             if metric not in scores.metrics:  # the JSON metrics need JSON references
                 raise RegistryError(f"registry.gate_metric={metric}: run {candidate.run_id}'s held-out set does "
@@ -382,7 +405,7 @@ def on_sweep_end(cfg: DictConfig, parent_run_id: str, best_run_id: str) -> Model
     tracking.setup(cfg.tracking_uri, cfg.experiment)
     sweep_id = MlflowClient().get_run(parent_run_id).data.tags.get("ftlab.sweep_id")
     name = model_name(cfg.registry.model_name, cfg.experiment)
-    version = register(best_run_id, name, sweep_id)
+    version = register(best_run_id, name, sweep_id, cfg.registry.merge_dtype)
     if cfg.registry.auto_promote:
         promote(name, version.version, cfg.registry.gate_metric)
     return version
@@ -412,10 +435,11 @@ def main() -> None:
         if cfg.action == "register":
             if not cfg.run_id:
                 raise RegistryError("register needs run_id=<trial run id>")
-            version = register(cfg.run_id, name).version
+            version = register(cfg.run_id, name, dtype_setting=cfg.registry.merge_dtype).version
             print(f"  promote it:  python -m ftlab.registry promote version={version}{named}{store}")
         elif cfg.action == "promote":
-            version = register(cfg.run_id, name).version if cfg.run_id else cfg.version
+            version = register(cfg.run_id, name, dtype_setting=cfg.registry.merge_dtype).version if cfg.run_id \
+                else cfg.version
             if not promote(name, version, cfg.registry.gate_metric, cfg.force):
                 sys.exit(1)
             print(f"  serve it:  python -m ftlab.serve model=models:/{name}@{PRODUCTION}{store}")

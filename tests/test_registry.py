@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from ftlab import registry, tracking
+from ftlab import models, registry, tracking
 from ftlab.pipeline import run
 from tests.conftest import ROOT
 
@@ -54,7 +54,10 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     assert tags["ftlab.source_run_id"] == best and tags["ftlab.sweep_id"] == sweep_id
     assert tags["ftlab.base_model"] == "tiny" and len(tags["ftlab.data_fingerprint"]) == 16
     assert 0 < float(tags["ftlab.adapter_mb"]) < 5 and tags["ftlab.adapter_uri"] == f"runs:/{best}/adapter"
-    assert {"metric.rouge_l", "metric.bertscore_f1", "metric.exact_match", "metric.eval_loss"} <= set(tags)
+    # metric.*: the registered (merged) model's own held-out scores; run_metric.*: the run's, on its 4-bit base.
+    assert {"metric.rouge_l", "metric.bertscore_f1", "metric.exact_match", "run_metric.rouge_l",
+            "run_metric.eval_loss"} <= set(tags)
+    assert float(tags["run_metric.rouge_l"]) == pytest.approx(client.get_run(best).data.metrics["rouge_l"], abs=1e-4)
     assert (float(tags["ftlab.merge_relative_logit_diff"]) <= float(tags["ftlab.merge_tolerance"])
             or float(tags["ftlab.merge_effect_share"]) <= registry.MERGE_MAX_EFFECT_SHARE)
     with pytest.raises(registry.RegistryError, match=rf"no registered model '{name}x' in sqlite:.*; it holds '{name}'"):
@@ -89,6 +92,8 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     passed = float(v2.tags[f"ftlab.gate.{metric}"]) >= float(v2.tags[f"ftlab.gate.production_{metric}"])
     assert v2.tags["ftlab.gate.result"] == ("passed" if passed else "failed")
     assert v2.tags["ftlab.gate.production_version"] == "1"
+    # Both trials hold out the same examples: the gate's fresh score of v1 is the one v1 was registered with.
+    assert float(v2.tags[f"ftlab.gate.production_{metric}"]) == pytest.approx(float(tags[f"metric.{metric}"]), abs=1e-4)
     assert int(client.get_model_version_by_alias(name, "production").version) == (2 if passed else 1)
     if not passed:
         assert registry.promote(name, "2", metric, force=True)
@@ -103,7 +108,7 @@ def test_sweep_registers_merges_and_promotes_then_gate_force_and_rollback(promot
     assert int(client.get_model_version_by_alias(name, "previous").version) == 2
 
 
-def test_a_merge_that_leaves_the_adapter_out_is_refused(make_cfg, monkeypatch):
+def test_a_merge_that_leaves_the_adapter_out_is_refused_and_merge_dtype_is_kept(make_cfg, monkeypatch, tmp_path):
     """The merge check tells 16-bit rounding (a small share of the adapter's effect on the logits)
     from a broken merge (all of it)."""
     run(make_cfg(*FAST[:3], "lr=1e-2"))
@@ -117,6 +122,15 @@ def test_a_merge_that_leaves_the_adapter_out_is_refused(make_cfg, monkeypatch):
     monkeypatch.undo()
     version = registry.register(trial.info.run_id, "sound")
     assert float(version.tags["ftlab.merge_effect_share"]) < registry.MERGE_MAX_EFFECT_SHARE
+    assert version.tags["ftlab.merge_dtype"] == str(models.compute_dtype("auto")).removeprefix("torch.")
+
+    # registry.merge_dtype=float32 keeps every bit of the update: the same logits as base+adapter in fp32.
+    exact = registry.register(trial.info.run_id, "exact", dtype_setting="float32")
+    assert exact.tags["ftlab.merge_dtype"] == "float32" and float(exact.tags["ftlab.merge_relative_logit_diff"]) < 1e-4
+    checkpoint = registry.checkpoint_dir("models:/exact/1", tmp_path / "exact")
+    assert AutoModelForCausalLM.from_pretrained(checkpoint).dtype == torch.float32
+    with pytest.raises(registry.RegistryError, match="registry.merge_dtype=fp8: use one of None, bfloat16"):
+        registry.register(trial.info.run_id, "typo", dtype_setting="fp8")
 
 
 def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp_path):
