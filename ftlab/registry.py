@@ -119,6 +119,13 @@ def _logits(model, tokenizer, examples: list[Example]) -> list[torch.Tensor]:
     return out
 
 
+def _computable(model, compute: torch.dtype):
+    """A registered model in its own dtype (registry.merge_dtype) for scoring under autocast to
+    `compute`; upcast, losslessly, where the hardware computes in fp32 (16-bit matmuls without
+    bf16 units run ~100x slower)."""
+    return model.float() if compute == torch.float32 and model.dtype != torch.float32 else model
+
+
 def _rms(t: torch.Tensor) -> float:
     return t.double().pow(2).mean().sqrt().item()
 
@@ -208,9 +215,6 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
         # from transformers 4's task table and fails on transformers 5.
         components = {"model": AutoModelForCausalLM.from_pretrained(merged.path), "tokenizer": tokenizer}
         examples = held_out(run_id, tokenizer)
-        # What is registered is scored, not the run: the run scored its adapter on the 4-bit base
-        # it trained on, and the merged 16-bit model answers somewhat differently.
-        scores = scoring.score(components["model"], tokenizer, examples, cfg, dtype, desc="evaluate merged").metrics
         example = examples[0]
         prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
         params = {"max_new_tokens": 64}
@@ -224,6 +228,11 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
                 signature=infer_signature(prompt, example.reference, params=params),
                 input_example=(prompt, params), pip_requirements=_requirements(), registered_model_name=name,
             )
+    # What is registered is scored, not the run: the run scored its adapter on the 4-bit base it
+    # trained on, and the merged 16-bit model answers somewhat differently. (After logging: scoring
+    # may upcast the model in place.)
+    scores = scoring.score(_computable(components["model"], dtype), tokenizer, examples, cfg, dtype,
+                           desc="evaluate merged").metrics
     version = str(info.registered_model_version)
     if merged.merged:
         adapter_bytes = sum(f.file_size or 0 for f in client.list_artifacts(run_id, "adapter"))
@@ -334,7 +343,7 @@ def _gate_scores(candidate: ModelVersion, current: ModelVersion, name: str, metr
             path = checkpoint_dir(f"models:/{name}/{v.version}", Path(tmp) / str(v.version))
             tokenizer = models.load_tokenizer(path)
             examples = examples or held_out(candidate.run_id, tokenizer)
-            model = AutoModelForCausalLM.from_pretrained(path)  # in its own dtype (registry.merge_dtype), as registered
+            model = _computable(AutoModelForCausalLM.from_pretrained(path), dtype)  # as registered
             scores = scoring.score(model, tokenizer, examples, cfg, dtype, desc=f"gate v{v.version}")
             if metric not in scores.metrics:  # the JSON metrics need JSON references
                 raise RegistryError(f"registry.gate_metric={metric}: run {candidate.run_id}'s held-out set does "
