@@ -261,7 +261,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
         client.set_model_version_tag(name, version, key, value)
     check = ("a full fine-tune: its own weights, nothing merged" if not merged.merged else
              f"merge check: logits within {merged.relative_diff:.1e} of base+adapter, "
-             f"{merged.effect_share:.0%} of the adapter's effect")
+             f"{merged.effect_share:.1%} of the adapter's effect")
     print(f"registered {name} version {version} from run {run_id} ({check})")
     print("  held-out scores of the registered model (the run's, on its training base, in brackets): " + ", ".join(
         f"{k} {v:.3f}" + (f" ({run.data.metrics[k]:.3f})" if k in run.data.metrics else "") for k, v in scores.items()))
