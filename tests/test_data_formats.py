@@ -167,7 +167,7 @@ def test_a_directory_of_split_files_is_read_for_data_hf_split_only(data_cfg, tmp
         assert [e.messages for e in examples] == expected, split
     assert "reading the train split (data.hf_split=train): 1 file(s); left out: dev.csv, test.jsonl" in caplog.text
     with pytest.raises(DataError, match=r"holds files of the splits \['test', 'train', 'validation'\], none of "
-                                        r"data.hf_split=holdout"):
+                                        r"data.hf_split=holdout; set data.hf_split to one of them"):
         load_examples(str(published), data_cfg(path=str(published), hf_split="holdout"))
 
 

@@ -273,7 +273,8 @@ def read_directory(path: Path, hf_split: str = "train") -> Iterator[RawRecord | 
         chosen = [file for file in files if splits[file] == wanted]
         if not chosen:
             found = sorted({s for s in splits.values() if s})
-            raise DataError(f"data.path: {path} holds files of the splits {found}, none of data.hf_split={hf_split}")
+            raise DataError(f"data.path: {path} holds files of the splits {found}, none of data.hf_split={hf_split}; "
+                            f"set data.hf_split to one of them")
         left_out = [str(file.relative_to(path)) for file in files if file not in chosen]
         if left_out:
             log.warning("data.path %s: reading the %s split (data.hf_split=%s): %d file(s); left out: %s", path,
