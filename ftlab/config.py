@@ -254,6 +254,10 @@ class RegistryConfig:
     # An adapter's update is often below a bf16 weight's resolution and partly rounds away there;
     # float16 (3 more mantissa bits) or float32 (twice the size) keep more of it.
     merge_dtype: Optional[str] = None
+    # original: the base checkpoint's own weights. dequantized: the 4-/8-bit base a QLoRA adapter was
+    # trained against, dequantized to merge_dtype: the merged model answers as the run did (the
+    # adapter learned to correct that base), with the base's quantization error kept.
+    merge_base: str = "original"
 
 
 @dataclass
@@ -358,6 +362,7 @@ CHOICES = {
     "train.sampling": ("group_by_length", "random", "sequential"),
     "budget.fit": ("skip", "auto_batch"),
     "registry.merge_dtype": (None, "bfloat16", "float16", "float32"),
+    "registry.merge_base": ("original", "dequantized"),
 }
 RANGES = {  # key: (test, what the value must be)
     "lr": (lambda v: v > 0, "> 0"),

@@ -138,7 +138,7 @@ def merge_dtype(cfg: DictConfig, setting: str | None) -> torch.dtype:
     return getattr(torch, setting) if setting else models.compute_dtype(cfg.model.dtype)
 
 
-def merge(run_id: str, out_dir: Path, dtype_setting: str | None = None) -> Merged:
+def merge(run_id: str, out_dir: Path, dtype_setting: str | None = None, base_setting: str = "original") -> Merged:
     """Base reloaded in 16 bits or more (never the 4-bit training weights; registry.merge_dtype) +
     adapter -> merge_and_unload -> a standard HF checkpoint (safetensors, tokenizer with chat
     template, generation config). A full fine-tune (peft.method=full) logged the trained model
@@ -149,6 +149,8 @@ def merge(run_id: str, out_dir: Path, dtype_setting: str | None = None) -> Merge
     run = _trial(MlflowClient(), run_id)
     cfg = run_config(run_id)
     dtype = merge_dtype(cfg, dtype_setting)
+    if base_setting not in CHOICES["registry.merge_base"]:
+        raise RegistryError(f"registry.merge_base={base_setting}: use one of {', '.join(CHOICES['registry.merge_base'])}")
     if cfg.peft.method == "full":  # the trained model itself: no base needed
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.trained_artifact("full"),
                                             dst_path=str(out_dir.parent))
@@ -161,8 +163,16 @@ def merge(run_id: str, out_dir: Path, dtype_setting: str | None = None) -> Merge
     adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
                                                        dst_path=str(out_dir.parent)))
     tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                                                use_safetensors=not cfg.model.allow_pickle_weights)
+    # dequantized: the base the adapter was trained against (its 4- or 8-bit values, dequantized to
+    # merge_dtype), so the merged model answers as the run did; nothing is re-quantized.
+    quantized = base_setting == "dequantized" and cfg.peft.load_in_bits < 16
+    base = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=models.compute_dtype(cfg.model.dtype) if quantized else dtype,
+        quantization_config=models.quantization_config(cfg.peft, models.compute_dtype(cfg.model.dtype))
+        if quantized else None, device_map={"": "cpu"} if quantized else None,
+        trust_remote_code=cfg.model.trust_remote_code, use_safetensors=not cfg.model.allow_pickle_weights)
+    if quantized:
+        base = base.dequantize().to(dtype)
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
     probe = held_out(run_id, tokenizer)[:MERGE_CHECK_PROMPTS]
@@ -198,7 +208,8 @@ def _requirements() -> list[str]:
             "accelerate", "safetensors"]
 
 
-def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting: str | None = None) -> ModelVersion:
+def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting: str | None = None,
+             base_setting: str = "original") -> ModelVersion:
     """Merge the run's adapter, score the merged model on the run's held-out set, log it on the run
     as a transformers model (`text-generation`) and register it under `name`. Returns the new version."""
     from mlflow.models import infer_signature
@@ -209,7 +220,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     cfg = run_config(run_id)
     dtype = models.compute_dtype(cfg.model.dtype)
     with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
-        merged = merge(run_id, Path(tmp) / "checkpoint", dtype_setting)
+        merged = merge(run_id, Path(tmp) / "checkpoint", dtype_setting, base_setting)
         tokenizer = models.load_tokenizer(merged.path)
         # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
         # from transformers 4's task table and fails on transformers 5.
@@ -244,6 +255,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
             "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
             "ftlab.merge_effect_share": f"{merged.effect_share:.3f}",
             "ftlab.merge_dtype": str(merge_dtype(cfg, dtype_setting)).removeprefix("torch."),
+            "ftlab.merge_base": base_setting,
         }
     else:  # a full fine-tune: no adapter to size or point at
         adapter_tags = {"ftlab.full_fine_tune": "true"}
@@ -265,10 +277,13 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     print(f"registered {name} version {version} from run {run_id} ({check})")
     print("  held-out scores of the registered model (the run's, on its training base, in brackets): " + ", ".join(
         f"{k} {v:.3f}" + (f" ({run.data.metrics[k]:.3f})" if k in run.data.metrics else "") for k, v in scores.items()))
-    if merged.merged and merge_dtype(cfg, dtype_setting) == torch.bfloat16 and any(
-            v < run.data.metrics.get(k, v) - 0.02 for k, v in scores.items()):
-        print("  bf16 rounds away part of a small adapter update: registry.merge_dtype=float16 (or float32, twice "
-              "the size) keeps more of it; the adapter alone is at ftlab.adapter_uri")
+    remedies = [remedy for remedy, applies in (
+        ("registry.merge_base=dequantized merges into the quantized base the adapter was trained against "
+         "(dequantized to 16 bits)", base_setting != "dequantized" and cfg.peft.load_in_bits < 16),
+        ("registry.merge_dtype=float16 keeps more of a small update than bf16",
+         merge_dtype(cfg, dtype_setting) == torch.bfloat16)) if applies]
+    if merged.merged and remedies and any(v < run.data.metrics.get(k, v) - 0.02 for k, v in scores.items()):
+        print(f"  the merged model scores below its run: {'; '.join(remedies)}")
     return client.get_model_version(name, version)
 
 
@@ -414,7 +429,7 @@ def on_sweep_end(cfg: DictConfig, parent_run_id: str, best_run_id: str) -> Model
     tracking.setup(cfg.tracking_uri, cfg.experiment)
     sweep_id = MlflowClient().get_run(parent_run_id).data.tags.get("ftlab.sweep_id")
     name = model_name(cfg.registry.model_name, cfg.experiment)
-    version = register(best_run_id, name, sweep_id, cfg.registry.merge_dtype)
+    version = register(best_run_id, name, sweep_id, cfg.registry.merge_dtype, cfg.registry.merge_base)
     if cfg.registry.auto_promote:
         promote(name, version.version, cfg.registry.gate_metric)
     return version
@@ -444,11 +459,12 @@ def main() -> None:
         if cfg.action == "register":
             if not cfg.run_id:
                 raise RegistryError("register needs run_id=<trial run id>")
-            version = register(cfg.run_id, name, dtype_setting=cfg.registry.merge_dtype).version
+            version = register(cfg.run_id, name, dtype_setting=cfg.registry.merge_dtype,
+                               base_setting=cfg.registry.merge_base).version
             print(f"  promote it:  python -m ftlab.registry promote version={version}{named}{store}")
         elif cfg.action == "promote":
-            version = register(cfg.run_id, name, dtype_setting=cfg.registry.merge_dtype).version if cfg.run_id \
-                else cfg.version
+            version = register(cfg.run_id, name, dtype_setting=cfg.registry.merge_dtype,
+                               base_setting=cfg.registry.merge_base).version if cfg.run_id else cfg.version
             if not promote(name, version, cfg.registry.gate_metric, cfg.force):
                 sys.exit(1)
             print(f"  serve it:  python -m ftlab.serve model=models:/{name}@{PRODUCTION}{store}")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftlab import models, registry, tracking
 from ftlab.pipeline import run
@@ -131,6 +131,27 @@ def test_a_merge_that_leaves_the_adapter_out_is_refused_and_merge_dtype_is_kept(
     assert AutoModelForCausalLM.from_pretrained(checkpoint).dtype == torch.float32
     with pytest.raises(registry.RegistryError, match="registry.merge_dtype=fp8: use one of None, bfloat16"):
         registry.register(trial.info.run_id, "typo", dtype_setting="fp8")
+
+    # registry.merge_base=dequantized merges into the NF4 base the adapter trained against, in 16 bits:
+    # it answers closer to the run's own model (adapter on the 4-bit base) than a merge into the original.
+    deq = registry.register(trial.info.run_id, "dequantized", base_setting="dequantized")
+    assert deq.tags["ftlab.merge_base"] == "dequantized" and version.tags["ftlab.merge_base"] == "original"
+    cfg = registry.run_config(trial.info.run_id)
+    adapter = mlflow.artifacts.download_artifacts(run_id=trial.info.run_id, artifact_path="adapter",
+                                                  dst_path=str(tmp_path / "a"))
+    trained = PeftModel.from_pretrained(models.load_base(Path(trial.data.params["model.checkpoint"]), cfg.model,
+                                                         cfg.peft), adapter).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+
+    def distance(name: str) -> float:
+        merged = AutoModelForCausalLM.from_pretrained(registry.checkpoint_dir(f"models:/{name}/1", tmp_path / name))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=models.compute_dtype("auto"),
+                                                    enabled=models.compute_dtype("auto") != torch.float32):
+            return (merged(input_ids=ids).logits.float() - trained(input_ids=ids).logits.float()).abs().mean().item()
+
+    assert distance("dequantized") < distance("sound")
+    assert AutoConfig.from_pretrained(registry.checkpoint_dir("models:/dequantized/1", tmp_path / "d")).to_dict().get(
+        "quantization_config") is None  # a plain 16-bit checkpoint: nothing re-quantized
 
 
 def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp_path):
