@@ -51,10 +51,14 @@ class RegistryError(RuntimeError):
 @dataclass
 class Merged:
     path: Path
-    relative_diff: float
-    tolerance: float
+    dtype: torch.dtype  # the checkpoint's (registry.merge_dtype)
+    relative_diff: float = 0.0
     effect_share: float = 0.0  # rms(merged - (base+adapter)) / rms((base+adapter) - base)
     merged: bool = True  # False: a full fine-tune's own weights
+
+    @property
+    def tolerance(self) -> float:
+        return MERGE_TOLERANCE[self.dtype]
 
 
 # --------------------------------------------------------------------------- source runs
@@ -138,24 +142,20 @@ def merge_dtype(cfg: DictConfig, setting: str | None) -> torch.dtype:
     return getattr(torch, setting) if setting else models.compute_dtype(cfg.model.dtype)
 
 
-def merge(run_id: str, out_dir: Path, dtype_setting: str | None = None, base_setting: str = "original") -> Merged:
-    """Base reloaded in 16 bits or more (never the 4-bit training weights; registry.merge_dtype) +
-    adapter -> merge_and_unload -> a standard HF checkpoint (safetensors, tokenizer with chat
-    template, generation config). A full fine-tune (peft.method=full) logged the trained model
-    itself: nothing to merge."""
+def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting: str) -> Merged:
+    """The trial `run` (its resolved `cfg`): base reloaded in `dtype`, 16 bits or more (never the
+    4-bit training weights) + adapter -> merge_and_unload -> a standard HF checkpoint (safetensors,
+    tokenizer with chat template, generation config). A full fine-tune (peft.method=full) logged the
+    trained model itself: nothing to merge."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run = _trial(MlflowClient(), run_id)
-    cfg = run_config(run_id)
-    dtype = merge_dtype(cfg, dtype_setting)
-    if base_setting not in CHOICES["registry.merge_base"]:
-        raise RegistryError(f"registry.merge_base={base_setting}: use one of {', '.join(CHOICES['registry.merge_base'])}")
+    run_id = run.info.run_id
     if cfg.peft.method == "full":  # the trained model itself: no base needed
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.trained_artifact("full"),
                                             dst_path=str(out_dir.parent))
         (out_dir.parent / tracking.trained_artifact("full")).rename(out_dir)
-        return Merged(out_dir, 0.0, MERGE_TOLERANCE[dtype], merged=False)
+        return Merged(out_dir, dtype, merged=False)
     checkpoint = Path(run.data.params["model.checkpoint"])
     if not (checkpoint / "config.json").exists():
         raise RegistryError(f"run_id={run_id}: base checkpoint {checkpoint} (param model.checkpoint) is gone; "
@@ -163,16 +163,14 @@ def merge(run_id: str, out_dir: Path, dtype_setting: str | None = None, base_set
     adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
                                                        dst_path=str(out_dir.parent)))
     tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
-    # dequantized: the base the adapter was trained against (its 4- or 8-bit values, dequantized to
-    # merge_dtype), so the merged model answers as the run did; nothing is re-quantized.
-    quantized = base_setting == "dequantized" and cfg.peft.load_in_bits < 16
-    base = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=models.compute_dtype(cfg.model.dtype) if quantized else dtype,
-        quantization_config=models.quantization_config(cfg.peft, models.compute_dtype(cfg.model.dtype))
-        if quantized else None, device_map={"": "cpu"} if quantized else None,
-        trust_remote_code=cfg.model.trust_remote_code, use_safetensors=not cfg.model.allow_pickle_weights)
-    if quantized:
-        base = base.dequantize().to(dtype)
+    if base_setting == "dequantized" and cfg.peft.load_in_bits < 16:
+        # The base the adapter was trained against, loaded as training loaded it, its 4- or 8-bit
+        # values dequantized to `dtype`: the merged model answers as the run did; nothing re-quantized.
+        base = models.load_base(checkpoint, cfg.model, cfg.peft).dequantize().to(dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype,
+                                                    trust_remote_code=cfg.model.trust_remote_code,
+                                                    use_safetensors=not cfg.model.allow_pickle_weights)
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
     probe = held_out(run_id, tokenizer)[:MERGE_CHECK_PROMPTS]
@@ -183,15 +181,15 @@ def merge(run_id: str, out_dir: Path, dtype_setting: str | None = None, base_set
     actual = _logits(merged, tokenizer, probe)
     relative = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
     share = max((_rms(a - e) / max(_rms(e - p), 1e-30)) for a, e, p in zip(actual, expected, plain))
-    tolerance = MERGE_TOLERANCE[dtype]
-    if relative > tolerance and share > MERGE_MAX_EFFECT_SHARE:
+    result = Merged(out_dir, dtype, relative, share)
+    if relative > result.tolerance and share > MERGE_MAX_EFFECT_SHARE:
         raise RegistryError(f"run_id={run_id}: merged logits differ from base+adapter by {relative:.2e} (relative, "
-                            f"above the {dtype} tolerance {tolerance:.0e}), {share:.0%} of the adapter's own effect on "
-                            "them; the merge is broken")
+                            f"above the {dtype} tolerance {result.tolerance:.0e}), {share:.0%} of the adapter's own "
+                            "effect on them; the merge is broken")
     merged.config.use_cache = True
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)  # carries the chat template
-    return Merged(out_dir, relative, tolerance, share)
+    return result
 
 
 # --------------------------------------------------------------------------- register
@@ -219,8 +217,11 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     run = _trial(client, run_id)
     cfg = run_config(run_id)
     dtype = models.compute_dtype(cfg.model.dtype)
+    if base_setting not in CHOICES["registry.merge_base"]:
+        raise RegistryError(f"registry.merge_base={base_setting}: use one of "
+                            f"{', '.join(CHOICES['registry.merge_base'])}")
     with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
-        merged = merge(run_id, Path(tmp) / "checkpoint", dtype_setting, base_setting)
+        merged = merge(run, cfg, Path(tmp) / "checkpoint", merge_dtype(cfg, dtype_setting), base_setting)
         tokenizer = models.load_tokenizer(merged.path)
         # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
         # from transformers 4's task table and fails on transformers 5.
@@ -254,7 +255,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
             "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
             "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
             "ftlab.merge_effect_share": f"{merged.effect_share:.3f}",
-            "ftlab.merge_dtype": str(merge_dtype(cfg, dtype_setting)).removeprefix("torch."),
+            "ftlab.merge_dtype": str(merged.dtype).removeprefix("torch."),
             "ftlab.merge_base": base_setting,
         }
     else:  # a full fine-tune: no adapter to size or point at
@@ -281,7 +282,7 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
         ("registry.merge_base=dequantized merges into the quantized base the adapter was trained against "
          "(dequantized to 16 bits)", base_setting != "dequantized" and cfg.peft.load_in_bits < 16),
         ("registry.merge_dtype=float16 keeps more of a small update than bf16",
-         merge_dtype(cfg, dtype_setting) == torch.bfloat16)) if applies]
+         merged.dtype == torch.bfloat16)) if applies]
     if merged.merged and remedies and any(v < run.data.metrics.get(k, v) - 0.02 for k, v in scores.items()):
         print(f"  the merged model scores below its run: {'; '.join(remedies)}")
     return client.get_model_version(name, version)
