@@ -1,9 +1,9 @@
 """Read records from files and normalise every supported format to chat messages.
 
 Sources: JSON Lines, a JSON array, CSV or TSV (each also gzip-, bz2- or xz-compressed), Parquet, a
-directory of such files (shards), a `datasets` save_to_disk directory or a hub dataset name. Formats: alpaca (instruction/input/
-output), sharegpt (conversations of from/value), messages (role/content) and
-prompt_completion; field names can be remapped.
+directory of such files (shards), a `datasets` save_to_disk directory or a hub dataset name.
+Formats: alpaca (instruction/input/output), sharegpt (conversations of from/value), messages
+(role/content) and prompt_completion; field names can be remapped.
 A record that cannot be used becomes a RecordError carrying its file:line and reason.
 """
 from __future__ import annotations
@@ -333,7 +333,8 @@ def _text(record: dict, key: str, required: bool = True) -> str:
             value.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates: "\ud800" escapes in JSON, bad bytes in CSV
             if "\udc80" <= value[e.start] <= "\udcff":  # a byte read with surrogateescape: not UTF-8
-                raise RecordError(f"field '{key}' holds bytes that are not UTF-8 (byte 0x{ord(value[e.start]) - 0xdc00:02x}): "
+                byte = ord(value[e.start]) - 0xDC00
+                raise RecordError(f"field '{key}' holds bytes that are not UTF-8 (byte 0x{byte:02x}): "
                                   "save the file as UTF-8 (Excel: \"CSV UTF-8\")", "invalid_utf8") from None
             raise RecordError(f"field '{key}' holds invalid Unicode (not UTF-8 encodable)", "invalid_utf8") from None
     if required and not value.strip():
