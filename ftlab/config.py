@@ -425,15 +425,21 @@ def gate_metric_problem(metric: str) -> str | None:
     return f"registry.gate_metric={metric!r}: the gate compares held-out scores; use one of {', '.join(HELD_OUT_METRICS)}"
 
 
+def choice_problem(key: str, value) -> str | None:
+    """Why `value` is not one of CHOICES[key] (None: it is). Checked by check() for a run and by
+    the registry for registry.merge_*, which the registry command passes on without check()."""
+    allowed = CHOICES[key]
+    return None if value in allowed else f"{key}={value!r}: use one of {', '.join(map(str, allowed))}"
+
+
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value ftlab cannot run with (registry.gate_metric, CHOICES,
     RANGES), before anything loads or is logged."""
     if problem := gate_metric_problem(cfg.registry.gate_metric):
         raise ConfigError(problem)
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: use one of {', '.join(map(str, allowed))}")
+    for key in CHOICES:
+        if problem := choice_problem(key, OmegaConf.select(cfg, key)):
+            raise ConfigError(problem)
     for key, (valid, must_be) in RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and not valid(value):

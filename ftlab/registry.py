@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
-from ftlab.config import CHOICES, HELD_OUT_METRICS, FtlabConfig, exit_2_on, gate_metric_problem
+from ftlab.config import HELD_OUT_METRICS, FtlabConfig, choice_problem, exit_2_on, gate_metric_problem
 from ftlab.data import Example, prepare
 
 log = logging.getLogger("ftlab.registry")
@@ -136,9 +136,8 @@ def _rms(t: torch.Tensor) -> float:
 
 def merge_dtype(cfg: DictConfig, setting: str | None) -> torch.dtype:
     """registry.merge_dtype, or the run's compute dtype."""
-    allowed = CHOICES["registry.merge_dtype"]
-    if setting not in allowed:
-        raise RegistryError(f"registry.merge_dtype={setting}: use one of {', '.join(map(str, allowed))}")
+    if problem := choice_problem("registry.merge_dtype", setting):
+        raise RegistryError(problem)
     return getattr(torch, setting) if setting else models.compute_dtype(cfg.model.dtype)
 
 
@@ -217,9 +216,8 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     run = _trial(client, run_id)
     cfg = run_config(run_id)
     dtype = models.compute_dtype(cfg.model.dtype)
-    if base_setting not in CHOICES["registry.merge_base"]:
-        raise RegistryError(f"registry.merge_base={base_setting}: use one of "
-                            f"{', '.join(CHOICES['registry.merge_base'])}")
+    if problem := choice_problem("registry.merge_base", base_setting):
+        raise RegistryError(problem)
     with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
         merged = merge(run, cfg, Path(tmp) / "checkpoint", merge_dtype(cfg, dtype_setting), base_setting)
         tokenizer = models.load_tokenizer(merged.path)

@@ -129,7 +129,7 @@ def test_a_merge_that_leaves_the_adapter_out_is_refused_and_merge_dtype_is_kept(
     assert exact.tags["ftlab.merge_dtype"] == "float32" and float(exact.tags["ftlab.merge_relative_logit_diff"]) < 1e-4
     checkpoint = registry.checkpoint_dir("models:/exact/1", tmp_path / "exact")
     assert AutoModelForCausalLM.from_pretrained(checkpoint).dtype == torch.float32
-    with pytest.raises(registry.RegistryError, match="registry.merge_dtype=fp8: use one of None, bfloat16"):
+    with pytest.raises(registry.RegistryError, match="registry.merge_dtype='fp8': use one of None, bfloat16"):
         registry.register(trial.info.run_id, "typo", dtype_setting="fp8")
 
     # registry.merge_base=dequantized merges into the NF4 base the adapter trained against, in 16 bits:
