@@ -70,14 +70,21 @@ def run_config(run_id: str) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(FtlabConfig), OmegaConf.load(path))
 
 
-def held_out(run_id: str, tokenizer) -> list[Example]:
+def held_out(run_id: str, tokenizer=None) -> list[Example]:
     """The examples the trial was scored on, as it logged them (data/held_out.jsonl). A run logged
-    without them re-prepares them from its data settings, if its data still has the fingerprint it
-    trained on: never a gate silently scored on other data."""
+    without them re-prepares them from its data settings (with `tokenizer`, or its base's), if its
+    data still has the fingerprint it trained on: never a gate silently scored on other data."""
     try:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=HELD_OUT_ARTIFACT)
     except (MlflowException, OSError):
         cfg = run_config(run_id)
+        if tokenizer is None:
+            checkpoint = Path(MlflowClient().get_run(run_id).data.params["model.checkpoint"])
+            if not (checkpoint / "config.json").exists():
+                raise RegistryError(f"run_id={run_id} did not log its held-out set, and its base checkpoint "
+                                    f"{checkpoint} is gone; re-create it by running any trial with the same "
+                                    "model= settings") from None
+            tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
         data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
         trained_on = MlflowClient().get_run(run_id).data.tags.get("ftlab.data_fingerprint")
         if trained_on and data.fingerprint != trained_on:
@@ -141,11 +148,12 @@ def merge_dtype(cfg: DictConfig, setting: str | None) -> torch.dtype:
     return getattr(torch, setting) if setting else models.compute_dtype(cfg.model.dtype)
 
 
-def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting: str) -> Merged:
+def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting: str,
+          examples: list[Example]) -> Merged:
     """The trial `run` (its resolved `cfg`): base reloaded in `dtype`, 16 bits or more (never the
     4-bit training weights) + adapter -> merge_and_unload -> a standard HF checkpoint (safetensors,
-    tokenizer with chat template, generation config). A full fine-tune (peft.method=full) logged the
-    trained model itself: nothing to merge."""
+    tokenizer with chat template, generation config), checked on the first of its held-out
+    `examples`. A full fine-tune (peft.method=full) logged the trained model itself: nothing to merge."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -172,7 +180,7 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
                                                     use_safetensors=not cfg.model.allow_pickle_weights)
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
-    probe = held_out(run_id, tokenizer)[:MERGE_CHECK_PROMPTS]
+    probe = examples[:MERGE_CHECK_PROMPTS]
     expected = _logits(model, tokenizer, probe)
     with model.disable_adapter():
         plain = _logits(model, tokenizer, probe)
@@ -218,13 +226,13 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     dtype = models.compute_dtype(cfg.model.dtype)
     if problem := choice_problem("registry.merge_base", base_setting):
         raise RegistryError(problem)
+    examples = held_out(run_id)
     with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
-        merged = merge(run, cfg, Path(tmp) / "checkpoint", merge_dtype(cfg, dtype_setting), base_setting)
+        merged = merge(run, cfg, Path(tmp) / "checkpoint", merge_dtype(cfg, dtype_setting), base_setting, examples)
         tokenizer = models.load_tokenizer(merged.path)
         # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
         # from transformers 4's task table and fails on transformers 5.
         components = {"model": AutoModelForCausalLM.from_pretrained(merged.path), "tokenizer": tokenizer}
-        examples = held_out(run_id, tokenizer)
         example = examples[0]
         prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
         params = {"max_new_tokens": 64}

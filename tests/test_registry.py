@@ -242,3 +242,4 @@ def test_the_held_out_set_travels_with_the_run_so_a_moved_data_file_cannot_chang
         registry.held_out(trial.info.run_id, tokenizer)
     data.write_bytes(original)
     assert [e.reference for e in registry.held_out(trial.info.run_id, tokenizer)] == scored
+    assert [e.reference for e in registry.held_out(trial.info.run_id)] == scored  # with its base's tokenizer
