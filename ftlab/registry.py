@@ -110,7 +110,7 @@ def _trial(client: MlflowClient, run_id: str):
                             f"role {run.data.tags.get('ftlab.role')}); register a finished trial")
     if "model.checkpoint" not in run.data.params:
         raise RegistryError(f"run_id={run_id} has no param model.checkpoint (the base it was trained on)")
-    artifact = tracking.trained_artifact(run.data.params.get("peft.method", "qlora"))
+    artifact = tracking.trained_artifact(run.data.params.get("peft.method") == "full")
     if not client.list_artifacts(run_id, artifact):
         raise RegistryError(f"run_id={run_id} logged no {artifact}/ artifact (train.save_adapter=false): there is "
                             "nothing to register")
@@ -159,9 +159,9 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
 
     run_id = run.info.run_id
     if cfg.peft.method == "full":  # the trained model itself: no base needed
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.trained_artifact("full"),
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.trained_artifact(True),
                                             dst_path=str(out_dir.parent))
-        (out_dir.parent / tracking.trained_artifact("full")).rename(out_dir)
+        (out_dir.parent / tracking.trained_artifact(True)).rename(out_dir)
         return Merged(out_dir, dtype, merged=False)
     checkpoint = Path(run.data.params["model.checkpoint"])
     if not (checkpoint / "config.json").exists():

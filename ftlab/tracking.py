@@ -272,10 +272,10 @@ def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[list[str], s
     return [run.info.run_id], f"run {run.info.run_id}"
 
 
-def trained_artifact(peft_method: str) -> str:
+def trained_artifact(full_fine_tune: bool) -> str:
     """Where a trial's trained weights are among its artifacts (and in its output directory):
-    the LoRA adapter, or a full fine-tune's whole model."""
-    return "model" if peft_method == "full" else "adapter"
+    the LoRA adapter, or a full fine-tune's (peft.method=full) whole model."""
+    return "model" if full_fine_tune else "adapter"
 
 
 def log_config(cfg: DictConfig) -> None:

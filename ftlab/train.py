@@ -409,8 +409,7 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     tokens = _trained_tokens(trainer)
     saved_dir = None
     if cfg.save_adapter:
-        is_adapter = hasattr(trainer.model, "peft_config")
-        saved_dir = out_dir / trained_artifact("lora" if is_adapter else "full")
+        saved_dir = out_dir / trained_artifact(full_fine_tune=not hasattr(trainer.model, "peft_config"))
         trainer.model.save_pretrained(saved_dir, safe_serialization=True)
         tokenizer.save_pretrained(saved_dir)
     return TrainResult(
