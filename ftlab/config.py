@@ -312,9 +312,10 @@ class FtlabConfig:
 
 @dataclass
 class ReportConfig:
-    """`python -m ftlab.report sweep=<id>`: which sweep to report on and where to write it."""
+    """`python -m ftlab.report [sweep=<id>]`: which sweep to report on and where to write it."""
 
-    sweep: str = MISSING  # a sweep id (tag ftlab.sweep_id) or the sweep's parent MLflow run id
+    # A sweep id (tag ftlab.sweep_id), its parent run id or a trial's run id; None: the newest sweep.
+    sweep: Optional[str] = None
     out_dir: str = "reports"  # the report goes to <out_dir>/<sweep id>/
     tracking_uri: Optional[str] = None  # None: the SQLite store under ./mlruns
 

@@ -91,10 +91,18 @@ class Sweep:
 # ---------------------------------------------------------------- gather
 
 
-def find_sweep(client: MlflowClient, sweep: str) -> Run:
+def find_sweep(client: MlflowClient, sweep: str | None) -> Run:
     """The parent run of a sweep, given its run id, its ftlab.sweep_id tag (the newest
     parent if a resumed sweep has several) or the run id of one of its trials (as copied from
-    the MLflow UI)."""
+    the MLflow UI); None: the newest sweep in the store."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    recent = client.search_runs(experiments, "tags.`ftlab.role` = 'sweep'", max_results=5,
+                                order_by=["attributes.start_time DESC"]) if experiments else []
+    if sweep is None:
+        if not recent:
+            raise ReportError(f"the tracking store {mask(client.tracking_uri)} holds no sweep yet: start one with "
+                              "python -m ftlab -m lora_r=8,16,64, or pass tracking_uri=... if it was logged elsewhere")
+        return recent[0]
     try:
         run = client.get_run(sweep)
         if run.data.tags.get("ftlab.role") == "trial" and (parent := run.data.tags.get("mlflow.parentRunId")):
@@ -103,14 +111,11 @@ def find_sweep(client: MlflowClient, sweep: str) -> Run:
             return run
     except MlflowException:
         pass  # not a run id: look it up as a sweep id
-    experiments = [e.experiment_id for e in client.search_experiments()]
     if experiments and "'" not in sweep:
         found = client.search_runs(experiments, f"tags.`ftlab.role` = 'sweep' and tags.`ftlab.sweep_id` = '{sweep}'",
                                    max_results=1, order_by=["attributes.start_time DESC"])
         if found:
             return found[0]
-    recent = client.search_runs(experiments, "tags.`ftlab.role` = 'sweep'", max_results=5,
-                                order_by=["attributes.start_time DESC"]) if experiments else []
     known = ", ".join(r.data.tags.get("ftlab.sweep_id", r.info.run_id) for r in recent) or "none"
     raise ReportError(f"sweep={sweep}: no sweep with that sweep id or parent run id in the tracking store "
                       f"{mask(client.tracking_uri)} (recent sweeps: {known}). Pass tracking_uri=... if the "
@@ -559,9 +564,10 @@ def render(sweep: Sweep, front: set[str], figures: list[tuple[str, Path]], impor
 # ---------------------------------------------------------------- entry points
 
 
-def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_uri: str | None = None) -> Path:
+def build_report(parent_run_id: str | None, out_dir: str | Path = "reports", tracking_uri: str | None = None) -> Path:
     """Write <out_dir>/<sweep-id>/report.{md,html} and figures; log them on the parent run
-    under report/. `parent_run_id` may also be a sweep id. Returns the report directory."""
+    under report/. `parent_run_id` may also be a sweep id, or None for the newest sweep.
+    Returns the report directory."""
     client = MlflowClient(tracking_uri=tracking_uri)
     sweep = gather(client, parent_run_id)
     out = Path(out_dir) / sweep.sweep_id
@@ -586,7 +592,7 @@ def build_report(parent_run_id: str, out_dir: str | Path = "reports", tracking_u
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
-    """`python -m ftlab.report sweep=<sweep id, parent run id or a trial's run id>`."""
+    """`python -m ftlab.report [sweep=<sweep id, parent run id or a trial's run id>]`."""
     with exit_2_on(ReportError, TrackingError):
         out = build_report(cfg.sweep, cfg.out_dir, existing_store(cfg.tracking_uri))
     print(f"report: {out / 'report.html'} (also logged on the sweep's parent run under report/)")

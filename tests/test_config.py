@@ -115,8 +115,7 @@ def test_an_installed_wheel_finds_its_configs_and_sweeps_from_any_directory(tmp_
 
 @pytest.mark.parametrize("command, says", [
     ("ftlab.registry", "ftlab: say what to do: python -m ftlab.registry register run_id=<run id> | promote"),
-    ("ftlab.serve", "ftlab: model is required: add model=... to the command"),
-    ("ftlab.report", "ftlab: sweep is required: add sweep=... to the command")])
+    ("ftlab.serve", "ftlab: model is required: add model=... to the command")])
 def test_a_command_without_what_it_needs_says_so_in_one_line(tmp_path, command, says):
     out = subprocess.run([sys.executable, "-m", command], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -129,7 +128,7 @@ def test_a_command_without_what_it_needs_says_so_in_one_line(tmp_path, command, 
     ("ftlab", "python -m ftlab -m lora_r=8,16,64"),
     ("ftlab.memory", "python -m ftlab.memory"),
     ("ftlab.registry", "python -m ftlab.registry promote version=<n>"),
-    ("ftlab.report", "python -m ftlab.report sweep=<"),
+    ("ftlab.report", "python -m ftlab.report [sweep=<"),
     ("ftlab.serve", "python -m ftlab.serve model=models:/ftlab@production")])
 def test_help_says_what_the_command_does_and_how_to_call_it(tmp_path, command, usage):
     out = subprocess.run([sys.executable, "-m", command, "--help"], cwd=tmp_path, capture_output=True, text=True,

@@ -174,7 +174,7 @@ def test_reproduce_command_composes_the_winners_config(sweep):
 def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
     store, parent_id = sweep
     uri = f"tracking_uri=sqlite:///{store}/mlruns/mlflow.db"
-    ok = run_report(f"sweep={SWEEP_ID}", uri, f"out_dir={tmp_path}", cwd=tmp_path)
+    ok = run_report(uri, f"out_dir={tmp_path}", cwd=tmp_path)  # no sweep=: the newest one
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / SWEEP_ID / "report.html").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [SWEEP_ID]  # no Hydra outputs/ or logs
@@ -188,6 +188,10 @@ def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
     assert missing.returncode != 0
     assert "sweep=no-such-sweep: no sweep with that sweep id or parent run id" in missing.stderr
     assert SWEEP_ID in missing.stderr  # the known sweeps are listed
+
+    empty = MlflowClient(f"sqlite:///{tmp_path}/empty.db")
+    with pytest.raises(report.ReportError, match=r"empty.db holds no sweep yet: start one with python -m ftlab -m"):
+        report.find_sweep(empty, None)
 
     typo = run_report("swep=x", uri, cwd=tmp_path)
     assert typo.returncode != 0 and "Key 'swep' not in 'ReportConfig'" in typo.stderr
