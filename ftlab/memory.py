@@ -88,8 +88,8 @@ class OverBudget(BudgetError):
     """The trial was not started: its predicted peak exceeds budget.vram_gb. A sweep
     records it as skipped (grid) or pruned (Optuna) and goes on."""
 
-    def __init__(self, reason: str, predicted_gb: float, run_id: str, run_name: str):
-        super().__init__(f"{reason}; not started (set budget.fit=auto_batch to lower the micro-batch instead)")
+    def __init__(self, reason: str, predicted_gb: float, run_id: str, run_name: str, remedy: str):
+        super().__init__(f"{reason}; not started: {remedy}")
         self.reason, self.predicted_gb, self.run_id, self.run_name = reason, predicted_gb, run_id, run_name
 
 
@@ -408,6 +408,20 @@ def fit_batch(cfg: DictConfig) -> tuple[int, int] | None:
     return None
 
 
+def over_budget_remedy(cfg: DictConfig) -> str:
+    """What would make an over-budget config fit: budget.fit=auto_batch's micro-batch, or, when
+    even micro-batch 1 is over, the settings that shrink what does not depend on the batch."""
+    if pair := fit_batch(cfg):
+        setting = f"train.per_device_batch_size={pair[0]} train.grad_accum={pair[1]}"
+        return f"auto_batch: {setting} fits" if cfg.budget.fit == "auto_batch" else \
+            f"set budget.fit=auto_batch to run it as {setting}"
+    one = estimate_settings(replace(settings(cfg), batch=1))
+    ways = ["lower train.max_seq_length", *(["set peft=qlora"] if cfg.peft.load_in_bits > 4 else []),
+            "choose a smaller model"]
+    return (f"even micro-batch 1 needs {one.total_gb:.3g} GiB, {one.terms['weights'] / GIB:.3g} GiB of it the "
+            f"weights: {', '.join(ways[:-1])} or {ways[-1]}")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 @exit_2_on(ConfigError)
 def main(cfg: DictConfig) -> None:
@@ -420,10 +434,8 @@ def main(cfg: DictConfig) -> None:
           f"checkpointing={cfg.train.gradient_checkpointing}, optim={cfg.train.optim}")
     print(est.table())
     print(reason)
-    if not fits and cfg.budget.fit == "auto_batch":
-        pair = fit_batch(cfg)
-        print("auto_batch: even micro-batch 1 does not fit" if pair is None
-              else f"auto_batch: train.per_device_batch_size={pair[0]} train.grad_accum={pair[1]} fits")
+    if not fits:
+        print(over_budget_remedy(cfg))
 
 
 if __name__ == "__main__":

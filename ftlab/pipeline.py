@@ -72,7 +72,7 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
     if fits:
         return est.total_gb
     run_id = tracking.skipped_run(cfg, run_name, tags, reason, est.total_gb)
-    raise memory.OverBudget(reason, est.total_gb, run_id, run_name)
+    raise memory.OverBudget(reason, est.total_gb, run_id, run_name, memory.over_budget_remedy(cfg))
 
 
 def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | None:

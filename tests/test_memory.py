@@ -2,6 +2,7 @@
 (more rank/batch/seq costs more, fewer bits cost less), the budget check and auto_batch,
 all from the composed config without loading weights."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from ftlab import device
 from ftlab.memory import (GIB, BudgetError, check_budget, estimate, eval_batch_tokens, fit_batch,
-                          resolve_checkpointing, settings)
+                          over_budget_remedy, resolve_checkpointing, settings)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,7 +209,7 @@ except OverBudget as e:
 
     cli = run_cli(*overrides, timeout=120)
     assert cli.returncode == 2, cli.stderr[-2000:]
-    assert "budget.vram_gb=8" in cli.stderr and "budget.fit=auto_batch" in cli.stderr
+    assert "budget.vram_gb=8" in cli.stderr and "not started: even micro-batch 1 needs" in cli.stderr
     assert "Traceback" not in cli.stderr
 
 
@@ -238,6 +239,24 @@ def test_impossible_budget_names_the_key(make_cfg):
 def test_no_budget_always_fits(make_cfg):
     fits, _, reason = check_budget(make_cfg("model=llama31_70b", tiny=False))
     assert fits and "budget.vram_gb=null" in reason
+
+
+def test_an_over_budget_config_is_told_what_would_make_it_fit(make_cfg):
+    """A smaller micro-batch where one fits (budget.fit=auto_batch), else what the batch cannot shrink."""
+    def cfg(*o):
+        return make_cfg("model=llama31_8b", *o, tiny=False)
+
+    remedy = over_budget_remedy(cfg("budget.vram_gb=12"))
+    batch, accum = map(int, re.fullmatch(r"set budget.fit=auto_batch to run it as train.per_device_batch_size=(\d+) "
+                                         r"train.grad_accum=(\d+)", remedy).groups())
+    assert batch < 8 and batch * accum >= 8 * 2  # the effective batch kept
+    assert check_budget(cfg("budget.vram_gb=12", f"train.per_device_batch_size={batch}", f"train.grad_accum={accum}"))[0]
+    # Where even micro-batch 1 is over, auto_batch (set or not) cannot help and is not suggested.
+    for fit in ("skip", "auto_batch"):
+        hopeless = over_budget_remedy(cfg("budget.vram_gb=4", f"budget.fit={fit}"))
+        assert hopeless.startswith("even micro-batch 1 needs") and "auto_batch" not in hopeless
+        assert "weights: lower train.max_seq_length or choose a smaller model" in hopeless
+    assert "set peft=qlora" in over_budget_remedy(cfg("peft=lora", "budget.vram_gb=12"))
 
 
 def test_auto_checkpointing_is_off_only_when_the_run_fits_without_it(make_cfg):
