@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -206,9 +207,15 @@ def test_unreadable_parquet_and_datasets_directories_are_named(data_cfg, tmp_pat
         load_examples(str(ds), data_cfg())
 
 
-def test_missing_file_and_unknown_extension_are_named(data_cfg, tmp_path):
+def test_missing_file_and_unknown_extension_are_named(data_cfg, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist"):
         load_examples(str(tmp_path / "nope.jsonl"), data_cfg())
+    # Relative paths that look like owner/name are still files when they name one (no hub lookup).
+    monkeypatch.chdir(tmp_path)
+    for relative in ("./nope.jsonl", "data/train.jsonl", "data/train.csv.gz"):
+        with pytest.raises(DataError, match=rf"^data.path: {re.escape(relative.removeprefix('./'))} does not exist "
+                                            rf"\(relative to {re.escape(str(tmp_path))}, where the command ran\)$"):
+            load_examples(relative, data_cfg())
     (tmp_path / "data.txt").write_text("hello")
     with pytest.raises(DataError, match="unknown extension"):
         load_examples(str(tmp_path / "data.txt"), data_cfg())

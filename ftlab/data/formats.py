@@ -291,9 +291,11 @@ def read_records(source: str, hf_split: str = "train") -> Iterator[RawRecord | R
             return read_hf(str(path), hf_split)
         return read_directory(path, hf_split)
     if not path.exists():
-        if HUB_NAME.match(source):
+        # owner/name is a hub dataset; ./name, data/train.jsonl (a data file's suffix) is a missing file.
+        if HUB_NAME.match(source) and not source.startswith(".") and _reader(path) is None:
             return read_hf(source, hf_split)
-        raise DataError(f"data.path: {path} does not exist")
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where the command ran)"
+        raise DataError(f"data.path: {path} does not exist{where}")
     reader = _reader(path)
     if reader is None:
         raise DataError(f"data.path: {path} has an unknown extension; use {KNOWN}, a directory of "
