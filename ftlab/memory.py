@@ -61,8 +61,11 @@ baselines), used as reference figures in tests/test_memory.py.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, ListConfig
@@ -70,6 +73,8 @@ from omegaconf import DictConfig, ListConfig
 from ftlab.config import ConfigError, exit_2_on  # and registers the structured-config schema
 from ftlab.config import check as check_config
 from ftlab import attention, device
+
+log = logging.getLogger("ftlab")
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 0.5 * GIB
@@ -205,6 +210,40 @@ def device_memory_gb() -> float:
     import psutil
 
     return psutil.virtual_memory().available / GIB
+
+
+# model.arch field -> the config.json key a Llama-family checkpoint stores it under
+ARCH_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
+             "vocab_size": "vocab_size", "tie_word_embeddings": "tie_word_embeddings",
+             "max_position_embeddings": "max_position_embeddings"}
+
+
+def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
+    """model.arch from the checkpoint's own config.json when model.name_or_path is a local
+    directory: a preset's numbers describe the preset's model (python -m ftlab
+    model.name_or_path=/my/llama keeps smollm2_135m's), and the estimate must price the model
+    that will load. Returns {field: (preset value, checkpoint value)} for what changed."""
+    if cfg.model.source not in ("auto", "hub"):  # tiny/random build a model from model.arch
+        return {}
+    path = Path(cfg.model.name_or_path).expanduser() / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: {path} is not readable JSON ({e})") from None
+    if found.get("num_key_value_heads") is None:  # no grouped-query attention: one KV head per head
+        found["num_key_value_heads"] = found.get("num_attention_heads")
+    changed = {}
+    for name, key in ARCH_KEYS.items():
+        preset, value = cfg.model.arch[name], found.get(key)
+        if value is not None and value != preset:
+            cfg.model.arch[name] = value
+            changed[name] = (preset, value)
+    if changed:
+        log.info("model.arch from %s: %s", path, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    return changed
 
 
 def resolve_checkpointing(cfg: DictConfig, device_gb: float | None) -> bool:
@@ -427,9 +466,10 @@ def over_budget_remedy(cfg: DictConfig) -> str:
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.memory model=llama31_8b lora_r=64 ...`: the estimate, no weights."""
     check_config(cfg)
+    label = cfg.model.name_or_path if resolve_arch(cfg) else cfg.model.name
     cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_gb=None)
     fits, est, reason = check_budget(cfg)
-    print(f"{cfg.model.name} {cfg.peft.method} ({cfg.peft.load_in_bits}-bit), lora_r={cfg.lora_r}, "
+    print(f"{label} {cfg.peft.method} ({cfg.peft.load_in_bits}-bit), lora_r={cfg.lora_r}, "
           f"targets={cfg.target_modules}, batch {cfg.train.per_device_batch_size} x seq {cfg.train.max_seq_length}, "
           f"checkpointing={cfg.train.gradient_checkpointing}, optim={cfg.train.optim}")
     print(est.table())

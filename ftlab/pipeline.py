@@ -36,6 +36,7 @@ def quiet_third_party_output() -> None:
 def run(cfg: DictConfig) -> dict[str, float]:
     wall_start = time.perf_counter()
     config.check(cfg)
+    memory.resolve_arch(cfg)  # priced, logged and hashed as the checkpoint is
     quiet_third_party_output()
     tracking.setup(cfg.tracking_uri, cfg.experiment)
     run_name = cfg.run_name or f"{cfg.model.name}-r{cfg.lora_r}-lr{cfg.lr:g}"

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from ftlab import device
-from ftlab.memory import (GIB, BudgetError, check_budget, estimate, eval_batch_tokens, fit_batch,
-                          over_budget_remedy, resolve_checkpointing, settings)
+from ftlab.config import ConfigError
+from ftlab.memory import (GIB, BudgetError, OverBudget, check_budget, estimate, eval_batch_tokens, fit_batch,
+                          over_budget_remedy, resolve_arch, resolve_checkpointing, settings)
+from ftlab.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -257,6 +260,43 @@ def test_an_over_budget_config_is_told_what_would_make_it_fit(make_cfg):
         assert hopeless.startswith("even micro-batch 1 needs") and "auto_batch" not in hopeless
         assert "weights: lower train.max_seq_length or choose a smaller model" in hopeless
     assert "set peft=qlora" in over_budget_remedy(cfg("peft=lora", "budget.vram_gb=12"))
+
+
+LLAMA_31_8B_CONFIG = {  # the published config.json's shape keys (meta-llama/Llama-3.1-8B-Instruct)
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+    "max_position_embeddings": 131072, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256}
+
+
+def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg, tmp_path):
+    """model.name_or_path=<dir> on the default preset (SmolLM2-135M): the 8B in the directory is priced."""
+    checkpoint = tmp_path / "Llama-3.1-8B-Instruct"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(LLAMA_31_8B_CONFIG))
+    cfg = make_cfg(f"model.name_or_path={checkpoint}", "budget.vram_gb=12", tiny=False)
+    changed = resolve_arch(cfg)
+    assert changed["hidden_size"] == (576, 4096) and changed["tie_word_embeddings"] == (True, False)
+    preset = make_cfg("model=llama31_8b", "budget.vram_gb=12", tiny=False)
+    assert cfg.model.arch == preset.model.arch and estimate(cfg).terms == estimate(preset).terms
+    assert not check_budget(cfg)[0]  # the preset's 135M numbers would have fit
+
+    # No num_key_value_heads: every head has its own (no grouped-query attention).
+    (checkpoint / "config.json").write_text(json.dumps({**LLAMA_31_8B_CONFIG, "num_key_value_heads": None}))
+    cfg = make_cfg(f"model.name_or_path={checkpoint}", tiny=False)
+    resolve_arch(cfg)
+    assert cfg.model.arch.num_kv_heads == 32
+    (checkpoint / "config.json").write_text('{"hidden_size": 4096,')
+    with pytest.raises(ConfigError, match=rf"model.name_or_path: {checkpoint}/config.json is not readable JSON"):
+        resolve_arch(make_cfg(f"model.name_or_path={checkpoint}", tiny=False))
+    assert resolve_arch(make_cfg(tiny=False)) == {}  # a hub id: the preset's numbers
+
+    # A run is turned away as its checkpoint would be, and its logged config is the checkpoint's.
+    (checkpoint / "config.json").write_text(json.dumps(LLAMA_31_8B_CONFIG))
+    cfg = make_cfg(f"model.name_or_path={checkpoint}", "budget.vram_gb=12", tiny=False)
+    with pytest.raises(OverBudget) as skipped:
+        run(cfg)
+    params = MlflowClient(cfg.tracking_uri).get_run(skipped.value.run_id).data.params
+    assert params["model.arch.hidden_size"] == "4096" and params["model.arch.num_layers"] == "32"
 
 
 def test_auto_checkpointing_is_off_only_when_the_run_fits_without_it(make_cfg):
