@@ -92,12 +92,15 @@ PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def check_weight_format(checkpoint: Path, allow_pickle_weights: bool) -> None:
-    """Refuse a checkpoint whose weights exist only as pickles (unpickling can run any code),
-    here with a clear message rather than transformers' missing-file error at load time."""
-    if allow_pickle_weights or any(checkpoint.glob("*.safetensors")):
+    """Refuse a checkpoint without weights, or whose weights exist only as pickles (unpickling can
+    run any code), here with a clear message rather than transformers' missing-file error at load time."""
+    if any(checkpoint.glob("*.safetensors")):
         return
     pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in checkpoint.glob(pattern))
-    if pickled:
+    if not pickled:
+        raise ModelError(f"model.name_or_path: {checkpoint} holds no weights (*.safetensors): a config.json alone "
+                         "is not a checkpoint")
+    if not allow_pickle_weights:
         raise ModelError(
             f"{checkpoint} holds only pickle weights ({', '.join(pickled[:3])}), which can run arbitrary code "
             "when loaded; ftlab loads safetensors only. Convert them to safetensors, or set "
@@ -238,7 +241,11 @@ def build_tiny(arch: ArchConfig, root: Path, full_vocab: bool = False) -> Path:
 def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
+        raise ModelError(f"{checkpoint} holds no tokenizer transformers can load (tokenizer.json, or "
+                         f"tokenizer.model with sentencepiece): {' '.join(str(e).split())[:300]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:

@@ -233,14 +233,22 @@ def test_missing_local_gguf_names_the_path(tmp_path):
         models.resolve_checkpoint(cfg, str(tmp_path))
 
 
-@pytest.mark.parametrize("where, says", [("nope.gguf", "nope.gguf does not exist"),
-                                         ("notes", "notes is a directory without config.json")])
-def test_a_base_model_that_cannot_be_found_is_one_line_and_exit_2(tmp_path, where, says):
+@pytest.mark.parametrize("where, says", [
+    ("nope.gguf", "model.name_or_path: {}/nope.gguf does not exist"),
+    ("notes", "model.name_or_path: {}/notes is a directory without config.json"),
+    ("config_only", "model.name_or_path: {}/config_only holds no weights (*.safetensors)"),
+    ("no_tokenizer", "{}/no_tokenizer holds no tokenizer transformers can load")])
+def test_a_base_model_that_cannot_be_found_is_one_line_and_exit_2(make_cfg, tmp_path, where, says):
+    tiny = models.resolve_checkpoint(make_cfg().model, None)
     (tmp_path / "notes").mkdir()
+    for partial, files in (("config_only", ["config.json"]), ("no_tokenizer", ["config.json", "model.safetensors"])):
+        (tmp_path / partial).mkdir()
+        for name in files:
+            (tmp_path / partial / name).write_bytes((tiny / name).read_bytes())
     out = run_cli(f"model.name_or_path={tmp_path / where}", *store_overrides(tmp_path), timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ftlab: model.name_or_path: {tmp_path}") and says in last
+    assert last.startswith("ftlab: " + says.format(tmp_path))
 
 
 @pytest.mark.slow
