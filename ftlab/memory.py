@@ -75,6 +75,7 @@ from ftlab.config import check as check_config
 from ftlab import attention, device
 
 log = logging.getLogger("ftlab")
+PRESETS = Path(__file__).resolve().parent / "conf" / "model"
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 0.5 * GIB
@@ -223,7 +224,8 @@ def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
     """model.arch from the checkpoint's own config.json when model.name_or_path is a local
     directory: a preset's numbers describe the preset's model (python -m ftlab
     model.name_or_path=/my/llama keeps smollm2_135m's), and the estimate must price the model
-    that will load. Returns {field: (preset value, checkpoint value)} for what changed."""
+    that will load; a preset's model.name then becomes the directory's (run names, the UI).
+    Returns {field: (preset value, checkpoint value)} for what changed."""
     if cfg.model.source not in ("auto", "hub"):  # tiny/random build a model from model.arch
         return {}
     path = Path(cfg.model.name_or_path).expanduser() / "config.json"
@@ -243,6 +245,8 @@ def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
             changed[name] = (preset, value)
     if changed:
         log.info("model.arch from %s: %s", path, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        if (PRESETS / f"{cfg.model.name}.yaml").is_file():  # the preset's name, not this model's
+            cfg.model.name = path.parent.resolve().name
     return changed
 
 
@@ -466,10 +470,10 @@ def over_budget_remedy(cfg: DictConfig) -> str:
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.memory model=llama31_8b lora_r=64 ...`: the estimate, no weights."""
     check_config(cfg)
-    label = cfg.model.name_or_path if resolve_arch(cfg) else cfg.model.name
+    resolve_arch(cfg)
     cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_gb=None)
     fits, est, reason = check_budget(cfg)
-    print(f"{label} {cfg.peft.method} ({cfg.peft.load_in_bits}-bit), lora_r={cfg.lora_r}, "
+    print(f"{cfg.model.name} {cfg.peft.method} ({cfg.peft.load_in_bits}-bit), lora_r={cfg.lora_r}, "
           f"targets={cfg.target_modules}, batch {cfg.train.per_device_batch_size} x seq {cfg.train.max_seq_length}, "
           f"checkpointing={cfg.train.gradient_checkpointing}, optim={cfg.train.optim}")
     print(est.table())

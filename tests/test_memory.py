@@ -278,6 +278,10 @@ def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg
     assert changed["hidden_size"] == (576, 4096) and changed["tie_word_embeddings"] == (True, False)
     preset = make_cfg("model=llama31_8b", "budget.vram_gb=12", tiny=False)
     assert cfg.model.arch == preset.model.arch and estimate(cfg).terms == estimate(preset).terms
+    assert cfg.model.name == "Llama-3.1-8B-Instruct"  # not the preset's smollm2_135m
+    named = make_cfg(f"model.name_or_path={checkpoint}", "model.name=ours", tiny=False)
+    resolve_arch(named)
+    assert named.model.name == "ours"  # a name of the user's own is kept
     assert not check_budget(cfg)[0]  # the preset's 135M numbers would have fit
 
     # No num_key_value_heads: every head has its own (no grouped-query attention).
