@@ -136,6 +136,21 @@ def test_openai_content_parts_are_joined_and_non_text_parts_rejected(data_cfg, t
         "messages[0]: field 'content' holds a part of type 'image_url'; only text parts can be trained on"]
 
 
+@pytest.mark.parametrize("container", ["jsonl", "parquet"])
+def test_a_json_object_or_list_answer_is_trained_on_as_compact_json(data_cfg, tmp_path, container):
+    """Extraction data often holds the answer as an object, not a string of JSON: it becomes the
+    compact JSON the embedded task trains on (and the JSON metrics score)."""
+    records = [{"instruction": "Extract the clause.", "input": "Pay within 30 days, café.",
+                "output": {"type": "payment", "days": 30, "where": "café"}},
+               {"prompt": "List the parties.", "completion": ["Acme", "Globex"]}]
+    path = write(records[:1], tmp_path / f"object.{container}")
+    write(records[1:], tmp_path / "list.jsonl")
+    examples, _ = load_examples(str(path), data_cfg())
+    assert examples[0].messages[-1]["content"] == '{"type":"payment","days":30,"where":"café"}'
+    examples, _ = load_examples(str(tmp_path / "list.jsonl"), data_cfg())
+    assert examples[0].messages[-1]["content"] == '["Acme","Globex"]'
+
+
 def test_a_directory_of_shards_is_read_in_name_order(data_cfg, tmp_path):
     """Exports often come as a folder of part files (Spark, pandas, split by hand), with markers beside them."""
     shards = tmp_path / "export"

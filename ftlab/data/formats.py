@@ -328,6 +328,8 @@ def _text(record: dict, key: str, required: bool = True) -> str:
         if required:
             raise RecordError(f"missing or null field '{key}'", "missing_field")
         return ""
+    if isinstance(value, (dict, list)):  # a structured answer ({"type": "payment", ...}): trained on as compact JSON
+        value = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     if not isinstance(value, str):
         raise RecordError(f"field '{key}' must be a string, got {type(value).__name__}", "wrong_type")
     if not value.isascii():
