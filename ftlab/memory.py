@@ -220,33 +220,61 @@ ARCH_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "n
              "max_position_embeddings": "max_position_embeddings"}
 
 
+def _gguf_config(path: Path) -> dict:
+    """A GGUF file's architecture numbers under config.json's names (its metadata, no weights read)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # not GGUF, truncated: the reader's own exceptions vary
+        raise ConfigError(f"model.name_or_path: {path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    fields = reader.fields
+
+    def value(key: str):
+        return fields[key].contents() if key in fields else None
+
+    arch = value("general.architecture")
+    tokens = value("tokenizer.ggml.tokens")
+    return {"hidden_size": value(f"{arch}.embedding_length"), "num_hidden_layers": value(f"{arch}.block_count"),
+            "num_attention_heads": value(f"{arch}.attention.head_count"),
+            "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
+            "intermediate_size": value(f"{arch}.feed_forward_length"),
+            "vocab_size": value(f"{arch}.vocab_size") or (len(tokens) if tokens else None),
+            "max_position_embeddings": value(f"{arch}.context_length"),
+            "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors)}
+
+
 def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
-    """model.arch from the checkpoint's own config.json when model.name_or_path is a local
-    directory: a preset's numbers describe the preset's model (python -m ftlab
-    model.name_or_path=/my/llama keeps smollm2_135m's), and the estimate must price the model
-    that will load; a preset's model.name then becomes the directory's (run names, the UI).
-    Returns {field: (preset value, checkpoint value)} for what changed."""
+    """model.arch from the checkpoint's own numbers when model.name_or_path is a local directory
+    (its config.json) or .gguf file (its metadata): a preset's numbers describe the preset's model
+    (python -m ftlab model.name_or_path=/my/llama keeps smollm2_135m's), and the estimate must
+    price the model that will load; a preset's model.name then becomes the checkpoint's (run
+    names, the UI). Returns {field: (preset value, checkpoint value)} for what changed."""
     if cfg.model.source not in ("auto", "hub"):  # tiny/random build a model from model.arch
         return {}
-    path = Path(cfg.model.name_or_path).expanduser() / "config.json"
-    if not path.is_file():
+    local = Path(cfg.model.name_or_path).expanduser()
+    if local.suffix == ".gguf" and local.is_file():
+        path, found, name = local, _gguf_config(local), local.stem
+    elif (local / "config.json").is_file():
+        path, name = local / "config.json", local.resolve().name
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.name_or_path: {path} is not readable JSON ({e})") from None
+    else:
         return {}
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path: {path} is not readable JSON ({e})") from None
     if found.get("num_key_value_heads") is None:  # no grouped-query attention: one KV head per head
         found["num_key_value_heads"] = found.get("num_attention_heads")
     changed = {}
-    for name, key in ARCH_KEYS.items():
-        preset, value = cfg.model.arch[name], found.get(key)
-        if value is not None and value != preset:
-            cfg.model.arch[name] = value
-            changed[name] = (preset, value)
+    for arch_key, key in ARCH_KEYS.items():
+        preset, value = cfg.model.arch[arch_key], found.get(key)
+        if value is not None and type(preset)(value) != preset:  # GGUF's numbers are numpy's
+            cfg.model.arch[arch_key] = type(preset)(value)
+            changed[arch_key] = (preset, type(preset)(value))
     if changed:
         log.info("model.arch from %s: %s", path, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         if (PRESETS / f"{cfg.model.name}.yaml").is_file():  # the preset's name, not this model's
-            cfg.model.name = path.parent.resolve().name
+            cfg.model.name = name
     return changed
 
 

@@ -303,6 +303,33 @@ def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg
     assert params["model.arch.hidden_size"] == "4096" and params["model.arch.num_layers"] == "32"
 
 
+def test_a_local_gguf_file_is_priced_by_its_metadata(make_cfg, tmp_path):
+    """model.name_or_path=<file>.gguf: the numbers llama.cpp's converter wrote (Llama 3.1 8B's here;
+    an untied output head), read without the weights."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf"
+    writer = GGUFWriter(path, "llama")
+    for add, value in ((writer.add_block_count, 32), (writer.add_context_length, 131072),
+                       (writer.add_embedding_length, 4096), (writer.add_feed_forward_length, 14336),
+                       (writer.add_head_count, 32), (writer.add_head_count_kv, 8), (writer.add_vocab_size, 128256)):
+        add(value)
+    for name in ("token_embd.weight", "output.weight"):
+        writer.add_tensor(name, np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cfg = make_cfg(f"model.name_or_path={path}", tiny=False)
+    resolve_arch(cfg)
+    assert cfg.model.arch == make_cfg("model=llama31_8b", tiny=False).model.arch
+    assert cfg.model.name == "Meta-Llama-3.1-8B-Instruct-Q4_K_M"
+    path.write_bytes(b"GGUF but not really")
+    with pytest.raises(ConfigError, match=rf"model.name_or_path: {path} is not a readable GGUF file"):
+        resolve_arch(make_cfg(f"model.name_or_path={path}", tiny=False))
+
+
 def test_auto_checkpointing_is_off_only_when_the_run_fits_without_it(make_cfg):
     def resolved(*o, device_gb=None):
         return resolve_checkpointing(make_cfg("model=llama31_8b", "train.max_seq_length=2048",
