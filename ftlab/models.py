@@ -33,7 +33,8 @@ CHATML_TEMPLATE = (
 
 
 def cache_root(cache_dir: str | None) -> Path:
-    root = Path(cache_dir or os.environ.get("FTLAB_CACHE") or Path.home() / ".cache" / "ftlab").expanduser()
+    # Absolute: a run logs the checkpoint path it resolves here, and the registry reads it from anywhere.
+    root = Path(cache_dir or os.environ.get("FTLAB_CACHE") or Path.home() / ".cache" / "ftlab").expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -53,13 +54,14 @@ def compute_dtype(name: str) -> torch.dtype:
 
 
 def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
-    """A local directory holding config.json, safetensors weights and the tokenizer."""
+    """A local directory holding config.json, safetensors weights and the tokenizer (an absolute
+    path: runs log it as model.checkpoint, which the registry merges into from any directory)."""
     root = cache_root(cache_dir)
     if cfg.source == "tiny":
         return build_tiny(cfg.arch, root)
     if cfg.source == "random":  # the preset's real shapes, random weights: memory checks without downloads
         return build_tiny(cfg.arch, root, full_vocab=True)
-    local = Path(cfg.name_or_path).expanduser()
+    local = Path(cfg.name_or_path).expanduser().resolve()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelError(f"model.name_or_path: {local} is a directory without config.json, not a Hugging Face "

@@ -227,6 +227,18 @@ def test_answer_token_loss_matches_autograd_cross_entropy(autocast):
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
+def test_a_relative_checkpoint_or_cache_resolves_to_an_absolute_path(make_cfg, tmp_path, monkeypatch):
+    """A run logs its checkpoint as model.checkpoint, and the registry merges into it from another directory."""
+    tiny = models.resolve_checkpoint(make_cfg().model, None)
+    (tmp_path / "ck").mkdir()
+    for file in tiny.iterdir():
+        (tmp_path / "ck" / file.name).write_bytes(file.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert models.resolve_checkpoint(ModelConfig(name="mine", name_or_path="ck"), None) == tmp_path / "ck"
+    built = models.resolve_checkpoint(make_cfg().model, "cache")
+    assert built.is_absolute() and built.is_relative_to(tmp_path / "cache")
+
+
 def test_missing_local_gguf_names_the_path(tmp_path):
     cfg = ModelConfig(name="x", name_or_path=str(tmp_path / "nope.gguf"))
     with pytest.raises(models.ModelError, match="nope.gguf"):
