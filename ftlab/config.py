@@ -366,9 +366,11 @@ CHOICES = {
     "registry.merge_base": ("original", "dequantized"),
 }
 RANGES = {  # key: (test, what the value must be)
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32): numpy's seed range"),
     "lr": (lambda v: v > 0, "> 0"),
     "lora_alpha": (lambda v: v > 0, "> 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.num_records": (lambda v: v >= 1, ">= 1 (records the embedded task generates)"),
     "data.eval_size": (lambda v: 0 < v < 1 or (v >= 1 and v == int(v)),
                        "a whole number of records, or a fraction in (0, 1) of them"),
     "train.epochs": (lambda v: v > 0, "> 0"),

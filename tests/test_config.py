@@ -1,5 +1,6 @@
 """The schema: overrides users type, and errors that name the bad key before any model loads."""
 import os
+import re
 import subprocess
 import sys
 
@@ -64,6 +65,14 @@ def test_a_value_out_of_its_choices_or_range_fails_naming_the_key_before_anythin
                                     "peft=lora", "peft=full"])
 def test_every_shipped_config_passes_the_check(make_cfg, preset):
     config.check(make_cfg(preset, tiny=False))
+
+
+@pytest.mark.parametrize("override, says", [("seed=-1", "seed=-1: must be in [0, 2**32)"),
+                                            ("seed=4294967296", "seed=4294967296: must be in [0, 2**32)"),
+                                            ("data.num_records=0", "data.num_records=0: must be >= 1")])
+def test_a_value_out_of_range_is_named_before_anything_loads(make_cfg, override, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        config.check(make_cfg(override))
 
 
 @pytest.mark.parametrize("override, says", [("train.sampling=bogus", "train.sampling='bogus': use one of"),
