@@ -111,8 +111,10 @@ def test_class_balancing(data_cfg, tiny_tokenizer, tmp_path):
     assert after["billing"] == min(before.values())
     capped = prepare(data_cfg(**common, balance="cap", balance_cap=30), tiny_tokenizer, 512, tmp_path)
     assert all(n == min(30, before[c]) for c, n in capped.report["classes"]["after"].items())
-    with pytest.raises(DataError, match="data.balance=cap needs data.balance_cap"):
-        prepare(data_cfg(**common, balance="cap"), tiny_tokenizer, 512, tmp_path)
+    for cap in (None, 0, -3):  # -3 would slice all but the last 3 of each class away
+        with pytest.raises(DataError, match=rf"data.balance=cap needs data.balance_cap >= 1 \(records per class\), "
+                                            rf"not {cap}"):
+            prepare(data_cfg(**common, balance="cap", balance_cap=cap), tiny_tokenizer, 512, tmp_path)
 
 
 def test_split_is_seeded_and_eval_size_is_a_count_or_fraction(data_cfg, tiny_tokenizer, tmp_path):

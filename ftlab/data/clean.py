@@ -163,8 +163,8 @@ def balance(examples: list[Example], mode: str, cap: int | None, seed: int) -> t
         return examples, 0
     if mode not in ("cap", "rarest"):
         raise DataError(f"data.balance={mode}: use none, cap or rarest")
-    if mode == "cap" and not cap:
-        raise DataError("data.balance=cap needs data.balance_cap (records per class)")
+    if mode == "cap" and (cap is None or cap < 1):
+        raise DataError(f"data.balance=cap needs data.balance_cap >= 1 (records per class), not {cap}")
     by_class: dict[str, list[int]] = defaultdict(list)
     for i, e in enumerate(examples):
         by_class[e.label].append(i)
