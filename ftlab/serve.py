@@ -219,8 +219,8 @@ def running(cfg: DictConfig):
     if engine == "transformers":
         # transformers serve pins requests to the model named on its command line.
         model.served_name = str(model.checkpoint)
-    # Stopping the engine leaves semaphores its libraries did not release, which the OS reclaims;
-    # Python's resource tracker would print a warning about them as the last words of every session.
+    # Stopping the engine leaves semaphores its libraries did not release; Python's resource tracker
+    # removes them, and would print a warning that it did as the last words of every session.
     warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
     process = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": warnings})
     try:

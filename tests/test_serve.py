@@ -102,7 +102,7 @@ def test_check_sends_a_held_out_prompt_and_reports_speed(server, production, cap
 
 def test_check_from_the_command_line_answers_and_stops_the_server_quietly(production):
     """check=true as a user runs it: the server starts, answers a held-out prompt, and stops; the
-    engine's unreleased semaphores (the OS reclaims them) leave no warning as the session's last words."""
+    engine's unreleased semaphores (the resource tracker removes them) leave no warning as the session's last words."""
     out = subprocess.run([sys.executable, "-m", "ftlab.serve", *production, f"port={free_port()}", "check=true",
                           "max_tokens=4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
