@@ -68,7 +68,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ftlab.config import ConfigError, exit_2_on  # and registers the structured-config schema
 from ftlab.config import check as check_config
@@ -244,12 +244,26 @@ def _gguf_config(path: Path) -> dict:
             "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors)}
 
 
+def _hub_config(repo_id: str) -> dict | None:
+    """A hub model's config.json from the local hub cache (a model downloaded before), or None. Not
+    from the network: the budget check answers in well under a second, and the hub client retries
+    an unreachable host for half a minute."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+        return json.loads(Path(cached).read_text(encoding="utf-8")) if isinstance(cached, str) else None
+    except (OSError, ValueError):  # not a repo id, unreadable, not JSON
+        return None
+
+
 def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
     """model.arch from the checkpoint's own numbers when model.name_or_path is a local directory
-    (its config.json) or .gguf file (its metadata): a preset's numbers describe the preset's model
-    (python -m ftlab model.name_or_path=/my/llama keeps smollm2_135m's), and the estimate must
-    price the model that will load; a preset's model.name then becomes the checkpoint's (run
-    names, the UI). Returns {field: (preset value, checkpoint value)} for what changed."""
+    (its config.json), a .gguf file (its metadata) or a hub id other than the preset's (its
+    config.json on the hub): a preset's numbers describe the preset's model (python -m ftlab
+    model.name_or_path=/my/llama keeps smollm2_135m's), and the estimate must price the model
+    that will load; a preset's model.name then becomes the checkpoint's (run names, the UI).
+    Returns {field: (preset value, checkpoint value)} for what changed."""
     if cfg.model.source not in ("auto", "hub"):  # tiny/random build a model from model.arch
         return {}
     local = Path(cfg.model.name_or_path).expanduser()
@@ -262,7 +276,16 @@ def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.name_or_path: {path} is not readable JSON ({e})") from None
     else:
-        return {}
+        preset = PRESETS / f"{cfg.model.name}.yaml"
+        if not preset.is_file() or OmegaConf.load(preset).get("name_or_path") == cfg.model.name_or_path:
+            return {}  # the preset's own model (or a model.name of the user's, with its model.arch)
+        found = _hub_config(cfg.model.name_or_path)
+        if found is None:
+            log.warning("model.name_or_path=%s is not preset %s's model, and its config.json is not in the hub "
+                        "cache: the estimate prices %s's shapes; set model.arch.* to this model's, or download it "
+                        "first", cfg.model.name_or_path, cfg.model.name, cfg.model.name)
+            return {}
+        path, name = f"{cfg.model.name_or_path}/config.json", cfg.model.name_or_path.rsplit("/", 1)[-1]
     if found.get("num_key_value_heads") is None:  # no grouped-query attention: one KV head per head
         found["num_key_value_heads"] = found.get("num_attention_heads")
     changed = {}

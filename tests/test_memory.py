@@ -303,6 +303,30 @@ def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg
     assert params["model.arch.hidden_size"] == "4096" and params["model.arch.num_layers"] == "32"
 
 
+def test_another_hub_model_on_a_preset_is_priced_from_the_hub_cache_or_warned_about(make_cfg, tmp_path, monkeypatch,
+                                                                                     caplog):
+    """model.name_or_path=meta-llama/Llama-3.1-8B-Instruct on the default preset: its config.json
+    from the hub cache (a model downloaded before), never the network; not cached, a warning."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    override = "model.name_or_path=meta-llama/Llama-3.1-8B-Instruct"
+    with caplog.at_level("WARNING", logger="ftlab"):
+        assert resolve_arch(make_cfg(override, tiny=False)) == {}
+    assert "is not preset smollm2_135m's model, and its config.json is not in the hub cache" in caplog.text
+
+    snapshot = tmp_path / "hub" / "models--meta-llama--Llama-3.1-8B-Instruct" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(LLAMA_31_8B_CONFIG))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    cfg = make_cfg(override, tiny=False)
+    resolve_arch(cfg)
+    assert cfg.model.arch == make_cfg("model=llama31_8b", tiny=False).model.arch
+    assert cfg.model.name == "Llama-3.1-8B-Instruct"
+    assert resolve_arch(make_cfg("model=llama31_8b", tiny=False)) == {}  # the preset's own model
+
+
 def test_a_local_gguf_file_is_priced_by_its_metadata(make_cfg, tmp_path):
     """model.name_or_path=<file>.gguf: the numbers llama.cpp's converter wrote (Llama 3.1 8B's here;
     an untied output head), read without the weights."""
