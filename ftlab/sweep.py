@@ -39,6 +39,7 @@ ENV_SWEEP_ID = "FTLAB_SWEEP_ID"
 ENV_PARENT_RUN_ID = "FTLAB_SWEEP_PARENT_RUN_ID"
 SUMMARY_FILE = "ftlab_sweep.json"
 GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+PRICING_JOB = "memory"  # python -m ftlab.memory: Hydra names a job after its module file
 
 
 def in_multirun() -> bool:
@@ -169,9 +170,13 @@ def command_line() -> str:
 
 
 class SweepCallback(Callback):
-    """Registered under hydra.callbacks in conf/config.yaml."""
+    """Registered under hydra.callbacks in conf/config.yaml, which python -m ftlab.memory composes
+    too: there a multirun (-m lora_r=8,16,64) prices each config of a grid and is no sweep (Hydra
+    names the job after the module file)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.job.name == PRICING_JOB:
+            return
         with exit_2_on(SweepConfigError):  # SystemExit: Hydra would turn an exception here into a warning
             check_grid(config)
         try:
@@ -187,7 +192,7 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = os.environ.get(ENV_PARENT_RUN_ID)
-        if not parent:
+        if not parent or config.hydra.job.name == PRICING_JOB:
             return
         tracking.setup(config.tracking_uri, config.experiment)
         summary = summarise(parent, list(config.sweep.objective), list(config.sweep.direction))

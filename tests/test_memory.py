@@ -2,6 +2,7 @@
 (more rank/batch/seq costs more, fewer bits cost less), the budget check and auto_batch,
 all from the composed config without loading weights."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -413,6 +414,22 @@ def test_eval_batches_hold_what_the_training_step_was_priced_for(make_cfg):
     assert eval_batch_tokens(make_cfg("model=llama31_8b", "lora_r=64", "train.max_seq_length=2048",
                                       "train.per_device_batch_size=1", tiny=False)) < tokens
     assert eval_batch_tokens(make_cfg("model=llama31_8b", "eval.max_batch_tokens=3000", tiny=False)) == 3000
+
+
+def test_the_estimate_command_prices_a_grid_without_starting_a_sweep(tmp_path):
+    """python -m ftlab.memory -m ...: which configs of a planned grid fit; no MLflow runs, no report."""
+    def memory(*args):
+        return subprocess.run([sys.executable, "-m", "ftlab.memory", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    grid = memory("-m", "lora_r=8,64", "model=llama31_8b", "budget.vram_gb=20")
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    verdicts = re.findall(r"predicted peak ([\d.]+) GiB vs budget.vram_gb=20 GiB: (fits|over budget)", grid.stdout)
+    assert [v for _, v in verdicts] == ["fits", "over budget"] and "ftlab sweep" not in grid.stdout
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "reports").exists()
+    study = memory("-m", "sweeps=rank_lr", "model=llama31_8b")
+    assert study.returncode == 2 and "ftlab: python -m ftlab.memory prices configs and runs no study" in study.stderr
+    assert not (tmp_path / "mlruns").exists()
 
 
 @pytest.mark.parametrize("override, says", [("lora_r=0", "lora_r=0: the LoRA rank must be >= 1"),
