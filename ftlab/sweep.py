@@ -24,9 +24,10 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab import tracking
+from ftlab import memory, tracking
 from ftlab.checkpoints import Interrupted
 from ftlab.config import ConfigError, SweepConfigError, check_objective, exit_2_on
+from ftlab.config import check as check_config
 from ftlab.data import DataError
 from ftlab.data.prepare import source_digest
 from ftlab.memory import OverBudget, budget_gib
@@ -149,17 +150,32 @@ def continues_finished_trials() -> bool:
 
 def check_grid(config: DictConfig) -> None:
     """Hydra's grid sweeper answers an interval with a traceback, and an empty range with a
-    sweep of no trials that reports nothing: each is one line instead, before the parent run."""
+    sweep of no trials that reports nothing: each is one line instead, before the parent run.
+    So is a value no trial could run with (lora_r=8,0: config.check and the estimator's
+    settings), checked one swept value at a time, instead of after the trials before it trained."""
     sweeper = config.hydra.sweeper
     if sweeper.get("_target_") != GRID_SWEEPER:
         return
     lines = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in (sweeper.get("params") or {}).items())]
-    for override in OverridesParser.create().parse_overrides(lines):
+    overrides = OverridesParser.create().parse_overrides(lines)
+    for override in overrides:
         if override.is_interval_sweep():
             raise SweepConfigError(f"{override.input_line}: the grid sweeper takes a,b,c, choice(...) and range(...); "
                                    "an interval needs hydra/sweeper=optuna")
         if override.is_sweep_override() and not list(override.sweep_string_iterator()):
             raise SweepConfigError(f"{override.input_line}: no values to sweep (range(a,b) stops before b)")
+    from hydra import compose
+
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override() and not o.get_key_element().startswith("hydra")]
+    for override in overrides:
+        if override.is_sweep_override():
+            for value in override.sweep_string_iterator():
+                trial = compose(config.hydra.job.config_name, overrides=[*fixed, f"{override.get_key_element()}={value}"])
+                try:
+                    check_config(trial)
+                    memory.settings(trial)
+                except ConfigError as e:
+                    raise SweepConfigError(str(e)) from None
 
 
 def command_line() -> str:

@@ -96,9 +96,12 @@ def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp
 @pytest.mark.parametrize("override, says", [
     ("lora_r=range(8,8)", "ftlab: lora_r=range(8,8): no values to sweep (range(a,b) stops before b)"),
     ("lr=interval(1e-5,1e-3)", "ftlab: lr=interval(1e-5,1e-3): the grid sweeper takes a,b,c, choice(...) and range(...); "
-                               "an interval needs hydra/sweeper=optuna")])
+                               "an interval needs hydra/sweeper=optuna"),
+    ("lora_r=8,0", "ftlab: lora_r=0: the LoRA rank must be >= 1"),
+    ("train.sampling=bogus", "ftlab: train.sampling='bogus': use one of group_by_length, random, sequential")])
 def test_a_grid_the_basic_sweeper_cannot_run_is_one_line_before_a_parent_run(tmp_path, override, says):
-    """Hydra's own answers: an empty range launches 0 jobs and reports nothing; an interval is a traceback."""
+    """Hydra's own answers: an empty range launches 0 jobs and reports nothing; an interval is a traceback.
+    A value no trial can run with would stop the sweep only once the trials before it had trained."""
     out = sweep(tmp_path, "seed=1,2", override, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1] == says
@@ -110,7 +113,7 @@ def test_bad_data_or_a_bad_value_stops_the_sweep_and_ends_its_parent_run_failed_
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
     override, says = ((f"data.path={data}", f"{data}:2: malformed JSON") if bad == "data" else
-                      ("train.sampling=bogus", "train.sampling='bogus': use one of"))
+                      ("train.resume=true", "train.resume: nothing to resume from"))
     out = sweep(tmp_path, "lora_r=4,8", override, check=False)
     assert out.returncode == 2 and "ftlab: " in out.stderr and says in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.count(says) == 1  # the first trial stopped it
