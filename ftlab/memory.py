@@ -257,35 +257,39 @@ def _hub_config(repo_id: str) -> dict | None:
         return None
 
 
+def _named_model_config(model) -> tuple[str, dict, str] | None:
+    """(where, config.json numbers, name) of the model model.name_or_path names: a local directory's
+    config.json, a .gguf file's metadata, or another hub model's config.json in the hub cache.
+    None for the preset's own model, or a model.name of the user's (with its model.arch)."""
+    local = Path(model.name_or_path).expanduser()
+    if local.suffix == ".gguf" and local.is_file():
+        return str(local), _gguf_config(local), local.stem
+    if (local / "config.json").is_file():
+        try:
+            return str(local / "config.json"), json.loads((local / "config.json").read_text("utf-8")), local.resolve().name
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.name_or_path: {local / 'config.json'} is not readable JSON ({e})") from None
+    preset = PRESETS / f"{model.name}.yaml"
+    if not preset.is_file() or OmegaConf.load(preset).get("name_or_path") == model.name_or_path:
+        return None
+    if (found := _hub_config(model.name_or_path)) is None:
+        log.warning("model.name_or_path=%s is not preset %s's model, and its config.json is not in the hub cache: "
+                    "the estimate prices %s's shapes; set model.arch.* to this model's, or download it first",
+                    model.name_or_path, model.name, model.name)
+        return None
+    return f"{model.name_or_path}/config.json (hub cache)", found, model.name_or_path.rsplit("/", 1)[-1]
+
+
 def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
-    """model.arch from the checkpoint's own numbers when model.name_or_path is a local directory
-    (its config.json), a .gguf file (its metadata) or a hub id other than the preset's (its
-    config.json on the hub): a preset's numbers describe the preset's model (python -m ftlab
-    model.name_or_path=/my/llama keeps smollm2_135m's), and the estimate must price the model
-    that will load; a preset's model.name then becomes the checkpoint's (run names, the UI).
-    Returns {field: (preset value, checkpoint value)} for what changed."""
+    """model.arch from the numbers of the model model.name_or_path names (_named_model_config): a
+    preset's describe the preset's model (python -m ftlab model.name_or_path=/my/llama keeps
+    smollm2_135m's), and the estimate must price the model that will load; a preset's model.name
+    then becomes that model's (run names, the UI). Returns {field: (preset value, its value)}."""
     if cfg.model.source not in ("auto", "hub"):  # tiny/random build a model from model.arch
         return {}
-    local = Path(cfg.model.name_or_path).expanduser()
-    if local.suffix == ".gguf" and local.is_file():
-        path, found, name = local, _gguf_config(local), local.stem
-    elif (local / "config.json").is_file():
-        path, name = local / "config.json", local.resolve().name
-        try:
-            found = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"model.name_or_path: {path} is not readable JSON ({e})") from None
-    else:
-        preset = PRESETS / f"{cfg.model.name}.yaml"
-        if not preset.is_file() or OmegaConf.load(preset).get("name_or_path") == cfg.model.name_or_path:
-            return {}  # the preset's own model (or a model.name of the user's, with its model.arch)
-        found = _hub_config(cfg.model.name_or_path)
-        if found is None:
-            log.warning("model.name_or_path=%s is not preset %s's model, and its config.json is not in the hub "
-                        "cache: the estimate prices %s's shapes; set model.arch.* to this model's, or download it "
-                        "first", cfg.model.name_or_path, cfg.model.name, cfg.model.name)
-            return {}
-        path, name = f"{cfg.model.name_or_path}/config.json", cfg.model.name_or_path.rsplit("/", 1)[-1]
+    if (named := _named_model_config(cfg.model)) is None:
+        return {}
+    where, found, name = named
     if found.get("num_key_value_heads") is None:  # no grouped-query attention: one KV head per head
         found["num_key_value_heads"] = found.get("num_attention_heads")
     changed = {}
@@ -295,7 +299,7 @@ def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
             cfg.model.arch[arch_key] = type(preset)(value)
             changed[arch_key] = (preset, type(preset)(value))
     if changed:
-        log.info("model.arch from %s: %s", path, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        log.info("model.arch from %s: %s", where, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         if (PRESETS / f"{cfg.model.name}.yaml").is_file():  # the preset's name, not this model's
             cfg.model.name = name
     return changed
