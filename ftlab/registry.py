@@ -79,12 +79,8 @@ def held_out(run_id: str, tokenizer=None) -> list[Example]:
     except (MlflowException, OSError):
         cfg = run_config(run_id)
         if tokenizer is None:
-            checkpoint = Path(MlflowClient().get_run(run_id).data.params["model.checkpoint"])
-            if not (checkpoint / "config.json").exists():
-                raise RegistryError(f"run_id={run_id} did not log its held-out set, and its base checkpoint "
-                                    f"{checkpoint} is gone; re-create it by running any trial with the same "
-                                    "model= settings") from None
-            tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
+            tokenizer = models.load_tokenizer(base_checkpoint(MlflowClient().get_run(run_id)),
+                                              cfg.model.trust_remote_code)
         data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
         trained_on = MlflowClient().get_run(run_id).data.tags.get("ftlab.data_fingerprint")
         if trained_on and data.fingerprint != trained_on:
@@ -94,6 +90,15 @@ def held_out(run_id: str, tokenizer=None) -> list[Example]:
         return data.held_out
     with open(path, encoding="utf-8") as f:
         return [Example(**json.loads(line)) for line in f]
+
+
+def base_checkpoint(run) -> Path:
+    """The base model directory the trial `run` trained on (its param model.checkpoint)."""
+    checkpoint = Path(run.data.params["model.checkpoint"])
+    if not (checkpoint / "config.json").exists():
+        raise RegistryError(f"run_id={run.info.run_id}: base checkpoint {checkpoint} (param model.checkpoint) is gone; "
+                            "re-create it by running any trial with the same model= settings")
+    return checkpoint
 
 
 def _trial(client: MlflowClient, run_id: str):
@@ -163,10 +168,7 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
                                             dst_path=str(out_dir.parent))
         (out_dir.parent / tracking.trained_artifact(True)).rename(out_dir)
         return Merged(out_dir, dtype, merged=False)
-    checkpoint = Path(run.data.params["model.checkpoint"])
-    if not (checkpoint / "config.json").exists():
-        raise RegistryError(f"run_id={run_id}: base checkpoint {checkpoint} (param model.checkpoint) is gone; "
-                            "re-create it by running any trial with the same model= settings")
+    checkpoint = base_checkpoint(run)
     adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
                                                        dst_path=str(out_dir.parent)))
     tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
