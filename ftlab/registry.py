@@ -318,12 +318,29 @@ def resolve_version(name: str, version: str | None) -> ModelVersion:
     if str(version).isdigit():
         try:
             return client.get_model_version(name, str(version))
-        except MlflowException as e:
-            raise RegistryError(f"version={version}: registered model '{name}' has no such version") from e
+        except MlflowException:
+            raise RegistryError(f"version={version}: registered model '{name}' has no such version "
+                                f"({_holdings(client, name)})") from None
     holder = alias_holder(name, str(version))
     if holder is None:
-        raise RegistryError(f"version={version}: registered model '{name}' has no alias '{version}'")
+        raise RegistryError(f"version={version}: registered model '{name}' has no alias '{version}' "
+                            f"({_holdings(client, name)})")
     return holder
+
+
+def _holdings(client: MlflowClient, name: str) -> str:
+    """What a registered model holds, for a message naming a version it does not: its newest
+    versions and its aliases."""
+    try:
+        aliases = sorted(client.get_registered_model(name).aliases.items())
+    except MlflowException:  # the store holds no registered model at all (_require_registered)
+        return "nothing is registered yet; register a run first"
+    versions = [v.version for v in client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"],
+                                                                 max_results=10)]
+    held = f"it has version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}"
+    if aliases:
+        held += f"; alias{'es' if len(aliases) > 1 else ''} " + ", ".join(f"{a} -> {v}" for a, v in aliases)
+    return held
 
 
 def _require_registered(client: MlflowClient, name: str) -> None:

@@ -174,6 +174,15 @@ def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp
     name, weight = next((n, w) for n, w in trained.state_dict().items() if n.endswith("q_proj.weight"))
     assert torch.equal(registered.state_dict()[name], weight) and not torch.equal(base.state_dict()[name], weight)
 
+    # A version or alias the model does not hold is named with what it does hold.
+    with pytest.raises(registry.RegistryError, match=r"^version=7: registered model 'full' has no such version "
+                                                     r"\(it has version 1\)$"):
+        registry.resolve_version("full", "7")
+    MlflowClient().set_registered_model_alias("full", "production", "1")
+    with pytest.raises(registry.RegistryError, match=r"^version=prod: registered model 'full' has no alias 'prod' "
+                                                     r"\(it has version 1; alias production -> 1\)$"):
+        registry.resolve_version("full", "prod")
+
 
 def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path):
     def cli(*args):
@@ -192,6 +201,10 @@ def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path):
     nothing = cli("promote")  # a registry with no versions: the user's to fix, one line, exit 2
     assert nothing.returncode == 2 and "Traceback" not in nothing.stderr
     assert "ftlab: registered model 'ftlab' has no versions; register a run first" in nothing.stderr
+    for version in ("3", "prod"):
+        named = cli("promote", f"version={version}")
+        assert named.returncode == 2 and "Traceback" not in named.stderr, named.stderr[-2000:]
+        assert "(nothing is registered yet; register a run first)" in named.stderr
     # A gate metric that is not a held-out score is named before any version is looked up or scored
     # (in-process: the CLI's exit 2 for a RegistryError is the case above).
     with pytest.raises(registry.RegistryError, match="registry.gate_metric='rougeL': the gate compares held-out "
