@@ -96,10 +96,13 @@ def find_sweep(client: MlflowClient, sweep: str | None) -> Run:
     parent if a resumed sweep has several) or the run id of one of its trials (as copied from
     the MLflow UI); None: the newest sweep in the store."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    recent = client.search_runs(experiments, "tags.`ftlab.role` = 'sweep'", max_results=5,
-                                order_by=["attributes.start_time DESC"]) if experiments else []
+
+    def newest_sweeps() -> list[Run]:  # only where no sweep was named, or the named one was not found
+        return client.search_runs(experiments, "tags.`ftlab.role` = 'sweep'", max_results=5,
+                                  order_by=["attributes.start_time DESC"]) if experiments else []
+
     if sweep is None:
-        if not recent:
+        if not (recent := newest_sweeps()):
             raise ReportError(f"the tracking store {mask(client.tracking_uri)} holds no sweep yet: start one with "
                               "python -m ftlab -m lora_r=8,16,64, or pass tracking_uri=... if it was logged elsewhere")
         return recent[0]
@@ -116,7 +119,7 @@ def find_sweep(client: MlflowClient, sweep: str | None) -> Run:
                                    max_results=1, order_by=["attributes.start_time DESC"])
         if found:
             return found[0]
-    known = ", ".join(r.data.tags.get("ftlab.sweep_id", r.info.run_id) for r in recent) or "none"
+    known = ", ".join(r.data.tags.get("ftlab.sweep_id", r.info.run_id) for r in newest_sweeps()) or "none"
     raise ReportError(f"sweep={sweep}: no sweep with that sweep id or parent run id in the tracking store "
                       f"{mask(client.tracking_uri)} (recent sweeps: {known}). Pass tracking_uri=... if the "
                       f"sweep was logged elsewhere.")
