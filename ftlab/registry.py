@@ -77,12 +77,11 @@ def held_out(run_id: str, tokenizer=None) -> list[Example]:
     try:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=HELD_OUT_ARTIFACT)
     except (MlflowException, OSError):
-        cfg = run_config(run_id)
+        cfg, run = run_config(run_id), MlflowClient().get_run(run_id)
         if tokenizer is None:
-            tokenizer = models.load_tokenizer(base_checkpoint(MlflowClient().get_run(run_id)),
-                                              cfg.model.trust_remote_code)
+            tokenizer = models.load_tokenizer(base_checkpoint(run), cfg.model.trust_remote_code)
         data = prepare(cfg.data, tokenizer, cfg.train.max_seq_length, models.cache_root(cfg.cache_dir))
-        trained_on = MlflowClient().get_run(run_id).data.tags.get("ftlab.data_fingerprint")
+        trained_on = run.data.tags.get("ftlab.data_fingerprint")
         if trained_on and data.fingerprint != trained_on:
             raise RegistryError(f"run_id={run_id}: its data ({data.source}) has changed since it trained (fingerprint "
                                 f"{data.fingerprint}, trained on {trained_on}), and the run did not log its held-out "
