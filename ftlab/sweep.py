@@ -40,7 +40,17 @@ ENV_SWEEP_ID = "FTLAB_SWEEP_ID"
 ENV_PARENT_RUN_ID = "FTLAB_SWEEP_PARENT_RUN_ID"
 SUMMARY_FILE = "ftlab_sweep.json"
 GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-PRICING_JOB = "memory"  # python -m ftlab.memory: Hydra names a job after its module file
+# Commands that compose config.yaml but train nothing: their multirun (-m lora_r=8,16,64) runs the
+# command once per config and is no sweep.
+STAGE_COMMANDS = ("ftlab.memory", "ftlab.data")
+
+
+def stage_command() -> str | None:
+    """The STAGE_COMMANDS entry that runs this process, if one does. Hydra's job name cannot tell:
+    python -m ftlab.data's file is __main__.py, as python -m ftlab's is."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    command = spec.name.removesuffix(".__main__") if spec else None
+    return command if command in STAGE_COMMANDS else None
 
 
 def in_multirun() -> bool:
@@ -186,12 +196,12 @@ def command_line() -> str:
 
 
 class SweepCallback(Callback):
-    """Registered under hydra.callbacks in conf/config.yaml, which python -m ftlab.memory composes
-    too: there a multirun (-m lora_r=8,16,64) prices each config of a grid and is no sweep (Hydra
-    names the job after the module file)."""
+    """Registered under hydra.callbacks in conf/config.yaml, which python -m ftlab.memory and
+    python -m ftlab.data compose too: there a multirun prices or prepares each config of a grid and
+    is no sweep (STAGE_COMMANDS)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.job.name == PRICING_JOB:
+        if stage_command():
             return
         with exit_2_on(SweepConfigError):  # SystemExit: Hydra would turn an exception here into a warning
             check_grid(config)
@@ -208,7 +218,7 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = os.environ.get(ENV_PARENT_RUN_ID)
-        if not parent or config.hydra.job.name == PRICING_JOB:
+        if not parent or stage_command():
             return
         tracking.setup(config.tracking_uri, config.experiment)
         summary = summarise(parent, list(config.sweep.objective), list(config.sweep.direction))

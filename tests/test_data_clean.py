@@ -4,8 +4,11 @@ class balancing, a seeded split, the cache, the report files and `python -m ftla
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -180,3 +183,21 @@ def test_cli_writes_the_cleaned_sets(tmp_path):
     assert {"train.jsonl", "held_out.jsonl", "report.json", "rejects.jsonl", "token_lengths.png",
             "classes.png"} <= {p.name for p in out.iterdir()}
     assert "exact dedupe" in proc.stderr  # the table
+
+
+def test_cli_multirun_prepares_each_config_and_starts_no_sweep(tmp_path):
+    """python -m ftlab.data -m ...: the data of each value of a grid, checked before a sweep spends compute
+    on it; no sweep parent run in MLflow, and no Optuna study."""
+    def data_cli(*args):
+        return subprocess.run([sys.executable, "-m", "ftlab.data", "-m", *TINY, f"cache_dir={tmp_path}/cache", *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    grid = data_cli("data.num_records=80,120", "data.eval_size=10")
+    assert grid.returncode == 0, grid.stderr[-2000:]
+    written = re.findall(r"cleaned data written to (\S+)", grid.stdout)
+    assert len(set(written)) == 2 and all((Path(d) / "train.jsonl").exists() for d in written)
+    assert "ftlab sweep" not in grid.stdout and not (tmp_path / "mlruns").exists()
+    study = data_cli("sweeps=rank_lr")
+    assert study.returncode == 2 and "ftlab: python -m ftlab.data runs no study" in study.stderr
+    assert not (tmp_path / "mlruns").exists()

@@ -428,7 +428,7 @@ def test_the_estimate_command_prices_a_grid_without_starting_a_sweep(tmp_path):
     assert [v for _, v in verdicts] == ["fits", "over budget"] and "ftlab sweep" not in grid.stdout
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "reports").exists()
     study = memory("-m", "sweeps=rank_lr", "model=llama31_8b")
-    assert study.returncode == 2 and "ftlab: python -m ftlab.memory prices configs and runs no study" in study.stderr
+    assert study.returncode == 2 and "ftlab: python -m ftlab.memory runs no study" in study.stderr
     assert not (tmp_path / "mlruns").exists()
 
 

@@ -258,9 +258,9 @@ class OptunaSweeperImpl(Sweeper):
 
     def run_study(self, arguments: List[str]) -> optuna.Study:
         quiet_optuna_warnings()
-        if self.config.hydra.job.name == ftlab_sweep.PRICING_JOB:
-            raise SweepConfigError("python -m ftlab.memory prices configs and runs no study: price a grid "
-                                   "(-m lora_r=8,16,64 lr=1e-4,2e-4) or one config, without hydra/sweeper=optuna")
+        if command := ftlab_sweep.stage_command():
+            raise SweepConfigError(f"python -m {command} runs no study: give it a grid (-m lora_r=8,16,64 "
+                                   "lr=1e-4,2e-4) or one config, without hydra/sweeper=optuna")
         for key in ("n_trials", "n_jobs", "heartbeat_interval", "max_failed_trials", "grace_period"):
             value = getattr(self, key)
             if value is not None and value < 1:
