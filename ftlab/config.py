@@ -131,6 +131,9 @@ class DataConfig:
     fields: FieldNames = field(default_factory=FieldNames)
     # Which split of a datasets directory, a hub dataset, or a directory of split files (train.jsonl, test.jsonl).
     hf_split: str = "train"
+    # A .json file holding one object with the records under this key ({"version": 2, "data": [...]}),
+    # as the datasets library's load_dataset("json", field=...) reads it.
+    json_field: Optional[str] = None
     # Embedded generator settings (used when path is None).
     num_records: int = 300
     generator_seed: int = 7

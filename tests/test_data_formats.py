@@ -277,3 +277,27 @@ def test_compressed_text_files_and_shards_are_read_and_a_damaged_one_is_named(da
     (tmp_path / "data.parquet.gz").write_bytes(b"")
     with pytest.raises(DataError, match=r"unknown extension; use .jsonl, .* \(the text ones also as .gz, .bz2 or .xz\)"):
         load_examples(str(tmp_path / "data.parquet.gz"), data_cfg())
+
+
+def test_records_under_a_key_of_one_json_object_are_read_with_data_json_field(data_cfg, tmp_path):
+    """{"version": 2, "data": [...]}, as datasets' load_dataset("json", field="data") reads it; without
+    the key the error says which key to give, and a key that cannot hold records is named."""
+    records = [as_format(m, "alpaca") for m in CONVERSATIONS]
+    wrapped = tmp_path / "squad_like.json"
+    wrapped.write_text(json.dumps({"version": 2, "data": records}, indent=2), encoding="utf-8")
+    examples, _ = load_examples(str(wrapped), data_cfg(json_field="data"))
+    assert [e.messages for e in examples] == CONVERSATIONS and examples[1].where == f"{wrapped}: data[1]"
+    with pytest.raises(DataError, match=r"its 'data' holds a list of 2 objects: if they are the records, set "
+                                        r"data.json_field=data"):
+        load_examples(str(wrapped), data_cfg())
+    with pytest.raises(DataError, match=r"data.json_field=version: .*'version' is a number, not a list of records"):
+        load_examples(str(wrapped), data_cfg(json_field="version"))
+    with pytest.raises(DataError, match=r"data.json_field=rows: .* has no key 'rows'; its keys: \['data', 'version'\]"):
+        load_examples(str(wrapped), data_cfg(json_field="rows"))
+    for other in (write(records, tmp_path / "array.json"), write(records, tmp_path / "lines.jsonl")):
+        with pytest.raises(DataError, match=r"data.json_field=data: "):
+            load_examples(str(other), data_cfg(json_field="data"))
+    # One pretty-printed record is a file of one record (it was read line by line as JSON Lines).
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(records[0], indent=2), encoding="utf-8")
+    assert [e.messages for e in load_examples(str(one), data_cfg())[0]] == CONVERSATIONS[:1]

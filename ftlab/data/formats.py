@@ -139,8 +139,9 @@ def read_jsonl(path: Path) -> Iterator[RawRecord | RecordError]:
                 yield e
 
 
-def read_json(path: Path) -> Iterator[RawRecord | RecordError]:
-    """A .json file holding an array of records (or, as often happens, JSON Lines)."""
+def read_json(path: Path, field: str | None = None) -> Iterator[RawRecord | RecordError]:
+    """A .json file holding an array of records, one object with the records under `field`
+    (data.json_field), one record (pretty-printed too), or, as often happens, JSON Lines."""
     with _open_binary(path) as f:
         data = f.read()
     try:
@@ -148,21 +149,43 @@ def read_json(path: Path) -> Iterator[RawRecord | RecordError]:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}; the file must be UTF-8") from None
-    if not text.lstrip().startswith("["):
+    start = text.lstrip()[:1]
+    if start not in ("[", "{") and field is None:
         yield from read_jsonl(path)
         return
     try:
-        items = _parse_json(text)
+        value = _parse_json(text)
     except json.JSONDecodeError as e:
+        if start == "{" and field is None:  # JSON Lines (Extra data after the first object), or a bad line
+            yield from read_jsonl(path)
+            return
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}: column {e.colno})") from None
     except RecursionError:
         raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
     except RecordError as e:
         raise DataError(f"{path}: {e.reason}") from None
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON array of records (or one JSON object per line)")
-    for i, item in enumerate(items):
-        yield RawRecord(f"{path}: item {i}", item, json.dumps(item, ensure_ascii=False, default=str)[:RAW_KEPT])
+    if field is not None:
+        if not isinstance(value, dict):
+            raise DataError(f"data.json_field={field}: {path} holds {_json_kind(value)}, not one object; "
+                            "unset data.json_field")
+        if field not in value:
+            raise DataError(f"data.json_field={field}: {path} has no key {field!r}; its keys: {sorted(value)[:10]}")
+        items = value[field]
+        if not isinstance(items, list):
+            raise DataError(f"data.json_field={field}: {path}'s {field!r} is {_json_kind(items)}, "
+                            "not a list of records")
+        places = [f"{path}: {field}[{i}]" for i in range(len(items))]
+    elif isinstance(value, dict):  # the whole file is one record
+        items, places = [value], [f"{path}:1"]
+    else:
+        items, places = value, [f"{path}: item {i}" for i in range(len(value))]
+    for where, item in zip(places, items):
+        yield RawRecord(where, item, json.dumps(item, ensure_ascii=False, default=str)[:RAW_KEPT])
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+    return kinds.get(type(value), "a number")
 
 
 def _csv_delimiter(path: Path, header: str) -> str:
@@ -257,7 +280,8 @@ def _split_of(relative: Path) -> str | None:
     return next((split for split, names in SPLIT_WORDS.items() if words & set(names)), None)
 
 
-def read_directory(path: Path, hf_split: str = "train") -> Iterator[RawRecord | RecordError]:
+def read_directory(path: Path, hf_split: str = "train", json_field: str | None = None
+                   ) -> Iterator[RawRecord | RecordError]:
     """Every data file under a directory (shards: part-00000.parquet, ...), in name order; hidden
     and `_`-prefixed entries (_SUCCESS, .crc files) are skipped. Files named by split (train.jsonl
     beside test.jsonl) are read for data.hf_split only: a published test set mixed into the pool
@@ -281,26 +305,42 @@ def read_directory(path: Path, hf_split: str = "train") -> Iterator[RawRecord | 
                         wanted, hf_split, len(chosen), ", ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""))
         files = chosen
     for file in files:
-        yield from _reader(file)(file)
+        yield from _read_file(file, json_field)
 
 
-def read_records(source: str, hf_split: str = "train") -> Iterator[RawRecord | RecordError]:
+def read_records(source: str, hf_split: str = "train", json_field: str | None = None
+                 ) -> Iterator[RawRecord | RecordError]:
+    """json_field: data.json_field, for .json files (alone or in a directory)."""
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # datasets' save_to_disk
+            _no_json_field(json_field, f"{path} is a datasets save_to_disk directory")
             return read_hf(str(path), hf_split)
-        return read_directory(path, hf_split)
+        return read_directory(path, hf_split, json_field)
     if not path.exists():
         # owner/name is a hub dataset; ./name, data/train.jsonl (a data file's suffix) is a missing file.
         if HUB_NAME.match(source) and not source.startswith(".") and _reader(path) is None:
+            _no_json_field(json_field, f"{source} is a hub dataset")
             return read_hf(source, hf_split)
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where the command ran)"
         raise DataError(f"data.path: {path} does not exist{where}")
-    reader = _reader(path)
-    if reader is None:
+    if _reader(path) is None:
         raise DataError(f"data.path: {path} has an unknown extension; use {KNOWN}, a directory of "
                         "such files or a datasets save_to_disk directory")
-    return reader(path)
+    if _reader(path) is not read_json:
+        _no_json_field(json_field, f"{path} is no .json file")
+    return _read_file(path, json_field)
+
+
+def _read_file(path: Path, json_field: str | None) -> Iterator[RawRecord | RecordError]:
+    reader = _reader(path)
+    return read_json(path, json_field) if reader is read_json else reader(path)
+
+
+def _no_json_field(json_field: str | None, what: str) -> None:
+    if json_field is not None:
+        raise DataError(f"data.json_field={json_field}: names the key of a .json file's records, and {what}; "
+                        "unset it")
 
 
 # --------------------------------------------------------------------------- normalising
@@ -315,9 +355,14 @@ def detect_format(record: dict, f: dict[str, str]) -> str:
         return "alpaca"
     if f["prompt"] in record and f["completion"] in record:
         return "prompt_completion"
+    lists = [key for key, value in record.items()
+             if isinstance(value, list) and value and all(isinstance(x, dict) for x in value)]
+    nested = (f"; its '{lists[0]}' holds a list of {len(record[lists[0]])} objects: if they are the records, set "
+              f"data.json_field={lists[0]}; if chat turns, data.fields.messages={lists[0]}") if len(lists) == 1 else ""
     raise RecordError(
         f"cannot tell the format from its fields {sorted(record)[:8]}; expected instruction/output (alpaca), "
-        "conversations (sharegpt), messages, or prompt/completion (set data.format, or map names with data.fields)",
+        "conversations (sharegpt), messages, or prompt/completion (set data.format, or map names with data.fields)"
+        + nested,
         "unknown_format",
     )
 

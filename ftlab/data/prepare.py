@@ -84,7 +84,7 @@ def load_examples(source: str, cfg: DataConfig) -> tuple[list[Example], list[dic
         raise DataError(f"data.on_error={cfg.on_error}: use raise or skip")
     fields = field_names(cfg.fields)
     examples, rejects = [], []
-    for item in tqdm(read_records(source, cfg.hf_split), desc="validate", unit="rec", leave=False):
+    for item in tqdm(read_records(source, cfg.hf_split, cfg.json_field), desc="validate", unit="rec", leave=False):
         if isinstance(item, RawRecord):
             try:
                 examples.append(to_example(item, cfg, fields))
