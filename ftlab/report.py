@@ -108,12 +108,15 @@ def find_sweep(client: MlflowClient, sweep: str | None) -> Run:
         return recent[0]
     try:
         run = client.get_run(sweep)
+    except MlflowException:
+        run = None  # not a run id: look it up as a sweep id
+    if run is not None:
         if run.data.tags.get("ftlab.role") == "trial" and (parent := run.data.tags.get("mlflow.parentRunId")):
             run = client.get_run(parent)
         if run.data.tags.get("ftlab.role") == "sweep":
             return run
-    except MlflowException:
-        pass  # not a run id: look it up as a sweep id
+        raise ReportError(f"sweep={sweep}: that run belongs to no sweep (a single python -m ftlab run?): a report "
+                          "compares a sweep's trials; a run's scores, curves and sample generations are in the MLflow UI")
     if experiments and "'" not in sweep:
         found = client.search_runs(experiments, f"tags.`ftlab.role` = 'sweep' and tags.`ftlab.sweep_id` = '{sweep}'",
                                    max_results=1, order_by=["attributes.start_time DESC"])

@@ -183,6 +183,10 @@ def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
     [trial] = client.search_runs([client.get_run(parent_id).info.experiment_id], "tags.`ftlab.role` = 'trial'",
                                  max_results=1)
     assert report.find_sweep(client, trial.info.run_id).info.run_id == parent_id  # a run id copied from the UI
+    lone = client.create_run(trial.info.experiment_id, tags={"ftlab.role": "trial"})  # as python -m ftlab logs one
+    with pytest.raises(report.ReportError, match=rf"sweep={lone.info.run_id}: that run belongs to no sweep"):
+        report.find_sweep(client, lone.info.run_id)
+    client.delete_run(lone.info.run_id)
 
     missing = run_report("sweep=no-such-sweep", uri, cwd=tmp_path)
     assert missing.returncode != 0
