@@ -81,7 +81,7 @@ def test_exact_dedupe_ignores_case_and_whitespace_and_threshold_is_configurable(
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     strict = prepare(data_cfg(path=str(path), eval_size=1), tiny_tokenizer, 256, tmp_path / "c")
     assert strict.report["counts"]["dropped_exact_duplicates"] == 1
-    assert strict.report["counts"]["dropped_near_duplicates"] == 0  # 3 of 6 bigrams shared: J = 0.5
+    assert strict.report["counts"]["dropped_near_duplicates"] == 0  # questions: 3 of 4 bigrams shared, J = 0.75
     loose = prepare(data_cfg(path=str(path), eval_size=1, near_dup_threshold=0.45), tiny_tokenizer, 256, tmp_path / "c")
     assert loose.report["counts"]["dropped_near_duplicates"] == 1
 
@@ -201,3 +201,32 @@ def test_cli_multirun_prepares_each_config_and_starts_no_sweep(tmp_path):
     study = data_cli("sweeps=rank_lr")
     assert study.returncode == 2 and "ftlab: python -m ftlab.data runs no study" in study.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_near_duplicates_need_a_similar_question_and_answer_not_a_shared_system_prompt_or_document(data_cfg,
+                                                                                                    tiny_tokenizer):
+    """A long system prompt on every record, or one long document that several questions are asked
+    about, made distinct records Jaccard-similar as whole texts: all but one were dropped."""
+    from ftlab.data import clean
+    from ftlab.data.records import Example
+
+    rules = " ".join(f"rule {i} says to be brief and polite" for i in range(60))
+    document = " ".join(f"clause {i} of the contract covers item {i * 7}" for i in range(2_500))  # ~110k chars
+
+    def example(question, answer, system=None):
+        return Example("x", ([{"role": "system", "content": system}] if system else [])
+                       + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+
+    questions = [f"Ticket {i}: the customer writes that the order arrived late again, that the box was damaged and "
+                 f"that support did not answer; which clause covers item {i * 7}, and who signs?" for i in range(1, 6)]
+    under_rules = [example(q, f"Clause {i}.", rules) for i, q in enumerate(questions, start=1)]
+    on_document = [example(f"{document}\n\n{q}", f"Clause {i}.") for i, q in enumerate(questions, start=1)]
+    for distinct in (under_rules, on_document):
+        kept, dropped = clean.drop_near_duplicates(distinct, 0.9)
+        assert dropped == 0 and kept == distinct
+    # The same question, one word changed, with the same answer is still a near duplicate, behind either.
+    for system, prefix in ((rules, ""), (None, f"{document}\n\n")):
+        near = [example(prefix + questions[0], "Clause 1.", system),
+                example(prefix + questions[0].replace("signs", "sign"), "Clause 1.", system),
+                example(prefix + questions[1], "Clause 2.", system)]
+        assert clean.drop_near_duplicates(near, 0.8) == ([near[0], near[2]], 1)

@@ -40,11 +40,26 @@ def drop_exact_duplicates(examples: list[Example]) -> tuple[list[Example], int]:
     return kept, len(examples) - len(kept)
 
 
-def _shingles(text: str) -> set[bytes]:
+def _shingles(text: str, tag: bytes) -> set[bytes]:
     # Word bigrams: one changed word in a 50-word record leaves Jaccard ~0.93, above the usual
-    # 0.9 (trigrams give ~0.89). Only the first SHINGLED_CHARS count, so a 10 MB line costs little.
-    words = WORD.findall(text[:SHINGLED_CHARS])
-    return {" ".join(words[i: i + 2]).encode() for i in range(max(1, len(words) - 1))}
+    # 0.9 (trigrams give ~0.89). Only the first and last SHINGLED_CHARS / 2 count, so a 10 MB line
+    # costs little, and a question after a long shared document is still seen.
+    if len(text) > SHINGLED_CHARS:
+        text = f"{text[:SHINGLED_CHARS // 2]} {text[-SHINGLED_CHARS // 2:]}"
+    words = WORD.findall(text)
+    return {tag + " ".join(words[i: i + 2]).encode() for i in range(max(1, len(words) - 1))}
+
+
+def _question_and_answer(example: Example) -> tuple[set[bytes], set[bytes]]:
+    """What near-duplicate detection compares: the conversation before the answer without its
+    system turns (a system prompt shared by every record, data.system_prompt's or the data's own,
+    made records with different questions and answers look alike), and the answer."""
+    question = normalise(" ".join(m["content"] for m in example.prompt if m["role"] != "system"))
+    return _shingles(question, b"q:"), _shingles(normalise(example.reference), b"a:")
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b)
 
 
 def _crc32(shingle: bytes) -> int:
@@ -65,23 +80,28 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
 
 
 def drop_near_duplicates(examples: list[Example], threshold: float, num_perm: int = 128) -> tuple[list[Example], int]:
-    """Keep the first of each group whose Jaccard similarity (word bigrams) is >= threshold.
+    """Keep the first of each group whose questions and answers are both similar: Jaccard
+    similarity of word bigrams >= threshold (records on one long shared document, with other
+    questions or answers, are different examples).
 
-    MinHash LSH proposes candidates (see lsh_bands); the exact Jaccard of the two shingle sets
-    then decides, so no pair below the threshold is ever dropped."""
+    MinHash LSH over both sets together proposes candidates (see lsh_bands; the shingles are
+    tagged by part, so the pair's Jaccard over both lies between the two parts' and is above the
+    threshold when both are); the exact Jaccard of each part then decides, so no pair below the
+    threshold is ever dropped."""
     if not 0 < threshold <= 1:
         raise DataError(f"data.near_dup_threshold={threshold}: must be in (0, 1]")
     # Imported here: datasketch loads scipy (~0.3 s), which a run on cached data never needs.
     from datasketch import MinHash, MinHashLSH
 
-    shingles = [_shingles(record_text(e)) for e in examples]
+    parts = [_question_and_answer(e) for e in examples]
     # bulk() hashes all records in one vectorised pass.
-    hashes = MinHash.bulk(shingles, num_perm=num_perm, hashfunc=_crc32)
+    hashes = MinHash.bulk([question | answer for question, answer in parts], num_perm=num_perm, hashfunc=_crc32)
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, params=lsh_bands(threshold, num_perm))
     kept = []
     for i, (e, m) in enumerate(zip(examples, hashes)):
-        mine = shingles[i]
-        if any(len(mine & shingles[j]) / len(mine | shingles[j]) >= threshold for j in lsh.query(m)):
+        question, answer = parts[i]
+        if any(_jaccard(question, parts[j][0]) >= threshold and _jaccard(answer, parts[j][1]) >= threshold
+               for j in lsh.query(m)):
             continue
         lsh.insert(i, m)
         kept.append(e)
