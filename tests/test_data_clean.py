@@ -18,6 +18,7 @@ from ftlab import tracking
 from ftlab.config import TrainConfig
 from ftlab.data import DataError, prepare
 from ftlab.data.generate import generate_with_plan
+from ftlab.data.prepare import load_examples
 from ftlab.data.report import log_data_report, padding_share, write_outputs
 from tests.conftest import ROOT, TINY
 
@@ -118,6 +119,18 @@ def test_class_balancing(data_cfg, tiny_tokenizer, tmp_path):
         with pytest.raises(DataError, match=rf"data.balance=cap needs data.balance_cap >= 1 \(records per class\), "
                                             rf"not {cap}"):
             prepare(data_cfg(**common, balance="cap", balance_cap=cap), tiny_tokenizer, 512, tmp_path)
+
+
+def test_a_blank_label_is_missing_not_a_class(data_cfg, tmp_path):
+    """Three rows with an empty label cell became a class "" of 3, and balance=rarest cut the other
+    classes down to 3 records each."""
+    rows = ["instruction,output,label", *(f"question {i},answer {i},billing" for i in range(20)),
+            *(f"other {i},reply {i}, shipping " for i in range(20)), *(f"late {i},later {i}," for i in range(3))]
+    path = tmp_path / "labels.csv"
+    path.write_text("\n".join(rows) + "\n")
+    examples, rejects = load_examples(str(path), data_cfg(label_field="label", on_error="skip"))
+    assert {e.label for e in examples} == {"billing", "shipping"} and len(examples) == 40
+    assert [r["kind"] for r in rejects] == ["missing_label"] * 3 and "is missing or empty" in rejects[0]["reason"]
 
 
 def test_split_is_seeded_and_eval_size_is_a_count_or_fraction(data_cfg, tiny_tokenizer, tmp_path):

@@ -301,3 +301,24 @@ def test_records_under_a_key_of_one_json_object_are_read_with_data_json_field(da
     one = tmp_path / "one.json"
     one.write_text(json.dumps(records[0], indent=2), encoding="utf-8")
     assert [e.messages for e in load_examples(str(one), data_cfg())[0]] == CONVERSATIONS[:1]
+
+
+def test_trl_conversational_prompt_completion_is_read_as_chat_turns(data_cfg, tmp_path):
+    """TRL's conversational prompt-completion rows (what ftlab itself hands TRL) were trained on as the
+    JSON text of the turn lists."""
+    system = {"role": "system", "content": "Answer in JSON."}
+    rows = [{"prompt": [system, CONVERSATIONS[0][0]], "completion": [CONVERSATIONS[0][1]]},
+            {"prompt": [CONVERSATIONS[1][0]], "completion": CONVERSATIONS[1][1]["content"]}]
+    examples, _ = load_examples(str(write(rows, tmp_path / "trl.jsonl")), data_cfg())
+    assert [e.messages for e in examples] == [[system, *CONVERSATIONS[0]], CONVERSATIONS[1]]
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "x"}]},
+    {"conversations": [{"from": {"name": "human"}, "value": "hi"}, {"from": "gpt", "value": "x"}]},
+])
+def test_a_role_that_is_no_string_is_a_bad_record_not_a_crash(data_cfg, tmp_path, record):
+    path = write([record, as_format(CONVERSATIONS[0], "messages")], tmp_path / "d.jsonl")
+    examples, rejects = load_examples(str(path), data_cfg(on_error="skip"))
+    assert len(examples) == 1 and [(r["where"], r["kind"]) for r in rejects] == [(f"{path}:1", "unknown_role")]
+    assert "[0] has unknown role" in rejects[0]["reason"]

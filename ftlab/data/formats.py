@@ -27,6 +27,7 @@ from ftlab.data.records import DataError, RecordError
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion")
 ROLES = {"system", "user", "assistant"}
+CHAT_ROLES = {role: role for role in ROLES}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # The default field names (ftlab.config.FieldNames); data.fields overrides them.
 FIELDS = {f.name: f.default for f in dataclasses.fields(FieldNames)}
@@ -424,6 +425,29 @@ def _turns(record: dict, key: str) -> list:
     return turns
 
 
+def _is_turns(value: object, role_key: str) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, dict) and role_key in t for t in value)
+
+
+def _chat(turns: list, key: str, role_key: str, content_key: str, roles: Mapping[str, str]) -> list[dict]:
+    """[{"role", "content"}] from a record's list of turns (`key` names it in errors); `roles` maps
+    the data's role names to the chat template's."""
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError(f"{key}[{i}] must be an object, got {type(turn).__name__}", "wrong_type")
+        name = turn.get(role_key)
+        role = roles.get(name) if isinstance(name, str) else None
+        if role is None:
+            raise RecordError(f"{key}[{i}] has unknown role {name!r}", "unknown_role")
+        try:
+            content = _text(_joined_text_parts(turn, content_key), content_key)
+        except RecordError as e:
+            raise RecordError(f"{key}[{i}]: {e.reason}", e.kind) from None
+        messages.append({"role": role, "content": content})
+    return messages
+
+
 def _check_turns(messages: list[dict]) -> list[dict]:
     if messages[-1]["role"] != "assistant":
         raise RecordError("conversation does not end with an assistant turn", "no_final_assistant")
@@ -445,25 +469,17 @@ def to_messages(record: object, fmt: str, fields: Mapping[str, str] | None = Non
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, f["output"])}]
     if fmt == "prompt_completion":
+        prompt, completion = record.get(f["prompt"]), record.get(f["completion"])
+        if _is_turns(prompt, f["role"]):  # TRL's conversational form: lists of {role, content} turns
+            answer = (_chat(completion, f["completion"], f["role"], f["content"], CHAT_ROLES)
+                      if _is_turns(completion, f["role"])
+                      else [{"role": "assistant", "content": _text(record, f["completion"])}])
+            return _check_turns(_chat(prompt, f["prompt"], f["role"], f["content"], CHAT_ROLES) + answer)
         return [{"role": "user", "content": _text(record, f["prompt"])},
                 {"role": "assistant", "content": _text(record, f["completion"])}]
-    if fmt in ("messages", "sharegpt"):
-        key, role_key, content_key = (
-            (f["messages"], f["role"], f["content"]) if fmt == "messages"
-            else (f["conversations"], f["sharegpt_from"], f["sharegpt_value"])
-        )
-        messages = []
-        for i, turn in enumerate(_turns(record, key)):
-            if not isinstance(turn, dict):
-                raise RecordError(f"{key}[{i}] must be an object, got {type(turn).__name__}", "wrong_type")
-            role = turn.get(role_key)
-            role = SHAREGPT_ROLES.get(role) if fmt == "sharegpt" else (role if role in ROLES else None)
-            if role is None:
-                raise RecordError(f"{key}[{i}] has unknown role {turn.get(role_key)!r}", "unknown_role")
-            try:
-                content = _text(_joined_text_parts(turn, content_key), content_key)
-            except RecordError as e:
-                raise RecordError(f"{key}[{i}]: {e.reason}", e.kind) from None
-            messages.append({"role": role, "content": content})
-        return _check_turns(messages)
+    if fmt == "messages":
+        return _check_turns(_chat(_turns(record, f["messages"]), f["messages"], f["role"], f["content"], CHAT_ROLES))
+    if fmt == "sharegpt":
+        return _check_turns(_chat(_turns(record, f["conversations"]), f["conversations"], f["sharegpt_from"],
+                                  f["sharegpt_value"], SHAREGPT_ROLES))
     raise DataError(f"data.format={fmt}: unknown format; use one of {', '.join(FORMATS)}")

@@ -65,9 +65,9 @@ def _label(record: dict, messages: list[dict], label_field: str) -> str:
             value = answer.get(label_field) if isinstance(answer, dict) else None
         except json.JSONDecodeError:
             value = None
-    if value is None or isinstance(value, (dict, list)):
-        raise RecordError(f"label field '{label_field}' is missing (data.label_field)", "missing_label")
-    return str(value)
+    if value is None or isinstance(value, (dict, list)) or not str(value).strip():  # a blank cell: no class
+        raise RecordError(f"label field '{label_field}' is missing or empty (data.label_field)", "missing_label")
+    return str(value).strip()
 
 
 def to_example(item: RawRecord, cfg: DataConfig, fields: dict[str, str]) -> Example:
