@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import importlib.util
 import os
 import re
@@ -72,7 +73,10 @@ def resolve(cfg: DictConfig) -> Resolved:
         version = registry.resolve_version(name, match["alias"] or match["version"])
     except registry.RegistryError as e:
         raise ServeError(f"model={cfg.model}: {e}") from e
-    dst = models.cache_root(cfg.cache_dir) / "serve" / f"{name}-v{version.version}"
+    # Keyed by what the version is, not only its number: every store has an 'ftlab' version 1, and a
+    # deleted and re-created model numbers its versions again.
+    identity = hashlib.sha256(f"{version.source}|{version.run_id}|{version.creation_timestamp}".encode()).hexdigest()
+    dst = models.cache_root(cfg.cache_dir) / "serve" / f"{name}-v{version.version}-{identity[:12]}"
     checkpoint = dst / "model"
     if not (checkpoint / "config.json").exists():
         shutil.rmtree(dst, ignore_errors=True)
@@ -207,8 +211,8 @@ def running(cfg: DictConfig):
     """Start the engine (and the key proxy when needed); yield (base_url, model, api_key, engine
     process); always stop the engine."""
     check_settings(cfg)
+    engine = choose_engine(cfg)  # before resolve: an engine that cannot run is refused before any download
     model = resolve(cfg)
-    engine = choose_engine(cfg)
     api_key = cfg.api_key or os.environ.get("FTLAB_API_KEY")
     proxied = engine == "transformers" and api_key
     engine_host, engine_port = ("127.0.0.1", free_port()) if proxied else (cfg.host, cfg.port)

@@ -2,6 +2,7 @@
 is always stopped; check=true prints latency and tokens/s."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -14,12 +15,13 @@ from pathlib import Path
 import mlflow
 import openai
 import pytest
+import torch
 
 from hydra import compose, initialize_config_dir
 
 from ftlab import models, registry
 from ftlab.pipeline import run
-from ftlab.serve import Resolved, free_port, smoke_check
+from ftlab.serve import Resolved, free_port, resolve, smoke_check
 from tests.conftest import CONF, ROOT, TINY, store_overrides
 
 KEY = "test-key-1234"
@@ -146,7 +148,26 @@ def test_a_taken_port_or_bad_setting_is_refused_before_the_model_is_fetched(tmp_
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"ftlab: port={port}: something already listens on 127.0.0.1:{port}; stop it or choose another port=" \
         in out.stderr
+    cannot_vllm = importlib.util.find_spec("vllm") is None or not torch.cuda.is_available()
     for setting, says in (("port=99999", "port=99999: use 1-65535"), ("quantize=3bit", "quantize=3bit: use 8bit"),
-                          ("max_tokens=0", "max_tokens=0: must be >= 1")):
+                          ("max_tokens=0", "max_tokens=0: must be >= 1"),
+                          *([("engine=vllm", "engine=vllm needs vLLM installed")] if cannot_vllm else [])):
         out = cli(setting)
         assert out.returncode == 2 and f"ftlab: {says}" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_cached_download_is_served_only_for_the_version_it_was(production):
+    """The download cache was keyed by name and version number: every store has an 'ftlab' version 1,
+    and a deleted, re-registered model numbers its versions again; the old weights were served."""
+    with initialize_config_dir(config_dir=str(CONF / "serve"), version_base="1.3"):
+        cfg = compose("config", overrides=production)
+    first = resolve(cfg)
+    assert resolve(cfg).checkpoint == first.checkpoint  # cached
+    name = cfg.model.removeprefix("models:/").split("@")[0]
+    client = mlflow.MlflowClient()
+    client.delete_registered_model(name)
+    registry.register(first.run_id, name)
+    assert registry.promote(name)
+    again = resolve(cfg)
+    assert again.served_name == first.served_name and again.checkpoint != first.checkpoint
+    assert (again.checkpoint / "config.json").is_file()
