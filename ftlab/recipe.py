@@ -161,5 +161,6 @@ def _print_summary(run_id: str, metrics: dict, base: dict | None, cfg: DictConfi
     lines.append(f"  open the UI:  mlflow ui --backend-store-uri {shlex.quote(tracking.mask(uri))}")
     if cfg.train.save_adapter and not cfg.sweep.id:  # a sweep's report says it for its best trial
         lines.append(f"  register it:  python -m ftlab.registry register run_id={run_id}"
+                     f"{tracking.registry_arguments(cfg.registry.model_name, cfg.experiment)}"
                      f"{tracking.store_argument(cfg.tracking_uri)}")
     print("\n".join(lines))

@@ -204,7 +204,14 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
 
 
 def model_name(registry_name: str | None, experiment: str) -> str:
-    return registry_name or experiment
+    """registry.model_name, else the experiment's name; refused here, before a merge, where the
+    registry would refuse it after one."""
+    name = registry_name or experiment
+    if "/" in name or ":" in name:
+        key = "registry.model_name" if registry_name else "experiment (the default registry.model_name)"
+        raise RegistryError(f"{key}={name}: a registered model's name cannot hold '/' or ':'"
+                            + ("" if registry_name else "; set registry.model_name"))
+    return name
 
 
 def _requirements() -> list[str]:
@@ -237,8 +244,11 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
         example = examples[0]
         prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
         params = {"max_new_tokens": 64}
-        # Resume the trial run so the model lives next to the adapter and metrics it came from.
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        # Resume the trial run so the model lives next to the adapter and metrics it came from, in
+        # the run's own experiment (MLflow refuses to resume a run of another active experiment).
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
+        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+        try:
             if merged.merged:
                 mlflow.log_metrics({"merge_relative_logit_diff": merged.relative_diff,
                                     "merge_effect_share": merged.effect_share})
@@ -247,6 +257,9 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
                 signature=infer_signature(prompt, example.reference, params=params),
                 input_example=(prompt, params), pip_requirements=_requirements(), registered_model_name=name,
             )
+        finally:  # FINISHED, as the trial was: `with start_run` marks a run FAILED on any error, and
+            mlflow.end_run()  # a FAILED run can never be registered
+
     # What is registered is scored, not the run: the run scored its adapter on the 4-bit base it
     # trained on, and the merged 16-bit model answers somewhat differently. (After logging: scoring
     # may upcast the model in place.)
@@ -480,7 +493,7 @@ def main() -> None:
         tracking.setup(tracking.existing_store(cfg.tracking_uri), cfg.experiment)
         name = model_name(cfg.registry.model_name, cfg.experiment)
         store = tracking.store_argument(cfg.tracking_uri)
-        named = f" registry.model_name={name}" if cfg.registry.model_name else ""
+        named = tracking.registry_arguments(cfg.registry.model_name, cfg.experiment)
         if cfg.action == "register":
             if not cfg.run_id:
                 raise RegistryError("register needs run_id=<trial run id>")

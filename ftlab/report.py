@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ftlab.config import exit_2_on  # noqa: E402  (and registers the structured-config schema)
-from ftlab.tracking import TrackingError, existing_store, mask, store_argument  # noqa: E402
+from ftlab.tracking import TrackingError, existing_store, mask, registry_arguments, store_argument  # noqa: E402
 
 STATE_ORDER = {"finished": 0, "failed": 1, "killed": 2, "skipped_budget": 3}
 # Logged by the pipeline beside the config; they follow from other params, so they are
@@ -469,10 +469,11 @@ def _override_value(param: str) -> str:
 
 def next_steps(sweep: Sweep, winner: Trial) -> list[str]:
     """Reproduce, register, promote, serve; on the sweep's own store when it was not ./mlruns."""
-    name = winner.params.get("registry.model_name")
-    name = name if name and name != "None" else sweep.experiment
+    given = winner.params.get("registry.model_name")
+    given = given if given and given != "None" else None
+    name = given or sweep.experiment
     uri = winner.params.get("tracking_uri")
-    store = store_argument(None if uri == "None" else uri)
+    store = registry_arguments(given, sweep.experiment) + store_argument(None if uri == "None" else uri)
     return [reproduce_command(sweep, winner),
             f"python -m ftlab.registry register run_id={winner.run_id}{store}",
             f"python -m ftlab.registry promote run_id={winner.run_id}{store}",

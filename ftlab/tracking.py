@@ -24,9 +24,11 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.checkpoints import ResumeError
+from ftlab.config import FtlabConfig
 
 # MLflow's own limits (mlflow.utils.validation): exceeding them raises mid-run.
 MAX_PARAM_VALUE = 6000
+DEFAULT_EXPERIMENT = FtlabConfig.experiment
 MAX_PARAM_KEY = 250
 MAX_PARAMS_PER_BATCH = 100
 # A key is secret when its last component names one (hub_token, db.password), not when a
@@ -56,6 +58,14 @@ def store_argument(tracking_uri: str | None) -> str:
     """' tracking_uri=...' for a printed command that must reach a run's store (masked, quoted
     for a shell), or '' for the default ./mlruns."""
     return f" {shlex.quote(f'tracking_uri={mask(tracking_uri)}')}" if tracking_uri else ""
+
+
+def registry_arguments(model_name: str | None, experiment: str) -> str:
+    """' registry.model_name=...' and ' experiment=...' (where not the defaults) for a printed
+    registry command, so it names the registered model the run's own settings name."""
+    args = [f"registry.model_name={model_name}"] if model_name else []
+    args += [f"experiment={experiment}"] if experiment != DEFAULT_EXPERIMENT else []
+    return "".join(f" {shlex.quote(arg)}" for arg in args)
 
 
 def mask(text: str) -> str:

@@ -256,3 +256,36 @@ def test_the_held_out_set_travels_with_the_run_so_a_moved_data_file_cannot_chang
     data.write_bytes(original)
     assert [e.reference for e in registry.held_out(trial.info.run_id, tokenizer)] == scored
     assert [e.reference for e in registry.held_out(trial.info.run_id)] == scored  # with its base's tokenizer
+
+
+def test_the_printed_commands_register_and_promote_a_run_of_another_experiment_and_a_bad_name_costs_nothing(
+        make_cfg, capsys):
+    """A run of experiment=support: its printed register command crashed (MLflow refuses to resume a
+    run of another active experiment), and the promote command printed next named model 'ftlab'. A
+    registered model name the registry refuses was refused after the merge, and the error marked
+    the trained run FAILED: it could never be registered after."""
+    cfg = make_cfg(*FAST[:3], "experiment=support")
+    capsys.readouterr()
+    run(cfg)
+    [register_line] = [line for line in capsys.readouterr().out.splitlines() if "register it:" in line]
+    register_cmd = shlex.split(register_line.split("register it:", 1)[1])
+    assert register_cmd[:4] == ["python", "-m", "ftlab.registry", "register"] and "experiment=support" in register_cmd
+    run_id = register_cmd[4].removeprefix("run_id=")
+
+    def cli(args: list[str]):
+        return subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    bad = cli([*register_cmd, "registry.model_name=team/bot"])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "ftlab: registry.model_name=team/bot: a registered model's name cannot hold '/' or ':'" in bad.stderr
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+    registered = cli(register_cmd)
+    assert registered.returncode == 0, registered.stderr[-3000:]
+    [promote_line] = [line for line in registered.stdout.splitlines() if "promote it:" in line]
+    promoted = cli(shlex.split(promote_line.split("promote it:", 1)[1]))
+    assert promoted.returncode == 0, promoted.stderr[-3000:]
+    assert str(registry.alias_holder("support", "production").version) == "1"
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert "ftlab" not in {e.name for e in MlflowClient().search_experiments()}  # no empty 'ftlab' beside 'support'
