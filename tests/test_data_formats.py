@@ -322,3 +322,22 @@ def test_a_role_that_is_no_string_is_a_bad_record_not_a_crash(data_cfg, tmp_path
     examples, rejects = load_examples(str(path), data_cfg(on_error="skip"))
     assert len(examples) == 1 and [(r["where"], r["kind"]) for r in rejects] == [(f"{path}:1", "unknown_role")]
     assert "[0] has unknown role" in rejects[0]["reason"]
+
+
+def test_a_csv_quote_never_closed_a_repeated_column_and_a_multi_line_row_are_named_by_their_first_line(data_cfg,
+                                                                                                       tmp_path):
+    """A cell opening a quote it never closes took the rest of the file as one cell (900 records
+    became one unknown_format reject at the last line); a repeated column let its last cell win."""
+    rows = ["instruction,output", *(f"question {i},answer {i}" for i in range(1000))]
+    rows[101] = '"Hi there,answer 100'
+    stray = tmp_path / "stray.csv"
+    stray.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(stray))}:102: unreadable CSV \(unexpected end of data\)"):
+        load_examples(str(stray), data_cfg(on_error="skip"))
+    repeated = tmp_path / "repeated.csv"
+    repeated.write_text("instruction,output,output\nQ1,good answer,\nQ2,,other answer\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(repeated))}:1: the header names 'output' more than once"):
+        load_examples(str(repeated), data_cfg())
+    multi_line = tmp_path / "multi_line.csv"
+    multi_line.write_text('instruction,output\n"a question\nover three\nlines",an answer\nq2,a2\n')
+    assert [e.where for e in load_examples(str(multi_line), data_cfg())[0]] == [f"{multi_line}:2", f"{multi_line}:5"]

@@ -206,18 +206,25 @@ def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
                                                      newline="") as f:
         delimiter = _csv_delimiter(path, f.readline())
         f.seek(0)
-        reader = csv.DictReader(f, delimiter=delimiter)
+        # strict: a quote opened and never closed is an error naming its line, where the lenient
+        # reader took the rest of the file as one cell (900 records became one bad one).
+        reader = csv.DictReader(f, delimiter=delimiter, strict=True)
         # The csv module refuses a cell over 128 KiB, failing the whole file; a long record is the
         # length check's to drop (data.overlong), with its reason, as in JSON Lines.
         csv.field_size_limit(CSV_FIELD_LIMIT)
+        repeated = sorted({c for c in reader.fieldnames or [] if reader.fieldnames.count(c) > 1})
+        if repeated:  # the last column of a name would silently win over the others
+            raise DataError(f"{path}:1: the header names {', '.join(map(repr, repeated))} more than once")
         while True:
+            start = reader.line_num + 1  # a row's first line: a quoted cell can span several
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
-                raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
-            where = f"{path}:{reader.line_num}"
+                raise DataError(f"{path}:{start}: unreadable CSV ({e}); is a quote opened there and never "
+                                "closed?") from None
+            where = f"{path}:{start}"
             raw = json.dumps(row, ensure_ascii=False, default=str)[:RAW_KEPT]
             if None in row:
                 yield RecordError("row has more cells than the header has columns", "malformed_row", where, raw)
