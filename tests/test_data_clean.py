@@ -16,7 +16,7 @@ from rapidfuzz import fuzz, process, utils
 
 from ftlab import tracking
 from ftlab.config import TrainConfig
-from ftlab.data import DataError, prepare
+from ftlab.data import DataError, clean, prepare
 from ftlab.data.generate import generate_with_plan
 from ftlab.data.prepare import load_examples
 from ftlab.data.report import log_data_report, padding_share, write_outputs
@@ -104,6 +104,22 @@ def test_overlong_drop_or_truncate_in_real_tokens(data_cfg, tiny_tokenizer, tmp_
     with pytest.raises(DataError, match=r"every record's prompt alone is longer than train.max_seq_length=8 tokens "
                                         r"\(data.overlong=truncate cuts answers only\)"):
         prepare(data_cfg(path=str(path), eval_size=1, overlong="truncate"), tiny_tokenizer, 8, tmp_path / "c")
+
+
+def test_truncate_cuts_an_answer_between_characters_not_inside_one(data_cfg, tiny_tokenizer, tmp_path):
+    """Decoding the kept token ids split a character spread over byte-level tokens into U+FFFD; for
+    "é" * 500 the cut never converged and the record was dropped although its prompt fits."""
+    answers = ["é" * 500, "日本語のテキストを要約してください。" * 30, "ok 👍 " * 80]
+    rows = [{"instruction": f"Summarise note {i}", "output": a} for i, a in enumerate(answers)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    examples, _ = load_examples(str(path), data_cfg(path=str(path)))
+    clean.measure(examples, tiny_tokenizer)
+    kept, counts = clean.fit_length(examples, tiny_tokenizer, 64, "truncate")
+    assert counts["truncated_overlong"] == 3 and counts["dropped_overlong"] == 0
+    for e, answer in zip(kept, answers):
+        assert "\ufffd" not in e.reference and answer.startswith(e.reference) and len(e.reference) > 5
+        assert len(tiny_tokenizer.apply_chat_template(e.messages, return_dict=False)) == e.tokens <= 64
 
 
 def test_class_balancing(data_cfg, tiny_tokenizer, tmp_path):
@@ -220,7 +236,6 @@ def test_near_duplicates_need_a_similar_question_and_answer_not_a_shared_system_
                                                                                                     tiny_tokenizer):
     """A long system prompt on every record, or one long document that several questions are asked
     about, made distinct records Jaccard-similar as whole texts: all but one were dropped."""
-    from ftlab.data import clean
     from ftlab.data.records import Example
 
     rules = " ".join(f"rule {i} says to be brief and polite" for i in range(60))

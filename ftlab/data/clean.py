@@ -137,11 +137,16 @@ def _truncate(example: Example, tokenizer, max_tokens: int) -> bool:
         excess = example.tokens - max_tokens
         if excess <= 0:
             return True
-        ids = tokenizer(example.reference, add_special_tokens=False)["input_ids"]
-        keep = len(ids) - excess
+        offsets = tokenizer(example.reference, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        keep = len(offsets) - excess
         if keep < 1:
             return False
-        example.messages[-1] = {**example.messages[-1], "content": tokenizer.decode(ids[:keep])}
+        # Cut the text where the first dropped token starts: decoding the kept ids split a character
+        # that spans tokens (CJK, accents, emoji in byte-level BPE) into U+FFFD, and could not converge.
+        cut = example.reference[: offsets[keep][0]]
+        if not cut.strip():
+            return False
+        example.messages[-1] = {**example.messages[-1], "content": cut}
         measure([example], tokenizer)
     return example.tokens <= max_tokens
 
