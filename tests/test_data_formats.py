@@ -341,3 +341,20 @@ def test_a_csv_quote_never_closed_a_repeated_column_and_a_multi_line_row_are_nam
     multi_line = tmp_path / "multi_line.csv"
     multi_line.write_text('instruction,output\n"a question\nover three\nlines",an answer\nq2,a2\n')
     assert [e.where for e in load_examples(str(multi_line), data_cfg())[0]] == [f"{multi_line}:2", f"{multi_line}:5"]
+
+
+def test_a_repeated_key_in_a_json_array_is_that_records_fault_not_the_files(data_cfg, tmp_path):
+    """One record repeating a key failed the whole .json file, without saying where, even with
+    data.on_error=skip (JSON Lines named the line and kept the rest)."""
+    path = tmp_path / "d.json"
+    path.write_text('[\n{"instruction": "a", "output": "b"},\n{"instruction": "c", "output": "d", "output": "e"},\n'
+                    '{"instruction": "f", "output": "g", "meta": {"x": 1, "x": 2}}\n]')
+    examples, rejects = load_examples(str(path), data_cfg(on_error="skip"))
+    assert [e.reference for e in examples] == ["b"]
+    assert [(r["where"], r["kind"], r["reason"]) for r in rejects] == [
+        (f"{path}: item 1", "duplicate_key", "duplicate key 'output'"),
+        (f"{path}: item 2", "duplicate_key", "duplicate key 'x'")]
+    lines = tmp_path / "lines.json"  # JSON Lines saved as .json, the repeat on line 1
+    lines.write_text('{"instruction": "c", "output": "d", "output": "e"}\n{"instruction": "f", "output": "g"}\n')
+    examples, rejects = load_examples(str(lines), data_cfg(on_error="skip"))
+    assert [e.reference for e in examples] == ["g"] and [r["where"] for r in rejects] == [f"{lines}:1"]

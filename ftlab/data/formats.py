@@ -78,6 +78,29 @@ def _parse_json(text: str):
     return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
 
 
+class _RepeatedKey(dict):
+    """An object that repeats a key, kept in place so the record holding it, not the file, is bad."""
+
+    def __init__(self, pairs: list[tuple[str, object]], error: RecordError):
+        super().__init__(pairs)
+        self.error = error
+
+
+def _mark_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    try:
+        return _reject_duplicate_keys(pairs)
+    except RecordError as e:
+        return _RepeatedKey(pairs, e)
+
+
+def _repeated_key(value: object) -> RecordError | None:
+    """The first duplicate-key error inside a value parsed with _mark_duplicate_keys."""
+    if isinstance(value, _RepeatedKey):
+        return value.error
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((e for e in map(_repeated_key, children) if e), None)
+
+
 # Compressed text files (data.jsonl.gz, part-00000.csv.bz2, ...): read through the stdlib's streams.
 DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
@@ -163,8 +186,13 @@ def read_json(path: Path, field: str | None = None) -> Iterator[RawRecord | Reco
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}: column {e.colno})") from None
     except RecursionError:
         raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
-    except RecordError as e:
-        raise DataError(f"{path}: {e.reason}") from None
+    except RecordError:  # a duplicate key: parsed again, so only the records that repeat one are bad
+        if start == "{" and field is None:
+            yield from read_jsonl(path)  # one record (it is the bad one), or JSON Lines
+            return
+        value = json.loads(text, object_pairs_hook=_mark_duplicate_keys)
+        if isinstance(value, _RepeatedKey):
+            raise DataError(f"{path}: {value.error.reason} in the top-level object") from None
     if field is not None:
         if not isinstance(value, dict):
             raise DataError(f"data.json_field={field}: {path} holds {_json_kind(value)}, not one object; "
@@ -181,7 +209,11 @@ def read_json(path: Path, field: str | None = None) -> Iterator[RawRecord | Reco
     else:
         items, places = value, [f"{path}: item {i}" for i in range(len(value))]
     for where, item in zip(places, items):
-        yield RawRecord(where, item, json.dumps(item, ensure_ascii=False, default=str)[:RAW_KEPT])
+        raw = json.dumps(item, ensure_ascii=False, default=str)[:RAW_KEPT]
+        if error := _repeated_key(item):
+            yield RecordError(error.reason, error.kind, where, raw)
+        else:
+            yield RawRecord(where, item, raw)
 
 
 def _json_kind(value) -> str:
