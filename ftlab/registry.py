@@ -234,6 +234,9 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     dtype = models.compute_dtype(cfg.model.dtype)
     if problem := choice_problem("registry.merge_base", base_setting):
         raise RegistryError(problem)
+    if same := _registered_alike(client, name, run_id, base_setting, merge_dtype(cfg, dtype_setting)):
+        print(f"run {run_id} is already {name} version {same.version}, merged the same way: not registered again")
+        return same
     examples = held_out(run_id)
     with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
         merged = merge(run, cfg, Path(tmp) / "checkpoint", merge_dtype(cfg, dtype_setting), base_setting, examples)
@@ -306,6 +309,21 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     if merged.merged and remedies and any(v < run.data.metrics.get(k, v) - 0.02 for k, v in scores.items()):
         print(f"  the merged model scores below its run: {'; '.join(remedies)}")
     return client.get_model_version(name, version)
+
+
+def _registered_alike(client: MlflowClient, name: str, run_id: str, base_setting: str,
+                      dtype: torch.dtype) -> ModelVersion | None:
+    """The version already registered from this run with these merge settings: registering or
+    promoting a run again reuses it, so no copy pushes the real previous model out of `previous`."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    wanted = {"ftlab.merge_base": base_setting, "ftlab.merge_dtype": str(dtype).removeprefix("torch.")}
+    return next((v for v in sorted(versions, key=lambda v: -int(v.version))
+                 if v.tags.get("ftlab.source_run_id") == run_id
+                 and (v.tags.get("ftlab.full_fine_tune") == "true"
+                      or all(v.tags.get(k) == value for k, value in wanted.items()))), None)
 
 
 # --------------------------------------------------------------------------- promote / rollback
@@ -445,12 +463,18 @@ def promote(name: str, version: str | None = None, metric: str = "rouge_l", forc
 def rollback(name: str) -> ModelVersion:
     """Swap `production` and `previous`: one command undoes a promotion (and a second redoes it)."""
     client = MlflowClient()
+    _require_registered(client, name)  # a mistyped name is named, not reported as having no 'previous'
     previous, current = alias_holder(name, PREVIOUS), alias_holder(name, PRODUCTION)
     if previous is None:
         raise RegistryError(f"registered model '{name}' has no '{PREVIOUS}' alias: nothing to roll back to")
+    if current is not None and str(current.version) == str(previous.version):
+        raise RegistryError(f"'{PRODUCTION}' and '{PREVIOUS}' both hold version {current.version} of '{name}': "
+                            "nothing to roll back to")
     client.set_registered_model_alias(name, PRODUCTION, previous.version)
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS, current.version)
+    else:  # production's version was deleted: 'previous' now is production, not a second choice
+        client.delete_registered_model_alias(name, PREVIOUS)
     print(f"{name}: rolled back '{PRODUCTION}' to version {previous.version}"
           + (f" ('{PREVIOUS}' is now version {current.version})" if current else ""))
     return previous

@@ -289,3 +289,21 @@ def test_the_printed_commands_register_and_promote_a_run_of_another_experiment_a
     assert str(registry.alias_holder("support", "production").version) == "1"
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert "ftlab" not in {e.name for e in MlflowClient().search_experiments()}  # no empty 'ftlab' beside 'support'
+
+    # Registering or promoting the run again reuses its version: no copy pushes a real model out of 'previous'.
+    again = cli(register_cmd)
+    assert again.returncode == 0 and f"run {run_id} is already support version 1, merged the same way" in again.stdout
+    promote_run = cli([*register_cmd[:3], "promote", *register_cmd[4:]])
+    assert promote_run.returncode == 0 and "support version 1 already holds 'production'" in promote_run.stdout
+    client = MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions("name = 'support'")] == ["1"]
+    # Rollback: a mistyped name is named; aliases that cannot swap say so, and never end up on one version.
+    typo = cli(["python", "-m", "ftlab.registry", "rollback", "registry.model_name=suport", *register_cmd[5:]])
+    assert typo.returncode == 2 and "no registered model 'suport'" in typo.stderr and "'support'" in typo.stderr
+    client.set_registered_model_alias("support", "previous", "1")
+    with pytest.raises(registry.RegistryError, match="'production' and 'previous' both hold version 1 of 'support'"):
+        registry.rollback("support")
+    client.delete_registered_model_alias("support", "production")  # as deleting production's version does
+    registry.rollback("support")
+    assert str(registry.alias_holder("support", "production").version) == "1"
+    assert registry.alias_holder("support", "previous") is None
