@@ -358,3 +358,8 @@ def test_a_repeated_key_in_a_json_array_is_that_records_fault_not_the_files(data
     lines.write_text('{"instruction": "c", "output": "d", "output": "e"}\n{"instruction": "f", "output": "g"}\n')
     examples, rejects = load_examples(str(lines), data_cfg(on_error="skip"))
     assert [e.reference for e in examples] == ["g"] and [r["where"] for r in rejects] == [f"{lines}:1"]
+    pretty = tmp_path / "one.json"  # one pretty-printed record: that record, not one error per line
+    pretty.write_text('{\n  "instruction": "a",\n  "output": "b",\n  "output": "c"\n}\n')
+    with pytest.raises(DataError, match=rf"^1 bad record\(s\) in {re.escape(str(pretty))}:\n  {re.escape(str(pretty))}:1: "
+                                        r"duplicate key 'output'\n"):
+        load_examples(str(pretty), data_cfg())

@@ -187,11 +187,14 @@ def read_json(path: Path, field: str | None = None) -> Iterator[RawRecord | Reco
     except RecursionError:
         raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
     except RecordError:  # a duplicate key: parsed again, so only the records that repeat one are bad
-        if start == "{" and field is None:
-            yield from read_jsonl(path)  # one record (it is the bad one), or JSON Lines
-            return
-        value = json.loads(text, object_pairs_hook=_mark_duplicate_keys)
-        if isinstance(value, _RepeatedKey):
+        try:
+            value = json.loads(text, object_pairs_hook=_mark_duplicate_keys)
+        except json.JSONDecodeError as e:
+            if start == "{" and field is None:  # JSON Lines: the line reader names the line
+                yield from read_jsonl(path)
+                return
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}: column {e.colno})") from None
+        if field is not None and isinstance(value, _RepeatedKey):
             raise DataError(f"{path}: {value.error.reason} in the top-level object") from None
     if field is not None:
         if not isinstance(value, dict):
