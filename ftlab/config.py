@@ -409,7 +409,7 @@ def trial_metric(name: str) -> bool:
     return name in RUN_METRICS or name in PEAK_MEMORY_METRICS or held_out in HELD_OUT_METRICS
 
 
-def check_objective(objective: list[str], direction: list[str]) -> None:
+def check_objective(objective: list[str], direction: list[str], compare_base: bool = True) -> None:
     """sweep.objective and sweep.direction, checked as a sweep starts: a name no trial reports
     would otherwise surface only after every trial has run, with no best trial."""
     if len(objective) != len(direction):
@@ -418,6 +418,9 @@ def check_objective(objective: list[str], direction: list[str]) -> None:
         if not trial_metric(name):
             raise SweepConfigError(f"sweep.objective: {name!r} is not a metric a trial reports; use one of "
                                    f"{', '.join(HELD_OUT_METRICS + RUN_METRICS)}, or base_/gain_ with a held-out one")
+        if name.startswith(("base_", "gain_")) and not compare_base:
+            raise SweepConfigError(f"sweep.objective: {name!r} compares with the base model's scores, which "
+                                   "eval.compare_base=false leaves out; set eval.compare_base=true")
     for way in direction:
         if way not in ("maximize", "minimize"):
             raise SweepConfigError(f"sweep.direction: {way!r}: use maximize or minimize")

@@ -40,6 +40,7 @@ ENV_SWEEP_ID = "FTLAB_SWEEP_ID"
 ENV_PARENT_RUN_ID = "FTLAB_SWEEP_PARENT_RUN_ID"
 SUMMARY_FILE = "ftlab_sweep.json"
 GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+TRAINER_CHOICES = ("train.optim", "train.lr_scheduler")  # checked against transformers' lists
 # Commands that compose config.yaml but train nothing: their multirun (-m lora_r=8,16,64) runs the
 # command once per config and is no sweep.
 STAGE_COMMANDS = ("ftlab.memory", "ftlab.data")
@@ -62,7 +63,7 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
     metrics, ...}. Hydra's sweepers re-raise a job's exception and end the sweep, so a
     failure is caught here, after trial_run has recorded it, and returned as state=failed."""
     # Raised out of the trial, this stops the sweep (Hydra turns a callback's error into a warning).
-    check_objective(list(cfg.sweep.objective), list(cfg.sweep.direction))
+    check_objective(list(cfg.sweep.objective), list(cfg.sweep.direction), cfg.eval.compare_base)
     if cfg.sweep.trial_number is None:
         cfg.sweep.trial_number = HydraConfig.get().job.num
     if continues_finished_trials() and (kept := kept_trial(cfg)):
@@ -111,6 +112,7 @@ def kept_trial(cfg: DictConfig) -> dict[str, Any] | None:
     it (or skipped it over budget), so a rerun of the sweep does not train it again. Grid-like
     sweepers only (continues_finished_trials)."""
     tracking.setup(cfg.tracking_uri, cfg.experiment)
+    memory.resolve_arch(cfg)  # hashed as pipeline.run hashes it: a local checkpoint's own model.arch
     cfg_hash = tracking.config_hash(cfg)
     run = tracking.decided_trial(str(cfg.sweep.id), cfg_hash)
     if run is None:
@@ -184,6 +186,10 @@ def check_grid(config: DictConfig) -> None:
                 try:
                     check_config(trial)
                     memory.settings(trial)
+                    if override.get_key_element() in TRAINER_CHOICES:  # transformers' names (its import: ~2 s)
+                        from ftlab.train import check_trainer_choices
+
+                        check_trainer_choices(trial.train)
                 except ConfigError as e:
                     raise SweepConfigError(str(e)) from None
 
@@ -206,7 +212,7 @@ class SweepCallback(Callback):
         with exit_2_on(SweepConfigError):  # SystemExit: Hydra would turn an exception here into a warning
             check_grid(config)
         try:
-            check_objective(list(config.sweep.objective), list(config.sweep.direction))
+            check_objective(list(config.sweep.objective), list(config.sweep.direction), config.eval.compare_base)
         except SweepConfigError:
             return  # no parent run for a sweep that cannot run; its first trial stops it with the message
         tracking.setup(config.tracking_uri, config.experiment)

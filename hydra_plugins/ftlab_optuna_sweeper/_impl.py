@@ -267,7 +267,7 @@ class OptunaSweeperImpl(Sweeper):
                 raise SweepConfigError(f"hydra.sweeper.{key}={value}: must be >= 1")
         space, fixed = self.search_space(arguments)
         objective, direction = list(self.config.sweep.objective), list(self.config.sweep.direction)
-        check_objective(objective, direction)
+        check_objective(objective, direction, self.config.eval.compare_base)
         sweep_id = os.environ.get(ftlab_sweep.ENV_SWEEP_ID) or self.study_name or ftlab_sweep.sweep_id(self.config)
         storage = self.make_storage(sweep_id)
         sampler = self.make_sampler(space, len(objective), self.seed)
