@@ -115,10 +115,16 @@ def stop_on_signals():
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    found = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    return Path(found) if found else None
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a save cut
+    off (a second Ctrl-C, a kill) leaves a newer directory without it, which resuming would fail
+    on every time; the one before it is kept for this (train.save_total_limit)."""
+    steps = sorted((checkpoint_step(p), p) for p in run_dir.glob("checkpoint-*")
+                   if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()) if run_dir.is_dir() else []
+    for _, checkpoint in reversed(steps):
+        if (checkpoint / "trainer_state.json").is_file():
+            return checkpoint
+        log.warning("skipping %s: its save was cut off (no trainer_state.json)", checkpoint)
+    return None
 
 
 def checkpoint_step(checkpoint: Path) -> int:

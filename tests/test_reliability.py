@@ -55,6 +55,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     # Another config is refused, naming what differs from the run's own params.
     with pytest.raises(checkpoints.ResumeError, match=r"another config \(lr: 0.0002 then -> 0.001 now\); resume with"):
         run(make_cfg(*SHORT, "lr=1e-3", f"train.resume={trial.info.run_id}"))
+    # A newer save cut off (a second signal while saving, a kill) is passed over, not resumed from
+    # and failed on every time: the Trainer writes trainer_state.json last.
+    partial = checkpoint.with_name("checkpoint-3")
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text("{}")
     # The same config (without the fault) and train.resume=true: the same run goes on from step 2.
     metrics = run(make_cfg(*SHORT, "train.resume=true"))
     assert "rouge_l" in metrics
