@@ -1,6 +1,6 @@
 """Files and directories that appear whole or not at all: a sweep's workers share one cache
 (the converted base model, generated and prepared data), and several may build the same entry at
-once while others read it."""
+once while others read it. And the directories settings name, made before anything loads."""
 from __future__ import annotations
 
 import shutil
@@ -8,6 +8,18 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from ftlab.config import ConfigError
+
+
+def make_dir(path: str | Path, key: str) -> Path:
+    """A directory a setting names, made now: a file in the way or no permission is a one-line
+    error naming the key before anything loads, not a traceback after training."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}={path}: cannot make a directory there ({e.strerror})") from None
+    return Path(path)
 
 
 @contextmanager

@@ -326,6 +326,8 @@ def target_names(value) -> tuple[str, ...]:
         names = [str(v) for v in value]
     else:
         raise BudgetError(f"target_modules={value!r}: use all-linear or a list such as [q_proj,v_proj]")
+    if not names:  # peft would fail on it after the model loaded
+        raise BudgetError(f"target_modules={value!r} names no module: use all-linear or a list such as [q_proj,v_proj]")
     unknown = [n for n in names if n not in LINEARS]
     if unknown:
         raise BudgetError(f"target_modules: {unknown} are not Llama linears; use all-linear or some of {list(LINEARS)}")

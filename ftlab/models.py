@@ -36,7 +36,10 @@ CHATML_TEMPLATE = (
 def cache_root(cache_dir: str | None) -> Path:
     # Absolute: a run logs the checkpoint path it resolves here, and the registry reads it from anywhere.
     root = Path(cache_dir or os.environ.get("FTLAB_CACHE") or Path.home() / ".cache" / "ftlab").expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise ModelError(f"cache_dir={cache_dir or root}: cannot make a directory there ({e.strerror})") from None
     return root
 
 

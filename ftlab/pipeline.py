@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ftlab import attention, checkpoints, config, memory, tracking
+from ftlab import attention, checkpoints, config, files, memory, tracking
 
 log = logging.getLogger("ftlab")
 
@@ -36,6 +36,7 @@ def quiet_third_party_output() -> None:
 def run(cfg: DictConfig) -> dict[str, float]:
     wall_start = time.perf_counter()
     config.check(cfg)
+    files.make_dir(cfg.output_dir, "output_dir")
     memory.resolve_arch(cfg)  # priced, logged and hashed as the checkpoint is
     quiet_third_party_output()
     tracking.setup(cfg.tracking_uri, cfg.experiment)

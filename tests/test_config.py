@@ -77,7 +77,12 @@ def test_a_value_out_of_range_is_named_before_anything_loads(make_cfg, override,
 
 @pytest.mark.parametrize("override, says", [("train.sampling=bogus", "train.sampling='bogus': use one of"),
                                             ("train.resume=true", "train.resume: nothing to resume from"),
-                                            ("tracking_uri=http://127.0.0.1:9", "cannot use the MLflow tracking store")])
+                                            ("tracking_uri=http://127.0.0.1:9", "cannot use the MLflow tracking store"),
+                                            ("target_modules=[]", "target_modules=[] names no module"),
+                                            ("output_dir=/proc/ftlab-runs",
+                                             "output_dir=/proc/ftlab-runs: cannot make a directory there"),
+                                            ("cache_dir=/proc/ftlab-cache",
+                                             "cache_dir=/proc/ftlab-cache: cannot make a directory there")])
 def test_a_config_error_is_one_line_and_exit_2_from_the_command_line(tmp_path, override, says):
     proc = run_cli("model=tiny", f"tracking_uri=sqlite:///{tmp_path}/m.db", override, timeout=120)  # the last wins
     assert proc.returncode == 2, proc.stderr[-2000:]
