@@ -516,10 +516,15 @@ def over_budget_remedy(cfg: DictConfig) -> str:
         return f"auto_batch: {setting} fits" if cfg.budget.fit == "auto_batch" else \
             f"set budget.fit=auto_batch to run it as {setting}"
     one = estimate_settings(replace(settings(cfg), batch=1))
-    ways = ["lower train.max_seq_length", *(["set peft=qlora"] if cfg.peft.load_in_bits > 4 else []),
-            "choose a smaller model"]
+    # A shorter sequence shrinks activations and logits only: where the rest (weights, optimizer,
+    # context) is already over the budget, shortening cannot make it fit and is not suggested.
+    fixed = estimate_settings(replace(settings(cfg), batch=1, seq=1)).total_gb
+    budget = budget_gib(cfg)
+    ways = [*(["lower train.max_seq_length"] if budget is None or fixed <= budget else []),
+            *(["set peft=qlora"] if cfg.peft.load_in_bits > 4 else []), "choose a smaller model"]
+    said = f"{', '.join(ways[:-1])} or {ways[-1]}" if len(ways) > 1 else ways[0]
     return (f"even micro-batch 1 needs {one.total_gb:.3g} GiB, {one.terms['weights'] / GIB:.3g} GiB of it the "
-            f"weights: {', '.join(ways[:-1])} or {ways[-1]}")
+            f"weights: {said}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
