@@ -515,10 +515,11 @@ def over_budget_remedy(cfg: DictConfig) -> str:
         setting = f"train.per_device_batch_size={pair[0]} train.grad_accum={pair[1]}"
         return f"auto_batch: {setting} fits" if cfg.budget.fit == "auto_batch" else \
             f"set budget.fit=auto_batch to run it as {setting}"
-    one = estimate_settings(replace(settings(cfg), batch=1))
+    s = settings(cfg)
+    one = estimate_settings(replace(s, batch=1))
     # A shorter sequence shrinks activations and logits only: where the rest (weights, optimizer,
     # context) is already over the budget, shortening cannot make it fit and is not suggested.
-    fixed = estimate_settings(replace(settings(cfg), batch=1, seq=1)).total_gb
+    fixed = estimate_settings(replace(s, batch=1, seq=1)).total_gb
     budget = budget_gib(cfg)
     ways = [*(["lower train.max_seq_length"] if budget is None or fixed <= budget else []),
             *(["set peft=qlora"] if cfg.peft.load_in_bits > 4 else []), "choose a smaller model"]

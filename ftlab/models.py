@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from ftlab import attention, device
 from ftlab.config import ArchConfig, ModelConfig, ModelError, PeftConfig
-from ftlab.files import publishing
+from ftlab.files import make_dir, publishing
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,8 @@ CHATML_TEMPLATE = (
 
 def cache_root(cache_dir: str | None) -> Path:
     # Absolute: a run logs the checkpoint path it resolves here, and the registry reads it from anywhere.
-    root = Path(cache_dir or os.environ.get("FTLAB_CACHE") or Path.home() / ".cache" / "ftlab").expanduser().resolve()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission
-        raise ModelError(f"cache_dir={cache_dir or root}: cannot make a directory there ({e.strerror})") from None
-    return root
+    root = Path(cache_dir or os.environ.get("FTLAB_CACHE") or Path.home() / ".cache" / "ftlab").expanduser()
+    return make_dir(root, "cache_dir").resolve()
 
 
 def compute_dtype(name: str) -> torch.dtype:

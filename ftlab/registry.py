@@ -234,12 +234,13 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     dtype = models.compute_dtype(cfg.model.dtype)
     if problem := choice_problem("registry.merge_base", base_setting):
         raise RegistryError(problem)
-    if same := _registered_alike(client, name, run_id, base_setting, merge_dtype(cfg, dtype_setting)):
+    weights_dtype = merge_dtype(cfg, dtype_setting)
+    if same := _registered_alike(client, name, run_id, base_setting, weights_dtype):
         print(f"run {run_id} is already {name} version {same.version}, merged the same way: not registered again")
         return same
     examples = held_out(run_id)
     with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
-        merged = merge(run, cfg, Path(tmp) / "checkpoint", merge_dtype(cfg, dtype_setting), base_setting, examples)
+        merged = merge(run, cfg, Path(tmp) / "checkpoint", weights_dtype, base_setting, examples)
         tokenizer = models.load_tokenizer(merged.path)
         # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
         # from transformers 4's task table and fails on transformers 5.

@@ -367,10 +367,11 @@ def read_records(source: str, hf_split: str = "train", json_field: str | None = 
             return read_hf(source, hf_split)
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where the command ran)"
         raise DataError(f"data.path: {path} does not exist{where}")
-    if _reader(path) is None:
+    reader = _reader(path)
+    if reader is None:
         raise DataError(f"data.path: {path} has an unknown extension; use {KNOWN}, a directory of "
                         "such files or a datasets save_to_disk directory")
-    if _reader(path) is not read_json:
+    if reader is not read_json:
         _no_json_field(json_field, f"{path} is no .json file")
     return _read_file(path, json_field)
 
