@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
@@ -162,9 +162,8 @@ def continues_finished_trials() -> bool:
 
 def check_grid(config: DictConfig) -> None:
     """Hydra's grid sweeper answers an interval with a traceback, and an empty range with a
-    sweep of no trials that reports nothing: each is one line instead, before the parent run.
-    So is a value no trial could run with (lora_r=8,0: config.check and the estimator's
-    settings), checked one swept value at a time, instead of after the trials before it trained."""
+    sweep of no trials that reports nothing: each is one line instead, before the parent run,
+    as is a swept value no trial could run with (check_swept_values)."""
     sweeper = config.hydra.sweeper
     if sweeper.get("_target_") != GRID_SWEEPER:
         return
@@ -176,22 +175,35 @@ def check_grid(config: DictConfig) -> None:
                                    "an interval needs hydra/sweeper=optuna")
         if override.is_sweep_override() and not list(override.sweep_string_iterator()):
             raise SweepConfigError(f"{override.input_line}: no values to sweep (range(a,b) stops before b)")
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    check_swept_values(config.hydra.job.config_name, fixed, {
+        o.get_key_element(): list(o.sweep_string_iterator()) for o in overrides if o.is_sweep_override()})
+
+
+def check_swept_values(config_name: str, fixed: list[str], swept: dict[str, Sequence]) -> None:
+    """Compose each swept value alone with the fixed overrides, and check it as a run would
+    (config.check, the estimator's settings, transformers' optimizer and scheduler names): a
+    key the config lacks (lora_rr=4,8) or a value no trial could run with (lora_r=8,0) is one
+    line before the sweep starts, not a failure after the trials before it have trained."""
     from hydra import compose
+    from hydra.errors import ConfigCompositionException
 
-    fixed = [o.input_line for o in overrides if not o.is_sweep_override() and not o.get_key_element().startswith("hydra")]
-    for override in overrides:
-        if override.is_sweep_override():
-            for value in override.sweep_string_iterator():
-                trial = compose(config.hydra.job.config_name, overrides=[*fixed, f"{override.get_key_element()}={value}"])
-                try:
-                    check_config(trial)
-                    memory.settings(trial)
-                    if override.get_key_element() in TRAINER_CHOICES:  # transformers' names (its import: ~2 s)
-                        from ftlab.train import check_trainer_choices
+    fixed = [line for line in fixed if not line.lstrip("+~").startswith("hydra")]
+    for key, values in swept.items():
+        for value in values:
+            try:
+                trial = compose(config_name, overrides=[*fixed, f"{key}={value}"])
+                check_config(trial)
+                memory.settings(trial)
+                if key in TRAINER_CHOICES:  # transformers' names (its import: ~2 s)
+                    from ftlab.train import check_trainer_choices
 
-                        check_trainer_choices(trial.train)
-                except ConfigError as e:
-                    raise SweepConfigError(str(e)) from None
+                    check_trainer_choices(trial.train)
+            except ConfigCompositionException as e:  # Hydra's message, and the reason under it, on one line
+                reason = " ".join(str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None)
+                raise SweepConfigError(f"{key}={value}: {reason}") from None
+            except ConfigError as e:
+                raise SweepConfigError(str(e)) from None
 
 
 def command_line() -> str:

@@ -170,7 +170,11 @@ def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):
     (["hydra.sweeper.sampler=bogus", "lora_r=choice(4,8)"],
      "ftlab: hydra.sweeper.sampler=bogus: expected tpe, random, grid or cmaes"),
     (["hydra.sweeper.n_trials=0", "lora_r=choice(4,8)"], "ftlab: hydra.sweeper.n_trials=0: must be >= 1"),
-    (["lr=interval(1e-3,1e-5)"], "ftlab: lr=interval(1e-3,1e-5): `low <= high` must hold")])
+    (["lr=interval(1e-3,1e-5)"], "ftlab: lr=interval(1e-3,1e-5): `low <= high` must hold"),
+    # Checked before any trial: a key the config lacks, and values no trial could run with.
+    (["lora_rr=choice(4,8)"], "ftlab: lora_rr=4: Could not override 'lora_rr'. Key 'lora_rr' not in 'FtlabConfig'"),
+    (["train.optim=choice(adamw_torch,bogus)"], "ftlab: train.optim='bogus': use one of adamw_torch"),
+    (["lora_r=range(0,8,4)"], "ftlab: lora_r=0: the LoRA rank must be >= 1")])
 def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_failed(tmp_path, args, says):
     out = sweep(tmp_path, "hydra/sweeper=optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", *args,
                 check=False)
@@ -179,3 +183,30 @@ def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_fa
     [parent] = runs(tmp_path, "sweep")
     assert parent.info.status == "FAILED" and says.removeprefix("ftlab: ") in parent.data.tags["ftlab.error"]
     assert runs(tmp_path) == []  # no trial started
+
+
+def test_an_error_that_stops_the_sweep_at_a_trial_ends_its_trial_at_once(tmp_path):
+    """Not RUNNING until its heartbeat goes stale (a rerun would wait for it, then replay it)."""
+    args = optuna_args(tmp_path, "stops", "lora_r=choice(4,8)", "train.resume=true")
+    out = sweep(tmp_path, *args, check=False)
+    says = "train.resume: nothing to resume from"
+    assert out.returncode == 2 and "Traceback" not in out.stderr and says in out.stderr, out.stderr[-3000:]
+    [trial] = study(tmp_path, "stops").trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["failure_kind"] == "exception"
+    [parent] = runs(tmp_path, "sweep")
+    assert parent.info.status == "FAILED" and says in parent.data.tags["ftlab.error"]
+    sweep(tmp_path, *args[:-1], "hydra.sweeper.n_trials=1")  # mended, the same study goes on at once
+    trials = study(tmp_path, "stops").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the failed config not queued
+
+
+def test_a_queued_config_outside_a_changed_search_space_is_dropped(tmp_path):
+    """An interrupted trial's params are queued to run again; the study's next run may sweep other values."""
+    queued = optuna.create_study(study_name="changed", storage=f"sqlite:///{tmp_path}/optuna.db",
+                                 directions=["maximize"])
+    queued.enqueue_trial({"lora_r": 2}, user_attrs={"retry_of": 0})
+    out = sweep(tmp_path, *optuna_args(tmp_path, "changed", "lora_r=choice(4,8)", "hydra.sweeper.n_trials=1"))
+    trials = study(tmp_path, "changed").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert "outside the search space" in trials[0].user_attrs["dropped"] and trials[1].params["lora_r"] in (4, 8)
+    assert "trial 0: its queued params {'lora_r': 2} are outside this search space; dropped" in out.stdout + out.stderr

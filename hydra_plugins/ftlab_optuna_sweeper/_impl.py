@@ -91,6 +91,24 @@ def finite_values(dist: BaseDistribution) -> Sequence | None:
     return None
 
 
+def probe_values(dist: BaseDistribution) -> Sequence:
+    """Values checked before the study starts (ftlab.sweep.check_swept_values): every choice,
+    and the two ends of a range or interval."""
+    if isinstance(dist, CategoricalDistribution):
+        return dist.choices
+    return sorted({dist.low, dist.high})
+
+
+def in_space(params: dict[str, Any], space: dict[str, BaseDistribution]) -> bool:
+    """Whether queued params (a retry) are still a config of this search space."""
+    if set(params) != set(space):
+        return False
+    try:
+        return all(dist._contains(dist.to_internal_repr(params[name])) for name, dist in space.items())
+    except ValueError:  # a choice the space no longer has
+        return False
+
+
 def grid_values(name: str, dist: BaseDistribution) -> list:
     if (values := finite_values(dist)) is None:
         raise SweepConfigError(f"hydra.sweeper.sampler=grid: {name} is an interval; give it as choice(...), range(...) "
@@ -252,8 +270,8 @@ class OptunaSweeperImpl(Sweeper):
         with exit_2_on(SweepConfigError):  # a search space, sampler or storage that cannot work: one line
             try:
                 return self.run_study(arguments)
-            except SweepConfigError as e:
-                ftlab_sweep.end_sweep(self.config, e, "FAILED")  # Hydra skips on_multirun_end after an error
+            except Exception as e:  # Hydra skips on_multirun_end after an error: end the parent run here
+                ftlab_sweep.end_sweep(self.config, e, "FAILED")
                 raise
 
     def run_study(self, arguments: List[str]) -> optuna.Study:
@@ -268,6 +286,8 @@ class OptunaSweeperImpl(Sweeper):
         space, fixed = self.search_space(arguments)
         objective, direction = list(self.config.sweep.objective), list(self.config.sweep.direction)
         check_objective(objective, direction, self.config.eval.compare_base)
+        ftlab_sweep.check_swept_values(self.config.hydra.job.config_name, fixed,
+                                       {name: probe_values(dist) for name, dist in space.items()})
         sweep_id = os.environ.get(ftlab_sweep.ENV_SWEEP_ID) or self.study_name or ftlab_sweep.sweep_id(self.config)
         storage = self.make_storage(sweep_id)
         sampler = self.make_sampler(space, len(objective), self.seed)
@@ -278,6 +298,7 @@ class OptunaSweeperImpl(Sweeper):
             # ask first for the configs the study's first trials already ran. Go on with a seed of its own.
             sampler = study.sampler = self.make_sampler(space, len(objective), self.seed + len(study.trials))
         log.info("Optuna study %s: %d trials wanted, %d in storage", sweep_id, self.n_trials, len(study.trials))
+        self.drop_queued_outside(study, storage, space)
         # What every trial shares (config files, fixed overrides, the data file's content): a trial repeats
         # an earlier one only when this and its params match (reuse_earlier_outcome).
         base = "ftlab.config_hash=" + tracking.config_hash(
@@ -289,7 +310,7 @@ class OptunaSweeperImpl(Sweeper):
             trials = study.get_trials(deepcopy=False)
             done = decided(trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
-            failed = sum(t.state == TrialState.FAIL for t in trials)
+            failed = sum(t.state == TrialState.FAIL and "dropped" not in t.user_attrs for t in trials)
             if done >= self.n_trials:
                 break
             if size is not None and decided(trials, base) >= size:
@@ -322,16 +343,20 @@ class OptunaSweeperImpl(Sweeper):
                 continue
             oom = oom_override(study)  # one storage query per batch, not per trial
             overrides = [[*fixed, *params[t.number], f"sweep.trial_number={t.number}", *oom] for t in batch]
-            self.validate_batch_is_legal(overrides)
             try:
+                self.validate_batch_is_legal(overrides)
                 with self.heartbeats(storage, [t._trial_id for t in batch + twins]):
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: ftlab's entry point reports it and exits
+            except BaseException as e:
+                # Ctrl-C or SIGTERM (ftlab's entry point reports it and exits), or an error that stops the
+                # sweep (SystemExit from a trial's config or data error): the trials end FAIL now, not RUNNING
+                # until their heartbeat goes stale. Only an interrupted config is queued to run again.
+                interrupted = isinstance(e, KeyboardInterrupt)
                 for trial in batch + twins:
-                    trial.set_user_attr("failure_kind", "interrupted")
-                    trial.set_user_attr("error", str(e)[:2000])
+                    trial.set_user_attr("failure_kind", "interrupted" if interrupted else "exception")
+                    trial.set_user_attr("error", (str(e) or type(e).__name__)[:2000])
                     tell(study, trial, state=TrialState.FAIL)
-                    if trial in batch:  # a twin's config is queued with the trial that ran it
+                    if interrupted and trial in batch:  # a twin's config is queued with the trial that ran it
                         retry(study, study.get_trials(deepcopy=False)[trial.number])
                 raise
             self.job_idx += len(returns)
@@ -351,6 +376,20 @@ class OptunaSweeperImpl(Sweeper):
 
         self.write_results(study, objective)
         return study
+
+    def drop_queued_outside(self, study: optuna.Study, storage: optuna.storages.RDBStorage,
+                            space: dict[str, BaseDistribution]) -> None:
+        """A config queued to run again (retry) by an earlier run of the study whose search space has
+        since changed cannot be asked from this one: end it FAIL, marked dropped (no failure counted)."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if not in_space(t.params or t.system_attrs.get("fixed_params", {}), space):
+                storage.set_trial_user_attr(t._trial_id, "dropped", "outside the search space of a later run")
+                try:
+                    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # another worker took it first
+                log.warning("trial %d: its queued params %s are outside this search space; dropped", t.number,
+                            t.system_attrs.get("fixed_params"))
 
     def claim(self, study: optuna.Study, asked: list[optuna.Trial]) -> list[optuna.Trial]:
         """Workers asking at the same moment could start more than n_trials: keep the
