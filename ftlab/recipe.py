@@ -122,13 +122,26 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     if base_scores:
         metrics.update({f"base_{k}": v for k, v in base_scores.items()})
         metrics.update({f"gain_{k}": scores.metrics[k] - base_scores[k] for k in scores.metrics if k in base_scores})
-    mlflow.log_metrics(metrics)
+    _log_final_metrics(metrics, active.info.run_id, out_dir, result.saved_dir)
     mlflow.set_tag("ftlab.peak_memory_kind", result.peak_memory_kind)
     tracking.log_samples(tracking.samples_table(data.held_out, scores.predictions, cfg.eval.samples_to_log),
                          "samples/generations.json")
     if result.saved_dir is not None:
         mlflow.log_artifacts(str(result.saved_dir), result.saved_dir.name)
     return metrics
+
+
+def _log_final_metrics(metrics: dict, run_id: str, out_dir: Path, saved_dir: Path | None) -> None:
+    """The run's scores, which took minutes to compute, survive a tracking store that is down as
+    training ends: retried as step metrics are, then written to the run's output dir, and the run
+    fails with where they and the adapter are."""
+    final = tracking.BufferedMetrics(run_id, out_dir / "unlogged_metrics.jsonl")
+    final.log(metrics, step=0)
+    if not final.close():
+        scores = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("rouge_l", "bertscore_f1", "eval_loss") if k in metrics)
+        kept = f"; the trained weights are in {saved_dir}" if saved_dir is not None else ""
+        raise tracking.TrackingError(f"tracking store unreachable at the end of run {run_id}: its metrics ({scores}) "
+                                     f"were written to {final.spill_path}{kept}")
 
 
 def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] | None:

@@ -192,7 +192,10 @@ def trial_run(run_name: str, tags: dict, run_id: str | None = None):
         except BaseException as e:
             interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
             _record_failure(e, "killed" if interrupted else "failed")
-            mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+            try:
+                mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+            except Exception:  # the store may be what failed: the run stays RUNNING there, the error is raised
+                pass
             raise
         mlflow.set_tag("ftlab.state", "finished")
 
@@ -325,6 +328,7 @@ class BufferedMetrics:
     # of a tiny trial's training, a tenth of a 0.1 s GPU step. Batched, a live loss curve lags
     # by at most this much.
     EVERY_S = 5.0
+    CLOSE_ATTEMPTS = 4  # with backoff 1+2+4 s between them: a tracking server restart is waited for
 
     def __init__(self, run_id: str, spill_path: Path, max_buffered: int = 100_000, max_backoff_s: float = 60.0):
         self.run_id, self.spill_path = run_id, Path(spill_path)
@@ -362,15 +366,19 @@ class BufferedMetrics:
             self.failures, self.next_try = 0, time.monotonic() + self.EVERY_S
         return True
 
-    def close(self, attempts: int = 4) -> None:
+    def close(self, attempts: int | None = None) -> bool:
+        """Send what is left; False when the store stayed unreachable and it went to the spill file."""
+        attempts = attempts or self.CLOSE_ATTEMPTS
         for attempt in range(attempts):
             if self.flush():
-                return
-            time.sleep(min(self.max_backoff_s, 2.0 ** attempt))
+                return True
+            if attempt + 1 < attempts:
+                time.sleep(min(self.max_backoff_s, 2.0 ** attempt))
         self._spill(list(self.pending))
         self.pending.clear()
-        log.error("TRACKING STORE UNREACHABLE: step metrics that could not be logged to run %s were written "
+        log.error("TRACKING STORE UNREACHABLE: metrics that could not be logged to run %s were written "
                   "to %s (one MLflow Metric per line: key, value, timestamp, step)", self.run_id, self.spill_path)
+        return False
 
     def _spill(self, metrics: list) -> None:
         self.spill_path.parent.mkdir(parents=True, exist_ok=True)

@@ -121,9 +121,27 @@ def test_step_metrics_survive_a_tracking_server_outage(make_cfg, tmp_path, monke
         relay.close()
         buffered = tracking.BufferedMetrics(trial.info.run_id, out_dir / "unlogged_metrics.jsonl")
         buffered.log({"train_loss": 1.5}, step=7)
-        buffered.close(attempts=1)
+        assert buffered.close(attempts=1) is False
         [line] = (out_dir / "unlogged_metrics.jsonl").read_text().splitlines()
         assert json.loads(line) | {"timestamp": 0} == {"key": "train_loss", "value": 1.5, "step": 7, "timestamp": 0}
+
+
+def test_scores_survive_a_tracking_server_that_is_down_when_training_ends(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking.BufferedMetrics, "CLOSE_ATTEMPTS", 1)
+    with MlflowServer(tmp_path / "server") as server:
+        relay = TcpRelay(server.port).open()
+        uri = f"http://127.0.0.1:{relay.port}"
+        outage = f"{{_target_: tests.faults.TrackingOutage, relay_port: {relay.port}, stop_at: 2, restart_at: 99}}"
+        with pytest.raises(tracking.TrackingError, match="tracking store unreachable at the end of run") as e:
+            run(make_cfg(*SHORT, "train.max_steps=2", f"tracking_uri={uri}", f"train.callbacks=[{outage}]"))
+        relay.open()
+        [trial] = _trials(uri)
+        out_dir = tmp_path / "runs" / trial.info.run_id
+        spilled = {m["key"]: m["value"] for m in map(json.loads, (out_dir / "unlogged_metrics.jsonl").read_text().splitlines())}
+        assert {"rouge_l", "eval_loss", "trained_tokens"} <= spilled.keys()  # minutes of scoring not lost
+        assert f"rouge_l={spilled['rouge_l']:.4g}" in str(e.value) and str(out_dir / "unlogged_metrics.jsonl") in str(e.value)
+        assert (out_dir / "adapter" / "adapter_model.safetensors").exists() and str(out_dir / "adapter") in str(e.value)
+        assert mlflow.active_run() is None  # a sweep's next trial starts a run of its own
 
 
 def test_pickle_only_checkpoint_is_refused_unless_allowed(make_cfg, tmp_path):
