@@ -5,14 +5,17 @@ real-token throughput, and the adapter saved as safetensors.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import gc
+import json
 import logging
 import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +175,8 @@ def completion_only_trainer_class():
     from trl import SFTTrainer
 
     class CompletionOnlySFTTrainer(SFTTrainer):
+        ftlab_before = RunTotals()  # of the checkpoint a resumed run continues from (train())
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if model.training else "eval"
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -196,7 +201,37 @@ def completion_only_trainer_class():
                     self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return (loss, None) if return_outputs else loss
 
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            # The Trainer's checkpoint does not hold the loss summed so far or TRL's token count: a resumed
+            # run would report those of its resumed steps only (RunTotals).
+            loss_sum = self.ftlab_before.loss_sum + self._total_loss_scalar + float(self._tr_loss.item())
+            totals = RunTotals(self.state.global_step, loss_sum, self._total_train_tokens)
+            (Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / RunTotals.FILE).write_text(
+                json.dumps(dataclasses.asdict(totals)))
+
     return CompletionOnlySFTTrainer
+
+
+@dataclass
+class RunTotals:
+    """What a run trained up to a checkpoint, saved in it: a resumed run's train_loss_final is its
+    mean loss over all its steps and trained_tokens its total, as if it had not been interrupted."""
+
+    FILE: ClassVar[str] = "ftlab_totals.json"
+    step: int = 0
+    loss_sum: float = 0.0  # of the per-step losses, as the Trainer sums them for its training_loss
+    tokens: int = 0
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path | None) -> "RunTotals":
+        if checkpoint is None:
+            return cls()
+        if not (path := Path(checkpoint) / cls.FILE).exists():
+            log.warning("%s has no %s (saved by an older ftlab): train_loss_final and trained_tokens will count the "
+                        "resumed steps only", checkpoint, cls.FILE)
+            return cls()
+        return cls(**json.loads(path.read_text()))
 
 
 class MemoryCapExceeded(MemoryError):
@@ -392,6 +427,8 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(quiet_progress_callback())
+    before = RunTotals.of_checkpoint(resume_from)
+    trainer.ftlab_before, trainer._total_train_tokens = before, before.tokens
     with stop_on_signals() as stopper, PeakMemory() as peak:
         trainer.add_callback(stopper.callback())  # last, so a signal sent by an earlier callback stops this step
         start = time.perf_counter()
@@ -407,6 +444,8 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     with many_row_4bit(model):
         eval_loss = trainer.evaluate()["eval_loss"]
     tokens = _trained_tokens(trainer)
+    steps = trainer.state.global_step
+    train_loss = (output.training_loss * (steps - before.step) + before.loss_sum) / max(steps, 1)
     saved_dir = None
     if cfg.save_adapter:
         saved_dir = out_dir / trained_artifact(full_fine_tune=not hasattr(trainer.model, "peft_config"))
@@ -414,14 +453,14 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
         tokenizer.save_pretrained(saved_dir)
     return TrainResult(
         saved_dir=saved_dir,
-        train_loss=output.training_loss,
+        train_loss=train_loss,
         eval_loss=eval_loss,
         train_seconds=seconds,
         trained_tokens=tokens,
-        tokens_per_second=tokens / seconds if seconds else 0.0,
+        tokens_per_second=(tokens - before.tokens) / seconds if seconds else 0.0,
         peak_memory_mb=peak.peak_mb,
         peak_memory_kind=peak.kind,
-        steps=trainer.state.global_step,
+        steps=steps,
         log_history=list(trainer.state.log_history),
     )
 

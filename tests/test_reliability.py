@@ -71,6 +71,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     assert _steps(uri, trial.info.run_id) == [1, 2, 3, 4]  # one loss curve, continued after step 2
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == 2  # the checkpoint was not overwritten: training went on after it
+    # Its totals are the whole run's, not those of the steps after the resume.
+    whole = run(make_cfg(*SHORT))
+    assert resumed.data.metrics["trained_tokens"] == whole["trained_tokens"]
+    assert resumed.data.metrics["train_loss_final"] == pytest.approx(whole["train_loss_final"], rel=1e-5)
 
 
 def test_max_hours_stops_training_after_the_step_that_crosses_it_and_the_trial_still_scores(make_cfg, tmp_path):
