@@ -120,6 +120,19 @@ def test_many_errors_list_the_first_few_and_the_total(data_cfg, tmp_path):
     assert f"{path}:6: " in message and f"{path}:7: " not in message and "... and 7 more" in message
 
 
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_every_record_failing_the_same_way_is_one_message(data_cfg, tmp_path, on_error):
+    """A label field or format the file does not have: the setting is wrong, not 50 records."""
+    path = tmp_path / "reply.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q {i}", "reply": f"a {i}"}) + "\n" for i in range(50)))
+    with pytest.raises(DataError) as raised:
+        load_examples(str(path), data_cfg(path=str(path), on_error=on_error))
+    message = str(raised.value)
+    assert message.startswith(f"{path}: all 50 records are unusable for the same reason (the first at {path}:1): "
+                              "cannot tell the format from its fields ['instruction', 'reply']"), message
+    assert "\n" not in message
+
+
 def test_the_10mb_line_is_dropped_as_overlong_and_empty_file_is_named(data_cfg, tiny_tokenizer, tmp_path):
     path = write_case(tmp_path, CASES["a 10 MB line"][0])
     data = prepare(data_cfg(path=str(path), eval_size=1, dedupe=False), tiny_tokenizer, 256, tmp_path / "c")

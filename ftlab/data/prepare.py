@@ -93,6 +93,10 @@ def load_examples(source: str, cfg: DataConfig) -> tuple[list[Example], list[dic
                 e.where, e.raw = item.where, item.raw
                 item = e
         rejects.append(item.as_reject())
+    # Every record failing the same way: a setting (data.format, data.fields, data.label_field) is wrong, not the data.
+    if not examples and len(rejects) > 1 and len({r["reason"] for r in rejects}) == 1:
+        raise DataError(f"{source}: all {len(rejects)} records are unusable for the same reason (the first at "
+                        f"{rejects[0]['where']}): {rejects[0]['reason']}")
     if rejects and cfg.on_error != "skip":
         shown = "\n".join(f"  {r['where']}: {r['reason']}" for r in rejects[:ERRORS_SHOWN])
         more = f"\n  ... and {len(rejects) - ERRORS_SHOWN} more" if len(rejects) > ERRORS_SHOWN else ""
@@ -100,7 +104,8 @@ def load_examples(source: str, cfg: DataConfig) -> tuple[list[Example], list[dic
                         "Fix them, or set data.on_error=skip to drop them (each is written to a rejects file "
                         "with its reason).")
     if not examples:
-        raise DataError(f"{source}: no usable records ({len(rejects)} rejected)")
+        first = f"; the first: {rejects[0]['where']}: {rejects[0]['reason']}" if rejects else ""
+        raise DataError(f"{source}: no usable records ({len(rejects)} rejected{first})")
     return examples, rejects
 
 
