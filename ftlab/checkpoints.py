@@ -63,6 +63,20 @@ def exit_on_interrupt():
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def resumable_after_training(checkpoint: Path | None, step: int):
+    """An interrupt once training has finished (evaluating, scoring, logging) says how to continue:
+    from the checkpoint of its last step, which trains nothing again."""
+    try:
+        yield
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt as e:
+        name = getattr(e, "signal_name", "SIGINT")
+        raise TrainingInterrupted(f"interrupted by {name} after training finished, before the run was scored and "
+                                  f"logged; checkpoint of its last step: {checkpoint}", name, checkpoint, step) from None
+
+
 class ResumeError(ConfigError):
     """train.resume was asked for but there is nothing (of this config) to resume from."""
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -104,6 +105,14 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
         note = f"stopped at step {time_cap.stopped_at_step} by budget.max_hours={cfg.budget.max_hours:g}"
         mlflow.set_tag("ftlab.stopped_early", note)
         log.warning("%s; scoring what it trained", note)
+    with checkpoints.resumable_after_training(checkpoints.last_checkpoint(out_dir), result.steps):
+        metrics = _score_and_log(cfg, model, tokenizer, data, dtype, active, base_scores, wall_start, result, out_dir)
+    if result.end_checkpoint is not None:  # the run is logged: nothing is left to resume
+        shutil.rmtree(result.end_checkpoint, ignore_errors=True)
+    return metrics
+
+
+def _score_and_log(cfg, model, tokenizer, data, dtype, active, base_scores, wall_start, result, out_dir) -> dict:
     eval_start = time.perf_counter()
     scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype,
                            desc="evaluate adapter" if cfg.peft.method != "full" else "evaluate fine-tuned model")

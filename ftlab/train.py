@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ftlab.checkpoints import TrainingInterrupted, last_checkpoint, stop_on_signals
+from ftlab.checkpoints import TrainingInterrupted, last_checkpoint, resumable_after_training, stop_on_signals
 from ftlab.config import ConfigError, TrainConfig
 from ftlab.data import PreparedData
 from ftlab.models import many_row_4bit, unpack_cpu_4bit
@@ -176,6 +176,7 @@ def completion_only_trainer_class():
 
     class CompletionOnlySFTTrainer(SFTTrainer):
         ftlab_before = RunTotals()  # of the checkpoint a resumed run continues from (train())
+        ftlab_start = 0.0  # time.perf_counter() as this process's training started
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if model.training else "eval"
@@ -206,7 +207,8 @@ def completion_only_trainer_class():
             # The Trainer's checkpoint does not hold the loss summed so far or TRL's token count: a resumed
             # run would report those of its resumed steps only (RunTotals).
             loss_sum = self.ftlab_before.loss_sum + self._total_loss_scalar + float(self._tr_loss.item())
-            totals = RunTotals(self.state.global_step, loss_sum, self._total_train_tokens)
+            seconds = self.ftlab_before.seconds + time.perf_counter() - self.ftlab_start
+            totals = RunTotals(self.state.global_step, loss_sum, self._total_train_tokens, seconds)
             (Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / RunTotals.FILE).write_text(
                 json.dumps(dataclasses.asdict(totals)))
 
@@ -215,21 +217,23 @@ def completion_only_trainer_class():
 
 @dataclass
 class RunTotals:
-    """What a run trained up to a checkpoint, saved in it: a resumed run's train_loss_final is its
-    mean loss over all its steps and trained_tokens its total, as if it had not been interrupted."""
+    """What a run trained up to a checkpoint, saved in it: a resumed run reports its mean loss over
+    all its steps, its tokens, training time and tokens/s in total, as if it had not been interrupted."""
 
     FILE: ClassVar[str] = "ftlab_totals.json"
     step: int = 0
     loss_sum: float = 0.0  # of the per-step losses, as the Trainer sums them for its training_loss
     tokens: int = 0
+    seconds: float = 0.0  # training time, over every process that trained the run
+    end_of_training: bool = False  # saved after the last step by _save_end_of_training
 
     @classmethod
     def of_checkpoint(cls, checkpoint: Path | None) -> "RunTotals":
         if checkpoint is None:
             return cls()
         if not (path := Path(checkpoint) / cls.FILE).exists():
-            log.warning("%s has no %s (saved by an older ftlab): train_loss_final and trained_tokens will count the "
-                        "resumed steps only", checkpoint, cls.FILE)
+            log.warning("%s has no %s (saved by an older ftlab): train_loss_final, trained_tokens and train_seconds "
+                        "will count the resumed steps only", checkpoint, cls.FILE)
             return cls()
         return cls(**json.loads(path.read_text()))
 
@@ -330,6 +334,7 @@ class TrainResult:
     peak_memory_kind: str
     steps: int
     log_history: list[dict] = field(default_factory=list)
+    end_checkpoint: Path | None = None  # to remove once the run is logged (_save_end_of_training)
 
 
 def sft_config(cfg: TrainConfig, lr: float, seed: int, out_dir: Path, dtype: torch.dtype):
@@ -431,38 +436,64 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     trainer.ftlab_before, trainer._total_train_tokens = before, before.tokens
     with stop_on_signals() as stopper, PeakMemory() as peak:
         trainer.add_callback(stopper.callback())  # last, so a signal sent by an earlier callback stops this step
-        start = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        seconds = time.perf_counter() - start
-    if stopper.signal_name is not None:
-        step, checkpoint = trainer.state.global_step, last_checkpoint(out_dir)
-        # A signal after the last step's end finds no step left to checkpoint; say what is on disk.
-        saved = (f"checkpoint saved in {checkpoint}" if checkpoint and checkpoint.name == f"checkpoint-{step}"
-                 else f"no checkpoint of step {step} (newest on disk: {checkpoint})")
-        raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {step}; {saved}", stopper.signal_name,
-                                  checkpoint, step)
-    with many_row_4bit(model):
-        eval_loss = trainer.evaluate()["eval_loss"]
+        start = trainer.ftlab_start = time.perf_counter()
+        if before.end_of_training:  # trained to its last step: the Trainer, resumed there, would train one more
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+            training_loss = 0.0
+        else:
+            training_loss = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+        seconds = before.seconds + time.perf_counter() - start
     tokens = _trained_tokens(trainer)
     steps = trainer.state.global_step
-    train_loss = (output.training_loss * (steps - before.step) + before.loss_sum) / max(steps, 1)
-    saved_dir = None
-    if cfg.save_adapter:
-        saved_dir = out_dir / trained_artifact(full_fine_tune=not hasattr(trainer.model, "peft_config"))
-        trainer.model.save_pretrained(saved_dir, safe_serialization=True)
-        tokenizer.save_pretrained(saved_dir)
+    train_loss = (training_loss * (steps - before.step) + before.loss_sum) / max(steps, 1)
+    totals = RunTotals(steps, train_loss * steps, tokens, seconds, end_of_training=True)
+    end_checkpoint = _save_end_of_training(trainer, totals, resume_from)
+    if stopper.signal_name is not None:
+        raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {steps}; checkpoint saved in "
+                                  f"{last_checkpoint(out_dir)}", stopper.signal_name, last_checkpoint(out_dir), steps)
+    with resumable_after_training(last_checkpoint(out_dir), steps):
+        with many_row_4bit(model):
+            eval_loss = trainer.evaluate()["eval_loss"]
+        saved_dir = None
+        if cfg.save_adapter:
+            saved_dir = out_dir / trained_artifact(full_fine_tune=not hasattr(trainer.model, "peft_config"))
+            trainer.model.save_pretrained(saved_dir, safe_serialization=True)
+            tokenizer.save_pretrained(saved_dir)
     return TrainResult(
         saved_dir=saved_dir,
         train_loss=train_loss,
         eval_loss=eval_loss,
         train_seconds=seconds,
         trained_tokens=tokens,
-        tokens_per_second=(tokens - before.tokens) / seconds if seconds else 0.0,
+        tokens_per_second=tokens / seconds if seconds else 0.0,
         peak_memory_mb=peak.peak_mb,
         peak_memory_kind=peak.kind,
         steps=steps,
         log_history=list(trainer.state.log_history),
+        end_checkpoint=end_checkpoint,
     )
+
+
+def _save_end_of_training(trainer, totals: "RunTotals", resumed_from: Path | None) -> Path | None:
+    """A checkpoint of the last step, unless the Trainer saved one there: an interrupt or a crash
+    while the run is evaluated and scored (minutes on a real model) resumes from it without
+    training again. Returns it, as the checkpoint to remove once the run is logged (None: keep what
+    is there, a train.save_steps checkpoint)."""
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{totals.step}"
+    if (checkpoint / "trainer_state.json").is_file():
+        resumed_end = resumed_from is not None and Path(resumed_from) == checkpoint and \
+            RunTotals.of_checkpoint(checkpoint).end_of_training
+        return checkpoint if resumed_end else None
+    limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None  # rotates out no kept checkpoint
+    try:
+        trainer._save_checkpoint(trainer.model, None)
+    finally:
+        trainer.args.save_total_limit = limit
+    (checkpoint / RunTotals.FILE).write_text(json.dumps(dataclasses.asdict(totals)))  # the Trainer's sums are final
+    return checkpoint
 
 
 def _trained_tokens(trainer) -> int:

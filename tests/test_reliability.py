@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ftlab import checkpoints, models, tracking
+from ftlab import checkpoints, models, scoring, tracking
 from ftlab.pipeline import run
 from tests.conftest import ROOT, TINY, run_cli, store_overrides
 from tests.faults import MlflowServer, TcpRelay, free_port
@@ -218,3 +218,35 @@ def test_step_metrics_are_sent_in_batches_and_all_arrive(tmp_path):
         buffered.log({"train_loss": 0.4}, step=5)
         buffered.close()
     assert _steps(uri, active.info.run_id) == [1, 2, 3, 4, 5]
+
+
+def test_an_interrupt_while_scoring_resumes_from_the_last_step_without_training_again(make_cfg, tmp_path,
+                                                                                      monkeypatch):
+    score = scoring.score
+
+    def interrupted_adapter_scoring(*args, desc="", **kwargs):  # SIGTERM, as exit_on_interrupt raises it
+        if desc == "evaluate adapter":
+            raise checkpoints.Interrupted("interrupted by SIGTERM", "SIGTERM")
+        return score(*args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(scoring, "score", interrupted_adapter_scoring)
+    with pytest.raises(checkpoints.TrainingInterrupted) as e:
+        run(make_cfg(*SHORT))
+    monkeypatch.undo()
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    [trial] = _trials(uri)
+    checkpoint = tmp_path / "runs" / trial.info.run_id / "checkpoint-4"
+    assert str(e.value) == ("interrupted by SIGTERM after training finished, before the run was scored and logged; "
+                            f"checkpoint of its last step: {checkpoint}; continue with the same command plus "
+                            "train.resume=true")
+    assert trial.info.status == "KILLED" and (checkpoint / "trainer_state.json").exists()
+
+    metrics = run(make_cfg(*SHORT, "train.resume=true"))
+    [resumed] = _trials(uri)
+    assert resumed.info.run_id == trial.info.run_id and resumed.info.status == "FINISHED"
+    assert _steps(uri, trial.info.run_id) == [1, 2, 3, 4]  # nothing trained again
+    assert not checkpoint.exists()  # logged: nothing left to resume, no disk kept for it
+    whole = run(make_cfg(*SHORT))
+    assert not list((tmp_path / "runs" / _trials(uri)[0].info.run_id).glob("checkpoint-*"))
+    for key in ("trained_tokens", "train_loss_final", "eval_loss", "rouge_l"):
+        assert metrics[key] == pytest.approx(whole[key], rel=1e-5), key
