@@ -61,6 +61,7 @@ baselines), used as reference figures in tests/test_memory.py.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -222,6 +223,12 @@ ARCH_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "n
 
 def _gguf_config(path: Path) -> dict:
     """A GGUF file's architecture numbers under config.json's names (its metadata, no weights read)."""
+    stat = path.stat()
+    return dict(_read_gguf_config(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)  # parsing takes 1-3 s: once per file (and version of it) a process, not per call
+def _read_gguf_config(path: str, mtime_ns: int, size: int) -> dict:
     from gguf import GGUFReader
 
     try:

@@ -15,6 +15,7 @@ from ftlab import device
 from ftlab.config import ConfigError
 from ftlab.memory import (GIB, BudgetError, OverBudget, check_budget, estimate, eval_batch_tokens, fit_batch,
                           over_budget_remedy, resolve_arch, resolve_checkpointing, settings)
+from ftlab.memory import _read_gguf_config  # its cache
 from ftlab.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,7 +353,11 @@ def test_a_local_gguf_file_is_priced_by_its_metadata(make_cfg, tmp_path):
     resolve_arch(cfg)
     assert cfg.model.arch == make_cfg("model=llama31_8b", tiny=False).model.arch
     assert cfg.model.name == "Meta-Llama-3.1-8B-Instruct-Q4_K_M"
-    path.write_bytes(b"GGUF but not really")
+    hits = _read_gguf_config.cache_info().hits
+    again = make_cfg(f"model.name_or_path={path}", tiny=False)  # a sweep's next trial: not parsed again (1-3 s)
+    resolve_arch(again)
+    assert again.model.arch == cfg.model.arch and _read_gguf_config.cache_info().hits == hits + 1
+    path.write_bytes(b"GGUF but not really")  # an edited file is read again
     with pytest.raises(ConfigError, match=rf"model.name_or_path: {path} is not a readable GGUF file"):
         resolve_arch(make_cfg(f"model.name_or_path={path}", tiny=False))
 
