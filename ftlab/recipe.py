@@ -105,8 +105,14 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
         note = f"stopped at step {time_cap.stopped_at_step} by budget.max_hours={cfg.budget.max_hours:g}"
         mlflow.set_tag("ftlab.stopped_early", note)
         log.warning("%s; scoring what it trained", note)
-    with checkpoints.resumable_after_training(checkpoints.last_checkpoint(out_dir), result.steps):
-        metrics = _score_and_log(cfg, model, tokenizer, data, dtype, active, base_scores, wall_start, result, out_dir)
+    try:
+        with checkpoints.resumable_after_training(checkpoints.last_checkpoint(out_dir), result.steps):
+            metrics = _score_and_log(cfg, model, tokenizer, data, dtype, active, base_scores, wall_start, result,
+                                     out_dir)
+    except Exception:  # train.resume=true takes a failed run; a sweep continues only its interrupted trials
+        if cfg.sweep.id is not None and result.end_checkpoint is not None:
+            shutil.rmtree(result.end_checkpoint, ignore_errors=True)
+        raise
     if result.end_checkpoint is not None:  # the run is logged: nothing is left to resume
         shutil.rmtree(result.end_checkpoint, ignore_errors=True)
     return metrics

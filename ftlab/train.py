@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 import math
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,12 +43,16 @@ class PeakMemory:
             self.reset_ok = _reset_peak_rss()
         return self
 
-    def __exit__(self, *exc):
+    def so_far_mb(self) -> float:
         if self.cuda:
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            return torch.cuda.max_memory_allocated() / 2**20
+        return max(0, _proc_status_kb("VmHWM") - self.start_rss) / 1024
+
+    def __exit__(self, *exc):
+        self.peak_mb = self.so_far_mb()
+        if self.cuda:
             self.kind = "cuda_max_allocated"
         else:
-            self.peak_mb = max(0, _proc_status_kb("VmHWM") - self.start_rss) / 1024
             self.kind = "cpu_peak_rss_delta" if self.reset_ok else "cpu_peak_rss_delta_since_start"
         return False
 
@@ -177,6 +182,7 @@ def completion_only_trainer_class():
     class CompletionOnlySFTTrainer(SFTTrainer):
         ftlab_before = RunTotals()  # of the checkpoint a resumed run continues from (train())
         ftlab_start = 0.0  # time.perf_counter() as this process's training started
+        ftlab_peak: PeakMemory | None = None  # measuring this process's training
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if model.training else "eval"
@@ -208,7 +214,8 @@ def completion_only_trainer_class():
             # run would report those of its resumed steps only (RunTotals).
             loss_sum = self.ftlab_before.loss_sum + self._total_loss_scalar + float(self._tr_loss.item())
             seconds = self.ftlab_before.seconds + time.perf_counter() - self.ftlab_start
-            totals = RunTotals(self.state.global_step, loss_sum, self._total_train_tokens, seconds)
+            peak_mb = max(self.ftlab_before.peak_mb, self.ftlab_peak.so_far_mb() if self.ftlab_peak else 0.0)
+            totals = RunTotals(self.state.global_step, loss_sum, self._total_train_tokens, seconds, peak_mb)
             (Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / RunTotals.FILE).write_text(
                 json.dumps(dataclasses.asdict(totals)))
 
@@ -225,13 +232,17 @@ class RunTotals:
     loss_sum: float = 0.0  # of the per-step losses, as the Trainer sums them for its training_loss
     tokens: int = 0
     seconds: float = 0.0  # training time, over every process that trained the run
-    end_of_training: bool = False  # saved after the last step by _save_end_of_training
+    peak_mb: float = 0.0  # the highest peak memory of those processes' training
+    end_of_training: bool = False  # training ended at this step: resumed here, nothing is trained again
+    transient: bool = False  # saved only for scoring to resume from (_save_end_of_training)
 
     @classmethod
-    def of_checkpoint(cls, checkpoint: Path | None) -> "RunTotals":
+    def of_checkpoint(cls, checkpoint: Path | None, warn: bool = True) -> "RunTotals":
         if checkpoint is None:
             return cls()
         if not (path := Path(checkpoint) / cls.FILE).exists():
+            if not warn:
+                return cls()
             log.warning("%s has no %s (saved by an older ftlab): train_loss_final, trained_tokens and train_seconds "
                         "will count the resumed steps only", checkpoint, cls.FILE)
             return cls()
@@ -436,8 +447,9 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     trainer.ftlab_before, trainer._total_train_tokens = before, before.tokens
     with stop_on_signals() as stopper, PeakMemory() as peak:
         trainer.add_callback(stopper.callback())  # last, so a signal sent by an earlier callback stops this step
-        start = trainer.ftlab_start = time.perf_counter()
-        if before.end_of_training:  # trained to its last step: the Trainer, resumed there, would train one more
+        trainer.ftlab_peak, start = peak, time.perf_counter()
+        trainer.ftlab_start = start
+        if _training_ended(resume_from, before):  # the Trainer, resumed at its last step, would train one more
             from transformers import TrainerState
 
             trainer._load_from_checkpoint(str(resume_from))
@@ -449,8 +461,11 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     tokens = _trained_tokens(trainer)
     steps = trainer.state.global_step
     train_loss = (training_loss * (steps - before.step) + before.loss_sum) / max(steps, 1)
-    totals = RunTotals(steps, train_loss * steps, tokens, seconds, end_of_training=True)
-    end_checkpoint = _save_end_of_training(trainer, totals, resume_from)
+    peak_mb = max(before.peak_mb, peak.peak_mb)
+    # Not ended by a signal before its last step (a time cap or its own end): resuming trains nothing more.
+    ended = stopper.signal_name is None or steps >= trainer.state.max_steps
+    end_checkpoint = _save_end_of_training(trainer, RunTotals(steps, train_loss * steps, tokens, seconds, peak_mb),
+                                           ended)
     if stopper.signal_name is not None:
         raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {steps}; checkpoint saved in "
                                   f"{last_checkpoint(out_dir)}", stopper.signal_name, last_checkpoint(out_dir), steps)
@@ -469,7 +484,7 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
         train_seconds=seconds,
         trained_tokens=tokens,
         tokens_per_second=tokens / seconds if seconds else 0.0,
-        peak_memory_mb=peak.peak_mb,
+        peak_memory_mb=peak_mb,
         peak_memory_kind=peak.kind,
         steps=steps,
         log_history=list(trainer.state.log_history),
@@ -477,22 +492,40 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     )
 
 
-def _save_end_of_training(trainer, totals: "RunTotals", resumed_from: Path | None) -> Path | None:
-    """A checkpoint of the last step, unless the Trainer saved one there: an interrupt or a crash
-    while the run is evaluated and scored (minutes on a real model) resumes from it without
-    training again. Returns it, as the checkpoint to remove once the run is logged (None: keep what
-    is there, a train.save_steps checkpoint)."""
+def _training_ended(checkpoint: Path | None, totals: RunTotals) -> bool:
+    """Whether a run resumed from `checkpoint` has no step left to train."""
+    if checkpoint is None or totals.step == 0:  # none, or one from an older ftlab: resumed as the Trainer does
+        return False
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return totals.end_of_training or state["global_step"] >= state["max_steps"]
+
+
+def _save_end_of_training(trainer, totals: RunTotals, ended: bool) -> Path | None:
+    """Make the checkpoint of the last step one that an interrupt or crash while the run is
+    evaluated and scored (minutes on a real model) resumes from without training again: saved
+    now, unless the Trainer saved this step (train.save_steps, a signal). Returns the checkpoint
+    to remove once the run is logged: one saved only for this (now or by the run resumed here)."""
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{totals.step}"
     if (checkpoint / "trainer_state.json").is_file():
-        resumed_end = resumed_from is not None and Path(resumed_from) == checkpoint and \
-            RunTotals.of_checkpoint(checkpoint).end_of_training
-        return checkpoint if resumed_end else None
+        saved = RunTotals.of_checkpoint(checkpoint, warn=False)
+        if ended and saved.step and not saved.end_of_training:
+            saved.end_of_training = True
+            (checkpoint / RunTotals.FILE).write_text(json.dumps(dataclasses.asdict(saved)))
+        return checkpoint if saved.transient else None
+    if not ended:
+        return None
     limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None  # rotates out no kept checkpoint
     try:
         trainer._save_checkpoint(trainer.model, None)
+        totals = dataclasses.replace(totals, end_of_training=True, transient=True)  # the Trainer's sums are final
+        (checkpoint / RunTotals.FILE).write_text(json.dumps(dataclasses.asdict(totals)))
+    except OSError as e:  # a full disk: the trained model is still in memory, to be scored
+        log.warning("could not save the end-of-training checkpoint %s (%s): an interrupt while scoring will need "
+                    "training again", checkpoint, e)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        return None
     finally:
         trainer.args.save_total_limit = limit
-    (checkpoint / RunTotals.FILE).write_text(json.dumps(dataclasses.asdict(totals)))  # the Trainer's sums are final
     return checkpoint
 
 

@@ -220,9 +220,11 @@ def test_step_metrics_are_sent_in_batches_and_all_arrive(tmp_path):
     assert _steps(uri, active.info.run_id) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("save_steps", [0, 2])  # 2: the Trainer saves the last step itself
 def test_an_interrupt_while_scoring_resumes_from_the_last_step_without_training_again(make_cfg, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, save_steps):
     score = scoring.score
+    config = [*SHORT, f"train.save_steps={save_steps}"]
 
     def interrupted_adapter_scoring(*args, desc="", **kwargs):  # SIGTERM, as exit_on_interrupt raises it
         if desc == "evaluate adapter":
@@ -231,7 +233,7 @@ def test_an_interrupt_while_scoring_resumes_from_the_last_step_without_training_
 
     monkeypatch.setattr(scoring, "score", interrupted_adapter_scoring)
     with pytest.raises(checkpoints.TrainingInterrupted) as e:
-        run(make_cfg(*SHORT))
+        run(make_cfg(*config))
     monkeypatch.undo()
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     [trial] = _trials(uri)
@@ -241,12 +243,34 @@ def test_an_interrupt_while_scoring_resumes_from_the_last_step_without_training_
                             "train.resume=true")
     assert trial.info.status == "KILLED" and (checkpoint / "trainer_state.json").exists()
 
-    metrics = run(make_cfg(*SHORT, "train.resume=true"))
+    metrics = run(make_cfg(*config, "train.resume=true"))
     [resumed] = _trials(uri)
     assert resumed.info.run_id == trial.info.run_id and resumed.info.status == "FINISHED"
     assert _steps(uri, trial.info.run_id) == [1, 2, 3, 4]  # nothing trained again
-    assert not checkpoint.exists()  # logged: nothing left to resume, no disk kept for it
-    whole = run(make_cfg(*SHORT))
-    assert not list((tmp_path / "runs" / _trials(uri)[0].info.run_id).glob("checkpoint-*"))
+    assert checkpoint.exists() == bool(save_steps)  # logged: one saved only to resume scoring is removed
+    whole = run(make_cfg(*config))
+    saved = sorted(p.name for p in (tmp_path / "runs" / _trials(uri)[0].info.run_id).glob("checkpoint-*"))
+    assert saved == (["checkpoint-2", "checkpoint-4"] if save_steps else [])
     for key in ("trained_tokens", "train_loss_final", "eval_loss", "rouge_l"):
         assert metrics[key] == pytest.approx(whole[key], rel=1e-5), key
+    [peak] = [k for k in whole if k.startswith("peak_memory_mb")]  # the peak of the process that trained
+    assert metrics[peak] > whole[peak] / 2
+
+
+@pytest.mark.parametrize("in_sweep", [False, True])
+def test_a_run_failing_while_scoring_keeps_its_last_step_for_resume_but_a_sweep_trial_does_not(
+        make_cfg, tmp_path, monkeypatch, in_sweep):
+    """train.resume=true takes a failed run; a sweep replaces its failed trials, so the checkpoint would only fill disk."""
+    score = scoring.score
+
+    def broken_adapter_scoring(*args, desc="", **kwargs):
+        if desc == "evaluate adapter":
+            raise RuntimeError("scoring broke")
+        return score(*args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(scoring, "score", broken_adapter_scoring)
+    with pytest.raises(RuntimeError, match="scoring broke"):
+        run(make_cfg(*SHORT, *(["sweep.id=s", "sweep.trial_number=0"] if in_sweep else [])))
+    [trial] = _trials(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert trial.info.status == "FAILED"
+    assert (tmp_path / "runs" / trial.info.run_id / "checkpoint-4" / "trainer_state.json").exists() is not in_sweep
