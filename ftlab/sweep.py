@@ -180,11 +180,13 @@ def check_grid(config: DictConfig) -> None:
         o.get_key_element(): list(o.sweep_string_iterator()) for o in overrides if o.is_sweep_override()})
 
 
-def check_swept_values(config_name: str, fixed: list[str], swept: dict[str, Sequence]) -> None:
+def check_swept_values(config_name: str, fixed: list[str], swept: dict[str, Sequence],
+                       shown: dict[str, str] | None = None) -> None:
     """Compose each swept value alone with the fixed overrides, and check it as a run would
     (config.check, the estimator's settings, transformers' optimizer and scheduler names): a
     key the config lacks (lora_rr=4,8) or a value no trial could run with (lora_r=8,0) is one
-    line before the sweep starts, not a failure after the trials before it have trained."""
+    line before the sweep starts, not a failure after the trials before it have trained.
+    `shown`: the override to name ahead of a key's message, where its values are not the user's own."""
     from hydra import compose
     from hydra.errors import ConfigCompositionException
 
@@ -195,15 +197,18 @@ def check_swept_values(config_name: str, fixed: list[str], swept: dict[str, Sequ
                 trial = compose(config_name, overrides=[*fixed, f"{key}={value}"])
                 check_config(trial)
                 memory.settings(trial)
-                if key in TRAINER_CHOICES:  # transformers' names (its import: ~2 s)
+                if key.lstrip("+~") in TRAINER_CHOICES:  # transformers' names (its import: ~2 s)
                     from ftlab.train import check_trainer_choices
 
                     check_trainer_choices(trial.train)
             except ConfigCompositionException as e:  # Hydra's message, and the reason under it, on one line
                 reason = " ".join(str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None)
-                raise SweepConfigError(f"{key}={value}: {reason}") from None
+                message = f"{key}={value}: {reason}"
             except ConfigError as e:
-                raise SweepConfigError(str(e)) from None
+                message = str(e)
+            else:
+                continue
+            raise SweepConfigError(f"{shown[key]}: {message}" if key in (shown or {}) else message)
 
 
 def command_line() -> str:

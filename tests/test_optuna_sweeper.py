@@ -1,15 +1,19 @@
 """ftlab's Optuna sweeper: Hydra's sweep syntax, trials linked to MLflow runs, a
 persistent study that the same command resumes, budget pruning that TPE learns from."""
 import json
+import time
 
 import optuna
 import pytest
+from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from ftlab.config import SweepConfigError
-from hydra_plugins.ftlab_optuna_sweeper._impl import distribution, grid_values, space_size
+from ftlab.sweep import check_swept_values
+from hydra_plugins.ftlab_optuna_sweeper._impl import distribution, grid_values, probe_values, space_size
+from tests.conftest import CONF
 from tests.sweeping import runs, sweep
 
 
@@ -47,6 +51,16 @@ def test_an_integer_interval_keeps_to_its_bounds():
 def test_bounds_optuna_refuses_name_the_override(text, says):
     with pytest.raises(SweepConfigError, match=says):
         parse(text)
+
+
+def test_an_interval_is_checked_just_inside_its_ends_which_samplers_do_not_return():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for text in ("lora_dropout=interval(0.0,1.0)", "lr=interval(0,1e-3)"):  # 1.0 and 0 are not allowed
+            key = text.split("=")[0]
+            check_swept_values("config", ["model=tiny"], {key: probe_values(parse(text))})
+        with pytest.raises(SweepConfigError, match=r"^lora_dropout=1.4999999999999998: must be in \[0, 1\)"):
+            check_swept_values("config", ["model=tiny"], {"lora_dropout": probe_values(parse("x=interval(0.5,1.5)"))})
+    assert probe_values(parse("lora_r=range(4,17,4)")) == [4, 16]
 
 
 def study(tmp_path, name):
@@ -174,7 +188,10 @@ def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):
     # Checked before any trial: a key the config lacks, and values no trial could run with.
     (["lora_rr=choice(4,8)"], "ftlab: lora_rr=4: Could not override 'lora_rr'. Key 'lora_rr' not in 'FtlabConfig'"),
     (["train.optim=choice(adamw_torch,bogus)"], "ftlab: train.optim='bogus': use one of adamw_torch"),
-    (["lora_r=range(0,8,4)"], "ftlab: lora_r=0: the LoRA rank must be >= 1")])
+    (["lora_r=range(0,8,4)"], "ftlab: lora_r=0: the LoRA rank must be >= 1"),
+    (["++train.optim=choice(adamw_torch,bogus)"], "ftlab: train.optim='bogus': use one of adamw_torch"),
+    (["lora_dropout=interval(0.5,1.5)"],  # a value inside the interval, named with the override as typed
+     "ftlab: lora_dropout=interval(0.5,1.5): lora_dropout=1.4999999999999998: must be in [0, 1)")])
 def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_failed(tmp_path, args, says):
     out = sweep(tmp_path, "hydra/sweeper=optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", *args,
                 check=False)
@@ -193,6 +210,7 @@ def test_an_error_that_stops_the_sweep_at_a_trial_ends_its_trial_at_once(tmp_pat
     assert out.returncode == 2 and "Traceback" not in out.stderr and says in out.stderr, out.stderr[-3000:]
     [trial] = study(tmp_path, "stops").trials
     assert trial.state == TrialState.FAIL and trial.user_attrs["failure_kind"] == "exception"
+    assert trial.user_attrs["error"].startswith("ResumeError: " + says)  # the reason, not SystemExit's status 2
     [parent] = runs(tmp_path, "sweep")
     assert parent.info.status == "FAILED" and says in parent.data.tags["ftlab.error"]
     sweep(tmp_path, *args[:-1], "hydra.sweeper.n_trials=1")  # mended, the same study goes on at once
@@ -210,3 +228,30 @@ def test_a_queued_config_outside_a_changed_search_space_is_dropped(tmp_path):
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert "outside the search space" in trials[0].user_attrs["dropped"] and trials[1].params["lora_r"] in (4, 8)
     assert "trial 0: its queued params {'lora_r': 2} are outside this search space; dropped" in out.stdout + out.stderr
+
+
+def test_a_stale_trial_outside_a_changed_search_space_is_not_queued_again(tmp_path):
+    """A worker that died mid-trial is failed once its heartbeat is stale, and its params are queued
+    again; not when the study's next run sweeps other values (Optuna would refuse to ask them)."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=2)
+    died = optuna.create_study(study_name="stale", storage=storage, directions=["maximize"])
+    trial = died.ask({"lora_r": IntDistribution(2, 2)})
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)
+    out = sweep(tmp_path, *optuna_args(tmp_path, "stale", "lora_r=range(4,9,4)", "hydra.sweeper.n_trials=1",
+                                       "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"))
+    trials = study(tmp_path, "stale").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert "trial 0: its params {'lora_r': 2} are outside this search space; not queued again" in out.stdout + out.stderr
+
+
+def test_other_choices_in_a_study_run_again_are_one_line_before_anything_runs(tmp_path):
+    earlier = optuna.create_study(study_name="choices", storage=f"sqlite:///{tmp_path}/optuna.db",
+                                  directions=["maximize"])
+    earlier.tell(earlier.ask({"lora_r": CategoricalDistribution([2, 4])}), 0.5)
+    out = sweep(tmp_path, *optuna_args(tmp_path, "choices", "lora_r=choice(4,8)"), check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ftlab: lora_r=choice(4,8): study choices swept lora_r over (2, 4) before, and an Optuna study keeps a "
+        "parameter's choices (and its kind); name a new study (hydra.sweeper.study_name=... or sweep.name=...)")
+    assert len(study(tmp_path, "choices").trials) == 1 and runs(tmp_path) == []

@@ -92,10 +92,13 @@ def finite_values(dist: BaseDistribution) -> Sequence | None:
 
 
 def probe_values(dist: BaseDistribution) -> Sequence:
-    """Values checked before the study starts (ftlab.sweep.check_swept_values): every choice,
-    and the two ends of a range or interval."""
+    """Values checked before the study starts (ftlab.sweep.check_swept_values): every choice, the
+    two ends of a range, and just inside the two ends of an interval, which samplers do not return
+    (interval(0.0,1.0) for a dropout below 1 is fine)."""
     if isinstance(dist, CategoricalDistribution):
         return dist.choices
+    if isinstance(dist, FloatDistribution) and dist.step is None and dist.low < dist.high:
+        return [math.nextafter(dist.low, dist.high), math.nextafter(dist.high, dist.low)]
     return sorted({dist.low, dist.high})
 
 
@@ -201,6 +204,7 @@ class OptunaSweeperImpl(Sweeper):
         self.storage_url, self.study_name = storage, study_name
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.params = dict(params or {})
+        self.space_lines: dict[str, str] = {}  # each swept key's override as written
         self.job_idx = 0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -217,6 +221,7 @@ class OptunaSweeperImpl(Sweeper):
         for override in [*from_config, *parser.parse_overrides(arguments)]:
             if override.is_sweep_override():
                 space[override.get_key_element()] = distribution(override)
+                self.space_lines[override.get_key_element()] = override.input_line
             else:
                 fixed.append(override.input_line)
         if not space:
@@ -238,7 +243,7 @@ class OptunaSweeperImpl(Sweeper):
             return optuna.samplers.CmaEsSampler(seed=seed)
         raise SweepConfigError(f"hydra.sweeper.sampler={name}: expected tpe, random, grid or cmaes")
 
-    def make_storage(self, sweep_id: str) -> optuna.storages.RDBStorage:
+    def make_storage(self, sweep_id: str, space: dict[str, BaseDistribution]) -> optuna.storages.RDBStorage:
         url = self.storage_url
         if url is None:
             Path("mlruns").mkdir(exist_ok=True)
@@ -251,8 +256,13 @@ class OptunaSweeperImpl(Sweeper):
             killed = tracking.mark_killed(sweep_id, trial.number)
             log.warning("trial %d of %s had no heartbeat for %ss: FAIL in Optuna, MLflow run(s) %s KILLED",
                         trial.number, study.study_name, self.grace_period or 2 * self.heartbeat_interval, killed)
-            if "retry_of" not in trial.user_attrs:  # once: a config that crashes its worker must not loop
+            if "retry_of" in trial.user_attrs:  # once: a config that crashes its worker must not loop
+                return
+            if in_space(trial.params, space):
                 retry(study, trial)
+            else:
+                log.warning("trial %d: its params %s are outside this search space; not queued again", trial.number,
+                            trial.params)
 
         for attempt in range(5):  # workers starting together race to create the tables
             try:
@@ -287,9 +297,11 @@ class OptunaSweeperImpl(Sweeper):
         objective, direction = list(self.config.sweep.objective), list(self.config.sweep.direction)
         check_objective(objective, direction, self.config.eval.compare_base)
         ftlab_sweep.check_swept_values(self.config.hydra.job.config_name, fixed,
-                                       {name: probe_values(dist) for name, dist in space.items()})
+                                       {name: probe_values(dist) for name, dist in space.items()},
+                                       shown={k: self.space_lines[k] for k, d in space.items()
+                                              if isinstance(d, FloatDistribution)})
         sweep_id = os.environ.get(ftlab_sweep.ENV_SWEEP_ID) or self.study_name or ftlab_sweep.sweep_id(self.config)
-        storage = self.make_storage(sweep_id)
+        storage = self.make_storage(sweep_id, space)
         sampler = self.make_sampler(space, len(objective), self.seed)
         study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=sampler, directions=direction,
                                     load_if_exists=True)
@@ -298,6 +310,7 @@ class OptunaSweeperImpl(Sweeper):
             # ask first for the configs the study's first trials already ran. Go on with a seed of its own.
             sampler = study.sampler = self.make_sampler(space, len(objective), self.seed + len(study.trials))
         log.info("Optuna study %s: %d trials wanted, %d in storage", sweep_id, self.n_trials, len(study.trials))
+        self.check_space_against_study(study, space)
         self.drop_queued_outside(study, storage, space)
         # What every trial shares (config files, fixed overrides, the data file's content): a trial repeats
         # an earlier one only when this and its params match (reuse_earlier_outcome).
@@ -352,9 +365,10 @@ class OptunaSweeperImpl(Sweeper):
                 # sweep (SystemExit from a trial's config or data error): the trials end FAIL now, not RUNNING
                 # until their heartbeat goes stale. Only an interrupted config is queued to run again.
                 interrupted = isinstance(e, KeyboardInterrupt)
+                reason = e.__context__ if isinstance(e, SystemExit) and e.__context__ else e  # exit_2_on's error
                 for trial in batch + twins:
                     trial.set_user_attr("failure_kind", "interrupted" if interrupted else "exception")
-                    trial.set_user_attr("error", (str(e) or type(e).__name__)[:2000])
+                    trial.set_user_attr("error", tracking.mask(f"{type(reason).__name__}: {reason}")[:2000])
                     tell(study, trial, state=TrialState.FAIL)
                     if interrupted and trial in batch:  # a twin's config is queued with the trial that ran it
                         retry(study, study.get_trials(deepcopy=False)[trial.number])
@@ -376,6 +390,23 @@ class OptunaSweeperImpl(Sweeper):
 
         self.write_results(study, objective)
         return study
+
+    def check_space_against_study(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> None:
+        """Optuna keeps a choice parameter's choices for the life of a study, and would refuse the
+        first ask of a study run again with other choices: say so before anything runs."""
+        stored = {}
+        for t in study.get_trials(deepcopy=False):
+            stored.update({name: dist for name, dist in t.distributions.items() if name not in stored})
+        for name, dist in space.items():
+            if name in stored:
+                try:
+                    optuna.distributions.check_distribution_compatibility(stored[name], dist)
+                except ValueError:
+                    earlier = getattr(stored[name], "choices", stored[name])
+                    raise SweepConfigError(
+                        f"{self.space_lines[name]}: study {study.study_name} swept {name} over {earlier} before, and an "
+                        "Optuna study keeps a parameter's choices (and its kind); name a new study "
+                        "(hydra.sweeper.study_name=... or sweep.name=...)") from None
 
     def drop_queued_outside(self, study: optuna.Study, storage: optuna.storages.RDBStorage,
                             space: dict[str, BaseDistribution]) -> None:
