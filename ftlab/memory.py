@@ -224,7 +224,7 @@ ARCH_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "n
 def _gguf_config(path: Path) -> dict:
     """A GGUF file's architecture numbers under config.json's names (its metadata, no weights read)."""
     stat = path.stat()
-    return dict(_read_gguf_config(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+    return dict(_read_gguf_config(str(path), stat.st_mtime_ns, stat.st_size))
 
 
 @functools.lru_cache(maxsize=4)  # parsing takes 1-3 s: once per file (and version of it) a process, not per call

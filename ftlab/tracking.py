@@ -51,7 +51,8 @@ NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps", "sw
 
 
 class TrackingError(RuntimeError):
-    """The tracking store cannot be used; raised before any training starts."""
+    """The tracking store cannot be used: at start, before any training; or still unreachable as a
+    run ends, once its metrics are written to a file (recipe._log_final_metrics)."""
 
 
 def store_argument(tracking_uri: str | None) -> str:
