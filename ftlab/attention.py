@@ -37,6 +37,15 @@ def resolve(name: str, dtype: str = "auto") -> str:
     return SHORT_EAGER if bf16 else "sdpa"
 
 
+def check_loadable(name: str) -> None:
+    """A run with flash attention on a machine without CUDA: refused before anything loads, not
+    transformers' ImportError once the data and model have (the memory estimate may price it)."""
+    if name.startswith("flash_attention") and not device.cuda_available():
+        from ftlab.config import ConfigError
+
+        raise ConfigError(f"model.attn_implementation={name} needs an NVIDIA GPU (and its kernels); use auto or sdpa")
+
+
 def for_loading(name: str, dtype: str = "auto") -> str:
     """resolve(name, dtype), registered with transformers when it is ftlab's own."""
     name = resolve(name, dtype)

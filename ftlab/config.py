@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import hydra.utils
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -361,7 +362,10 @@ class ServeConfig:
 # What the schema's types cannot say: the run config's closed choices and ranges. None (null)
 # means "not set" wherever a key allows it. The estimator checks what it prices (ftlab/memory.py).
 CHOICES = {
+    "model.source": ("auto", "hub", "tiny", "random"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "peft.method": ("qlora", "lora", "full"),
+    "peft.quant_type": ("nf4", "fp4"),  # bitsandbytes' 4-bit types
     "peft.adapter_dtype": ("float32", "bfloat16", "float16"),
     "train.sampling": ("group_by_length", "random", "sequential"),
     "budget.fit": ("skip", "auto_batch"),
@@ -391,6 +395,8 @@ RANGES = {  # key: (test, what the value must be)
     "eval.samples_to_log": (lambda v: v >= 0, ">= 0"),
     "budget.max_hours": (lambda v: v > 0, "> 0, or null for no limit"),
     "budget.memory_cap_gb": (lambda v: v > 0, "> 0, or null for no cap"),
+    **{f"model.arch.{key}": (lambda v: v >= 1, ">= 1") for key in (
+        "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")},
 }
 
 
@@ -453,6 +459,20 @@ def check(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not valid(value):
             raise ConfigError(f"{key}={value}: must be {must_be}")
+    for callback in cfg.train.callbacks or []:  # a typo here failed only once the model had loaded
+        target = callback.get("_target_") if isinstance(callback, DictConfig) else None
+        try:
+            hydra.utils.get_object(str(target))
+        except Exception as e:
+            raise ConfigError(f"train.callbacks=...: _target_ {target} cannot be imported "
+                              f"({str(e).splitlines()[0]})") from None
+    arch = cfg.model.arch
+    if arch.num_heads % arch.num_kv_heads:  # grouped-query attention shares each KV head among whole groups
+        raise ConfigError(f"model.arch.num_kv_heads={arch.num_kv_heads}: must divide model.arch.num_heads="
+                          f"{arch.num_heads}")
+    if cfg.peft.method == "full" and cfg.peft.load_in_bits != 16:
+        raise ConfigError(f"peft.method=full with peft.load_in_bits={cfg.peft.load_in_bits}: a full fine-tune trains "
+                          "every weight in 16 bits (peft=full); a quantized base with adapters is peft=qlora")
 
 
 def register_configs() -> None:

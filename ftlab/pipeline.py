@@ -36,6 +36,7 @@ def quiet_third_party_output() -> None:
 def run(cfg: DictConfig) -> dict[str, float]:
     wall_start = time.perf_counter()
     config.check(cfg)
+    attention.check_loadable(cfg.model.attn_implementation)
     files.make_dir(cfg.output_dir, "output_dir")
     memory.resolve_arch(cfg)  # priced, logged and hashed as the checkpoint is
     quiet_third_party_output()

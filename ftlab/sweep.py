@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab import memory, tracking
+from ftlab import files, memory, tracking
 from ftlab.checkpoints import Interrupted
 from ftlab.config import ConfigError, SweepConfigError, check_objective, exit_2_on
 from ftlab.config import check as check_config
@@ -226,8 +226,9 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if stage_command():
             return
-        with exit_2_on(SweepConfigError):  # SystemExit: Hydra would turn an exception here into a warning
+        with exit_2_on(SweepConfigError, ConfigError):  # SystemExit: Hydra would turn an exception into a warning
             check_grid(config)
+            files.make_dir(config.sweep.report_dir, "sweep.report_dir")  # written at the end, after every trial
         try:
             check_objective(list(config.sweep.objective), list(config.sweep.direction), config.eval.compare_base)
         except SweepConfigError:

@@ -49,7 +49,9 @@ def test_wrong_type_fails_naming_key(tmp_path):
 BAD_VALUES = ["train.sampling=bogus", "registry.merge_dtype=fp8", "registry.merge_base=nf4", "model.dtype=bf16", "peft.adapter_dtype=int8", "budget.fit=shrink", "lr=-1",
               "lora_alpha=0", "lora_dropout=1.0", "train.grad_accum=0", "train.max_steps=0", "eval.max_examples=0",
               "eval.samples_to_log=-1", "eval.max_new_tokens=0", "registry.gate_metric=rougeL",
-              "data.eval_size=2.5", "data.eval_size=0"]
+              "data.eval_size=2.5", "data.eval_size=0", "peft.quant_type=int4", "model.source=hubb",
+              "model.arch.num_heads=0", "model.arch.num_kv_heads=3", "peft.method=full",
+              "model.attn_implementation=flash_attention_2", "train.callbacks=[{_target_: foo.Bar}]"]
 
 
 @pytest.mark.parametrize("override", BAD_VALUES)

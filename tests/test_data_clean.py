@@ -230,6 +230,13 @@ def test_cli_multirun_prepares_each_config_and_starts_no_sweep(tmp_path):
     study = data_cli("sweeps=rank_lr")
     assert study.returncode == 2 and "ftlab: python -m ftlab.data runs no study" in study.stderr
     assert not (tmp_path / "mlruns").exists()
+    # What python -m ftlab refuses, this refuses too (it split 30/2 records on data.eval_size=2.5).
+    (tmp_path / "a_file").write_text("")
+    for bad, says in (("data.eval_size=2.5", "data.eval_size=2.5: must be a whole number of records"),
+                      (f"data.export_dir={tmp_path / 'a_file'}", "cannot make a directory there")):
+        refused = data_cli(bad)
+        assert refused.returncode == 2 and f"ftlab: {bad.split('=')[0]}=" in refused.stderr and says in refused.stderr, \
+            refused.stderr[-2000:]
 
 
 def test_near_duplicates_need_a_similar_question_and_answer_not_a_shared_system_prompt_or_document(data_cfg,
