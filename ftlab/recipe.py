@@ -10,6 +10,7 @@ import logging
 import shlex
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from ftlab import checkpoints, models, scoring, tracking
+from ftlab.config import ConfigError
 from ftlab.data import prepare
 from ftlab.data.report import log_data_report
 from ftlab.train import (check_trainer_choices, memory_cap_callback, peak_so_far_mb, release_memory,
@@ -51,9 +53,11 @@ def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
     if commit := tracking.git_commit():
         tags["mlflow.source.git.commit"] = commit
 
-    model = models.load_base(checkpoint, cfg.model, cfg.peft)
+    model = None
     try:
-        base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
+        with _recorded_if_it_fails(run_name, tags, resume):  # the trial's run starts after these
+            model = models.load_base(checkpoint, cfg.model, cfg.peft)
+            base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
         with tracking.trial_run(run_name, tags, run_id=resume.run_id if resume else None) as active:
             mlflow.log_metric("predicted_peak_gb", predicted_gb)
             try:
@@ -71,6 +75,20 @@ def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
         release_memory()
     _print_summary(active.info.run_id, metrics, base_scores, cfg)
     return metrics
+
+
+@contextmanager
+def _recorded_if_it_fails(run_name: str, tags: dict, resume: checkpoints.ResumePoint | None):
+    """An error loading or scoring the base model (out of memory, damaged weights, a bitsandbytes
+    failure) still ends a FAILED run with its reason, which a sweep's summary and report count; a
+    config error (ConfigError, ModelError) stops a sweep instead, with nothing to record."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        with tracking.trial_run(run_name, tags, run_id=resume.run_id if resume else None):
+            raise e
 
 
 def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start,

@@ -447,8 +447,8 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     trainer.ftlab_before, trainer._total_train_tokens = before, before.tokens
     with stop_on_signals() as stopper, PeakMemory() as peak:
         trainer.add_callback(stopper.callback())  # last, so a signal sent by an earlier callback stops this step
-        trainer.ftlab_peak, start = peak, time.perf_counter()
-        trainer.ftlab_start = start
+        trainer.ftlab_peak = peak
+        start = trainer.ftlab_start = time.perf_counter()
         if _training_ended(resume_from, before):  # the Trainer, resumed at its last step, would train one more
             from transformers import TrainerState
 

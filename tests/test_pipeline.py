@@ -143,6 +143,24 @@ def test_failed_trial_is_marked_failed_with_reason_and_traceback(make_cfg):
     assert "RaiseAtStep" in text or "on_step_end" in text
 
 
+def test_a_base_model_that_fails_to_load_still_ends_a_failed_run_with_its_reason(make_cfg, tmp_path):
+    """Its run starts after the base model loads: a sweep's summary and report would not count it."""
+    from ftlab import models
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for file in models.resolve_checkpoint(make_cfg().model, None).iterdir():
+        (damaged / file.name).write_bytes(file.read_bytes())
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut off mid-file
+    cfg = make_cfg("model.source=auto", f"model.name_or_path={damaged}", "eval.compare_base=false")
+    with pytest.raises(Exception) as raised:
+        run(cfg)
+    [trial] = _runs(cfg, "trial")
+    assert trial.info.status == "FAILED" and trial.data.tags["ftlab.state"] == "failed"
+    assert str(raised.value)[:100] in trial.data.tags["ftlab.error"]
+
+
 def test_memory_cap_fails_the_trial_as_oom(make_cfg):
     cfg = make_cfg("train.max_steps=3", "eval.compare_base=false", "budget.memory_cap_gb=0.01")
     with pytest.raises(MemoryError, match="budget.memory_cap_gb"):
