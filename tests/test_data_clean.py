@@ -161,6 +161,19 @@ def test_split_is_seeded_and_eval_size_is_a_count_or_fraction(data_cfg, tiny_tok
         prepare(data_cfg(num_records=200, eval_size=5000), tiny_tokenizer, 512, tmp_path)
 
 
+def test_a_split_that_cannot_be_made_says_where_the_records_went_and_which_way_to_turn(data_cfg, tiny_tokenizer,
+                                                                                      tmp_path):
+    path = tmp_path / "repeats.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"ticket {i % 3}", "output": f"answer {i % 3}"}) + "\n"
+                            for i in range(40)))
+    with pytest.raises(DataError) as raised:
+        prepare(data_cfg(path=str(path), eval_size=4), tiny_tokenizer, 512, tmp_path)
+    assert str(raised.value) == ("data.eval_size=4 leaves no train data from 3 cleaned records; lower it or add data "
+                                 "(40 read; exact dedupe dropped 37)")
+    with pytest.raises(DataError, match=r"^data.eval_size=0.1 holds out none of 3 cleaned records; raise it \(40 read"):
+        prepare(data_cfg(path=str(path), eval_size=0.1), tiny_tokenizer, 512, tmp_path)
+
+
 def test_second_prepare_loads_from_the_cache(data_cfg, tiny_tokenizer, tmp_path):
     cfg = data_cfg(num_records=200, eval_size=20)
     first = prepare(cfg, tiny_tokenizer, 512, tmp_path)

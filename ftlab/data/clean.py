@@ -210,9 +210,11 @@ def class_counts(examples: list[Example]) -> dict[str, int]:
 def split(examples: list[Example], eval_size: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Seeded shuffle, then the first eval_size (a count, or a fraction when < 1) are held out."""
     n_eval = int(round(eval_size * len(examples))) if eval_size < 1 else int(eval_size)
-    if not 0 < n_eval < len(examples):
-        raise DataError(f"data.eval_size={eval_size:g} leaves no train or no held-out data from {len(examples)} "
-                        "cleaned records; lower it or add data")
+    if n_eval < 1:
+        raise DataError(f"data.eval_size={eval_size:g} holds out none of {len(examples)} cleaned records; raise it")
+    if n_eval >= len(examples):
+        raise DataError(f"data.eval_size={eval_size:g} leaves no train data from {len(examples)} cleaned records; "
+                        "lower it or add data")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     held, train = sorted(order[:n_eval]), sorted(order[n_eval:])

@@ -150,7 +150,11 @@ def clean_and_split(examples: list[Example], rejects: list[dict], cfg: DataConfi
         classes["after"] = clean.class_counts(examples)
     elif cfg.balance != "none":
         raise DataError(f"data.balance={cfg.balance} needs data.label_field (the field that holds the class)")
-    train, held_out = clean.split(examples, cfg.eval_size, cfg.split_seed)
+    try:
+        train, held_out = clean.split(examples, cfg.eval_size, cfg.split_seed)
+    except DataError as e:  # say where the records went: 37 of 40 may be duplicates
+        dropped = "; ".join(f"{s['step']} dropped {s['dropped']}" for s in steps if s.get("dropped"))
+        raise DataError(f"{e} ({steps[0]['records']} read; {dropped})" if dropped else str(e)) from None
     counts.update(train_records=len(train), held_out_records=len(held_out))
     report = {"counts": counts, "steps": steps, "rejects_by_kind": dict(Counter(r["kind"] for r in rejects)),
               "tokens": _token_stats(examples), "classes": classes}
