@@ -273,9 +273,12 @@ def _named_model_config(model) -> tuple[str, dict, str] | None:
         return str(local), _gguf_config(local), local.stem
     if (local / "config.json").is_file():
         try:
-            return str(local / "config.json"), json.loads((local / "config.json").read_text("utf-8")), local.resolve().name
+            found = json.loads((local / "config.json").read_text("utf-8"))
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.name_or_path: {local / 'config.json'} is not readable JSON ({e})") from None
+        if not isinstance(found, dict):
+            raise ConfigError(f"model.name_or_path: {local / 'config.json'} holds no JSON object of model settings")
+        return str(local / "config.json"), found, local.resolve().name
     preset = PRESETS / f"{model.name}.yaml"
     if not preset.is_file() or OmegaConf.load(preset).get("name_or_path") == model.name_or_path:
         return None

@@ -296,6 +296,9 @@ def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg
     (checkpoint / "config.json").write_text('{"hidden_size": 4096,')
     with pytest.raises(ConfigError, match=rf"model.name_or_path: {checkpoint}/config.json is not readable JSON"):
         resolve_arch(make_cfg(f"model.name_or_path={checkpoint}", tiny=False))
+    (checkpoint / "config.json").write_text('[{"hidden_size": 4096}]')  # JSON, not a config (an AttributeError)
+    with pytest.raises(ConfigError, match=rf"{checkpoint}/config.json holds no JSON object of model settings"):
+        resolve_arch(make_cfg(f"model.name_or_path={checkpoint}", tiny=False))
     assert resolve_arch(make_cfg(tiny=False)) == {}  # a hub id: the preset's numbers
 
     # A run is turned away as its checkpoint would be, and its logged config is the checkpoint's.
