@@ -55,7 +55,7 @@ def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
 
     model = None
     try:
-        with _recorded_if_it_fails(run_name, tags, resume):  # the trial's run starts after these
+        with _recorded_if_it_fails(cfg, run_name, tags, resume, predicted_gb):  # the trial's run starts after these
             model = models.load_base(checkpoint, cfg.model, cfg.peft)
             base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
         with tracking.trial_run(run_name, tags, run_id=resume.run_id if resume else None) as active:
@@ -78,17 +78,26 @@ def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
 
 
 @contextmanager
-def _recorded_if_it_fails(run_name: str, tags: dict, resume: checkpoints.ResumePoint | None):
+def _recorded_if_it_fails(cfg: DictConfig, run_name: str, tags: dict, resume: checkpoints.ResumePoint | None,
+                          predicted_gb: float):
     """An error loading or scoring the base model (out of memory, damaged weights, a bitsandbytes
-    failure) still ends a FAILED run with its reason, which a sweep's summary and report count; a
-    config error (ConfigError, ModelError) stops a sweep instead, with nothing to record."""
+    failure) still ends a FAILED run with its reason, config and predicted peak, which a sweep's
+    summary and report count. Not for a config error (ConfigError, ModelError), which stops a sweep
+    with nothing to record, nor for a run being resumed: it stays as it was, to be continued."""
     try:
         yield
     except ConfigError:
         raise
     except Exception as e:
-        with tracking.trial_run(run_name, tags, run_id=resume.run_id if resume else None):
-            raise e
+        if resume is None:
+            try:
+                with tracking.trial_run(run_name, tags):
+                    tracking.log_config(cfg)
+                    mlflow.log_metric("predicted_peak_gb", predicted_gb)
+                    raise e
+            except Exception:
+                pass  # recorded; or the store failed too, and the load's error is the one to raise
+        raise
 
 
 def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores, wall_start,

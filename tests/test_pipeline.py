@@ -143,22 +143,39 @@ def test_failed_trial_is_marked_failed_with_reason_and_traceback(make_cfg):
     assert "RaiseAtStep" in text or "on_step_end" in text
 
 
-def test_a_base_model_that_fails_to_load_still_ends_a_failed_run_with_its_reason(make_cfg, tmp_path):
-    """Its run starts after the base model loads: a sweep's summary and report would not count it."""
-    from ftlab import models
+def test_a_base_model_that_fails_to_load_still_ends_a_failed_run_with_its_reason(make_cfg, tmp_path, monkeypatch):
+    """Its run starts after the base model loads: a sweep's summary and report would not count it.
+    A run being resumed is left as it was, to be continued once the model loads again."""
+    from ftlab import checkpoints, models, scoring
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for file in models.resolve_checkpoint(make_cfg().model, None).iterdir():
         (damaged / file.name).write_bytes(file.read_bytes())
+    cfg = make_cfg("model.source=auto", f"model.name_or_path={damaged}", "eval.compare_base=false",
+                   "train.max_steps=2")
+    def interrupted_scoring(*args, **kwargs):
+        raise checkpoints.Interrupted("interrupted by SIGTERM", "SIGTERM")
+
+    monkeypatch.setattr(scoring, "score", interrupted_scoring)
+    with pytest.raises(checkpoints.TrainingInterrupted):
+        run(cfg)  # trained, then interrupted: KILLED, to be resumed
+    monkeypatch.undo()
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut off mid-file
-    cfg = make_cfg("model.source=auto", f"model.name_or_path={damaged}", "eval.compare_base=false")
+    resumed = make_cfg("model.source=auto", f"model.name_or_path={damaged}", "eval.compare_base=false",
+                       "train.max_steps=2", "train.resume=true")
+    with pytest.raises(Exception):
+        run(resumed)
+    [killed] = _runs(cfg, "trial")
+    assert killed.info.status == "KILLED" and killed.data.tags["ftlab.state"] == "killed"  # still continuable
+
     with pytest.raises(Exception) as raised:
         run(cfg)
-    [trial] = _runs(cfg, "trial")
-    assert trial.info.status == "FAILED" and trial.data.tags["ftlab.state"] == "failed"
-    assert str(raised.value)[:100] in trial.data.tags["ftlab.error"]
+    [failed] = [r for r in _runs(cfg, "trial") if r.info.run_id != killed.info.run_id]
+    assert failed.info.status == "FAILED" and failed.data.tags["ftlab.state"] == "failed"
+    assert str(raised.value)[:100] in failed.data.tags["ftlab.error"]
+    assert failed.data.params["lora_r"] == str(cfg.lora_r) and failed.data.metrics["predicted_peak_gb"] > 0
 
 
 def test_memory_cap_fails_the_trial_as_oom(make_cfg):
