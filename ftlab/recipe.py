@@ -22,7 +22,7 @@ from ftlab import checkpoints, models, scoring, tracking
 from ftlab.config import ConfigError
 from ftlab.data import prepare
 from ftlab.data.report import log_data_report
-from ftlab.train import (check_trainer_choices, memory_cap_callback, peak_so_far_mb, release_memory,
+from ftlab.train import (RunTotals, check_trainer_choices, memory_cap_callback, peak_so_far_mb, release_memory,
                          time_cap_callback, train)
 
 log = logging.getLogger("ftlab")
@@ -120,7 +120,9 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     callbacks = [steps, *(instantiate(c) for c in cfg.train.callbacks)]
     if cfg.budget.memory_cap_gb:
         callbacks.append(memory_cap_callback(cfg.budget.memory_cap_gb))
-    time_cap = time_cap_callback(cfg.budget.max_hours) if cfg.budget.max_hours else None
+    # A resumed run's budget counts the training it did before (a preempted job resumed again and again).
+    spent = RunTotals.of_checkpoint(resume.checkpoint, warn=False).seconds if resume else 0.0
+    time_cap = time_cap_callback(cfg.budget.max_hours, spent) if cfg.budget.max_hours else None
     if time_cap:
         callbacks.append(time_cap)
     try:

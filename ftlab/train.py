@@ -275,16 +275,17 @@ def memory_cap_callback(cap_gb: float):
     return MemoryCap()
 
 
-def time_cap_callback(max_hours: float):
+def time_cap_callback(max_hours: float, spent_s: float = 0.0):
     """Enforce budget.max_hours: training stops after the optimizer step that crosses it, and the
-    trial goes on to score and log what it trained (stopped_at_step says where it stopped)."""
+    trial goes on to score and log what it trained (stopped_at_step says where it stopped).
+    spent_s: training time a resumed run spent before (its checkpoint's RunTotals)."""
     from transformers import TrainerCallback
 
     class TimeCap(TrainerCallback):
         stopped_at_step: int | None = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+            self.start = time.perf_counter() - spent_s
 
         def on_step_end(self, args, state, control, **kwargs):
             if time.perf_counter() - self.start > max_hours * 3600 and state.global_step < state.max_steps:

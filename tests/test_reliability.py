@@ -86,6 +86,20 @@ def test_max_hours_stops_training_after_the_step_that_crosses_it_and_the_trial_s
     assert "rouge_l" in metrics and trial.data.metrics["eval_loss"] == metrics["eval_loss"]
 
 
+def test_a_resumed_runs_time_budget_counts_the_training_it_did_before(make_cfg, tmp_path):
+    """A preempted job resumed again and again must not get budget.max_hours afresh each time."""
+    config = [*SHORT, "budget.max_hours=0.5", "train.save_steps=2"]
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        run(make_cfg(*config, "train.callbacks=[{_target_: tests.faults.RaiseAtStep, step: 3}]"))
+    [failed] = _trials(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    totals = tmp_path / "runs" / failed.info.run_id / "checkpoint-2" / "ftlab_totals.json"
+    totals.write_text(json.dumps({**json.loads(totals.read_text()), "seconds": 3600.0}))  # an hour trained before
+    run(make_cfg(*config, "train.resume=true"))
+    [resumed] = _trials(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert resumed.data.tags["ftlab.stopped_early"] == "stopped at step 3 by budget.max_hours=0.5"  # of 4
+    assert resumed.data.metrics["train_seconds"] > 3600
+
+
 def test_resume_with_nothing_to_resume_fails_and_says_where_it_looked(make_cfg, tmp_path):
     with pytest.raises(checkpoints.ResumeError, match="ftlab.config_hash") as error:
         run(make_cfg(*SHORT, "train.resume=true"))
