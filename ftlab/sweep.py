@@ -226,7 +226,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if stage_command():
             return
-        with exit_2_on(SweepConfigError, ConfigError):  # SystemExit: Hydra would turn an exception into a warning
+        with exit_2_on(ConfigError):  # SweepConfigError too; SystemExit: Hydra would turn an exception into a warning
             check_grid(config)
             files.make_dir(config.sweep.report_dir, "sweep.report_dir")  # written at the end, after every trial
         try:

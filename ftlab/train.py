@@ -215,9 +215,8 @@ def completion_only_trainer_class():
             loss_sum = self.ftlab_before.loss_sum + self._total_loss_scalar + float(self._tr_loss.item())
             seconds = self.ftlab_before.seconds + time.perf_counter() - self.ftlab_start
             peak_mb = max(self.ftlab_before.peak_mb, self.ftlab_peak.so_far_mb() if self.ftlab_peak else 0.0)
-            totals = RunTotals(self.state.global_step, loss_sum, self._total_train_tokens, seconds, peak_mb)
-            (Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / RunTotals.FILE).write_text(
-                json.dumps(dataclasses.asdict(totals)))
+            RunTotals(self.state.global_step, loss_sum, self._total_train_tokens, seconds, peak_mb).write(
+                Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
 
     return CompletionOnlySFTTrainer
 
@@ -247,6 +246,9 @@ class RunTotals:
                         "will count the resumed steps only", checkpoint, cls.FILE)
             return cls()
         return cls(**json.loads(path.read_text()))
+
+    def write(self, checkpoint: Path) -> None:
+        (checkpoint / self.FILE).write_text(json.dumps(dataclasses.asdict(self)))
 
 
 class MemoryCapExceeded(MemoryError):
@@ -467,10 +469,11 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     ended = stopper.signal_name is None or steps >= trainer.state.max_steps
     end_checkpoint = _save_end_of_training(trainer, RunTotals(steps, train_loss * steps, tokens, seconds, peak_mb),
                                            ended)
+    checkpoint = last_checkpoint(out_dir)
     if stopper.signal_name is not None:
         raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {steps}; checkpoint saved in "
-                                  f"{last_checkpoint(out_dir)}", stopper.signal_name, last_checkpoint(out_dir), steps)
-    with resumable_after_training(last_checkpoint(out_dir), steps):
+                                  f"{checkpoint}", stopper.signal_name, checkpoint, steps)
+    with resumable_after_training(checkpoint, steps):
         with many_row_4bit(model):
             eval_loss = trainer.evaluate()["eval_loss"]
         saved_dir = None
@@ -510,16 +513,14 @@ def _save_end_of_training(trainer, totals: RunTotals, ended: bool) -> Path | Non
     if (checkpoint / "trainer_state.json").is_file():
         saved = RunTotals.of_checkpoint(checkpoint, warn=False)
         if ended and saved.step and not saved.end_of_training:
-            saved.end_of_training = True
-            (checkpoint / RunTotals.FILE).write_text(json.dumps(dataclasses.asdict(saved)))
+            dataclasses.replace(saved, end_of_training=True).write(checkpoint)
         return checkpoint if saved.transient else None
     if not ended:
         return None
     limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None  # rotates out no kept checkpoint
     try:
         trainer._save_checkpoint(trainer.model, None)
-        totals = dataclasses.replace(totals, end_of_training=True, transient=True)  # the Trainer's sums are final
-        (checkpoint / RunTotals.FILE).write_text(json.dumps(dataclasses.asdict(totals)))
+        dataclasses.replace(totals, end_of_training=True, transient=True).write(checkpoint)  # the Trainer's are final
     except OSError as e:  # a full disk: the trained model is still in memory, to be scored
         log.warning("could not save the end-of-training checkpoint %s (%s): an interrupt while scoring will need "
                     "training again", checkpoint, e)
