@@ -22,6 +22,19 @@ def make_dir(path: str | Path, key: str) -> Path:
     return Path(path)
 
 
+def make_file_dir(path: str | Path, key: str) -> Path:
+    """The directory of a file a setting names, made now; a directory named instead of a file is
+    refused, as make_dir refuses what cannot be made, before anything loads."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise ConfigError(f"{key}={path}: that is a directory; name a file")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}={path}: cannot make its directory ({e.strerror})") from None
+    return file
+
+
 @contextmanager
 def publishing(out: Path, directory: bool = True) -> Iterator[Path]:
     """Yield a staging path beside `out` (a directory, or a file path when directory=False) to

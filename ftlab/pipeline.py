@@ -38,6 +38,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     config.check(cfg)
     attention.check_loadable(cfg.model.attn_implementation)
     files.make_dir(cfg.output_dir, "output_dir")
+    if cfg.data.rejects:
+        files.make_file_dir(cfg.data.rejects, "data.rejects")
     memory.resolve_arch(cfg)  # priced, logged and hashed as the checkpoint is
     quiet_third_party_output()
     tracking.setup(cfg.tracking_uri, cfg.experiment)

@@ -84,7 +84,10 @@ def test_a_value_out_of_range_is_named_before_anything_loads(make_cfg, override,
                                             ("output_dir=/proc/ftlab-runs",
                                              "output_dir=/proc/ftlab-runs: cannot make a directory there"),
                                             ("cache_dir=/proc/ftlab-cache",
-                                             "cache_dir=/proc/ftlab-cache: cannot make a directory there")])
+                                             "cache_dir=/proc/ftlab-cache: cannot make a directory there"),
+                                            ("data.rejects=/proc", "data.rejects=/proc: that is a directory"),
+                                            ("data.rejects=/proc/ftlab/rejects.jsonl",
+                                             "data.rejects=/proc/ftlab/rejects.jsonl: cannot make its directory")])
 def test_a_config_error_is_one_line_and_exit_2_from_the_command_line(tmp_path, override, says):
     proc = run_cli("model=tiny", f"tracking_uri=sqlite:///{tmp_path}/m.db", override, timeout=120)  # the last wins
     assert proc.returncode == 2, proc.stderr[-2000:]

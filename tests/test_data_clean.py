@@ -246,7 +246,8 @@ def test_cli_multirun_prepares_each_config_and_starts_no_sweep(tmp_path):
     # What python -m ftlab refuses, this refuses too (it split 30/2 records on data.eval_size=2.5).
     (tmp_path / "a_file").write_text("")
     for bad, says in (("data.eval_size=2.5", "data.eval_size=2.5: must be a whole number of records"),
-                      (f"data.export_dir={tmp_path / 'a_file'}", "cannot make a directory there")):
+                      (f"data.export_dir={tmp_path / 'a_file'}", "cannot make a directory there"),
+                      (f"data.rejects={tmp_path}", "that is a directory; name a file")):
         refused = data_cli(bad)
         assert refused.returncode == 2 and f"ftlab: {bad.split('=')[0]}=" in refused.stderr and says in refused.stderr, \
             refused.stderr[-2000:]

@@ -17,6 +17,8 @@ def main(cfg: DictConfig) -> None:
     with exit_2_on(DataError, ConfigError):  # ConfigError: a base model (tokenizer) not found, too
         config.check(cfg)  # the values python -m ftlab refuses (data.eval_size=2.5), refused here too
         out_dir = files.make_dir(cfg.data.export_dir, "data.export_dir") if cfg.data.export_dir else None
+        if cfg.data.rejects:
+            files.make_file_dir(cfg.data.rejects, "data.rejects")
         cache = models.cache_root(cfg.cache_dir)
         tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, cfg.cache_dir),
                                           cfg.model.trust_remote_code)
