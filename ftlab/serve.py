@@ -94,9 +94,11 @@ def check_settings(cfg: DictConfig) -> None:
         raise ServeError(f"engine={cfg.engine}: use auto, vllm or transformers")
     if cfg.quantize not in (None, "8bit", "4bit"):
         raise ServeError(f"quantize={cfg.quantize}: use 8bit or 4bit (bitsandbytes), or leave it unset")
-    for key in ("tensor_parallel_size", "max_tokens"):
-        if cfg[key] < 1:
+    for key in ("tensor_parallel_size", "max_tokens", "max_model_len"):
+        if cfg[key] is not None and cfg[key] < 1:
             raise ServeError(f"{key}={cfg[key]}: must be >= 1")
+    if not cfg.ready_timeout_s > 0:  # 0 or less: never ready, reported after the model load as a timeout
+        raise ServeError(f"ready_timeout_s={cfg.ready_timeout_s:g}: must be > 0 seconds")
     if not 1 <= cfg.port <= 65535:
         raise ServeError(f"port={cfg.port}: use 1-65535")
     with socket.socket() as s:

@@ -151,6 +151,8 @@ def test_a_taken_port_or_bad_setting_is_refused_before_the_model_is_fetched(tmp_
     cannot_vllm = importlib.util.find_spec("vllm") is None or not torch.cuda.is_available()
     for setting, says in (("port=99999", "port=99999: use 1-65535"), ("quantize=3bit", "quantize=3bit: use 8bit"),
                           ("max_tokens=0", "max_tokens=0: must be >= 1"),
+                          ("max_model_len=0", "max_model_len=0: must be >= 1"),
+                          ("ready_timeout_s=-1", "ready_timeout_s=-1: must be > 0 seconds"),
                           *([("engine=vllm", "engine=vllm needs vLLM installed")] if cannot_vllm else [])):
         out = cli(setting)
         assert out.returncode == 2 and f"ftlab: {says}" in out.stderr, out.stderr[-2000:]
