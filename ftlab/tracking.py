@@ -480,6 +480,14 @@ def decided_trial(sweep_id: str, cfg_hash: str):
                  if r.data.tags.get("ftlab.state") in ("finished", "skipped_budget")), None)
 
 
+def finished_trial_number(sweep_id: str, trial_number: int):
+    """The run of this sweep's trial number `trial_number`, if it finished."""
+    runs = mlflow.search_runs(filter_string=f"tags.`ftlab.sweep_id` = '{sweep_id}' and tags.`ftlab.trial_number` = "
+                                            f"'{trial_number}' and tags.`ftlab.role` = 'trial' and "
+                                            "tags.`ftlab.state` = 'finished'", output_format="list")
+    return runs[0] if runs else None
+
+
 def interrupted_trials(sweep_id: str, cfg_hash: str) -> list[str]:
     """Run ids of this sweep's interrupted runs of this config (KILLED by a signal or a crashed
     worker; not those skipped over budget), newest first: a rerun of the sweep continues them."""

@@ -218,6 +218,28 @@ def test_an_error_that_stops_the_sweep_at_a_trial_ends_its_trial_at_once(tmp_pat
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the failed config not queued
 
 
+def test_a_trial_that_finished_before_another_stopped_the_sweep_keeps_its_result(tmp_path):
+    """A batch of n_jobs=2 runs in turn: when its second trial stopped the sweep (bad data), the
+    launcher's returns were lost, and the first, finished trial was told FAIL with the second's error,
+    then trained again when the sweep was run again."""
+    from ftlab.data.generate import generate, write_jsonl
+
+    good, bad = write_jsonl(generate(40, seed=0), tmp_path / "good.jsonl"), tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    first = optuna.create_study(study_name="batch", storage=f"sqlite:///{tmp_path}/optuna.db", directions=["maximize"])
+    for path in (good, bad):  # asked in this order
+        first.enqueue_trial({"data.path": str(path)})
+    args = optuna_args(tmp_path, "batch", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2",
+                       f"data.path=choice({good},{bad})")
+    out = sweep(tmp_path, *args, check=False)
+    assert out.returncode == 2 and f"{bad}:1" in out.stderr, out.stderr[-3000:]
+    finished, stopped = study(tmp_path, "batch").trials
+    [run] = [r for r in runs(tmp_path) if r.info.status == "FINISHED"]
+    assert finished.state == TrialState.COMPLETE and finished.user_attrs["mlflow_run_id"] == run.info.run_id
+    assert finished.values == [run.data.metrics["rouge_l"]]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"].startswith("DataError: ")
+
+
 def test_a_queued_config_outside_a_changed_search_space_is_dropped(tmp_path):
     """An interrupted trial's params are queued to run again; the study's next run may sweep other values."""
     queued = optuna.create_study(study_name="changed", storage=f"sqlite:///{tmp_path}/optuna.db",

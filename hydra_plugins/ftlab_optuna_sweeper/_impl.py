@@ -183,6 +183,14 @@ def reuse_earlier_outcome(study: optuna.Study, trial: optuna.Trial, config: list
     return True
 
 
+def outcome_of(ret) -> dict[str, Any]:
+    """A launcher's JobReturn as ftlab.sweep.run_trial's outcome."""
+    if ret.status == JobStatus.FAILED:  # raised outside ftlab's trial wrapper (e.g. a bad override)
+        return {"state": "failed", "error": f"{type(ret._return_value).__name__}: {ret._return_value}",
+                "failure_kind": "exception", "metrics": {}}
+    return ret.return_value
+
+
 def tell(study: optuna.Study, trial: optuna.Trial, values=None, state: TrialState | None = None) -> None:
     """study.tell that tolerates GridSampler calling study.stop() once its grid is done:
     stop() only works inside study.optimize. Optuna stores the trial's state in a finally
@@ -363,10 +371,18 @@ class OptunaSweeperImpl(Sweeper):
             except BaseException as e:
                 # Ctrl-C or SIGTERM (ftlab's entry point reports it and exits), or an error that stops the
                 # sweep (SystemExit from a trial's config or data error): the trials end FAIL now, not RUNNING
-                # until their heartbeat goes stale. Only an interrupted config is queued to run again.
+                # until their heartbeat goes stale, except those that finished before it (the launcher's
+                # returns are lost with the exception, MLflow has them). Only an interrupted config is
+                # queued to run again.
                 interrupted = isinstance(e, KeyboardInterrupt)
                 reason = e.__context__ if isinstance(e, SystemExit) and e.__context__ else e  # exit_2_on's error
                 for trial in batch + twins:
+                    if trial in batch and (run := tracking.finished_trial_number(sweep_id, trial.number)):
+                        self.record(study, trial, {"state": "finished", "run_id": run.info.run_id,
+                                                   "metrics": dict(run.data.metrics)}, objective)
+                        continue
+                    if trial in twins and reuse_earlier_outcome(study, trial, configs[trial.number]):
+                        continue
                     trial.set_user_attr("failure_kind", "interrupted" if interrupted else "exception")
                     trial.set_user_attr("error", tracking.mask(f"{type(reason).__name__}: {reason}")[:2000])
                     tell(study, trial, state=TrialState.FAIL)
@@ -376,7 +392,7 @@ class OptunaSweeperImpl(Sweeper):
             self.job_idx += len(returns)
             for trial, ret in zip(batch, returns):
                 try:
-                    self.record(study, trial, ret, objective)
+                    self.record(study, trial, outcome_of(ret), objective)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     # Another worker saw no heartbeat within grace_period and failed it; its
                     # replacement is already counted, so this result stays in MLflow only.
@@ -458,12 +474,7 @@ class OptunaSweeperImpl(Sweeper):
             stop.set()
             thread.join()
 
-    def record(self, study: optuna.Study, trial: optuna.Trial, ret, objective: list[str]) -> None:
-        if ret.status == JobStatus.FAILED:  # raised outside ftlab's trial wrapper (e.g. a bad override)
-            outcome = {"state": "failed", "error": f"{type(ret._return_value).__name__}: {ret._return_value}",
-                       "failure_kind": "exception", "metrics": {}}
-        else:
-            outcome = ret.return_value
+    def record(self, study: optuna.Study, trial: optuna.Trial, outcome: dict, objective: list[str]) -> None:
         if outcome.get("run_id"):
             trial.set_user_attr("mlflow_run_id", outcome["run_id"])
         trial.set_user_attr("state", outcome["state"])
