@@ -388,13 +388,18 @@ class BufferedMetrics:
                 f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
 
 
-def training_callback(out_dir: Path):
+def training_callback(out_dir: Path, resumed: bool = False):
     """A transformers TrainerCallback that logs each logged step (loss, lr, grad norm) through
     BufferedMetrics, and tags the run with each checkpoint saved. Its close() sends what is
-    buffered: the trainer calls it at the end of training; call it too when training fails."""
+    buffered: the trainer calls it at the end of training; call it too when training fails.
+    A resumed run does not log again the steps its run logged after its checkpoint (a crash or
+    kill -9 between checkpoints): each step stays one point of one loss curve."""
     from transformers import TrainerCallback
 
-    metrics = BufferedMetrics(mlflow.active_run().info.run_id, Path(out_dir) / "unlogged_metrics.jsonl")
+    run_id = mlflow.active_run().info.run_id
+    metrics = BufferedMetrics(run_id, Path(out_dir) / "unlogged_metrics.jsonl")
+    logged_through = max((m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")), default=0) \
+        if resumed else 0
 
     class MlflowSteps(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -403,6 +408,8 @@ def training_callback(out_dir: Path):
                 numeric.pop("train_loss", None)  # (the pipeline logs it as train_loss_final)
             renamed = {("train_" + k if k in ("loss", "grad_norm", "learning_rate") else k): v
                        for k, v in numeric.items()}
+            if state.global_step <= logged_through and "train_runtime" not in numeric:
+                return  # logged before the crash this run resumes from
             if renamed:
                 metrics.log(renamed, step=state.global_step)
 

@@ -77,6 +77,21 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     assert resumed.data.metrics["train_loss_final"] == pytest.approx(whole["train_loss_final"], rel=1e-5)
 
 
+def test_a_run_resumed_from_a_checkpoint_before_its_crash_logs_each_step_once(make_cfg, tmp_path):
+    """Steps logged after the last checkpoint (train.save_steps) and before a crash were trained and
+    logged again on resume: two points a step in the loss curve."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):  # raised before step 4 is logged
+        run(make_cfg(*SHORT, "train.save_steps=2", "train.callbacks=[{_target_: tests.faults.RaiseAtStep, step: 4}]"))
+    [crashed] = _trials(uri)
+    assert crashed.info.status == "FAILED" and _steps(uri, crashed.info.run_id) == [1, 2, 3]
+    run(make_cfg(*SHORT, "train.save_steps=2", "train.resume=true"))
+    [resumed] = _trials(uri)
+    assert resumed.info.run_id == crashed.info.run_id and resumed.data.tags["ftlab.resumed_from_step"] == "2"
+    assert _steps(uri, resumed.info.run_id) == [1, 2, 3, 4]
+    assert _steps(uri, resumed.info.run_id, "train_learning_rate") == [1, 2, 3, 4]
+
+
 def test_max_hours_stops_training_after_the_step_that_crosses_it_and_the_trial_still_scores(make_cfg, tmp_path):
     metrics = run(make_cfg(*SHORT, "budget.max_hours=1e-9"))  # crossed by the first step
     [trial] = _trials(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
