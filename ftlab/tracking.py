@@ -148,6 +148,41 @@ def probe_database(uri: str, attempts: int = 3) -> None:
         engine.dispose()
 
 
+@contextmanager
+def one_process_at_a_time(store: str):
+    """Held while a process first opens a database store: workers started together on an empty
+    database each ran MLflow's schema migrations at once (MySQL: "Table 'tags' already exists",
+    PostgreSQL: a unique violation) and failed. A session lock of the database server (PostgreSQL
+    advisory lock, MySQL GET_LOCK), or a file lock beside a SQLite file; released with its connection."""
+    if store.startswith("sqlite:///"):
+        import fcntl
+
+        lock = Path(store.removeprefix("sqlite:///").split("?")[0] + ".lock")
+        if not lock.parent.is_dir():
+            yield  # MLflow fails on it with its own message
+            return
+        with lock.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+        return
+    if not store.startswith(("postgresql", "mysql")):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(store, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if store.startswith("postgresql"):
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext('ftlab: mlflow schema'))"))
+            else:
+                conn.execute(sqlalchemy.text("SELECT GET_LOCK('ftlab: mlflow schema', 600)"))
+            conn.commit()
+            yield
+    finally:
+        engine.dispose()
+
+
 def setup(tracking_uri: str | None, experiment: str) -> str:
     """Point MLflow at the store and make sure the experiment exists. Fails loudly now,
     not after an hour of training, if the store cannot be reached."""
@@ -159,8 +194,9 @@ def setup(tracking_uri: str | None, experiment: str) -> str:
         probe_database(store)
     mlflow.set_tracking_uri(store)
     try:
-        client = MlflowClient()
-        exp = client.get_experiment_by_name(experiment)
+        with one_process_at_a_time(store):
+            client = MlflowClient()  # which opens the store (its tables made or migrated)
+            exp = client.get_experiment_by_name(experiment)
         if exp is None:
             artifact_location = None
             if uri.startswith("sqlite:///"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,26 @@ def data_cfg():
         return OmegaConf.merge(base, overrides)
 
     return _make
+
+
+@contextmanager
+def server_database(backend: str):
+    """A throwaway database on the machine's PostgreSQL or MariaDB server, as a SQLAlchemy URL."""
+    name = f"ftlab_{uuid.uuid4().hex[:10]}"
+    if backend == "postgresql":
+        import psycopg2
+
+        admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+        admin.autocommit = True
+        url, drop = f"postgresql://postgres@127.0.0.1:5432/{name}", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    else:
+        import pymysql
+
+        admin = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+        url, drop = f"mysql+pymysql://root@127.0.0.1:3306/{name}", f"DROP DATABASE IF EXISTS {name}"
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield url
+    finally:
+        admin.cursor().execute(drop)
+        admin.close()

@@ -4,7 +4,7 @@ two workers share one study without running a trial twice."""
 import subprocess
 import sys
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import optuna
 import pytest
@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from ftlab.report import gather
 from ftlab.tracking import postgres_driver
-from tests.conftest import ROOT
+from tests.conftest import ROOT, server_database
 from tests.sweeping import SMALL_TRIAL, runs, sweep
 
 def optuna_sweep_args(storage, name, n_trials, *extra, grace_period=2):
@@ -156,29 +156,6 @@ def worker(tmp_path, storage, tracking_uri, name, n_trials):
            # busy workers must not fail each other's live trials
            *optuna_sweep_args(storage, name, n_trials, grace_period=120)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-@contextmanager
-def server_database(backend: str):
-    """A throwaway database on the machine's PostgreSQL or MariaDB server, as a SQLAlchemy URL."""
-    name = f"ftlab_{uuid.uuid4().hex[:10]}"
-    if backend == "postgresql":
-        import psycopg2
-
-        admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
-        admin.autocommit = True
-        url, drop = f"postgresql://postgres@127.0.0.1:5432/{name}", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    else:
-        import pymysql
-
-        admin = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
-        url, drop = f"mysql+pymysql://root@127.0.0.1:3306/{name}", f"DROP DATABASE IF EXISTS {name}"
-    admin.cursor().execute(f"CREATE DATABASE {name}")
-    try:
-        yield url
-    finally:
-        admin.cursor().execute(drop)
-        admin.close()
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb", "sqlite"])

@@ -1,7 +1,16 @@
-"""MLflow limits and secrets: long values are cut, secrets never reach params."""
+"""MLflow limits and secrets: long values are cut, secrets never reach params; a store that
+cannot be used fails at start, and one that workers start on together works for each."""
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+
+import pytest
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from ftlab import tracking
+from tests.conftest import ROOT, server_database
 
 
 def test_flatten_truncates_long_values_and_masks_secrets(monkeypatch):
@@ -61,3 +70,19 @@ def test_the_config_hash_follows_the_content_of_the_data_file_so_an_edited_file_
     assert tracking.config_hash(make_cfg(f"data.path={data}", "train.resume=true", "sweep.name=x")) == first
     data.write_text('{"prompt": "a", "completion": "c"}\n')
     assert tracking.config_hash(cfg) != first
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb", "sqlite"])
+def test_workers_starting_together_on_a_fresh_store_all_get_it(tmp_path, backend):
+    """Each ran MLflow's schema migrations at once on the empty database (MySQL: "Table 'tags'
+    already exists", then "Duplicate column name"; PostgreSQL: a unique violation), and failed."""
+    with ExitStack() as stack:
+        uri = f"sqlite:///{tmp_path}/mlflow.db" if backend == "sqlite" else stack.enter_context(server_database(backend))
+        code = f"from ftlab import tracking; tracking.setup({uri!r}, 'ftlab'); print('ok')"
+        workers = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                   for _ in range(4)]
+        for worker in workers:
+            out, err = worker.communicate(timeout=300)
+            assert worker.returncode == 0 and out.strip() == "ok", err[-3000:]
+        assert [e.name for e in MlflowClient(tracking.postgres_driver(uri)).search_experiments()].count("ftlab") == 1
