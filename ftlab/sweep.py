@@ -81,10 +81,10 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         print(f"ftlab: skipped {e.run_name}: {e.reason}")
         return {"state": "skipped_budget", "run_id": e.run_id, "reason": e.reason,
                 "predicted_peak_gb": e.predicted_gb, "budget_gb": budget_gib(cfg), "metrics": {}}
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, tracking.TrackingError) as e:
         # Bad data, or a value ftlab cannot run with (config.check: lr=-1, train.sampling=bogus, a
-        # resume with nothing to resume): the sweep as written is wrong, and its trials fail before
-        # they log anything. Stop it with the message, rather than report a sweep of silent failures.
+        # resume with nothing to resume), or a tracking store it cannot use: every trial would fail
+        # the same way. Stop the sweep with the message, rather than report a sweep of silent failures.
         end_sweep(cfg, e, "FAILED")
         raise
     except Exception as e:
@@ -103,8 +103,12 @@ def end_sweep(cfg: DictConfig, error: BaseException, status: str) -> None:
     parent = cfg.sweep.parent_run_id or os.environ.get(ENV_PARENT_RUN_ID)
     if parent:
         client = MlflowClient()
-        client.set_tag(parent, "ftlab.error", tracking.mask(f"{type(error).__name__}: {error}")[:tracking.MAX_PARAM_VALUE])
-        client.set_terminated(parent, status=status)
+        try:
+            client.set_tag(parent, "ftlab.error",
+                           tracking.mask(f"{type(error).__name__}: {error}")[:tracking.MAX_PARAM_VALUE])
+            client.set_terminated(parent, status=status)
+        except Exception as e:  # the store itself may be what stopped the sweep; its error is the one to report
+            log.warning("could not end the sweep's parent run %s %s: %s", parent, status, e)
 
 
 def kept_trial(cfg: DictConfig) -> dict[str, Any] | None:
@@ -233,7 +237,8 @@ class SweepCallback(Callback):
             check_objective(list(config.sweep.objective), list(config.sweep.direction), config.eval.compare_base)
         except SweepConfigError:
             return  # no parent run for a sweep that cannot run; its first trial stops it with the message
-        tracking.setup(config.tracking_uri, config.experiment)
+        with exit_2_on(tracking.TrackingError):  # raised from a callback, Hydra would only warn
+            tracking.setup(config.tracking_uri, config.experiment)
         sid = sweep_id(config)
         parent = tracking.start_sweep_run(sid, command_line(), list(config.sweep.objective),
                                           list(config.sweep.direction))

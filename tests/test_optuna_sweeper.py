@@ -240,6 +240,22 @@ def test_a_trial_that_finished_before_another_stopped_the_sweep_keeps_its_result
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"].startswith("DataError: ")
 
 
+def test_a_tracking_store_it_cannot_use_stops_the_sweep_at_once_and_leaves_the_study_usable(tmp_path):
+    """The sweep callback's TrackingError was only a warning in Hydra, then each trial failed on it
+    (10 of them, exit 0), and the study's 10 failures stopped every later run of the same command."""
+    args = optuna_args(tmp_path, "down", "lora_r=choice(4,8)", "hydra.sweeper.n_trials=1")
+    out = sweep(tmp_path, *args, "tracking_uri=postgresql://postgres@127.0.0.1:1/none", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "ftlab: cannot use the MLflow tracking store" in out.stderr and "failed, the sweep goes on" not in out.stderr
+    # A study a run left with many failures (here, made so) goes on when the same command is run again.
+    failed = study(tmp_path, "down") if (tmp_path / "optuna.db").exists() else optuna.create_study(
+        study_name="down", storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+    for _ in range(10):
+        failed.tell(failed.ask(), state=TrialState.FAIL)
+    sweep(tmp_path, *args, "hydra.sweeper.max_failed_trials=10")
+    assert [t.state for t in study(tmp_path, "down").trials][-1] == TrialState.COMPLETE
+
+
 def test_a_queued_config_outside_a_changed_search_space_is_dropped(tmp_path):
     """An interrupted trial's params are queued to run again; the study's next run may sweep other values."""
     queued = optuna.create_study(study_name="changed", storage=f"sqlite:///{tmp_path}/optuna.db",

@@ -137,6 +137,11 @@ def decided(trials: list[optuna.trial.FrozenTrial], base: str | None = None) -> 
                and (base is None or t.user_attrs.get("config", [None])[0] == base) for t in trials)
 
 
+def failures(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Trials that failed (not those dropped as outside a changed search space)."""
+    return sum(t.state == TrialState.FAIL and "dropped" not in t.user_attrs for t in trials)
+
+
 def oom_override(study: optuna.Study) -> list[str]:
     """After an out-of-memory trial, later trials get budget.oom_at_gb: the smallest predicted
     peak that ran out of memory. Configs predicted at least that large are then skipped before
@@ -325,13 +330,16 @@ class OptunaSweeperImpl(Sweeper):
         base = "ftlab.config_hash=" + tracking.config_hash(
             OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"]))
         size, repeats_in_a_row = space_size(space), 0
+        # max_failed_trials counts this run's failures: a study stopped by failures (a store that was down,
+        # a bug since fixed) goes on when the same command is run again.
+        failed_before = failures(study.get_trials(deepcopy=False))
 
         while True:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             done = decided(trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
-            failed = sum(t.state == TrialState.FAIL and "dropped" not in t.user_attrs for t in trials)
+            failed = failures(trials) - failed_before
             if done >= self.n_trials:
                 break
             if size is not None and decided(trials, base) >= size:
@@ -343,8 +351,8 @@ class OptunaSweeperImpl(Sweeper):
                             repeats_in_a_row)
                 break
             if failed >= self.max_failed_trials:
-                log.error("stopping: %d failed trials (hydra.sweeper.max_failed_trials=%d)", failed,
-                          self.max_failed_trials)
+                log.error("stopping: %d trials failed in this run of the sweep (hydra.sweeper.max_failed_trials=%d)",
+                          failed, self.max_failed_trials)
                 break
             if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
                 break
