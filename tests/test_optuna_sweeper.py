@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 
 from ftlab.config import SweepConfigError
 from ftlab.sweep import check_swept_values
-from hydra_plugins.ftlab_optuna_sweeper._impl import distribution, grid_values, probe_values, space_size
+from hydra_plugins.ftlab_optuna_sweeper._impl import (distribution, grid_values, probe_values, running_elsewhere,
+                                                      space_size)
 from tests.conftest import CONF
 from tests.sweeping import runs, sweep
 
@@ -166,6 +167,24 @@ def test_a_repeat_is_reused_only_while_the_shared_config_and_data_are_unchanged(
     assert [t.user_attrs.get("repeat_of") for t in trials] == [None, None]
     assert "all configs of the search space (1) are decided" in out.stdout + out.stderr
     assert len(runs(tmp_path)) == 2
+
+
+def test_a_config_another_worker_is_running_is_asked_again_not_trained_twice():
+    """Two workers of a shared study each trained lora_r=8 at once (random and TPE samplers ask for
+    the same config), and both counted towards n_trials."""
+    shared = optuna.create_study(direction="maximize")
+    config = ["ftlab.config_hash=abc", "lora_r=8"]
+    older, newer = shared.ask(), shared.ask()  # RUNNING in two workers
+    for trial in (older, newer):
+        trial.set_user_attr("config", config)
+    assert not running_elsewhere(shared, older, [older])  # the older one runs
+    assert running_elsewhere(shared, newer, [newer])
+    dropped = shared.trials[newer.number]
+    assert dropped.state == TrialState.FAIL
+    assert dropped.user_attrs["dropped"] == f"its config was running in trial {older.number}"
+    same_batch = shared.ask()  # a twin in this worker's own batch runs with it (one training, see below)
+    same_batch.set_user_attr("config", config)
+    assert not running_elsewhere(shared, same_batch, [older, same_batch])
 
 
 def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):

@@ -188,6 +188,24 @@ def reuse_earlier_outcome(study: optuna.Study, trial: optuna.Trial, config: list
     return True
 
 
+def running_elsewhere(study: optuna.Study, trial: optuna.Trial, batch: list[optuna.Trial]) -> bool:
+    """Drop a trial whose config an older trial of another worker is running (TPE and random
+    samplers ask two workers for the same config): end it FAIL, marked dropped (no failure
+    counted), and ask again, instead of training that config twice at once. The older one runs:
+    two workers asking together do not both drop it."""
+    config, numbers = trial.user_attrs["config"], {t.number for t in batch}
+    twin = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                 if t.number < trial.number and t.number not in numbers and t.user_attrs.get("config") == config),
+                None)
+    if twin is None:
+        return False
+    trial.set_user_attr("dropped", f"its config was running in trial {twin.number}")
+    tell(study, trial, state=TrialState.FAIL)
+    log.info("trial %d: its config %s is running in trial %d (another worker); asking for another", trial.number,
+             trial.params, twin.number)
+    return True
+
+
 def outcome_of(ret) -> dict[str, Any]:
     """A launcher's JobReturn as ftlab.sweep.run_trial's outcome."""
     if ret.status == JobStatus.FAILED:  # raised outside ftlab's trial wrapper (e.g. a bad override)
@@ -347,8 +365,8 @@ class OptunaSweeperImpl(Sweeper):
                          self.n_trials)
                 break
             if repeats_in_a_row >= MAX_REPEATS_IN_A_ROW:
-                log.warning("stopping: the sampler asked %d times in a row for configs already decided",
-                            repeats_in_a_row)
+                log.warning("stopping: the sampler asked %d times in a row for configs already decided (or running "
+                            "in other workers)", repeats_in_a_row)
                 break
             if failed >= self.max_failed_trials:
                 log.error("stopping: %d trials failed in this run of the sweep (hydra.sweeper.max_failed_trials=%d)",
@@ -365,7 +383,7 @@ class OptunaSweeperImpl(Sweeper):
             configs = {number: [base, *p] for number, p in params.items()}
             batch, twins = [], []  # twins: a config asked twice in this batch runs once, and they take its outcome
             for t in asked:
-                if not reuse_earlier_outcome(study, t, configs[t.number]):
+                if not reuse_earlier_outcome(study, t, configs[t.number]) and not running_elsewhere(study, t, asked):
                     (twins if any(configs[b.number] == configs[t.number] for b in batch) else batch).append(t)
             repeats_in_a_row = 0 if batch else repeats_in_a_row + len(asked)
             if not batch:
