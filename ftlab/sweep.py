@@ -104,6 +104,11 @@ def end_sweep(cfg: DictConfig, error: BaseException, status: str) -> None:
     if parent:
         client = MlflowClient()
         try:
+            if status == "KILLED" and (running := _running_trials(parent)):
+                # This worker stopped; the sweep goes on in others (many workers on one study).
+                log.info("sweep parent run %s left RUNNING: %d trial(s) of other workers still running", parent,
+                         running)
+                return
             client.set_tag(parent, "ftlab.error",
                            tracking.mask(f"{type(error).__name__}: {error}")[:tracking.MAX_PARAM_VALUE])
             client.set_terminated(parent, status=status)
@@ -255,9 +260,13 @@ class SweepCallback(Callback):
         out = Path(config.hydra.sweep.dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        record_best(parent, summary)
+        ended = record_best(parent, summary)
         counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items()) or "no trials"
         best = summary["best_run_id"] or f"none (no trial finished with {', '.join(summary['objective'])})"
+        if not ended:
+            print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run so far {best}; the trials still running "
+                  "belong to other workers: the last to finish ends the sweep and writes its report")
+            return
         stages = hand_over(config, parent, summary["best_run_id"])
         report = f"; report {stages['ftlab.report'] / 'report.html'}" if stages.get("ftlab.report") else ""
         print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {best}{report}; summary {out / SUMMARY_FILE}")
@@ -295,16 +304,31 @@ def pareto_front(trials: list[dict], objective: list[str], sign: list[int]) -> l
     return [t for t in trials if not any(dominates(vec(o), vec(t)) for o in trials if o is not t)]
 
 
-def record_best(parent_run_id: str, summary: dict) -> None:
+def _running_trials(parent_run_id: str) -> int:
+    return sum(r.info.status == "RUNNING" for r in tracking.child_runs(parent_run_id))
+
+
+def record_best(parent_run_id: str, summary: dict) -> bool:
+    """Log the best trial and the counts on the parent run and end it FINISHED, unless trials of
+    other workers still run: the last worker to finish ends it. Returns whether it ended."""
     client = MlflowClient()
     if summary["best_run_id"]:
         client.set_tag(parent_run_id, "ftlab.best_run_id", summary["best_run_id"])
         for name, value in summary["best_metrics"].items():
             client.log_metric(parent_run_id, f"best_{name}", value)
-    for state, n in summary["counts"].items():
-        client.log_metric(parent_run_id, f"trials_{state}", n)
+    parent = client.get_run(parent_run_id)
+    # A count logged by an earlier worker's end (trials_running=1) is 0 once no trial is in that state.
+    counts = {**{k: 0 for k in parent.data.metrics if k.startswith("trials_")},
+              **{f"trials_{state}": n for state, n in summary["counts"].items()}}
+    for key, n in counts.items():
+        client.log_metric(parent_run_id, key, n)
     client.log_dict(parent_run_id, summary, f"sweep/{SUMMARY_FILE}")
+    if summary["counts"].get("running"):
+        return False
+    if "ftlab.error" in parent.data.tags:  # a worker interrupted earlier (the others went on)
+        client.delete_tag(parent_run_id, "ftlab.error")
     client.set_terminated(parent_run_id, status="FINISHED")
+    return True
 
 
 def hand_over(config: DictConfig, parent_run_id: str, best_run_id: str | None) -> dict[str, Any]:

@@ -180,3 +180,33 @@ def test_a_sweep_on_a_local_checkpoint_run_again_keeps_its_finished_trials(tmp_p
     again = sweep(tmp_path, *command)
     assert again.stdout.count("kept: its config already finished in sweep local") == 2, again.stdout[-3000:]
     assert len(runs(tmp_path)) == 2
+
+
+def test_a_worker_that_ends_while_another_still_trains_leaves_the_sweep_to_it(tmp_path):
+    """With many workers on one sweep, the first to end (or be interrupted) set the parent run
+    FINISHED (or KILLED, with the interrupt as its error) while others trained, and its count
+    trials_running=1 stayed on the parent for good."""
+    shared = "sweep.name=shared"
+    sweep(tmp_path, "lora_r=4", shared)
+    [parent] = runs(tmp_path, "sweep")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    elsewhere = client.create_run(parent.info.experiment_id, tags={  # another worker's trial, training
+        "mlflow.parentRunId": parent.info.run_id, "ftlab.role": "trial", "ftlab.state": "running",
+        "ftlab.sweep_id": "shared", "ftlab.trial_number": "7"}).info.run_id
+
+    out = sweep(tmp_path, "lora_r=4", shared)  # its trial kept: this worker has nothing left to do
+    assert "the last to finish ends the sweep and writes its report" in out.stdout
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "RUNNING" and parent.data.metrics["trials_running"] == 1
+    interrupted = sweep(tmp_path, "lora_r=8", shared, "train.max_steps=2",
+                        "train.callbacks=[{_target_: tests.faults.SignalAtStep, step: 1}]", check=False)
+    assert interrupted.returncode == 143, interrupted.stderr[-3000:]
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "RUNNING" and "ftlab.error" not in parent.data.tags
+
+    client.set_tag(elsewhere, "ftlab.state", "finished")
+    client.set_terminated(elsewhere, "FINISHED")
+    sweep(tmp_path, "lora_r=8", shared, "train.max_steps=2")  # the interrupted config continues; the sweep ends
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_running"] == 0
+    assert parent.data.metrics["trials_finished"] == 3 and "ftlab.error" not in parent.data.tags
