@@ -302,6 +302,28 @@ def test_a_stale_trial_outside_a_changed_search_space_is_not_queued_again(tmp_pa
     assert "trial 0: its params {'lora_r': 2} are outside this search space; not queued again" in out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("queued_after", ["interrupt", "crash"])
+def test_a_retried_config_whose_worker_dies_is_queued_again_once(tmp_path, queued_after):
+    """A config queued after a SIGTERM (retry_of), whose worker then died, was never run again: only
+    a config that already crashed a worker once must not be retried again and again."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=2)
+    died = optuna.create_study(study_name="stale", storage=storage, directions=["maximize"])
+    trial = died.ask({"lora_r": CategoricalDistribution([4, 8])})
+    trial.set_user_attr("retry_of", 0)
+    if queued_after == "crash":
+        trial.set_user_attr("retry_after_crash", True)
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)
+    sweep(tmp_path, *optuna_args(tmp_path, "stale", "lora_r=choice(4,8)", "hydra.sweeper.n_trials=1",
+                                 "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"))
+    trials = study(tmp_path, "stale").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    retried = trials[1].user_attrs.get("retry_of") == trial.number
+    assert retried == (queued_after == "interrupt")
+    if retried:
+        assert trials[1].params == trial.params and trials[1].user_attrs["retry_after_crash"]
+
+
 def test_other_choices_in_a_study_run_again_are_one_line_before_anything_runs(tmp_path):
     earlier = optuna.create_study(study_name="choices", storage=f"sqlite:///{tmp_path}/optuna.db",
                                   directions=["maximize"])

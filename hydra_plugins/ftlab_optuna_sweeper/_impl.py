@@ -152,11 +152,13 @@ def oom_override(study: optuna.Study) -> list[str]:
     return [f"budget.oom_at_gb={min(ooms)!r}"] if ooms else []
 
 
-def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, after_crash: bool = False) -> None:
     """Queue an interrupted trial's params to be asked first, by this sweep's next run or by
     another worker: the same config continues its MLflow run from its last checkpoint
-    (ftlab.pipeline) instead of the sampler moving on and the work done being lost."""
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    (ftlab.pipeline) instead of the sampler moving on and the work done being lost.
+    after_crash: its worker died (no heartbeat), which is retried once, not again and again."""
+    attrs = {"retry_of": trial.number, **({"retry_after_crash": True} if after_crash else {})}
+    study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
     log.info("trial %d: its params are queued to run again (%s)", trial.number, trial.params)
 
 
@@ -287,10 +289,11 @@ class OptunaSweeperImpl(Sweeper):
             killed = tracking.mark_killed(sweep_id, trial.number)
             log.warning("trial %d of %s had no heartbeat for %ss: FAIL in Optuna, MLflow run(s) %s KILLED",
                         trial.number, study.study_name, self.grace_period or 2 * self.heartbeat_interval, killed)
-            if "retry_of" in trial.user_attrs:  # once: a config that crashes its worker must not loop
+            if trial.user_attrs.get("retry_after_crash"):  # once: a config that crashes its worker must not loop
+                log.warning("trial %d: its config was retried after a crash already; not queued again", trial.number)
                 return
             if in_space(trial.params, space):
-                retry(study, trial)
+                retry(study, trial, after_crash=True)
             else:
                 log.warning("trial %d: its params %s are outside this search space; not queued again", trial.number,
                             trial.params)
