@@ -124,17 +124,17 @@ def postgres_driver(url: str) -> str:
     return url
 
 
-def probe_database(uri: str, attempts: int = 3) -> None:
+def probe_database(uri: str, shown: str, attempts: int = 3) -> None:
     """Connect once to a database store (a few tries over ~3 s). MLflow itself retries an
     unreachable database 10 times over ~100 s, warning each time: a worker started against a
-    wrong URI or a stopped server should hear so in seconds."""
+    wrong URI or a stopped server should hear so in seconds. `shown`: the URI as the user gave it."""
     import sqlalchemy
 
     timeout = {"connect_timeout": 10} if uri.startswith(("postgresql", "mysql")) else {}
     try:
         engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool, connect_args=timeout)
     except Exception as e:  # a malformed URL, or its driver not installed
-        raise unusable_store(uri, e) from None
+        raise unusable_store(shown, e) from None
     try:
         for attempt in range(attempts):
             try:
@@ -142,7 +142,7 @@ def probe_database(uri: str, attempts: int = 3) -> None:
                     return
             except sqlalchemy.exc.DBAPIError as e:
                 if attempt == attempts - 1:
-                    raise unusable_store(uri, mask(str(e.orig)).strip()) from None
+                    raise unusable_store(shown, " ".join(mask(str(e.orig)).split())) from None
                 time.sleep(2.0 ** attempt)
     finally:
         engine.dispose()
@@ -191,7 +191,7 @@ def setup(tracking_uri: str | None, experiment: str) -> str:
         os.environ.setdefault(name, value)
     store = sqlite_busy_timeout(postgres_driver(uri))
     if store.startswith(("postgresql", "mysql", "mssql")):
-        probe_database(store)
+        probe_database(store, shown=uri)
     mlflow.set_tracking_uri(store)
     try:
         with one_process_at_a_time(store):

@@ -44,6 +44,10 @@ def test_unreachable_store_fails_before_training(tmp_path):
     assert time.monotonic() - start < 30  # MLflow's own engine retries for ~100 s
     with pytest.raises(tracking.TrackingError, match='database "ftlab_no_such_db" does not exist'):
         tracking.setup("postgresql://postgres@127.0.0.1:5432/ftlab_no_such_db", "x")
+    with pytest.raises(tracking.TrackingError) as refused:  # named as typed, in one line (psycopg2 wraps it)
+        tracking.setup("postgresql://postgres@127.0.0.1:1/none", "x")
+    assert str(refused.value).startswith("cannot use the MLflow tracking store tracking_uri=postgresql://postgres@")
+    assert "\n" not in str(refused.value) and "Connection refused Is the server running" in str(refused.value)
     with pytest.raises(tracking.TrackingError, match="Can't load plugin: sqlalchemy.dialects:mysql.nosuchdriver"):
         tracking.setup("mysql+nosuchdriver://nobody@127.0.0.1/none", "x")  # a driver that is not installed
 
