@@ -532,10 +532,13 @@ def over_budget_remedy(cfg: DictConfig) -> str:
             f"set budget.fit=auto_batch to run it as {setting}"
     s = settings(cfg)
     one = estimate_settings(replace(s, batch=1))
+    budget = budget_gib(cfg)
+    if budget is not None and one.terms.get("cuda_context", 0.0) >= budget * GIB:
+        return (f"the CUDA context alone takes {CUDA_CONTEXT_BYTES / GIB:.3g} GiB of any GPU's memory: no model fits "
+                f"a budget of {budget:.3g} GiB")
     # A shorter sequence shrinks activations and logits only: where the rest (weights, optimizer,
     # context) is already over the budget, shortening cannot make it fit and is not suggested.
     fixed = estimate_settings(replace(s, batch=1, seq=1)).total_gb
-    budget = budget_gib(cfg)
     ways = [*(["lower train.max_seq_length"] if budget is None or fixed <= budget else []),
             *(["set peft=qlora"] if cfg.peft.load_in_bits > 4 else []), "choose a smaller model"]
     said = f"{', '.join(ways[:-1])} or {ways[-1]}" if len(ways) > 1 else ways[0]

@@ -264,6 +264,9 @@ def test_an_over_budget_config_is_told_what_would_make_it_fit(make_cfg):
         # Weights, optimizer and context alone over the budget: a shorter sequence cannot fit it.
         assert over_budget_remedy(cfg("budget.vram_gb=4", f"budget.fit={fit}")).endswith("weights: choose a smaller model")
     assert "set peft=qlora" in over_budget_remedy(cfg("peft=lora", "budget.vram_gb=12"))
+    # Below the CUDA context itself no model fits: "choose a smaller model" would send users in circles.
+    assert over_budget_remedy(make_cfg("model=tiny", "budget.vram_gb=0.3")) == \
+        "the CUDA context alone takes 0.5 GiB of any GPU's memory: no model fits a budget of 0.3 GiB"
 
 
 LLAMA_31_8B_CONFIG = {  # the published config.json's shape keys (meta-llama/Llama-3.1-8B-Instruct)
