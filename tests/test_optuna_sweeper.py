@@ -334,3 +334,7 @@ def test_other_choices_in_a_study_run_again_are_one_line_before_anything_runs(tm
         "ftlab: lora_r=choice(4,8): study choices swept lora_r over (2, 4) before, and an Optuna study keeps a "
         "parameter's choices (and its kind); name a new study (hydra.sweeper.study_name=... or sweep.name=...)")
     assert len(study(tmp_path, "choices").trials) == 1 and runs(tmp_path) == []
+    # The same choices in another order are the study's own: it goes on (a grid, numbered in the study's order).
+    sweep(tmp_path, *optuna_args(tmp_path, "choices", "lora_r=choice(4,2)", "hydra.sweeper.sampler=grid",
+                                 "hydra.sweeper.n_trials=2"))
+    assert [t.state for t in study(tmp_path, "choices").trials] == [TrialState.COMPLETE] * 2

@@ -339,12 +339,14 @@ class OptunaSweeperImpl(Sweeper):
         sampler = self.make_sampler(space, len(objective), self.seed)
         study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=sampler, directions=direction,
                                     load_if_exists=True)
-        if self.seed is not None and study.trials:
+        reordered = self.check_space_against_study(study, space)
+        if (self.seed is not None and study.trials) or reordered:
             # A seeded sampler starts its random stream over: a resumed sweep (or a later worker) would
             # ask first for the configs the study's first trials already ran. Go on with a seed of its own.
-            sampler = study.sampler = self.make_sampler(space, len(objective), self.seed + len(study.trials))
+            # (A grid sampler numbers its points in the order of the choices: the study's order.)
+            seed = self.seed + len(study.trials) if self.seed is not None else None
+            sampler = study.sampler = self.make_sampler(space, len(objective), seed)
         log.info("Optuna study %s: %d trials wanted, %d in storage", sweep_id, self.n_trials, len(study.trials))
-        self.check_space_against_study(study, space)
         self.drop_queued_outside(study, storage, space)
         # What every trial shares (config files, fixed overrides, the data file's content): a trial repeats
         # an earlier one only when this and its params match (reuse_earlier_outcome).
@@ -436,14 +438,19 @@ class OptunaSweeperImpl(Sweeper):
         self.write_results(study, objective)
         return study
 
-    def check_space_against_study(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> None:
+    def check_space_against_study(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> bool:
         """Optuna keeps a choice parameter's choices for the life of a study, and would refuse the
-        first ask of a study run again with other choices: say so before anything runs."""
-        stored = {}
+        first ask of a study run again with other choices: say so before anything runs. The same
+        choices in another order are the study's (space updated); returns whether any were."""
+        stored, reordered = {}, False
         for t in study.get_trials(deepcopy=False):
             stored.update({name: dist for name, dist in t.distributions.items() if name not in stored})
         for name, dist in space.items():
-            if name in stored:
+            if isinstance(dist, CategoricalDistribution) and isinstance(stored.get(name), CategoricalDistribution) \
+                    and dist.choices != stored[name].choices and sorted(map(repr, dist.choices)) == \
+                    sorted(map(repr, stored[name].choices)):
+                space[name], reordered = stored[name], True
+            elif name in stored:
                 try:
                     optuna.distributions.check_distribution_compatibility(stored[name], dist)
                 except ValueError:
@@ -452,6 +459,7 @@ class OptunaSweeperImpl(Sweeper):
                         f"{self.space_lines[name]}: study {study.study_name} swept {name} over {earlier} before, and an "
                         "Optuna study keeps a parameter's choices (and its kind); name a new study "
                         "(hydra.sweeper.study_name=... or sweep.name=...)") from None
+        return reordered
 
     def drop_queued_outside(self, study: optuna.Study, storage: optuna.storages.RDBStorage,
                             space: dict[str, BaseDistribution]) -> None:
