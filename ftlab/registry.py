@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
+from ftlab.checkpoints import exit_on_interrupt
 from ftlab.config import HELD_OUT_METRICS, FtlabConfig, choice_problem, exit_2_on, gate_metric_problem
 from ftlab.data import Example, prepare
 
@@ -238,64 +239,68 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     if same := _registered_alike(client, name, run_id, base_setting, weights_dtype):
         print(f"run {run_id} is already {name} version {same.version}, merged the same way: not registered again")
         return same
-    examples = held_out(run_id)
-    with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
-        merged = merge(run, cfg, Path(tmp) / "checkpoint", weights_dtype, base_setting, examples)
-        tokenizer = models.load_tokenizer(merged.path)
-        # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
-        # from transformers 4's task table and fails on transformers 5.
-        components = {"model": AutoModelForCausalLM.from_pretrained(merged.path), "tokenizer": tokenizer}
-        example = examples[0]
-        prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
-        params = {"max_new_tokens": 64}
-        # Resume the trial run so the model lives next to the adapter and metrics it came from, in
-        # the run's own experiment (MLflow refuses to resume a run of another active experiment).
-        mlflow.set_experiment(experiment_id=run.info.experiment_id)
-        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-        try:
-            if merged.merged:
-                mlflow.log_metrics({"merge_relative_logit_diff": merged.relative_diff,
-                                    "merge_effect_share": merged.effect_share})
-            info = mlflow.transformers.log_model(
-                transformers_model=components, name=MERGED_ARTIFACT, task="text-generation",
-                signature=infer_signature(prompt, example.reference, params=params),
-                input_example=(prompt, params), pip_requirements=_requirements(), registered_model_name=name,
-            )
-        finally:  # FINISHED, as the trial was: `with start_run` marks a run FAILED on any error, and
-            mlflow.end_run()  # a FAILED run can never be registered
+    try:
+        examples = held_out(run_id)
+        with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
+            merged = merge(run, cfg, Path(tmp) / "checkpoint", weights_dtype, base_setting, examples)
+            tokenizer = models.load_tokenizer(merged.path)
+            # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
+            # from transformers 4's task table and fails on transformers 5.
+            components = {"model": AutoModelForCausalLM.from_pretrained(merged.path), "tokenizer": tokenizer}
+            example = examples[0]
+            prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
+            params = {"max_new_tokens": 64}
+            # Resume the trial run so the model lives next to the adapter and metrics it came from, in
+            # the run's own experiment (MLflow refuses to resume a run of another active experiment).
+            mlflow.set_experiment(experiment_id=run.info.experiment_id)
+            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+            try:
+                if merged.merged:
+                    mlflow.log_metrics({"merge_relative_logit_diff": merged.relative_diff,
+                                        "merge_effect_share": merged.effect_share})
+                info = mlflow.transformers.log_model(
+                    transformers_model=components, name=MERGED_ARTIFACT, task="text-generation",
+                    signature=infer_signature(prompt, example.reference, params=params),
+                    input_example=(prompt, params), pip_requirements=_requirements(), registered_model_name=name,
+                )
+            finally:  # FINISHED, as the trial was: `with start_run` marks a run FAILED on any error, and
+                mlflow.end_run()  # a FAILED run can never be registered
 
-    # What is registered is scored, not the run: the run scored its adapter on the 4-bit base it
-    # trained on, and the merged 16-bit model answers somewhat differently. (After logging: scoring
-    # may upcast the model in place.)
-    scores = scoring.score(_computable(components["model"], dtype), tokenizer, examples, cfg, dtype,
-                           desc="evaluate merged").metrics
-    version = str(info.registered_model_version)
-    if merged.merged:
-        adapter_bytes = sum(f.file_size or 0 for f in client.list_artifacts(run_id, "adapter"))
-        adapter_tags = {
-            "ftlab.adapter_mb": f"{adapter_bytes / 2**20:.2f}",
-            # For LoRA hot-swapping servers: the adapter alone, a few MB.
-            "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
-            "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
-            "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
-            "ftlab.merge_effect_share": f"{merged.effect_share:.3f}",
-            "ftlab.merge_dtype": str(merged.dtype).removeprefix("torch."),
-            "ftlab.merge_base": base_setting,
+        # What is registered is scored, not the run: the run scored its adapter on the 4-bit base it
+        # trained on, and the merged 16-bit model answers somewhat differently. (After logging: scoring
+        # may upcast the model in place.)
+        scores = scoring.score(_computable(components["model"], dtype), tokenizer, examples, cfg, dtype,
+                               desc="evaluate merged").metrics
+        version = str(info.registered_model_version)
+        if merged.merged:
+            adapter_bytes = sum(f.file_size or 0 for f in client.list_artifacts(run_id, "adapter"))
+            adapter_tags = {
+                "ftlab.adapter_mb": f"{adapter_bytes / 2**20:.2f}",
+                # For LoRA hot-swapping servers: the adapter alone, a few MB.
+                "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
+                "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
+                "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
+                "ftlab.merge_effect_share": f"{merged.effect_share:.3f}",
+                "ftlab.merge_dtype": str(merged.dtype).removeprefix("torch."),
+                "ftlab.merge_base": base_setting,
+            }
+        else:  # a full fine-tune: no adapter to size or point at
+            adapter_tags = {"ftlab.full_fine_tune": "true"}
+        tags = {
+            "ftlab.sweep_id": sweep_id or run.data.tags.get("ftlab.sweep_id", ""),
+            "ftlab.base_model": run.data.tags.get("ftlab.model", ""),
+            "ftlab.base_checkpoint": run.data.params["model.checkpoint"],
+            "ftlab.data_fingerprint": run.data.tags.get("ftlab.data_fingerprint", ""),
+            **adapter_tags,
+            **{f"metric.{k}": f"{v:.4f}" for k, v in scores.items()},
+            **{f"run_metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items() if k in (*HELD_OUT_METRICS, "eval_loss")},
+            "ftlab.source_run_id": run_id,  # last: a version with it is complete (_remove_unfinished_versions)
         }
-    else:  # a full fine-tune: no adapter to size or point at
-        adapter_tags = {"ftlab.full_fine_tune": "true"}
-    tags = {
-        "ftlab.source_run_id": run_id,
-        "ftlab.sweep_id": sweep_id or run.data.tags.get("ftlab.sweep_id", ""),
-        "ftlab.base_model": run.data.tags.get("ftlab.model", ""),
-        "ftlab.base_checkpoint": run.data.params["model.checkpoint"],
-        "ftlab.data_fingerprint": run.data.tags.get("ftlab.data_fingerprint", ""),
-        **adapter_tags,
-        **{f"metric.{k}": f"{v:.4f}" for k, v in scores.items()},
-        **{f"run_metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items() if k in (*HELD_OUT_METRICS, "eval_loss")},
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    except BaseException:  # Ctrl-C, SIGTERM, a failure while scoring: no version left half made
+        _remove_unfinished_versions(client, name, run_id)
+        raise
     check = ("a full fine-tune: its own weights, nothing merged" if not merged.merged else
              f"merge check: logits within {merged.relative_diff:.1e} of base+adapter, "
              f"{merged.effect_share:.1%} of the adapter's effect")
@@ -310,6 +315,20 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     if merged.merged and remedies and any(v < run.data.metrics.get(k, v) - 0.02 for k, v in scores.items()):
         print(f"  the merged model scores below its run: {'; '.join(remedies)}")
     return client.get_model_version(name, version)
+
+
+def _remove_unfinished_versions(client: MlflowClient, name: str, run_id: str) -> None:
+    """Delete the versions of `name` this run logged whose registration did not finish (no
+    ftlab.source_run_id tag, set last): untagged, a later register would not see it as this run's
+    and make another, and `promote` could move production to a model never scored."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return
+    for v in versions:
+        if "ftlab.source_run_id" not in v.tags:
+            client.delete_model_version(name, v.version)
+            print(f"ftlab: {name} version {v.version} removed: its registration did not finish", file=sys.stderr)
 
 
 def _registered_alike(client: MlflowClient, name: str, run_id: str, base_setting: str,
@@ -536,7 +555,8 @@ def main() -> None:
         else:
             raise RegistryError(f"action={cfg.action}: use register, promote or rollback")
 
-    command()
+    with exit_on_interrupt():  # SIGTERM as Ctrl-C: the trial run resumed to log the model is ended, not left RUNNING
+        command()
 
 
 if __name__ == "__main__":

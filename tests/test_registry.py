@@ -154,6 +154,28 @@ def test_a_merge_that_leaves_the_adapter_out_is_refused_and_merge_dtype_is_kept(
         "quantization_config") is None  # a plain 16-bit checkpoint: nothing re-quantized
 
 
+def test_a_registration_interrupted_while_scoring_leaves_no_version_and_the_run_finished(make_cfg, monkeypatch):
+    """Interrupted after MLflow created the version, the version stayed without tags: a second
+    register made another (the untagged one was not seen as this run's) and promote could move
+    production to a model never scored."""
+    run(make_cfg(*FAST[:3], "lr=1e-2"))
+    [trial] = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry.scoring, "score", interrupted)  # Ctrl-C while the merged model is scored
+    with pytest.raises(KeyboardInterrupt):
+        registry.register(trial.info.run_id, "interrupted")
+    monkeypatch.undo()
+    client = MlflowClient()
+    assert client.search_model_versions("name = 'interrupted'") == []
+    assert client.get_run(trial.info.run_id).info.status == "FINISHED"
+    version = registry.register(trial.info.run_id, "interrupted")
+    assert str(version.version) == "2" and version.tags["ftlab.source_run_id"] == trial.info.run_id
+    assert str(registry.register(trial.info.run_id, "interrupted").version) == "2"  # the same settings reuse it
+
+
 def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp_path):
     """peft=full logs the trained model itself: registered as is (no base + adapter to merge)."""
     run(make_cfg(*FAST[:3], "peft=full", "lr=1e-3"))
