@@ -534,7 +534,7 @@ def main() -> None:
         from ftlab.pipeline import quiet_third_party_output
 
         quiet_third_party_output()
-        tracking.setup(tracking.existing_store(cfg.tracking_uri), cfg.experiment)
+        tracking.open_existing(cfg.tracking_uri)  # only read and added to: no experiment made
         name = model_name(cfg.registry.model_name, cfg.experiment)
         store = tracking.store_argument(cfg.tracking_uri)
         named = tracking.registry_arguments(cfg.registry.model_name, cfg.experiment)

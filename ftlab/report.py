@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ftlab.config import exit_2_on  # noqa: E402  (and registers the structured-config schema)
-from ftlab.tracking import TrackingError, existing_store, mask, registry_arguments, store_argument  # noqa: E402
+from ftlab.tracking import TrackingError, mask, open_existing, registry_arguments, store_argument  # noqa: E402
 
 STATE_ORDER = {"finished": 0, "failed": 1, "killed": 2, "skipped_budget": 3}
 # Logged by the pipeline beside the config; they follow from other params, so they are
@@ -601,7 +601,7 @@ def build_report(parent_run_id: str | None, out_dir: str | Path = "reports", tra
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.report [sweep=<sweep id, parent run id or a trial's run id>]`."""
     with exit_2_on(ReportError, TrackingError):
-        out = build_report(cfg.sweep, cfg.out_dir, existing_store(cfg.tracking_uri))
+        out = build_report(cfg.sweep, cfg.out_dir, open_existing(cfg.tracking_uri))
     print(f"report: {out / 'report.html'} (also logged on the sweep's parent run under report/)")
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ftlab import device
-from ftlab.config import exit_2_on
+from ftlab.config import ConfigError, exit_2_on
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -60,12 +60,10 @@ def resolve(cfg: DictConfig) -> Resolved:
             raise ServeError(f"model={cfg.model}: not models:/<name>@<alias>, models:/<name>/<version>, "
                              "nor a checkpoint directory with config.json")
         return Resolved(path.resolve(), path.name, None)
-    import mlflow
-
     from ftlab import models, registry, tracking
 
     try:
-        mlflow.set_tracking_uri(tracking.existing_store(cfg.tracking_uri))
+        tracking.open_existing(cfg.tracking_uri)
     except tracking.TrackingError as e:
         raise ServeError(str(e)) from None
     name = match["name"]
@@ -296,7 +294,7 @@ def main() -> None:
     import hydra
 
     @hydra.main(version_base="1.3", config_path="conf/serve", config_name="config")
-    @exit_2_on(ServeError)
+    @exit_2_on(ServeError, ConfigError)  # ConfigError: an unusable cache_dir
     def command(cfg: DictConfig) -> None:
         # SIGTERM (e.g. from a supervisor) takes the same path as Ctrl-C, so the engine is stopped.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

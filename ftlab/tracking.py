@@ -183,16 +183,36 @@ def one_process_at_a_time(store: str):
         engine.dispose()
 
 
-def setup(tracking_uri: str | None, experiment: str) -> str:
-    """Point MLflow at the store and make sure the experiment exists. Fails loudly now,
-    not after an hour of training, if the store cannot be reached."""
-    uri = tracking_uri or default_tracking_uri()
+def _point_at(uri: str) -> str:
+    """Point MLflow at the store, with ftlab's short HTTP retries and SQLite lock wait; a database
+    server that cannot be reached fails now (probe_database)."""
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     store = sqlite_busy_timeout(postgres_driver(uri))
     if store.startswith(("postgresql", "mysql", "mssql")):
         probe_database(store, shown=uri)
     mlflow.set_tracking_uri(store)
+    return store
+
+
+def open_existing(tracking_uri: str | None) -> str:
+    """For the commands that only read the store (report, registry, serve): the store that must
+    be there (existing_store), opened as setup opens it but without making an experiment, and
+    one line (TrackingError) when it cannot be used: a dead server in seconds, a file store."""
+    uri = existing_store(tracking_uri)
+    store = _point_at(uri)
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as e:
+        raise unusable_store(uri, " ".join(str(e).split())[:500]) from None
+    return store
+
+
+def setup(tracking_uri: str | None, experiment: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists. Fails loudly now,
+    not after an hour of training, if the store cannot be reached."""
+    uri = tracking_uri or default_tracking_uri()
+    store = _point_at(uri)
     try:
         with one_process_at_a_time(store):
             client = MlflowClient()  # which opens the store (its tables made or migrated)

@@ -223,6 +223,9 @@ def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path):
     nothing = cli("promote")  # a registry with no versions: the user's to fix, one line, exit 2
     assert nothing.returncode == 2 and "Traceback" not in nothing.stderr
     assert "ftlab: registered model 'ftlab' has no versions; register a run first" in nothing.stderr
+    typo = cli("rollback", "experiment=typoexp")  # read, and refused: no experiment made in the store
+    assert typo.returncode == 2 and "'typoexp' has no 'previous' alias" in typo.stderr, typo.stderr[-2000:]
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("typoexp") is None
     for version in ("3", "prod"):
         named = cli("promote", f"version={version}")
         assert named.returncode == 2 and "Traceback" not in named.stderr, named.stderr[-2000:]

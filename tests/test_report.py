@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -211,6 +212,14 @@ def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
     assert no_store.returncode == 2 and "Traceback" not in no_store.stderr
     assert f"ftlab: no MLflow store here: the default store, ./mlruns/mlflow.db, is not in {elsewhere}" in no_store.stderr
     assert list(elsewhere.iterdir()) == []
+    # A store that cannot be used is one line: a dead server in seconds (it took 4 minutes of MLflow's
+    # own retries, then a traceback), a file store that MLflow 3 no longer opens.
+    for store, says in (("http://127.0.0.1:9", "Connection refused"), (str(elsewhere), "filesystem tracking backend")):
+        start = time.monotonic()
+        refused = run_report(f"tracking_uri={store}", cwd=elsewhere)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        assert f"ftlab: cannot use the MLflow tracking store tracking_uri={store}: " in refused.stderr
+        assert says in refused.stderr and time.monotonic() - start < 60
 
 
 def run_report(*args: str, cwd: Path):

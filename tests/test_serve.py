@@ -148,6 +148,9 @@ def test_a_taken_port_or_bad_setting_is_refused_before_the_model_is_fetched(tmp_
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"ftlab: port={port}: something already listens on 127.0.0.1:{port}; stop it or choose another port=" \
         in out.stderr
+    dead = cli("tracking_uri=http://127.0.0.1:9")  # MLflow's own retries took minutes
+    assert dead.returncode == 2 and "Traceback" not in dead.stderr
+    assert "ftlab: cannot use the MLflow tracking store tracking_uri=http://127.0.0.1:9: " in dead.stderr
     cannot_vllm = importlib.util.find_spec("vllm") is None or not torch.cuda.is_available()
     for setting, says in (("port=99999", "port=99999: use 1-65535"), ("quantize=3bit", "quantize=3bit: use 8bit"),
                           ("max_tokens=0", "max_tokens=0: must be >= 1"),
