@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
 from ftlab.checkpoints import exit_on_interrupt
-from ftlab.config import HELD_OUT_METRICS, FtlabConfig, choice_problem, exit_2_on, gate_metric_problem
+from ftlab.config import (HELD_OUT_METRICS, FtlabConfig, choice_problem, exit_2_on, gate_metric_problem,
+                          model_name_problem)
 from ftlab.data import Example, prepare
 
 log = logging.getLogger("ftlab.registry")
@@ -207,12 +208,9 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
 def model_name(registry_name: str | None, experiment: str) -> str:
     """registry.model_name, else the experiment's name; refused here, before a merge, where the
     registry would refuse it after one."""
-    name = registry_name or experiment
-    if "/" in name or ":" in name:
-        key = "registry.model_name" if registry_name else "experiment (the default registry.model_name)"
-        raise RegistryError(f"{key}={name}: a registered model's name cannot hold '/' or ':'"
-                            + ("" if registry_name else "; set registry.model_name"))
-    return name
+    if problem := model_name_problem(registry_name, experiment):
+        raise RegistryError(problem)
+    return registry_name or experiment
 
 
 def _requirements() -> list[str]:

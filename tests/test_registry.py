@@ -303,7 +303,7 @@ def test_the_printed_commands_register_and_promote_a_run_of_another_experiment_a
 
     bad = cli([*register_cmd, "registry.model_name=team/bot"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "ftlab: registry.model_name=team/bot: a registered model's name cannot hold '/' or ':'" in bad.stderr
+    assert "ftlab: registry.model_name=team/bot: a registered model's name cannot hold '/', ':' or quotes" in bad.stderr
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
 
     registered = cli(register_cmd)
