@@ -243,9 +243,12 @@ def running(cfg: DictConfig):
 
 def print_usage(base_url: str, model: Resolved, api_key: str | None) -> None:
     key = "$FTLAB_API_KEY" if api_key else "none"
+    # The examples read the key from the environment, not from the screen; given as api_key=, it is not there.
+    export = "\n(export FTLAB_API_KEY=<the api_key= it was started with> first)\n" \
+        if api_key and os.environ.get("FTLAB_API_KEY") != api_key else ""
     print(f"""
 OpenAI-compatible server ready at {base_url}  (model "{model.served_name}")
-
+{export}
 curl {base_url}/chat/completions -H "Content-Type: application/json" \\
   -H "Authorization: Bearer {key}" \\
   -d '{{"model": "{model.served_name}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 64}}'

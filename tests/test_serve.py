@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from ftlab import models, registry
 from ftlab.pipeline import run
-from ftlab.serve import Resolved, free_port, resolve, smoke_check
+from ftlab.serve import Resolved, free_port, print_usage, resolve, smoke_check
 from tests.conftest import CONF, ROOT, TINY, store_overrides
 
 KEY = "test-key-1234"
@@ -176,3 +176,15 @@ def test_a_cached_download_is_served_only_for_the_version_it_was(production):
     again = resolve(cfg)
     assert again.served_name == first.served_name and again.checkpoint != first.checkpoint
     assert (again.checkpoint / "config.json").is_file()
+
+
+def test_the_printed_examples_say_where_their_key_comes_from(monkeypatch, capsys):
+    """They read $FTLAB_API_KEY: started with api_key=..., pasting them failed with a 401."""
+    model = Resolved(Path("m"), "m-v1", None)
+    monkeypatch.delenv("FTLAB_API_KEY", raising=False)
+    print_usage("http://127.0.0.1:8000/v1", model, "s3cret")
+    out = capsys.readouterr().out
+    assert "export FTLAB_API_KEY=<the api_key= it was started with> first" in out and "s3cret" not in out
+    monkeypatch.setenv("FTLAB_API_KEY", "s3cret")  # the key came from there: the examples work as printed
+    print_usage("http://127.0.0.1:8000/v1", model, "s3cret")
+    assert "export FTLAB_API_KEY" not in capsys.readouterr().out
