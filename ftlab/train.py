@@ -532,7 +532,11 @@ def _save_end_of_training(trainer, totals: RunTotals, ended: bool) -> Path | Non
 
 
 def _trained_tokens(trainer) -> int:
-    """Real (non-padding) tokens seen in training: TRL counts them as it goes."""
+    """Real (non-padding) tokens seen in training: TRL counts them as it goes (from the resumed
+    checkpoint's count, train()). Not the last log entry's: a run resumed at its last step, which
+    the Trainer saved before logging it, has no entry for that step."""
+    if getattr(trainer, "_total_train_tokens", 0):
+        return int(trainer._total_train_tokens)
     for entry in reversed(trainer.state.log_history):
         if "num_tokens" in entry:
             return int(entry["num_tokens"])
