@@ -448,27 +448,31 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     trainer.add_callback(quiet_progress_callback())
     before = RunTotals.of_checkpoint(resume_from)
     trainer.ftlab_before, trainer._total_train_tokens = before, before.tokens
-    with stop_on_signals() as stopper, PeakMemory() as peak:
-        trainer.add_callback(stopper.callback())  # last, so a signal sent by an earlier callback stops this step
-        trainer.ftlab_peak = peak
-        start = trainer.ftlab_start = time.perf_counter()
-        if _training_ended(resume_from, before):  # the Trainer, resumed at its last step, would train one more
-            from transformers import TrainerState
+    with stop_on_signals() as stopper:
+        with PeakMemory() as peak:
+            trainer.add_callback(stopper.callback())  # last, so a signal sent by an earlier callback stops this step
+            trainer.ftlab_peak = peak
+            start = trainer.ftlab_start = time.perf_counter()
+            if _training_ended(resume_from, before):  # the Trainer, resumed at its last step, would train one more
+                from transformers import TrainerState
 
-            trainer._load_from_checkpoint(str(resume_from))
-            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
-            training_loss = 0.0
-        else:
-            training_loss = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
-        seconds = before.seconds + time.perf_counter() - start
-    tokens = _trained_tokens(trainer)
-    steps = trainer.state.global_step
-    train_loss = (training_loss * (steps - before.step) + before.loss_sum) / max(steps, 1)
-    peak_mb = max(before.peak_mb, peak.peak_mb)
-    # Not ended by a signal before its last step (a time cap or its own end): resuming trains nothing more.
-    ended = stopper.signal_name is None or steps >= trainer.state.max_steps
-    end_checkpoint = _save_end_of_training(trainer, RunTotals(steps, train_loss * steps, tokens, seconds, peak_mb),
-                                           ended)
+                trainer._load_from_checkpoint(str(resume_from))
+                trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+                training_loss = 0.0
+            else:
+                training_loss = trainer.train(
+                    resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+            seconds = before.seconds + time.perf_counter() - start
+        tokens = _trained_tokens(trainer)
+        steps = trainer.state.global_step
+        train_loss = (training_loss * (steps - before.step) + before.loss_sum) / max(steps, 1)
+        peak_mb = max(before.peak_mb, peak.peak_mb)
+        # Not ended by a signal before its last step (a time cap or its own end): resuming trains nothing more.
+        ended = stopper.signal_name is None or steps >= trainer.state.max_steps
+        # Still under the signal handlers: a signal now (seconds of saving on a real model) waits for this
+        # checkpoint, then stops the run with it, instead of cutting the save off and losing the training.
+        end_checkpoint = _save_end_of_training(trainer, RunTotals(steps, train_loss * steps, tokens, seconds,
+                                                                  peak_mb), ended)
     checkpoint = last_checkpoint(out_dir)
     if stopper.signal_name is not None:
         raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {steps}; checkpoint saved in "

@@ -289,6 +289,32 @@ def test_an_interrupt_while_scoring_resumes_from_the_last_step_without_training_
     assert metrics[peak] > whole[peak] / 2
 
 
+def test_a_signal_while_the_last_step_is_saved_waits_for_the_checkpoint(make_cfg, tmp_path, monkeypatch):
+    """The signal handlers were put back before the end-of-training checkpoint was saved: a signal
+    then (seconds on a real model) cut the save off, and the run had nothing to resume from."""
+    import os
+    import signal
+
+    from ftlab import train
+
+    save = train._save_end_of_training
+
+    def signalled_while_saving(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C just as the last step is saved
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_save_end_of_training", signalled_while_saving)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run(make_cfg(*SHORT))
+    monkeypatch.undo()
+    assert isinstance(stopped.value, checkpoints.TrainingInterrupted), repr(stopped.value)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    [trial] = _trials(uri)
+    assert (tmp_path / "runs" / trial.info.run_id / "checkpoint-4" / "trainer_state.json").exists()
+    run(make_cfg(*SHORT, "train.resume=true"))
+    assert _steps(uri, trial.info.run_id) == [1, 2, 3, 4]  # resumed at the end: nothing trained again
+
+
 @pytest.mark.parametrize("in_sweep", [False, True])
 def test_a_run_failing_while_scoring_keeps_its_last_step_for_resume_but_a_sweep_trial_does_not(
         make_cfg, tmp_path, monkeypatch, in_sweep):
