@@ -23,7 +23,7 @@ from ftlab.config import ConfigError
 from ftlab.data import prepare
 from ftlab.data.report import log_data_report
 from ftlab.train import (RunTotals, check_trainer_choices, memory_cap_callback, peak_so_far_mb, release_memory,
-                         time_cap_callback, train)
+                         remove_transient_checkpoints, time_cap_callback, train)
 
 log = logging.getLogger("ftlab")
 
@@ -142,8 +142,7 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
         if cfg.sweep.id is not None and result.end_checkpoint is not None:
             shutil.rmtree(result.end_checkpoint, ignore_errors=True)
         raise
-    if result.end_checkpoint is not None:  # the run is logged: nothing is left to resume
-        shutil.rmtree(result.end_checkpoint, ignore_errors=True)
+    remove_transient_checkpoints(out_dir)  # the run is logged: nothing is left to resume
     return metrics
 
 

@@ -181,6 +181,7 @@ def completion_only_trainer_class():
 
     class CompletionOnlySFTTrainer(SFTTrainer):
         ftlab_before = RunTotals()  # of the checkpoint a resumed run continues from (train())
+        ftlab_stopper = None  # the StopOnSignal of train(), which saves a checkpoint on a signal
         ftlab_start = 0.0  # time.perf_counter() as this process's training started
         ftlab_peak: PeakMemory | None = None  # measuring this process's training
 
@@ -215,8 +216,14 @@ def completion_only_trainer_class():
             loss_sum = self.ftlab_before.loss_sum + self._total_loss_scalar + float(self._tr_loss.item())
             seconds = self.ftlab_before.seconds + time.perf_counter() - self.ftlab_start
             peak_mb = max(self.ftlab_before.peak_mb, self.ftlab_peak.so_far_mb() if self.ftlab_peak else 0.0)
-            RunTotals(self.state.global_step, loss_sum, self._total_train_tokens, seconds, peak_mb).write(
-                Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            step = self.state.global_step
+            # Saved only because a signal stopped training (not one train.save_steps asked for): the run
+            # resumed from it removes it once it is logged.
+            scheduled = self.args.save_strategy == "steps" and (step % self.args.save_steps == 0
+                                                                 or step >= self.state.max_steps)
+            signalled = self.ftlab_stopper is not None and self.ftlab_stopper.signal_name is not None
+            RunTotals(step, loss_sum, self._total_train_tokens, seconds, peak_mb,
+                      transient=signalled and not scheduled).write(Path(self.args.output_dir) / f"checkpoint-{step}")
 
     return CompletionOnlySFTTrainer
 
@@ -233,7 +240,8 @@ class RunTotals:
     seconds: float = 0.0  # training time, over every process that trained the run
     peak_mb: float = 0.0  # the highest peak memory of those processes' training
     end_of_training: bool = False  # training ended at this step: resumed here, nothing is trained again
-    transient: bool = False  # saved only for scoring to resume from (_save_end_of_training)
+    # Saved only to resume from (a signal, or scoring: _save_end_of_training): removed once the run is logged.
+    transient: bool = False
 
     @classmethod
     def of_checkpoint(cls, checkpoint: Path | None, warn: bool = True) -> "RunTotals":
@@ -451,7 +459,7 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
     with stop_on_signals() as stopper:
         with PeakMemory() as peak:
             trainer.add_callback(stopper.callback())  # last, so a signal sent by an earlier callback stops this step
-            trainer.ftlab_peak = peak
+            trainer.ftlab_peak, trainer.ftlab_stopper = peak, stopper
             start = trainer.ftlab_start = time.perf_counter()
             if _training_ended(resume_from, before):  # the Trainer, resumed at its last step, would train one more
                 from transformers import TrainerState
@@ -533,6 +541,20 @@ def _save_end_of_training(trainer, totals: RunTotals, ended: bool) -> Path | Non
     finally:
         trainer.args.save_total_limit = limit
     return checkpoint
+
+
+def remove_transient_checkpoints(out_dir: Path) -> None:
+    """Once a run is logged: the checkpoints saved only to resume from (RunTotals.transient) are
+    removed; those train.save_steps asked for are kept. The run's ftlab.checkpoint tag follows."""
+    import mlflow
+
+    for checkpoint in Path(out_dir).glob("checkpoint-*"):
+        if RunTotals.of_checkpoint(checkpoint, warn=False).transient:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    if remaining := last_checkpoint(Path(out_dir)):
+        mlflow.set_tag("ftlab.checkpoint", str(remaining))
+    elif "ftlab.checkpoint" in mlflow.get_run(mlflow.active_run().info.run_id).data.tags:
+        mlflow.MlflowClient().delete_tag(mlflow.active_run().info.run_id, "ftlab.checkpoint")
 
 
 def _trained_tokens(trainer) -> int:

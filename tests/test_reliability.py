@@ -69,8 +69,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     assert resumed.data.tags["ftlab.resumed_from_step"] == "2"
     assert "ftlab.error" not in resumed.data.tags
     assert _steps(uri, trial.info.run_id) == [1, 2, 3, 4]  # one loss curve, continued after step 2
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    assert state["global_step"] == 2  # the checkpoint was not overwritten: training went on after it
+    # The run is logged: the checkpoint saved only because of the signal is removed, and its tag with it.
+    assert not checkpoint.exists() and "ftlab.checkpoint" not in resumed.data.tags
     # Its totals are the whole run's, not those of the steps after the resume.
     whole = run(make_cfg(*SHORT))
     assert resumed.data.metrics["trained_tokens"] == whole["trained_tokens"]
