@@ -148,7 +148,7 @@ def checkpoint_step(checkpoint: Path) -> int:
 @dataclass
 class ResumePoint:
     run_id: str  # the MLflow run that continues
-    checkpoint: Path
+    checkpoint: Path | None  # None: from zero (a sweep's trial interrupted before its first checkpoint)
     step: int
 
 

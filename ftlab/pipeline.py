@@ -98,8 +98,9 @@ def _interrupted_in_this_sweep(cfg: DictConfig, cfg_hash: str) -> checkpoints.Re
     try:
         point = checkpoints.find_resume_point(interrupted, Path(cfg.output_dir), "")
     except checkpoints.ResumeError:
-        log.warning("run %s of this config was interrupted before its first checkpoint (%s/%s holds none): this "
-                    "trial starts from zero", interrupted[0], cfg.output_dir, interrupted[0])
-        return None
+        # The same run goes on, from zero: the sweep keeps one run per config, not a KILLED one beside it.
+        log.warning("run %s of this config was interrupted before its first checkpoint (%s/%s holds none): it "
+                    "starts again from zero", interrupted[0], cfg.output_dir, interrupted[0])
+        return checkpoints.ResumePoint(interrupted[0], None, 0)
     log.warning("continuing run %s, interrupted in this sweep, from %s", point.run_id, point.checkpoint)
     return point

@@ -259,8 +259,8 @@ def trial_run(run_name: str, tags: dict, run_id: str | None = None):
 
 def _record_failure(error: BaseException, state: str) -> None:
     try:
-        summary = mask(f"{type(error).__name__}: {error}")[:MAX_PARAM_VALUE]
-        mlflow.set_tags({"ftlab.state": state, "ftlab.error": summary or type(error).__name__,
+        summary = mask(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)[:MAX_PARAM_VALUE]
+        mlflow.set_tags({"ftlab.state": state, "ftlab.error": summary,
                          "ftlab.failure_kind": failure_kind(error)})
         mlflow.log_text(mask("".join(traceback.format_exception(error))), "error/traceback.txt")
     except Exception:  # the store itself may be what failed; the original error matters more
@@ -325,7 +325,12 @@ def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[list[str], s
         runs = mlflow.search_runs(filter_string=f"tags.`ftlab.config_hash` = '{cfg_hash}'",
                                   order_by=["attributes.start_time DESC"], output_format="list")
         ids = [r.info.run_id for r in runs if r.info.status in ("KILLED", "FAILED")]
-        return ids, f"KILLED/FAILED runs with tag ftlab.config_hash={cfg_hash} in this experiment: {len(ids)}"
+        how = f"KILLED/FAILED runs with tag ftlab.config_hash={cfg_hash} in this experiment: {len(ids)}"
+        # A process killed with kill -9 (or a lost machine) leaves its run RUNNING: named, not taken.
+        if running := [r.info.run_id for r in runs if r.info.status == "RUNNING"]:
+            how += (f"; RUNNING: {', '.join(running[:3])} (if no process runs it any more, after a kill -9 or a lost "
+                    f"machine, resume it by name: train.resume={running[0]})")
+        return ids, how
     try:
         run = MlflowClient().get_run(str(resume))
     except mlflow.exceptions.MlflowException as e:

@@ -129,6 +129,16 @@ def test_resume_with_nothing_to_resume_fails_and_says_where_it_looked(make_cfg, 
     with pytest.raises(checkpoints.ResumeError, match=str(tmp_path / "runs" / stale.info.run_id)):
         run(make_cfg(*SHORT, f"train.resume={stale.info.run_id}"))
 
+    # A run its process left RUNNING (kill -9) is not taken by train.resume=true, but named: the error
+    # said only "Drop train.resume to start from zero" while it had a checkpoint to resume.
+    cfg = make_cfg(*SHORT, "train.resume=true")
+    with mlflow.start_run(tags={"ftlab.config_hash": tracking.config_hash(cfg)}) as dead:
+        pass
+    MlflowClient().set_terminated(dead.info.run_id, "RUNNING")
+    with pytest.raises(checkpoints.ResumeError,
+                       match=rf"RUNNING: {dead.info.run_id} \(if no process runs it any more.*train.resume={dead.info.run_id}\)"):
+        run(cfg)
+
 
 def test_dead_tracking_server_fails_at_start_within_seconds():
     start = time.monotonic()

@@ -103,8 +103,12 @@ def test_a_preempted_optuna_sweep_run_again_continues_the_interrupted_trial_from
     assert study[2].user_attrs["mlflow_run_id"] == interrupted
 
 
-def test_a_killed_grid_sweep_run_again_keeps_finished_trials_and_continues_from_the_last_checkpoint(tmp_path):
-    args = ["lora_r=4,8", "train.max_steps=3", "train.save_steps=1", signal_once(tmp_path, 1, "SIGKILL")]
+# save_steps=0: no checkpoint to continue from; the same run starts again from zero (a second, KILLED run
+# of the config stayed in the sweep beside it: "1 killed, 2 finished" for a finished 2-config grid).
+@pytest.mark.parametrize("save_steps", [1, 0])
+def test_a_killed_grid_sweep_run_again_keeps_finished_trials_and_continues_from_the_last_checkpoint(tmp_path,
+                                                                                                   save_steps):
+    args = ["lora_r=4,8", "train.max_steps=3", f"train.save_steps={save_steps}", signal_once(tmp_path, 1, "SIGKILL")]
     assert sweep(tmp_path, *args, check=False).returncode == -9  # at the end of step 2, checkpoint-1 on disk
     first = {r.data.tags["ftlab.trial_number"]: r for r in runs(tmp_path)}
     assert sorted((n, r.info.status) for n, r in first.items()) == [("0", "FINISHED"), ("1", "RUNNING")]
@@ -117,8 +121,9 @@ def test_a_killed_grid_sweep_run_again_keeps_finished_trials_and_continues_from_
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials.values())
     assert trials[first["0"].info.run_id].info.end_time == first["0"].info.end_time  # kept, not trained again
     continued = trials[first["1"].info.run_id]  # the dead process's run, ended KILLED, then continued
-    assert continued.data.tags["ftlab.resumed_from_step"] == "1"
+    assert continued.data.tags["ftlab.resumed_from_step"] == str(save_steps)
     assert loss_steps(tmp_path, continued.info.run_id) == [1, 2, 3]
+    assert "2 finished; best run" in again.stdout
 
 
 def kill_hook(tmp_path, trial, at):
