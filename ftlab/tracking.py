@@ -259,7 +259,10 @@ def trial_run(run_name: str, tags: dict, run_id: str | None = None):
 
 def _record_failure(error: BaseException, state: str) -> None:
     try:
-        summary = mask(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)[:MAX_PARAM_VALUE]
+        # What happened (an interrupt's summary, without the console's advice on how a single run
+        # continues, which does not fit a sweep's trial).
+        text = getattr(error, "summary", None) or str(error)
+        summary = mask(f"{type(error).__name__}: {text}" if text else type(error).__name__)[:MAX_PARAM_VALUE]
         mlflow.set_tags({"ftlab.state": state, "ftlab.error": summary,
                          "ftlab.failure_kind": failure_kind(error)})
         mlflow.log_text(mask("".join(traceback.format_exception(error))), "error/traceback.txt")

@@ -50,6 +50,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     checkpoint = tmp_path / "runs" / trial.info.run_id / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
     assert trial.data.tags["ftlab.checkpoint"] == str(checkpoint)
+    # What happened; not the console's advice on how a single run continues (a sweep's trial continues otherwise).
+    assert trial.data.tags["ftlab.error"] == f"TrainingInterrupted: interrupted by SIGTERM at step 2; checkpoint saved in {checkpoint}"
     assert _steps(uri, trial.info.run_id) == [1, 2]
 
     # Another config is refused, naming what differs from the run's own params.
