@@ -270,11 +270,23 @@ def preset_name_or_path(name: str) -> str | None:
     return OmegaConf.load(preset).get("name_or_path") if preset.is_file() else None
 
 
+def path_like(name_or_path: str) -> bool:
+    """A filesystem path, never a hub id (org/name): absolute, or starting with '.' or '~'."""
+    return Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))
+
+
+# What every Llama-family config.json states; without them it is another architecture's (GPT-2's
+# n_embd, n_layer) and would be priced with the preset's shapes.
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
 def _named_model_config(model) -> tuple[str, dict, str] | None:
     """(where, config.json numbers, name) of the model model.name_or_path names: a local directory's
     config.json, a .gguf file's metadata, or another hub model's config.json in the hub cache.
     None for the preset's own model, or a model.name of the user's (with its model.arch)."""
     local = Path(model.name_or_path).expanduser()
+    if (local.suffix == ".gguf" or path_like(model.name_or_path)) and not local.exists():
+        raise ConfigError(f"model.name_or_path: {local} does not exist")
     if local.suffix == ".gguf" and local.is_file():
         return str(local), _gguf_config(local), local.stem
     if (local / "config.json").is_file():
@@ -305,14 +317,32 @@ def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
     if (named := _named_model_config(cfg.model)) is None:
         return {}
     where, found, name = named
+    if missing := [key for key in SHAPE_KEYS if found.get(key) is None]:
+        raise ConfigError(f"model.name_or_path: {where} has no {', '.join(missing)}: not a Llama-family model's "
+                          "config (ftlab prices and trains Llama-architecture models: Llama, Mistral, Qwen2, ...)")
     if found.get("num_key_value_heads") is None:  # no grouped-query attention: one KV head per head
-        found["num_key_value_heads"] = found.get("num_attention_heads")
+        found["num_key_value_heads"] = found["num_attention_heads"]
+    found.setdefault("tie_word_embeddings", False)  # transformers' default, not the preset's
     changed = {}
     for arch_key, key in ARCH_KEYS.items():
         preset, value = cfg.model.arch[arch_key], found.get(key)
-        if value is not None and type(preset)(value) != preset:  # GGUF's numbers are numpy's
-            cfg.model.arch[arch_key] = type(preset)(value)
-            changed[arch_key] = (preset, type(preset)(value))
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)) and value and arch_key != "tie_word_embeddings":
+            value = max(value)  # per-layer counts (some GGUFs): the largest layer's, an upper bound
+        try:
+            value = type(preset)(value)  # GGUF's numbers are numpy's
+        except (TypeError, ValueError):
+            value = None
+        if value is None or isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(f"model.name_or_path: {where}: {key}={found[key]!r} is not a positive whole number")
+        if value != preset:
+            cfg.model.arch[arch_key] = value
+            changed[arch_key] = (preset, value)
+    arch = cfg.model.arch
+    if arch.num_heads % arch.num_kv_heads or arch.hidden_size % arch.num_heads:
+        raise ConfigError(f"model.name_or_path: {where}: num_attention_heads={arch.num_heads} must divide "
+                          f"hidden_size={arch.hidden_size} and be a multiple of num_key_value_heads={arch.num_kv_heads}")
     if changed:
         log.info("model.arch from %s: %s", where, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         if (PRESETS / f"{cfg.model.name}.yaml").is_file():  # the preset's name, not this model's
@@ -367,14 +397,15 @@ def param_counts(s: Settings) -> dict[str, int]:
 
 def optimizer_bytes_per_param(name: str) -> float:
     name = name.lower()
+    # AdEMAMix keeps two first moments (a fast and a slow EMA) beside the second: three states.
+    states = 1 if "lion" in name else 3 if "ademamix" in name else 2
     if "8bit" in name:
-        states = 1 if "lion" in name else 2
         return states * (1 + 4 / 2048)  # blockwise: 1 B/state + an fp32 absmax per 2048
     if "lion" in name or name == "sgd":
         return 4.0  # one fp32 state (momentum); plain SGD without momentum would be 0
     if "adafactor" in name:
         return 0.1  # factored second moment: rows + columns, negligible per parameter
-    return 8.0  # AdamW family (adamw_torch, adamw_torch_fused, paged_adamw_32bit, ...)
+    return 4.0 * states  # AdamW family (adamw_torch, adamw_torch_fused, paged_adamw_32bit, ...), AdEMAMix
 
 
 def estimate_settings(s: Settings) -> MemoryEstimate:
@@ -509,17 +540,16 @@ def check_budget(cfg: DictConfig) -> tuple[bool, MemoryEstimate, str]:
 
 
 def fit_batch(cfg: DictConfig) -> tuple[int, int] | None:
-    """For budget.fit=auto_batch: (micro_batch, grad_accum), halving the micro-batch until
-    the prediction fits and raising grad_accum to keep at least the effective batch.
-    None if even micro-batch 1 does not fit; the config's own pair when no budget is set."""
+    """For budget.fit=auto_batch: (micro_batch, grad_accum), the largest micro-batch up to the
+    config's that divides its effective batch and fits, gradient accumulation making up the rest:
+    the same effective batch, so the run trains as configured. None if even micro-batch 1 does
+    not fit; the config's own pair when no budget is set."""
     budget = budget_gib(cfg)
     s = settings(cfg)
     effective = s.batch * int(cfg.train.grad_accum)
-    batch = s.batch
-    while batch >= 1:
-        if budget is None or estimate_settings(replace(s, batch=batch)).total_gb <= budget:
-            return batch, math.ceil(effective / batch)
-        batch //= 2
+    for batch in range(s.batch, 0, -1):
+        if effective % batch == 0 and (budget is None or estimate_settings(replace(s, batch=batch)).total_gb <= budget):
+            return batch, effective // batch
     return None
 
 
@@ -539,7 +569,11 @@ def over_budget_remedy(cfg: DictConfig) -> str:
     # A shorter sequence shrinks activations and logits only: where the rest (weights, optimizer,
     # context) is already over the budget, shortening cannot make it fit and is not suggested.
     fixed = estimate_settings(replace(s, batch=1, seq=1)).total_gb
-    ways = [*(["lower train.max_seq_length"] if budget is None or fixed <= budget else []),
+    # Checkpointing keeps one layer's activations instead of all: where it is off, the first thing to try.
+    checkpointed = None if s.checkpointing else estimate_settings(replace(s, batch=1, checkpointing=True)).total_gb
+    ways = [*([f"set train.gradient_checkpointing=true ({checkpointed:.3g} GiB at micro-batch 1)"]
+              if checkpointed is not None and checkpointed < one.total_gb else []),
+            *(["lower train.max_seq_length"] if budget is None or fixed <= budget else []),
             *(["set peft=qlora"] if cfg.peft.load_in_bits > 4 else []), "choose a smaller model"]
     said = f"{', '.join(ways[:-1])} or {ways[-1]}" if len(ways) > 1 else ways[0]
     return (f"even micro-batch 1 needs {one.total_gb:.3g} GiB, {one.terms['weights'] / GIB:.3g} GiB of it the "

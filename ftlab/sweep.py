@@ -233,7 +233,9 @@ class SweepCallback(Callback):
     is no sweep (STAGE_COMMANDS)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if stage_command():
+        if stage_command():  # python -m ftlab.memory -m / ftlab.data -m: each config of a grid, no sweep
+            with exit_2_on(ConfigError):  # a bad value among them is named before any is priced or prepared
+                check_grid(config)
             return
         with exit_2_on(ConfigError):  # SweepConfigError too; SystemExit: Hydra would turn an exception into a warning
             check_grid(config)

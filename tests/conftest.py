@@ -2,6 +2,7 @@
 private MLflow store per test."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,18 @@ def server_database(backend: str):
     finally:
         admin.cursor().execute(drop)
         admin.close()
+
+
+LLAMA_31_8B_CONFIG = {  # the published config.json's shape keys (meta-llama/Llama-3.1-8B-Instruct)
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+    "max_position_embeddings": 131072, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256}
+
+
+def weightless_checkpoint(tmp_path: Path) -> Path:
+    """A Llama 3.1 8B checkpoint directory with its config.json and no weights: priced as the 8B,
+    and any attempt to load it fails, so a test that passes with it loaded nothing."""
+    checkpoint = tmp_path / "Llama-3.1-8B-Instruct"
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / "config.json").write_text(json.dumps(LLAMA_31_8B_CONFIG))
+    return checkpoint

@@ -17,6 +17,7 @@ from ftlab.memory import (GIB, BudgetError, OverBudget, check_budget, estimate, 
                           over_budget_remedy, resolve_arch, resolve_checkpointing, settings)
 from ftlab.memory import _read_gguf_config  # its cache
 from ftlab.pipeline import run
+from tests.conftest import LLAMA_31_8B_CONFIG, weightless_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +198,7 @@ def test_an_over_budget_run_is_turned_away_before_the_model_stack_imports(tmp_pa
     (seconds of imports a config that cannot run should not wait for), and torch too where no GPU
     runtime is visible (torch answers whether CUDA is there); the command line says why in one
     line, exit 2, no traceback."""
-    overrides = ["model=llama31_8b", "budget.vram_gb=8", "lora_r=64", "model.name_or_path=/nonexistent/weights",
+    overrides = ["model=llama31_8b", "budget.vram_gb=8", "lora_r=64", f"model.name_or_path={weightless_checkpoint(tmp_path)}",
                  f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
     out = in_a_fresh_interpreter(overrides, """
 from ftlab.memory import OverBudget
@@ -264,15 +265,13 @@ def test_an_over_budget_config_is_told_what_would_make_it_fit(make_cfg):
         # Weights, optimizer and context alone over the budget: a shorter sequence cannot fit it.
         assert over_budget_remedy(cfg("budget.vram_gb=4", f"budget.fit={fit}")).endswith("weights: choose a smaller model")
     assert "set peft=qlora" in over_budget_remedy(cfg("peft=lora", "budget.vram_gb=12"))
+    # Checkpointing turned off: 97 GiB at micro-batch 1 and seq 8192, 29 GiB with it; it comes first.
+    remedy = over_budget_remedy(cfg("train.gradient_checkpointing=false", "train.max_seq_length=8192",
+                                    "train.per_device_batch_size=1", "budget.vram_gb=24"))
+    assert re.search(r"weights: set train.gradient_checkpointing=true \([\d.]+ GiB at micro-batch 1\), lower", remedy)
     # Below the CUDA context itself no model fits: "choose a smaller model" would send users in circles.
     assert over_budget_remedy(make_cfg("model=tiny", "budget.vram_gb=0.3")) == \
         "the CUDA context alone takes 0.5 GiB of any GPU's memory: no model fits a budget of 0.3 GiB"
-
-
-LLAMA_31_8B_CONFIG = {  # the published config.json's shape keys (meta-llama/Llama-3.1-8B-Instruct)
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-    "max_position_embeddings": 131072, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 8, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256}
 
 
 def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg, tmp_path):
@@ -303,6 +302,28 @@ def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg
     with pytest.raises(ConfigError, match=rf"{checkpoint}/config.json holds no JSON object of model settings"):
         resolve_arch(make_cfg(f"model.name_or_path={checkpoint}", tiny=False))
     assert resolve_arch(make_cfg(tiny=False)) == {}  # a hub id: the preset's numbers
+
+    # What cannot be priced is one line naming the file and key, not a traceback or the preset's numbers.
+    for bad, says in (({"num_attention_heads": 0}, "num_attention_heads=0 is not a positive whole number"),
+                      ({"hidden_size": "4096x"}, "hidden_size='4096x' is not a positive whole number"),
+                      ({"num_key_value_heads": 5}, "num_attention_heads=32 must divide hidden_size=4096 and be a "
+                                                   "multiple of num_key_value_heads=5"),
+                      ({"num_hidden_layers": None}, "has no num_hidden_layers: not a Llama-family model's config")):
+        (checkpoint / "config.json").write_text(json.dumps({**LLAMA_31_8B_CONFIG, **bad}))
+        with pytest.raises(ConfigError, match=rf"^model.name_or_path: {checkpoint}/config.json:? .*{re.escape(says)}"):
+            resolve_arch(make_cfg(f"model.name_or_path={checkpoint}", tiny=False))
+    gpt2 = {"model_type": "gpt2", "n_embd": 1600, "n_layer": 48, "n_head": 25, "vocab_size": 50257}
+    (checkpoint / "config.json").write_text(json.dumps(gpt2))
+    with pytest.raises(ConfigError, match="has no hidden_size, num_hidden_layers, num_attention_heads, intermediate_size"):
+        resolve_arch(make_cfg(f"model.name_or_path={checkpoint}", tiny=False))
+    # No tie_word_embeddings: transformers' default (untied), not the preset's (SmolLM2 ties them).
+    (checkpoint / "config.json").write_text(json.dumps({k: v for k, v in LLAMA_31_8B_CONFIG.items()
+                                                        if k != "tie_word_embeddings"}))
+    untied = make_cfg(f"model.name_or_path={checkpoint}", tiny=False)
+    resolve_arch(untied)
+    assert untied.model.arch.tie_word_embeddings is False
+    with pytest.raises(ConfigError, match=rf"model.name_or_path: {tmp_path}/nope.gguf does not exist"):
+        resolve_arch(make_cfg(f"model.name_or_path={tmp_path}/nope.gguf", tiny=False))
 
     # A run is turned away as its checkpoint would be, and its logged config is the checkpoint's.
     (checkpoint / "config.json").write_text(json.dumps(LLAMA_31_8B_CONFIG))
@@ -405,6 +426,19 @@ def test_fit_batch_halves_micro_batch_and_keeps_effective_batch(make_cfg):
     cfg.train.per_device_batch_size, cfg.train.grad_accum = batch, accum
     assert check_budget(cfg)[0]
     assert fit_batch(make_cfg("model=llama31_70b", "budget.vram_gb=8", tiny=False)) is None
+    # Not only halvings: 6 x 2 at 17 GiB was cut to 3 x 4 while 4 x 3 (14.6 GiB) fits, the same effective batch.
+    six = make_cfg("model=llama31_8b", "lora_r=64", "train.per_device_batch_size=6", "train.grad_accum=2",
+                   "budget.vram_gb=17", "budget.fit=auto_batch", tiny=False)
+    assert fit_batch(six) == (4, 3)
+
+
+def test_ademamix_keeps_three_optimizer_states():
+    """Two first moments (fast and slow) and a second: priced as AdamW's two, a third too little."""
+    from ftlab.memory import optimizer_bytes_per_param
+
+    assert optimizer_bytes_per_param("ademamix") == 12 and optimizer_bytes_per_param("adamw_torch") == 8
+    assert optimizer_bytes_per_param("paged_ademamix_8bit") == pytest.approx(3, rel=0.01)
+    assert optimizer_bytes_per_param("adamw_8bit") == pytest.approx(2, rel=0.01)
 
 
 def test_cli_prints_breakdown_without_training(tmp_path):
@@ -440,6 +474,9 @@ def test_the_estimate_command_prices_a_grid_without_starting_a_sweep(tmp_path):
     verdicts = re.findall(r"predicted peak ([\d.]+) GiB vs budget.vram_gb=20 GiB: (fits|over budget)", grid.stdout)
     assert [v for _, v in verdicts] == ["fits", "over budget"] and "ftlab sweep" not in grid.stdout
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "reports").exists()
+    bad = memory("-m", "lora_r=8,0,16", "model=llama31_8b")  # priced lora_r=8, then stopped at 0
+    assert bad.returncode == 2 and "ftlab: lora_r=0: the LoRA rank must be >= 1" in bad.stderr, bad.stderr[-2000:]
+    assert "predicted peak" not in bad.stdout
     study = memory("-m", "sweeps=rank_lr", "model=llama31_8b")
     assert study.returncode == 2 and "ftlab: python -m ftlab.memory runs no study" in study.stderr
     assert not (tmp_path / "mlruns").exists()

@@ -14,7 +14,7 @@ from ftlab.config import SweepConfigError
 from ftlab.sweep import check_swept_values
 from hydra_plugins.ftlab_optuna_sweeper._impl import (distribution, grid_values, probe_values, running_elsewhere,
                                                       space_size)
-from tests.conftest import CONF
+from tests.conftest import CONF, weightless_checkpoint
 from tests.sweeping import runs, sweep
 
 
@@ -75,7 +75,8 @@ def optuna_args(tmp_path, name, *extra):
 
 def test_budget_rejections_are_pruned_with_reason_and_not_loaded(tmp_path):
     sweep(tmp_path, *optuna_args(tmp_path, "budget", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=4",
-                                 "model=llama31_8b", "budget.vram_gb=8", "model.name_or_path=/nonexistent/weights",
+                                 "model=llama31_8b", "budget.vram_gb=8",
+                                 f"model.name_or_path={weightless_checkpoint(tmp_path)}",
                                  "lora_r=choice(16,64)", "train.max_seq_length=choice(2048,4096)",
                                  "train.per_device_batch_size=8"))
     trials = study(tmp_path, "budget").trials

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from ftlab.report import build_report
 from ftlab.sweep import pareto_front, sweep_id
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, ROOT, weightless_checkpoint
 from tests.sweeping import runs, sweep
 
 
@@ -73,7 +73,7 @@ def test_grid_sweep_with_joblib_processes_finds_the_parent_then_registers_and_re
 
 def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
     out = sweep(tmp_path, "model=llama31_8b", "budget.vram_gb=8", "lora_r=16,64", "train.max_seq_length=2048,4096",
-                "train.per_device_batch_size=8", "model.name_or_path=/nonexistent/weights")
+                "train.per_device_batch_size=8", f"model.name_or_path={weightless_checkpoint(tmp_path)}")
     trials = runs(tmp_path)
     assert len(trials) == 4
     for t in trials:
@@ -82,7 +82,7 @@ def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
         assert t.data.metrics["predicted_peak_gb"] > 8
     assert out.stdout.count("ftlab: skipped") == 4
     assert ": 4 skipped_budget; best run none (no trial finished with rouge_l); report " in out.stdout
-    assert "Loading weights" not in out.stderr  # and /nonexistent/weights was never looked at
+    assert "Loading weights" not in out.stderr  # and the checkpoint, which has none, was never loaded
 
 
 def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp_path):
