@@ -208,6 +208,18 @@ def running_elsewhere(study: optuna.Study, trial: optuna.Trial, batch: list[optu
     return True
 
 
+def finished_in_batch(sweep_id: str, number: int, launched_ms: int):
+    """The MLflow run trial `number` finished in the batch launched at `launched_ms`, if it did
+    (an earlier study under the same name may have had a trial of that number). None too when the
+    store cannot say: it may be what stopped the sweep, and that error is the one to report."""
+    try:
+        run = tracking.finished_trial_number(sweep_id, number)
+    except Exception as e:
+        log.warning("could not read trial %d's run from the tracking store (%s): told FAIL", number, e)
+        return None
+    return run if run is not None and (run.info.end_time or 0) >= launched_ms else None
+
+
 def outcome_of(ret) -> dict[str, Any]:
     """A launcher's JobReturn as ftlab.sweep.run_trial's outcome."""
     if ret.status == JobStatus.FAILED:  # raised outside ftlab's trial wrapper (e.g. a bad override)
@@ -377,8 +389,9 @@ class OptunaSweeperImpl(Sweeper):
                 log.error("stopping: %d trials failed in this run of the sweep (hydra.sweeper.max_failed_trials=%d)",
                           failed, self.max_failed_trials)
                 break
-            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
-                break
+            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study) \
+                    and not any(t.state == TrialState.WAITING for t in trials):
+                break  # (an interrupted config, queued to continue, is a grid point it counts as visited)
             free = self.n_trials - done - running
             if free <= 0:  # the rest is running in other workers (or in a crashed one, until it goes stale)
                 time.sleep(min(5, self.heartbeat_interval))
@@ -395,6 +408,7 @@ class OptunaSweeperImpl(Sweeper):
                 continue
             oom = oom_override(study)  # one storage query per batch, not per trial
             overrides = [[*fixed, *params[t.number], f"sweep.trial_number={t.number}", *oom] for t in batch]
+            launched_ms = int(time.time() * 1000)
             try:
                 self.validate_batch_is_legal(overrides)
                 with self.heartbeats(storage, [t._trial_id for t in batch + twins]):
@@ -408,7 +422,7 @@ class OptunaSweeperImpl(Sweeper):
                 interrupted = isinstance(e, KeyboardInterrupt)
                 reason = e.__context__ if isinstance(e, SystemExit) and e.__context__ else e  # exit_2_on's error
                 for trial in batch + twins:
-                    if trial in batch and (run := tracking.finished_trial_number(sweep_id, trial.number)):
+                    if trial in batch and (run := finished_in_batch(sweep_id, trial.number, launched_ms)):
                         self.record(study, trial, {"state": "finished", "run_id": run.info.run_id,
                                                    "metrics": dict(run.data.metrics)}, objective)
                         continue
