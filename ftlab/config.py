@@ -443,7 +443,7 @@ def gate_metric_problem(metric: str) -> str | None:
 def model_name_problem(registry_name: str | None, experiment: str) -> str | None:
     """Why the registered model's name (registry.model_name, else the experiment's) cannot be one
     (None: it can): MLflow refuses '/' and ':', and a quote breaks the registry's search filters.
-    Checked by check() for a sweep that registers its best trial, before any trial trains."""
+    Checked as a sweep that registers its best trial starts (ftlab.sweep), before any trial trains."""
     name = registry_name or experiment
     if not any(c in name for c in "/:'\""):
         return None
@@ -463,9 +463,6 @@ def check(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value ftlab cannot run with (registry.gate_metric, CHOICES,
     RANGES), before anything loads or is logged."""
     if problem := gate_metric_problem(cfg.registry.gate_metric):
-        raise ConfigError(problem)
-    registers = cfg.registry.auto_register or cfg.registry.auto_promote
-    if problem := model_name_problem(cfg.registry.model_name, cfg.experiment) if registers else None:
         raise ConfigError(problem)
     for key in CHOICES:
         if problem := choice_problem(key, OmegaConf.select(cfg, key)):

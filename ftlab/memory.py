@@ -307,6 +307,19 @@ def _named_model_config(model) -> tuple[str, dict, str] | None:
     return f"{model.name_or_path}/config.json (hub cache)", found, model.name_or_path.rsplit("/", 1)[-1]
 
 
+def _default_tied(model_type: str | None) -> bool:
+    """Whether transformers ties the embeddings of a `model_type` whose config.json does not say
+    (Llama, Mistral, Qwen2: no; Gemma: yes). Untied, the safe upper bound, when it does not know."""
+    if model_type in ("llama", "mistral", "qwen2", "qwen3", None):
+        return False
+    try:
+        from transformers import AutoConfig  # only here: a config.json that leaves it out
+
+        return bool(AutoConfig.for_model(model_type).tie_word_embeddings)
+    except Exception:
+        return False
+
+
 def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
     """model.arch from the numbers of the model model.name_or_path names (_named_model_config): a
     preset's describe the preset's model (python -m ftlab model.name_or_path=/my/llama keeps
@@ -322,7 +335,8 @@ def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
                           "config (ftlab prices and trains Llama-architecture models: Llama, Mistral, Qwen2, ...)")
     if found.get("num_key_value_heads") is None:  # no grouped-query attention: one KV head per head
         found["num_key_value_heads"] = found["num_attention_heads"]
-    found.setdefault("tie_word_embeddings", False)  # transformers' default, not the preset's
+    if "tie_word_embeddings" not in found:  # transformers' default for its model type, not the preset's
+        found["tie_word_embeddings"] = _default_tied(found.get("model_type"))
     changed = {}
     for arch_key, key in ARCH_KEYS.items():
         preset, value = cfg.model.arch[arch_key], found.get(key)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab import files, memory, tracking
 from ftlab.checkpoints import Interrupted
-from ftlab.config import ConfigError, SweepConfigError, check_objective, exit_2_on
+from ftlab.config import ConfigError, SweepConfigError, check_objective, exit_2_on, model_name_problem
 from ftlab.config import check as check_config
 from ftlab.data import DataError
 from ftlab.data.prepare import source_digest
@@ -239,6 +239,9 @@ class SweepCallback(Callback):
             return
         with exit_2_on(ConfigError):  # SweepConfigError too; SystemExit: Hydra would turn an exception into a warning
             check_grid(config)
+            registers = config.registry.auto_register or config.registry.auto_promote  # its best, at the end
+            if registers and (problem := model_name_problem(config.registry.model_name, config.experiment)):
+                raise ConfigError(problem)
             files.make_dir(config.sweep.report_dir, "sweep.report_dir")  # written at the end, after every trial
         try:
             check_objective(list(config.sweep.objective), list(config.sweep.direction), config.eval.compare_base)

@@ -551,10 +551,13 @@ def remove_transient_checkpoints(out_dir: Path) -> None:
     for checkpoint in Path(out_dir).glob("checkpoint-*"):
         if RunTotals.of_checkpoint(checkpoint, warn=False).transient:
             shutil.rmtree(checkpoint, ignore_errors=True)
-    if remaining := last_checkpoint(Path(out_dir)):
-        mlflow.set_tag("ftlab.checkpoint", str(remaining))
-    elif "ftlab.checkpoint" in mlflow.get_run(mlflow.active_run().info.run_id).data.tags:
-        mlflow.MlflowClient().delete_tag(mlflow.active_run().info.run_id, "ftlab.checkpoint")
+    try:
+        if remaining := last_checkpoint(Path(out_dir)):
+            mlflow.set_tag("ftlab.checkpoint", str(remaining))
+        elif "ftlab.checkpoint" in mlflow.get_run(mlflow.active_run().info.run_id).data.tags:
+            mlflow.MlflowClient().delete_tag(mlflow.active_run().info.run_id, "ftlab.checkpoint")
+    except Exception as e:  # a tracking hiccup must not fail a run whose results are logged
+        log.warning("could not update the run's ftlab.checkpoint tag (%s)", e)
 
 
 def _trained_tokens(trainer) -> int:

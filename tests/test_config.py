@@ -94,18 +94,6 @@ def test_a_config_error_is_one_line_and_exit_2_from_the_command_line(tmp_path, o
     assert f"ftlab: {says}" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_model_name_the_registry_refuses_fails_before_a_sweep_that_registers_trains(make_cfg):
-    """A sweep with registry.auto_promote=true and registry.model_name=a/b trained every trial, then
-    failed to register its best with a traceback, and exited 0."""
-    with pytest.raises(ConfigError, match=r"^registry.model_name=a/b: a registered model's name cannot hold"):
-        config.check(make_cfg("registry.auto_promote=true", "registry.model_name=a/b"))
-    cfg = make_cfg("registry.auto_register=true")
-    cfg.experiment = "o'brien"  # the default name; a quote broke the registry's search filters
-    with pytest.raises(ConfigError, match=r"^experiment \(the default registry.model_name\)=o'brien: .*; set registry"):
-        config.check(cfg)
-    config.check(make_cfg("registry.model_name=a/b"))  # nothing registered: nothing to refuse
-
-
 @pytest.mark.parametrize("override", ["train.optim=adamw_bogus", "train.lr_scheduler=cosine_bogus"])
 def test_a_trainer_name_transformers_does_not_know_fails_naming_the_key_before_a_run_starts(make_cfg, override):
     cfg = make_cfg(override)

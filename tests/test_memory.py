@@ -322,6 +322,11 @@ def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg
     untied = make_cfg(f"model.name_or_path={checkpoint}", tiny=False)
     resolve_arch(untied)
     assert untied.model.arch.tie_word_embeddings is False
+    (checkpoint / "config.json").write_text(json.dumps({**{k: v for k, v in LLAMA_31_8B_CONFIG.items()
+                                                           if k != "tie_word_embeddings"}, "model_type": "gemma"}))
+    tied = make_cfg(f"model.name_or_path={checkpoint}", tiny=False)
+    resolve_arch(tied)
+    assert tied.model.arch.tie_word_embeddings is True  # Gemma's default: tied
     with pytest.raises(ConfigError, match=rf"model.name_or_path: {tmp_path}/nope.gguf does not exist"):
         resolve_arch(make_cfg(f"model.name_or_path={tmp_path}/nope.gguf", tiny=False))
 

@@ -210,3 +210,16 @@ def test_a_worker_that_ends_while_another_still_trains_leaves_the_sweep_to_it(tm
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_running"] == 0
     assert parent.data.metrics["trials_finished"] == 3 and "ftlab.error" not in parent.data.tags
+
+
+def test_a_model_name_the_registry_refuses_stops_a_registering_sweep_before_any_trial(tmp_path):
+    """registry.auto_promote=true with registry.model_name=a/b trained every trial, then failed to
+    register the best with a traceback, and exited 0. A single run registers nothing: not refused."""
+    out = sweep(tmp_path, "lora_r=4,8", "registry.auto_promote=true", "registry.model_name=a/b", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "ftlab: registry.model_name=a/b: a registered model's name cannot hold '/', ':' or quotes" in out.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # stopped before the sweep's parent run, or a trial
+    from ftlab import config
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        config.check(compose("config", overrides=["model=tiny", "registry.auto_register=true", "experiment=team/x"]))
