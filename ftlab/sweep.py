@@ -38,6 +38,7 @@ log = logging.getLogger("ftlab.sweep")
 # the environment the launcher inherits; conf/config.yaml reads these into the sweep node.
 ENV_SWEEP_ID = "FTLAB_SWEEP_ID"
 ENV_PARENT_RUN_ID = "FTLAB_SWEEP_PARENT_RUN_ID"
+ENV_PARENT_WAS = "FTLAB_SWEEP_PARENT_WAS"  # the status of the parent run this command joined, if it existed
 SUMMARY_FILE = "ftlab_sweep.json"
 GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 TRAINER_CHOICES = ("train.optim", "train.lr_scheduler")  # checked against transformers' lists
@@ -97,13 +98,18 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         return outcome
 
 
-def end_sweep(cfg: DictConfig, error: BaseException, status: str) -> None:
+def end_sweep(cfg: DictConfig, error: BaseException, status: str, before_any_trial: bool = False) -> None:
     """An error every trial would hit, or an interrupt, stops the sweep, and Hydra then skips
-    on_multirun_end: end the parent run with the reason here, instead of leaving it RUNNING for good."""
+    on_multirun_end: end the parent run with the reason here, instead of leaving it RUNNING for good.
+    before_any_trial: the command was refused before it ran anything; a sweep it joined is left as
+    it was (a finished sweep run again with n_trials=0 is still finished), one it created FAILED."""
     parent = cfg.sweep.parent_run_id or os.environ.get(ENV_PARENT_RUN_ID)
     if parent:
         client = MlflowClient()
         try:
+            if before_any_trial and (was := os.environ.get(ENV_PARENT_WAS)):
+                client.set_terminated(parent, status=was)
+                return
             if status == "KILLED" and (running := _running_trials(parent)):
                 # This worker stopped; the sweep goes on in others (many workers on one study).
                 log.info("sweep parent run %s left RUNNING: %d trial(s) of other workers still running", parent,
@@ -250,9 +256,13 @@ class SweepCallback(Callback):
         with exit_2_on(tracking.TrackingError):  # raised from a callback, Hydra would only warn
             tracking.setup(config.tracking_uri, config.experiment)
         sid = sweep_id(config)
-        parent = tracking.start_sweep_run(sid, command_line(), list(config.sweep.objective),
-                                          list(config.sweep.direction))
+        parent, was = tracking.start_sweep_run(sid, command_line(), list(config.sweep.objective),
+                                               list(config.sweep.direction))
         os.environ[ENV_SWEEP_ID], os.environ[ENV_PARENT_RUN_ID] = sid, parent
+        if was:
+            os.environ[ENV_PARENT_WAS] = was
+        else:
+            os.environ.pop(ENV_PARENT_WAS, None)
         print(f"ftlab sweep {sid}: parent MLflow run {parent}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

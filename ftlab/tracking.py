@@ -577,21 +577,23 @@ def skipped_run(cfg: DictConfig, run_name: str, tags: dict, reason: str, predict
     return active.info.run_id
 
 
-def start_sweep_run(sweep_id: str, command: str, objective: list[str], direction: list[str]) -> str:
+def start_sweep_run(sweep_id: str, command: str, objective: list[str],
+                    direction: list[str]) -> tuple[str, str | None]:
     """The sweep's parent run: found by its sweep id (a resumed or second worker of the
-    same study joins it) or created. Returns its run id."""
+    same study joins it) or created. Returns its run id, and the status it had if it existed."""
     client = MlflowClient()
     experiment_id = _active_experiment_id()
     found = sweep_parent(client, experiment_id, sweep_id)
     if found is not None:
+        was = client.get_run(found)
         client.update_run(found, status="RUNNING")
-        if "ftlab.error" in client.get_run(found).data.tags:  # why it stopped last time: it goes on now
+        if "ftlab.error" in was.data.tags:  # why it stopped last time: it goes on now
             client.delete_tag(found, "ftlab.error")
-        return found
+        return found, was.info.status
     run = client.create_run(experiment_id, run_name=f"sweep-{sweep_id}", tags={
         "ftlab.role": "sweep", "ftlab.sweep_id": sweep_id, "ftlab.command": mask(command)[:MAX_PARAM_VALUE],
         "ftlab.objective": ",".join(objective), "ftlab.direction": ",".join(direction)})
-    return sweep_parent(client, experiment_id, sweep_id, created=run.info.run_id)
+    return sweep_parent(client, experiment_id, sweep_id, created=run.info.run_id), None
 
 
 def sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str, created: str | None = None) -> str | None:

@@ -260,6 +260,17 @@ def test_a_trial_that_finished_before_another_stopped_the_sweep_keeps_its_result
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"].startswith("DataError: ")
 
 
+def test_a_command_refused_before_any_trial_leaves_the_finished_sweep_it_joined_as_it_was(tmp_path):
+    """The same sweep run again with hydra.sweeper.n_trials=0 joined the finished sweep's parent run,
+    then was refused, and left that parent FAILED with the refusal as its error."""
+    args = optuna_args(tmp_path, "done", "lora_r=choice(4)", "hydra.sweeper.n_trials=1")
+    sweep(tmp_path, *args)
+    refused = sweep(tmp_path, *args, "hydra.sweeper.n_trials=0", check=False)
+    assert refused.returncode == 2 and "ftlab: hydra.sweeper.n_trials=0: must be >= 1" in refused.stderr
+    [parent] = runs(tmp_path, "sweep")
+    assert parent.info.status == "FINISHED" and "ftlab.error" not in parent.data.tags
+
+
 def test_a_tracking_store_it_cannot_use_stops_the_sweep_at_once_and_leaves_the_study_usable(tmp_path):
     """The sweep callback's TrackingError was only a warning in Hydra, then each trial failed on it
     (10 of them, exit 0), and the study's 10 failures stopped every later run of the same command."""

@@ -57,12 +57,13 @@ def test_workers_that_each_created_a_parent_run_converge_on_the_oldest(tmp_path)
 
     tracking.setup(f"sqlite:///{tmp_path}/mlflow.db", "race")
     client, experiment = MlflowClient(), tracking._active_experiment_id()
-    first = tracking.start_sweep_run("s1", "python -m ftlab -m", ["rouge_l"], ["maximize"])
+    first, was = tracking.start_sweep_run("s1", "python -m ftlab -m", ["rouge_l"], ["maximize"])
+    assert was is None  # created
     # A second worker that searched before `first` existed created its own a moment later.
     second = client.create_run(experiment, tags={"ftlab.role": "sweep", "ftlab.sweep_id": "s1"}).info.run_id
     assert tracking.sweep_parent(client, experiment, "s1", created=second) == first
     assert client.get_run(second).info.lifecycle_stage == "deleted"
-    assert tracking.start_sweep_run("s1", "python -m ftlab -m", ["rouge_l"], ["maximize"]) == first  # a third joins
+    assert tracking.start_sweep_run("s1", "python -m ftlab -m", ["rouge_l"], ["maximize"]) == (first, "RUNNING")  # joins
     assert tracking.sweep_parent(client, experiment, "other") is None
 
 

@@ -327,7 +327,7 @@ class OptunaSweeperImpl(Sweeper):
             try:
                 return self.run_study(arguments)
             except Exception as e:  # Hydra skips on_multirun_end after an error: end the parent run here
-                ftlab_sweep.end_sweep(self.config, e, "FAILED")
+                ftlab_sweep.end_sweep(self.config, e, "FAILED", before_any_trial=self.job_idx == 0)
                 raise
 
     def run_study(self, arguments: List[str]) -> optuna.Study:
