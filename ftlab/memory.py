@@ -600,7 +600,8 @@ def main(cfg: DictConfig) -> None:
     """`python -m ftlab.memory model=llama31_8b lora_r=64 ...`: the estimate, no weights."""
     check_config(cfg)
     resolve_arch(cfg)
-    cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_gb=None)
+    # As the run on this machine resolves it (pipeline.run): without a budget, by this device's memory.
+    cfg.train.gradient_checkpointing = resolve_checkpointing(cfg, device_memory_gb())
     fits, est, reason = check_budget(cfg)
     print(f"{cfg.model.name} {cfg.peft.method} ({cfg.peft.load_in_bits}-bit), lora_r={cfg.lora_r}, "
           f"targets={cfg.target_modules}, batch {cfg.train.per_device_batch_size} x seq {cfg.train.max_seq_length}, "

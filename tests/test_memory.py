@@ -452,6 +452,11 @@ def test_cli_prints_breakdown_without_training(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "activations" in proc.stdout and "over budget" in proc.stdout
+    # No budget: checkpointing=auto is resolved by this machine's memory, as the run resolves it (it was
+    # priced on, while the run trained without it and peaked twice as high).
+    tiny = subprocess.run([sys.executable, "-m", "ftlab.memory", "model=tiny", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert tiny.returncode == 0 and "checkpointing=False" in tiny.stdout, tiny.stdout + tiny.stderr
 
 
 def test_eval_batches_hold_what_the_training_step_was_priced_for(make_cfg):
