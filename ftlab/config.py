@@ -482,6 +482,9 @@ def check(cfg: DictConfig) -> None:
     if arch.num_heads % arch.num_kv_heads:  # grouped-query attention shares each KV head among whole groups
         raise ConfigError(f"model.arch.num_kv_heads={arch.num_kv_heads}: must divide model.arch.num_heads="
                           f"{arch.num_heads}")
+    if cfg.model.source == "tiny" and cfg.model.name_or_path != "tiny":  # silently unused otherwise
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: model=tiny builds a small random Llama and "
+                          "loads no checkpoint; drop model=tiny to train this one")
     if cfg.peft.method == "full" and cfg.peft.load_in_bits != 16:
         raise ConfigError(f"peft.method=full with peft.load_in_bits={cfg.peft.load_in_bits}: a full fine-tune trains "
                           "every weight in 16 bits (peft=full); a quantized base with adapters is peft=qlora")

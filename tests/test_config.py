@@ -69,7 +69,9 @@ def test_every_shipped_config_passes_the_check(make_cfg, preset):
     config.check(make_cfg(preset, tiny=False))
 
 
-@pytest.mark.parametrize("override, says", [("seed=-1", "seed=-1: must be in [0, 2**32)"),
+@pytest.mark.parametrize("override, says", [("model.name_or_path=/models/my-lama",  # model=tiny: it was ignored
+                                             "model.name_or_path=/models/my-lama: model=tiny builds a small random"),
+                                            ("seed=-1", "seed=-1: must be in [0, 2**32)"),
                                             ("seed=4294967296", "seed=4294967296: must be in [0, 2**32)"),
                                             ("data.num_records=0", "data.num_records=0: must be >= 1")])
 def test_a_value_out_of_range_is_named_before_anything_loads(make_cfg, override, says):
