@@ -149,6 +149,16 @@ def test_a_blank_label_is_missing_not_a_class(data_cfg, tmp_path):
     assert [r["kind"] for r in rejects] == ["missing_label"] * 3 and "is missing or empty" in rejects[0]["reason"]
 
 
+def test_a_held_out_set_larger_than_the_training_set_is_warned_about(data_cfg, tiny_tokenizer, tmp_path, caplog):
+    """The default eval_size=40 on a 60-record file trained on 20 and said nothing."""
+    data = prepare(data_cfg(num_records=60, eval_size=40), tiny_tokenizer, 512, tmp_path)
+    assert len(data.held_out) == 40 and len(data.train) < 40
+    assert f"holds out 40 of {len(data.train) + 40} cleaned records, more than the {len(data.train)} left" in caplog.text
+    caplog.clear()
+    prepare(data_cfg(num_records=200, eval_size=40), tiny_tokenizer, 512, tmp_path)
+    assert "holds out" not in caplog.text
+
+
 def test_split_is_seeded_and_eval_size_is_a_count_or_fraction(data_cfg, tiny_tokenizer, tmp_path):
     a = prepare(data_cfg(num_records=200, eval_size=0.25), tiny_tokenizer, 512, tmp_path)
     b = prepare(data_cfg(num_records=200, eval_size=0.25, cache=False), tiny_tokenizer, 512, tmp_path)
