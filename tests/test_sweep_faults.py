@@ -153,7 +153,10 @@ def test_sigkill_at_three_points_then_rerun_finishes_without_redoing_trials(tmp_
     assert trials[0].state == TrialState.COMPLETE  # done before the first kill, not redone
     all_runs = runs(tmp_path)
     assert not [r for r in all_runs if r.info.status == "RUNNING"]
-    assert sorted(r.info.status for r in all_runs) == ["FINISHED"] * 3 + ["KILLED"] * 2
+    # One FINISHED run per config; a killed trial without a checkpoint continues its own run from zero
+    # where the rerun finds it (it left a second, KILLED run beside it before), so at most 2 are KILLED.
+    statuses = sorted(r.info.status for r in all_runs)
+    assert statuses.count("FINISHED") == 3 and statuses.count("KILLED") <= 2 and len(statuses) <= 5
     linked = [t.user_attrs["mlflow_run_id"] for t in complete]
     assert len(set(linked)) == 3
     [parent] = runs(tmp_path, "sweep")
