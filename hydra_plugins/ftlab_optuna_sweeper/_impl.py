@@ -327,7 +327,8 @@ class OptunaSweeperImpl(Sweeper):
             try:
                 return self.run_study(arguments)
             except Exception as e:  # Hydra skips on_multirun_end after an error: end the parent run here
-                ftlab_sweep.end_sweep(self.config, e, "FAILED", before_any_trial=self.job_idx == 0)
+                # A SweepConfigError is raised only by the checks ahead of the first trial (run_study).
+                ftlab_sweep.end_sweep(self.config, e, "FAILED", before_any_trial=isinstance(e, SweepConfigError))
                 raise
 
     def run_study(self, arguments: List[str]) -> optuna.Study:
