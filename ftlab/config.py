@@ -5,9 +5,10 @@ or a wrong type fails at composition time, before any data or weights are loaded
 """
 from __future__ import annotations
 
+import difflib
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Optional
 
 import hydra.utils
@@ -459,9 +460,34 @@ def choice_problem(key: str, value) -> str | None:
     return None if value in allowed else f"{key}={value!r}: use one of {', '.join(map(str, allowed))}"
 
 
+def check_keys(cfg: DictConfig, schema: type) -> None:
+    """Raise ConfigError for a key outside the command's schema (a dataclass above). Hydra's
+    `+key=value` adds any key, even to a structured config, and nothing would read it: `+lora_rr=8`
+    trained with lora_r=16 (the hint Hydra itself prints for `lora_rr=8`)."""
+    if problem := added_key_problem(cfg, OmegaConf.structured(schema)):
+        raise ConfigError(problem)
+
+
+def added_key_problem(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> str | None:
+    """Why a key outside `schema` is in `cfg` (None: none is)."""
+    for key in cfg.keys():
+        if key not in schema.keys():  # `in schema` is False for a MISSING value
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=1)
+            return (f"{prefix}{key} is not an ftlab setting, so nothing would read it"
+                    + (f"; did you mean {prefix}{close[0]}?" if close else "; --help lists every key"))
+        node, schema_node = cfg._get_node(key), schema._get_node(key)
+        # Only the schema's own sections are closed; an Any field (target_modules) holds what it is given.
+        if isinstance(node, DictConfig) and isinstance(schema_node, DictConfig) \
+                and is_dataclass(OmegaConf.get_type(schema_node)):
+            if problem := added_key_problem(node, schema_node, f"{prefix}{key}."):
+                return problem
+    return None
+
+
 def check(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first value ftlab cannot run with (registry.gate_metric, CHOICES,
-    RANGES), before anything loads or is logged."""
+    """Raise ConfigError for the first value ftlab cannot run with (a key `+` added, registry.gate_metric,
+    CHOICES, RANGES), before anything loads or is logged."""
+    check_keys(cfg, FtlabConfig)
     if problem := gate_metric_problem(cfg.registry.gate_metric):
         raise ConfigError(problem)
     for key in CHOICES:

@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab import models, scoring, tracking
 from ftlab.checkpoints import exit_on_interrupt
-from ftlab.config import (HELD_OUT_METRICS, FtlabConfig, choice_problem, exit_2_on, gate_metric_problem,
-                          model_name_problem)
+from ftlab.config import (HELD_OUT_METRICS, ConfigError, FtlabConfig, RegistryCommand, check_keys, choice_problem,
+                          exit_2_on, gate_metric_problem, model_name_problem)
 from ftlab.data import Example, prepare
 
 log = logging.getLogger("ftlab.registry")
@@ -527,10 +527,11 @@ def main() -> None:
         raise SystemExit(2)
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="registry_command")
-    @exit_2_on(RegistryError, tracking.TrackingError)
+    @exit_2_on(RegistryError, tracking.TrackingError, ConfigError)
     def command(cfg: DictConfig) -> None:
         from ftlab.pipeline import quiet_third_party_output
 
+        check_keys(cfg, RegistryCommand)
         quiet_third_party_output()
         tracking.open_existing(cfg.tracking_uri)  # only read and added to: no experiment made
         name = model_name(cfg.registry.model_name, cfg.experiment)

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ftlab.config import exit_2_on  # noqa: E402  (and registers the structured-config schema)
+from ftlab.config import ConfigError, ReportConfig, check_keys, exit_2_on  # noqa: E402  (and registers the structured-config schema)
 from ftlab.tracking import TrackingError, mask, open_existing, registry_arguments, store_argument  # noqa: E402
 
 STATE_ORDER = {"finished": 0, "failed": 1, "killed": 2, "skipped_budget": 3}
@@ -600,7 +600,8 @@ def build_report(parent_run_id: str | None, out_dir: str | Path = "reports", tra
 @hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     """`python -m ftlab.report [sweep=<sweep id, parent run id or a trial's run id>]`."""
-    with exit_2_on(ReportError, TrackingError):
+    with exit_2_on(ReportError, TrackingError, ConfigError):
+        check_keys(cfg, ReportConfig)
         out = build_report(cfg.sweep, cfg.out_dir, open_existing(cfg.tracking_uri))
     print(f"report: {out / 'report.html'} (also logged on the sweep's parent run under report/)")
 

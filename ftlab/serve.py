@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ftlab import device
-from ftlab.config import ConfigError, exit_2_on
+from ftlab.config import ConfigError, ServeConfig, check_keys, exit_2_on
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -297,8 +297,9 @@ def main() -> None:
     import hydra
 
     @hydra.main(version_base="1.3", config_path="conf/serve", config_name="config")
-    @exit_2_on(ServeError, ConfigError)  # ConfigError: an unusable cache_dir
+    @exit_2_on(ServeError, ConfigError)  # ConfigError: a key the schema lacks, an unusable cache_dir
     def command(cfg: DictConfig) -> None:
+        check_keys(cfg, ServeConfig)
         # SIGTERM (e.g. from a supervisor) takes the same path as Ctrl-C, so the engine is stopped.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         with running(cfg) as (base_url, model, api_key, process):

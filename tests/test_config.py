@@ -145,6 +145,23 @@ def test_a_command_without_what_it_needs_says_so_in_one_line(tmp_path, command, 
     assert line.startswith(says)
 
 
+@pytest.mark.parametrize("command, added, says", [
+    ("ftlab model=tiny", "+lora_rr=8", "lora_rr is not an ftlab setting, so nothing would read it; did you mean lora_r?"),
+    ("ftlab.memory", "+model.arch.head_size=64", "model.arch.head_size is not an ftlab setting"),
+    ("ftlab.registry promote", "+forse=true", "forse is not an ftlab setting, so nothing would read it; did you mean force?"),
+    ("ftlab.report", "+sweeep=1", "sweeep is not an ftlab setting, so nothing would read it; did you mean sweep?"),
+    ("ftlab.serve model=x", "+prot=9000", "prot is not an ftlab setting, so nothing would read it; did you mean port?")])
+def test_a_key_added_with_plus_that_nothing_reads_is_refused_in_one_line(tmp_path, command, added, says):
+    """Hydra's own hint for a misspelt key is `+key=value`, which it accepts into any config."""
+    module, *args = command.split()
+    out = subprocess.run([sys.executable, "-m", module, *args, added], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2, out.stderr[-2000:]
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"ftlab: {says}")
+    assert not (tmp_path / "mlruns").exists()  # refused before a store or run was made
+
+
 @pytest.mark.parametrize("command, usage", [
     ("ftlab", "python -m ftlab -m lora_r=8,16,64"),
     ("ftlab.memory", "python -m ftlab.memory"),
