@@ -516,12 +516,23 @@ def check(cfg: DictConfig) -> None:
                           "every weight in 16 bits (peft=full); a quantized base with adapters is peft=qlora")
 
 
+def help_groups(*left_out: str) -> str:
+    """`python -m ftlab --help`'s config groups, as Hydra lists them, less `left_out`: conf/serve/
+    holds the serve command's own config, not a group a run can select."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    groups = sorted(g for g in loader.list_groups("") if g != "hydra" and g not in left_out)
+    return "".join(f"{g}: {', '.join(sorted(loader.get_group_options(g)))}\n" for g in groups)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="ftlab_schema", node=FtlabConfig)
     cs.store(name="ftlab_report_schema", node=ReportConfig)
     cs.store(name="registry_command_schema", node=RegistryCommand)
     cs.store(name="serve_schema", node=ServeConfig)
+    OmegaConf.register_new_resolver("ftlab_help_groups", help_groups, replace=True)
 
 
 register_configs()

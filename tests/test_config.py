@@ -174,3 +174,10 @@ def test_help_says_what_the_command_does_and_how_to_call_it(tmp_path, command, u
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ftlab") and "powered by Hydra" not in out.stdout
     assert usage in out.stdout
+    groups = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0] if command in (
+        "ftlab", "ftlab.memory") else None
+    if groups is None:  # a command with no groups to choose does not show the run's (model: tiny, ...)
+        assert "Configuration groups" not in out.stdout and "peft:" not in out.stdout
+    else:  # conf/serve/ is the serve command's config, not a group: `serve=config` would be refused
+        assert "model: llama31_70b, llama31_8b, llama32_1b, llama32_3b, smollm2_135m, tiny" in groups
+        assert "serve" not in groups
