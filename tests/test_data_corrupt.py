@@ -24,7 +24,9 @@ CASES = {
     "null line": (b"null", ("not_an_object", "got NoneType")),
     "array line": (b"[1, 2]", ("not_an_object", "got list")),
     "null output": (b'{"instruction": "a", "output": null}', ("missing_field", "missing or null field 'output'")),
-    "missing output": (b'{"instruction": "a", "input": "b", "output2": "c"}', ("unknown_format", "cannot tell")),
+    "missing output": (b'{"instruction": "a", "input": "b", "output2": "c"}', ("unknown_format", "has 'instruction' but no 'output'")),
+    "no instruction": (b'{"input": "b", "output": "c"}', ("unknown_format", "has 'output' but no 'instruction'")),
+    "no fields known": (b'{"question": "b", "answer": "c"}', ("unknown_format", "cannot tell the format")),
     "empty output": (b'{"instruction": "a", "output": "   "}', ("empty_field", "field 'output' is empty")),
     "number output": (b'{"instruction": "a", "output": 42}', ("wrong_type", "must be a string, got int")),
     "NaN output": (b'{"instruction": "a", "output": NaN}', ("wrong_type", "got float")),
@@ -129,7 +131,8 @@ def test_every_record_failing_the_same_way_is_one_message(data_cfg, tmp_path, on
         load_examples(str(path), data_cfg(path=str(path), on_error=on_error))
     message = str(raised.value)
     assert message.startswith(f"{path}: all 50 records are unusable for the same reason (the first at {path}:1): "
-                              "cannot tell the format from its fields ['instruction', 'reply']"), message
+                              "has 'instruction' but no 'output' (its fields: ['instruction', 'reply']); alpaca records "
+                              "need both: if it is under another name, set data.fields.output=<that name>"), message
     assert "\n" not in message
 
 

@@ -399,6 +399,12 @@ def detect_format(record: dict, f: dict[str, str]) -> str:
         return "alpaca"
     if f["prompt"] in record and f["completion"] in record:
         return "prompt_completion"
+    for pair, fmt in ((("instruction", "output"), "alpaca"), (("prompt", "completion"), "prompt_completion")):
+        if (present := [key for key in pair if f[key] in record]) and len(present) == 1:  # the label is named otherwise
+            lacks = next(key for key in pair if key not in present)
+            raise RecordError(f"has '{f[present[0]]}' but no '{f[lacks]}' (its fields: {sorted(record)[:8]}); {fmt} "
+                              f"records need both: if it is under another name, set data.fields.{lacks}=<that name>",
+                              "unknown_format")
     lists = [key for key, value in record.items()
              if isinstance(value, list) and value and all(isinstance(x, dict) for x in value)]
     nested = (f"; its '{lists[0]}' holds a list of {len(record[lists[0]])} objects: if they are the records, set "
