@@ -214,8 +214,8 @@ def _print_summary(run_id: str, metrics: dict, base: dict | None, cfg: DictConfi
             ref = f"   (base {base[k]:.3f})" if base and k in base else ""
             lines.append(f"  {k:<18} {metrics[k]:.3f}{ref}")
     uri = mlflow.get_tracking_uri()
-    # Quoted: a SQLite URI carries '?timeout=60', which zsh would expand as a glob and refuse.
-    lines.append(f"  open the UI:  mlflow ui --backend-store-uri {shlex.quote(tracking.mask(uri))}")
+    # Quoted: a URI may carry '?...', which zsh would expand as a glob and refuse.
+    lines.append(f"  open the UI:  mlflow ui --backend-store-uri {shlex.quote(tracking.shown_store(uri))}")
     if cfg.train.save_adapter and not cfg.sweep.id:  # a sweep's report says it for its best trial
         lines.append(f"  register it:  python -m ftlab.registry register run_id={run_id}"
                      f"{tracking.registry_arguments(cfg.registry.model_name, cfg.experiment)}"

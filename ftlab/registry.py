@@ -106,7 +106,7 @@ def _trial(client: MlflowClient, run_id: str):
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
-        raise RegistryError(f"run_id={run_id}: no such run in {tracking.mask(mlflow.get_tracking_uri())}") from e
+        raise RegistryError(f"run_id={run_id}: no such run in {tracking.shown_store(mlflow.get_tracking_uri())}") from e
     if run.data.tags.get("ftlab.role") == "sweep":  # a parent run id copied from the UI
         best = run.data.tags.get("ftlab.best_run_id")
         raise RegistryError(f"run_id={run_id} is the parent run of sweep {run.data.tags.get('ftlab.sweep_id')}, not a "
@@ -401,7 +401,7 @@ def _require_registered(client: MlflowClient, name: str) -> None:
             raise
         held = [m.name for m in client.search_registered_models(max_results=20)]
         if held:
-            raise RegistryError(f"no registered model '{name}' in {tracking.mask(mlflow.get_tracking_uri())}; it "
+            raise RegistryError(f"no registered model '{name}' in {tracking.shown_store(mlflow.get_tracking_uri())}; it "
                                 f"holds {', '.join(repr(n) for n in held)}") from None
 
 

@@ -28,7 +28,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ftlab.config import ConfigError, ReportConfig, check_keys, exit_2_on  # noqa: E402  (and registers the structured-config schema)
-from ftlab.tracking import TrackingError, mask, open_existing, registry_arguments, store_argument  # noqa: E402
+from ftlab.tracking import (TrackingError, mask, open_existing, registry_arguments, shown_store,  # noqa: E402
+                            store_argument)
 
 STATE_ORDER = {"finished": 0, "failed": 1, "killed": 2, "skipped_budget": 3}
 # Logged by the pipeline beside the config; they follow from other params, so they are
@@ -103,7 +104,7 @@ def find_sweep(client: MlflowClient, sweep: str | None) -> Run:
 
     if sweep is None:
         if not (recent := newest_sweeps()):
-            raise ReportError(f"the tracking store {mask(client.tracking_uri)} holds no sweep yet: start one with "
+            raise ReportError(f"the tracking store {shown_store(client.tracking_uri)} holds no sweep yet: start one with "
                               "python -m ftlab -m lora_r=8,16,64, or pass tracking_uri=... if it was logged elsewhere")
         return recent[0]
     try:
@@ -124,7 +125,7 @@ def find_sweep(client: MlflowClient, sweep: str | None) -> Run:
             return found[0]
     known = ", ".join(r.data.tags.get("ftlab.sweep_id", r.info.run_id) for r in newest_sweeps()) or "none"
     raise ReportError(f"sweep={sweep}: no sweep with that sweep id or parent run id in the tracking store "
-                      f"{mask(client.tracking_uri)} (recent sweeps: {known}). Pass tracking_uri=... if the "
+                      f"{shown_store(client.tracking_uri)} (recent sweeps: {known}). Pass tracking_uri=... if the "
                       f"sweep was logged elsewhere.")
 
 

@@ -79,6 +79,12 @@ def mask(text: str) -> str:
     return text
 
 
+def shown_store(uri: str) -> str:
+    """A store's URI as messages show it: masked, and without the SQLite busy timeout ftlab adds
+    (sqlite_busy_timeout), so it reads as the tracking_uri the user passed."""
+    return mask(uri.replace("?timeout=60", "").replace("&timeout=60", ""))
+
+
 def default_tracking_uri(root: Path | None = None, create: bool = True) -> str:
     root = (root or Path.cwd()) / "mlruns"
     if create:
@@ -338,7 +344,7 @@ def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[list[str], s
         run = MlflowClient().get_run(str(resume))
     except mlflow.exceptions.MlflowException as e:
         raise TrackingError(f"train.resume={resume}: no such MLflow run in tracking_uri="
-                            f"{mask(mlflow.get_tracking_uri())} ({e.message})") from e
+                            f"{shown_store(mlflow.get_tracking_uri())} ({e.message})") from e
     if run.info.status == "FINISHED":
         raise ResumeError(f"train.resume={resume}: that run already FINISHED; there is nothing to resume")
     if run.data.tags.get("ftlab.config_hash", cfg_hash) != cfg_hash:

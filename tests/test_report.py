@@ -193,6 +193,7 @@ def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
     assert missing.returncode != 0
     assert "sweep=no-such-sweep: no sweep with that sweep id or parent run id" in missing.stderr
     assert SWEEP_ID in missing.stderr  # the known sweeps are listed
+    assert f"tracking store {uri.removeprefix('tracking_uri=')} (recent" in missing.stderr  # the URI as given
 
     empty = MlflowClient(f"sqlite:///{tmp_path}/empty.db")
     with pytest.raises(report.ReportError, match=r"empty.db holds no sweep yet: start one with python -m ftlab -m"):
