@@ -153,7 +153,11 @@ def test_a_held_out_set_larger_than_the_training_set_is_warned_about(data_cfg, t
     """The default eval_size=40 on a 60-record file trained on 20 and said nothing."""
     data = prepare(data_cfg(num_records=60, eval_size=40), tiny_tokenizer, 512, tmp_path)
     assert len(data.held_out) == 40 and len(data.train) < 40
-    assert f"holds out 40 of {len(data.train) + 40} cleaned records, more than the {len(data.train)} left" in caplog.text
+    warning = f"holds out 40 of {len(data.train) + 40} cleaned records, more than the {len(data.train)} left"
+    assert warning in caplog.text
+    caplog.clear()
+    prepare(data_cfg(num_records=60, eval_size=40), tiny_tokenizer, 512, tmp_path)  # from the cache: warned again
+    assert warning in caplog.text
     caplog.clear()
     prepare(data_cfg(num_records=200, eval_size=40), tiny_tokenizer, 512, tmp_path)
     assert "holds out" not in caplog.text

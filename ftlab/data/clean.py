@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import logging
 import random
 import re
 import zlib
@@ -16,7 +15,6 @@ from collections import Counter, defaultdict
 
 from ftlab.data.records import DataError, Example
 
-log = logging.getLogger("ftlab.data")
 
 WORD = re.compile(r"\w+")
 SHINGLED_CHARS = 20_000
@@ -218,10 +216,6 @@ def split(examples: list[Example], eval_size: float, seed: int) -> tuple[list[Ex
     if n_eval >= len(examples):
         raise DataError(f"data.eval_size={eval_size:g} leaves no train data from {len(examples)} cleaned records; "
                         "lower it or add data")
-    if n_eval > len(examples) - n_eval:  # the default 40 on a small file: most of it would go unlearned
-        log.warning("data.eval_size=%g holds out %d of %d cleaned records, more than the %d left to train on; set "
-                    "data.eval_size to a fraction (e.g. 0.2) or a smaller count", eval_size, n_eval, len(examples),
-                    len(examples) - n_eval)
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     held, train = sorted(order[:n_eval]), sorted(order[n_eval:])

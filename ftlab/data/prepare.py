@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from ftlab.data.formats import RawRecord, field_names, read_records, to_messages
 from ftlab.data.generate import generate, write_jsonl
 from ftlab.data.records import DataError, Example, RecordError
 from ftlab.files import publishing
+
+log = logging.getLogger("ftlab.data")
 
 # Bump when cleaning changes what a given input produces, so old cache entries are not reused.
 CACHE_VERSION = 2  # 2: near duplicates compare question and answer, system turns left out
@@ -255,6 +258,10 @@ def prepare(cfg: DataConfig, tokenizer, max_seq_length: int, cache_dir: Path) ->
         data = PreparedData(train, held_out, fingerprint(train, held_out), source, report, rejects)
         if cfg.cache:
             _save(data, entry)
+    if len(data.held_out) > len(data.train):  # the default 40 on a small file: most of it would go unlearned
+        log.warning("data.eval_size=%g holds out %d of %d cleaned records, more than the %d left to train on; set "
+                    "data.eval_size to a fraction (e.g. 0.2) or a smaller count", cfg.eval_size, len(data.held_out),
+                    len(data.held_out) + len(data.train), len(data.train))
     if cfg.rejects:
         _write_rejects(data.rejects, Path(cfg.rejects).expanduser())
         data.report["rejects_file"] = str(Path(cfg.rejects).expanduser())
