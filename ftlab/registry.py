@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -224,9 +225,6 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
              base_setting: str = "original") -> ModelVersion:
     """Merge the run's adapter, score the merged model on the run's held-out set, log it on the run
     as a transformers model (`text-generation`) and register it under `name`. Returns the new version."""
-    from mlflow.models import infer_signature
-    from transformers import AutoModelForCausalLM
-
     client = MlflowClient()
     run = _trial(client, run_id)
     cfg = run_config(run_id)
@@ -241,60 +239,13 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
         examples = held_out(run_id)
         with tempfile.TemporaryDirectory(prefix="ftlab-merge-") as tmp:
             merged = merge(run, cfg, Path(tmp) / "checkpoint", weights_dtype, base_setting, examples)
-            tokenizer = models.load_tokenizer(merged.path)
-            # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
-            # from transformers 4's task table and fails on transformers 5.
-            components = {"model": AutoModelForCausalLM.from_pretrained(merged.path), "tokenizer": tokenizer}
-            example = examples[0]
-            prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
-            params = {"max_new_tokens": 64}
-            # Resume the trial run so the model lives next to the adapter and metrics it came from, in
-            # the run's own experiment (MLflow refuses to resume a run of another active experiment).
-            mlflow.set_experiment(experiment_id=run.info.experiment_id)
-            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-            try:
-                if merged.merged:
-                    mlflow.log_metrics({"merge_relative_logit_diff": merged.relative_diff,
-                                        "merge_effect_share": merged.effect_share})
-                info = mlflow.transformers.log_model(
-                    transformers_model=components, name=MERGED_ARTIFACT, task="text-generation",
-                    signature=infer_signature(prompt, example.reference, params=params),
-                    input_example=(prompt, params), pip_requirements=_requirements(), registered_model_name=name,
-                )
-            finally:  # FINISHED, as the trial was: `with start_run` marks a run FAILED on any error, and
-                mlflow.end_run()  # a FAILED run can never be registered
-
+            model, tokenizer, version = _log_on_run(run, merged, examples[0], name)
         # What is registered is scored, not the run: the run scored its adapter on the 4-bit base it
         # trained on, and the merged 16-bit model answers somewhat differently. (After logging: scoring
         # may upcast the model in place.)
-        scores = scoring.score(_computable(components["model"], dtype), tokenizer, examples, cfg, dtype,
+        scores = scoring.score(_computable(model, dtype), tokenizer, examples, cfg, dtype,
                                desc="evaluate merged").metrics
-        version = str(info.registered_model_version)
-        if merged.merged:
-            adapter_bytes = sum(f.file_size or 0 for f in client.list_artifacts(run_id, "adapter"))
-            adapter_tags = {
-                "ftlab.adapter_mb": f"{adapter_bytes / 2**20:.2f}",
-                # For LoRA hot-swapping servers: the adapter alone, a few MB.
-                "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
-                "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
-                "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
-                "ftlab.merge_effect_share": f"{merged.effect_share:.3f}",
-                "ftlab.merge_dtype": str(merged.dtype).removeprefix("torch."),
-                "ftlab.merge_base": base_setting,
-            }
-        else:  # a full fine-tune: no adapter to size or point at
-            adapter_tags = {"ftlab.full_fine_tune": "true"}
-        tags = {
-            "ftlab.sweep_id": sweep_id or run.data.tags.get("ftlab.sweep_id", ""),
-            "ftlab.base_model": run.data.tags.get("ftlab.model", ""),
-            "ftlab.base_checkpoint": run.data.params["model.checkpoint"],
-            "ftlab.data_fingerprint": run.data.tags.get("ftlab.data_fingerprint", ""),
-            **adapter_tags,
-            **{f"metric.{k}": f"{v:.4f}" for k, v in scores.items()},
-            **{f"run_metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items() if k in (*HELD_OUT_METRICS, "eval_loss")},
-            "ftlab.source_run_id": run_id,  # last: a version with it is complete (_remove_unfinished_versions)
-        }
-        for key, value in tags.items():
+        for key, value in _version_tags(client, run, merged, base_setting, sweep_id, scores).items():
             client.set_model_version_tag(name, version, key, value)
     except BaseException:  # Ctrl-C, SIGTERM, a failure while scoring: no version left half made
         _remove_unfinished_versions(client, name, run_id)
@@ -313,6 +264,66 @@ def register(run_id: str, name: str, sweep_id: str | None = None, dtype_setting:
     if merged.merged and remedies and any(v < run.data.metrics.get(k, v) - 0.02 for k, v in scores.items()):
         print(f"  the merged model scores below its run: {'; '.join(remedies)}")
     return client.get_model_version(name, version)
+
+
+def _log_on_run(run: Run, merged: Merged, example: Example, name: str) -> tuple[torch.nn.Module, object, str]:
+    """Log the merged checkpoint on the trial run it came from as a transformers model, registered
+    under `name`: (the model, its tokenizer, the new version)."""
+    from mlflow.models import infer_signature
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = models.load_tokenizer(merged.path)
+    # Components, not the checkpoint path: MLflow 3.17's path branch reads the pipeline class
+    # from transformers 4's task table and fails on transformers 5.
+    components = {"model": AutoModelForCausalLM.from_pretrained(merged.path), "tokenizer": tokenizer}
+    prompt = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
+    params = {"max_new_tokens": 64}
+    # Resume the trial run so the model lives next to the adapter and metrics it came from, in
+    # the run's own experiment (MLflow refuses to resume a run of another active experiment).
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None)
+    try:
+        if merged.merged:
+            mlflow.log_metrics({"merge_relative_logit_diff": merged.relative_diff,
+                                "merge_effect_share": merged.effect_share})
+        info = mlflow.transformers.log_model(
+            transformers_model=components, name=MERGED_ARTIFACT, task="text-generation",
+            signature=infer_signature(prompt, example.reference, params=params),
+            input_example=(prompt, params), pip_requirements=_requirements(), registered_model_name=name,
+        )
+    finally:  # FINISHED, as the trial was: `with start_run` marks a run FAILED on any error, and
+        mlflow.end_run()  # a FAILED run can never be registered
+    return components["model"], tokenizer, str(info.registered_model_version)
+
+
+def _version_tags(client: MlflowClient, run: Run, merged: Merged, base_setting: str, sweep_id: str | None,
+                  scores: dict[str, float]) -> dict[str, str]:
+    """What a registered version records: where it came from, how it was merged and its scores."""
+    run_id = run.info.run_id
+    if merged.merged:
+        adapter_bytes = sum(f.file_size or 0 for f in client.list_artifacts(run_id, "adapter"))
+        adapter_tags = {
+            "ftlab.adapter_mb": f"{adapter_bytes / 2**20:.2f}",
+            # For LoRA hot-swapping servers: the adapter alone, a few MB.
+            "ftlab.adapter_uri": f"runs:/{run_id}/adapter",
+            "ftlab.merge_relative_logit_diff": f"{merged.relative_diff:.2e}",
+            "ftlab.merge_tolerance": f"{merged.tolerance:.0e}",
+            "ftlab.merge_effect_share": f"{merged.effect_share:.3f}",
+            "ftlab.merge_dtype": str(merged.dtype).removeprefix("torch."),
+            "ftlab.merge_base": base_setting,
+        }
+    else:  # a full fine-tune: no adapter to size or point at
+        adapter_tags = {"ftlab.full_fine_tune": "true"}
+    return {
+        "ftlab.sweep_id": sweep_id or run.data.tags.get("ftlab.sweep_id", ""),
+        "ftlab.base_model": run.data.tags.get("ftlab.model", ""),
+        "ftlab.base_checkpoint": run.data.params["model.checkpoint"],
+        "ftlab.data_fingerprint": run.data.tags.get("ftlab.data_fingerprint", ""),
+        **adapter_tags,
+        **{f"metric.{k}": f"{v:.4f}" for k, v in scores.items()},
+        **{f"run_metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items() if k in (*HELD_OUT_METRICS, "eval_loss")},
+        "ftlab.source_run_id": run_id,  # last: a version with it is complete (_remove_unfinished_versions)
+    }
 
 
 def _remove_unfinished_versions(client: MlflowClient, name: str, run_id: str) -> None:
