@@ -71,7 +71,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ftlab.config import ConfigError, exit_2_on  # and registers the structured-config schema
+from ftlab.config import ConfigError, ModelError, exit_2_on  # and registers the structured-config schema
 from ftlab.config import check as check_config
 from ftlab import attention, device
 
@@ -275,6 +275,17 @@ def path_like(name_or_path: str) -> bool:
     return Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))
 
 
+def local_model_path(name_or_path: str) -> Path | None:
+    """The file or directory model.name_or_path names; None for a hub id. A path or .gguf file that
+    is not there is an error, here (the estimate) as when the run resolves it (ftlab.models)."""
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        return local
+    if local.suffix == ".gguf" or path_like(name_or_path):
+        raise ModelError(f"model.name_or_path: {local} does not exist")
+    return None
+
+
 # What every Llama-family config.json states; without them it is another architecture's (GPT-2's
 # n_embd, n_layer) and would be priced with the preset's shapes.
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -284,12 +295,10 @@ def _named_model_config(model) -> tuple[str, dict, str] | None:
     """(where, config.json numbers, name) of the model model.name_or_path names: a local directory's
     config.json, a .gguf file's metadata, or another hub model's config.json in the hub cache.
     None for the preset's own model, or a model.name of the user's (with its model.arch)."""
-    local = Path(model.name_or_path).expanduser()
-    if (local.suffix == ".gguf" or path_like(model.name_or_path)) and not local.exists():
-        raise ConfigError(f"model.name_or_path: {local} does not exist")
-    if local.suffix == ".gguf" and local.is_file():
+    local = local_model_path(model.name_or_path)
+    if local and local.suffix == ".gguf" and local.is_file():
         return str(local), _gguf_config(local), local.stem
-    if (local / "config.json").is_file():
+    if local and (local / "config.json").is_file():
         try:
             found = json.loads((local / "config.json").read_text("utf-8"))
         except (OSError, ValueError) as e:

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from ftlab import attention, device
 from ftlab.config import ArchConfig, ModelConfig, ModelError, PeftConfig
 from ftlab.files import make_dir, publishing
-from ftlab.memory import path_like, preset_name_or_path
+from ftlab.memory import local_model_path, preset_name_or_path
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +62,14 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
         return build_tiny(cfg.arch, root)
     if cfg.source == "random":  # the preset's real shapes, random weights: memory checks without downloads
         return build_tiny(cfg.arch, root, full_vocab=True)
-    local = Path(cfg.name_or_path).expanduser().resolve()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ModelError(f"model.name_or_path: {local} is a directory without config.json, not a Hugging Face "
-                             "checkpoint")
-        check_weight_format(local, cfg.allow_pickle_weights)
-        return local
-    if local.suffix == ".gguf" or path_like(cfg.name_or_path):
-        if not local.exists():
-            raise ModelError(f"model.name_or_path: {local} does not exist")
+    if local := local_model_path(cfg.name_or_path):
+        local = local.resolve()
+        if local.is_dir():
+            if not (local / "config.json").is_file():
+                raise ModelError(f"model.name_or_path: {local} is a directory without config.json, not a Hugging "
+                                 "Face checkpoint")
+            check_weight_format(local, cfg.allow_pickle_weights)
+            return local
         if local.suffix != ".gguf":
             raise ModelError(f"model.name_or_path: {local} is neither a checkpoint directory nor a .gguf file")
         return convert_gguf(local, root / "models" / f"{cfg.name}-{_file_digest(local)}")

@@ -245,6 +245,15 @@ def test_missing_local_gguf_names_the_path(tmp_path):
         models.resolve_checkpoint(cfg, str(tmp_path))
 
 
+def test_a_file_named_without_a_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """The same check as the estimate's (memory.local_model_path): what is there is a local file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    with pytest.raises(models.ModelError, match=rf"^model.name_or_path: {tmp_path}/model.bin is neither a checkpoint "
+                                                "directory nor a .gguf file"):
+        models.resolve_checkpoint(ModelConfig(name="x", name_or_path="model.bin"), str(tmp_path / "cache"))
+
+
 @pytest.mark.parametrize("where, says", [
     ("nope.gguf", "model.name_or_path: {}/nope.gguf does not exist"),
     ("my-llama", "model.name_or_path: {}/my-llama does not exist"),  # not SmolLM2, the preset's own model
