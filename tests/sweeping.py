@@ -16,9 +16,9 @@ SMALL_TRIAL = [
 ]
 
 
-def sweep(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None):
+def sweep(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None):
     out = run_cli("-m", *SMALL_TRIAL, *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path}/multirun",
-                  *args, env={"PYTHONPATH": str(ROOT), **(env or {})})
+                  *args, env={"PYTHONPATH": str(ROOT), **(env or {})}, cwd=cwd)
     if check:
         assert out.returncode == 0, out.stderr[-4000:]
     return out

@@ -112,6 +112,25 @@ def test_trials_link_to_mlflow_runs_and_the_same_command_resumes(tmp_path):
     assert {r.data.tags["mlflow.parentRunId"] for r in mlflow_runs.values()} == {parent.info.run_id}
 
 
+def test_the_default_storage_follows_the_mlflow_store_so_another_directory_continues_the_sweep(tmp_path):
+    """It was ./mlruns/optuna.db wherever the command ran: from another directory the same command
+    found an empty study and trained every trial again under the same parent run."""
+    args = ["hydra/sweeper=optuna", "hydra.sweeper.study_name=anywhere", "hydra.sweeper.sampler=grid",
+            "lora_r=choice(4,8)", "hydra.sweeper.n_trials=2"]
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    sweep(tmp_path, *args, cwd=here)
+    assert len(study(tmp_path / "mlruns", "anywhere").trials) == 2 and not (here / "mlruns").exists()
+    again = sweep(tmp_path, *args, cwd=there)
+    assert "2 trials wanted, 2 in storage" in again.stdout + again.stderr and len(runs(tmp_path)) == 2  # nothing trained again
+    # A storage that is not the sweep's (another study's file, a team's server) is refused, not refilled.
+    other = sweep(tmp_path, *args, f"hydra.sweeper.storage=sqlite:///{tmp_path}/other.db", check=False)
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert (f"ftlab: sweep anywhere has 2 trial run(s) in MLflow, but the Optuna storage sqlite:///{tmp_path}/other.db "
+            "holds none of its trials") in other.stderr
+    assert len(runs(tmp_path)) == 2
+
+
 def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(tmp_path):
     # Two choices, five trials wanted: the sampler repeats itself; each config runs (or is turned away)
     # once, and the sweep ends when both are decided.
@@ -205,6 +224,8 @@ def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):
      "ftlab: hydra.sweeper.sampler=bogus: expected tpe, random, grid or cmaes"),
     (["hydra.sweeper.n_trials=0", "lora_r=choice(4,8)"], "ftlab: hydra.sweeper.n_trials=0: must be >= 1"),
     (["lr=interval(1e-3,1e-5)"], "ftlab: lr=interval(1e-3,1e-5): `low <= high` must hold"),
+    (["hydra.sweeper.storage=sqlite:////nonexistent/dir/o.db", "lora_r=choice(4,8)"],
+     "ftlab: hydra.sweeper.storage=sqlite:////nonexistent/dir/o.db: (sqlite3.OperationalError) unable to open database"),
     # Checked before any trial: a key the config lacks, and values no trial could run with.
     (["lora_rr=choice(4,8)"], "ftlab: lora_rr=4: Could not override 'lora_rr'. Key 'lora_rr' not in 'FtlabConfig'"),
     (["train.optim=choice(adamw_torch,bogus)"], "ftlab: train.optim='bogus': use one of adamw_torch"),
@@ -217,6 +238,7 @@ def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_fa
                 check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(says)
+    assert "Background on this error" not in out.stderr  # SQLAlchemy's second line, a link
     [parent] = runs(tmp_path, "sweep")
     assert parent.info.status == "FAILED" and says.removeprefix("ftlab: ") in parent.data.tags["ftlab.error"]
     assert runs(tmp_path) == []  # no trial started

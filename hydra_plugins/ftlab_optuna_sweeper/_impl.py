@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+import mlflow
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
@@ -290,9 +291,12 @@ class OptunaSweeperImpl(Sweeper):
 
     def make_storage(self, sweep_id: str, space: dict[str, BaseDistribution]) -> optuna.storages.RDBStorage:
         url = self.storage_url
-        if url is None:
-            Path("mlruns").mkdir(exist_ok=True)
-            url = f"sqlite:///{Path('mlruns/optuna.db').resolve()}"
+        if url is None:  # beside a SQLite MLflow store, so the same command continues it from any directory
+            store = mlflow.get_tracking_uri()
+            folder = (Path(store.removeprefix("sqlite:///").split("?")[0]).parent if store.startswith("sqlite:///")
+                      else Path("mlruns"))
+            folder.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{(folder / 'optuna.db').resolve()}"
         url = tracking.postgres_driver(url)
         # Several workers on one SQLite file wait for the lock instead of failing at once.
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -316,8 +320,9 @@ class OptunaSweeperImpl(Sweeper):
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=self.heartbeat_interval,
                     grace_period=self.grace_period, heartbeat_stale_trial_callback=mark_mlflow_run_killed)
             except Exception as e:
-                if attempt == 4:
-                    raise SweepConfigError(f"hydra.sweeper.storage={tracking.mask(url)}: {e}") from e
+                if attempt == 4:  # one line: without SQLAlchemy's "(Background on this error at: <url>)"
+                    reason = " ".join(str(e).split("(Background on this error")[0].split())
+                    raise SweepConfigError(f"hydra.sweeper.storage={tracking.mask(url)}: {reason}") from e
                 time.sleep(1 + attempt)
 
     # ------------------------------------------------------------------ the sweep
@@ -360,6 +365,14 @@ class OptunaSweeperImpl(Sweeper):
             seed = self.seed + len(study.trials) if self.seed is not None else None
             sampler = study.sampler = self.make_sampler(space, len(objective), seed)
         log.info("Optuna study %s: %d trials wanted, %d in storage", sweep_id, self.n_trials, len(study.trials))
+        parent = os.environ.get(ftlab_sweep.ENV_PARENT_RUN_ID)
+        if not study.trials and parent and (ran := tracking.child_runs(parent)):
+            raise SweepConfigError(
+                f"sweep {sweep_id} has {len(ran)} trial run(s) in MLflow, but the Optuna storage "
+                f"{tracking.mask(storage.url)} holds none of its trials, so every trial would run again: if this "
+                "sweep ran with Optuna before, pass the storage it used as hydra.sweeper.storage=... (by default "
+                "optuna.db beside a SQLite MLflow store, else ./mlruns/optuna.db where the command ran); to "
+                "search beside another sweeper's trials, name a new sweep with sweep.name=...")
         self.drop_queued_outside(study, storage, space)
         # What every trial shares (config files, fixed overrides, the data file's content): a trial repeats
         # an earlier one only when this and its params match (reuse_earlier_outcome).
