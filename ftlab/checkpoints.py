@@ -152,16 +152,18 @@ class ResumePoint:
     step: int
 
 
-def find_resume_point(candidate_run_ids: list[str], output_dir: Path, what: str) -> ResumePoint:
-    """The newest candidate run (newest first) whose output dir holds a checkpoint.
-    `what` describes how the candidates were chosen, for the error message."""
+def find_resume_point(candidate_run_ids: list[str], output_dir: Path, what: str,
+                      recorded: dict[str, Path] | None = None) -> ResumePoint:
+    """The newest candidate run (newest first) whose output dir, or the folder it `recorded` saving
+    its checkpoints in, holds a checkpoint. `what` describes how the candidates were chosen, for the
+    error message."""
     looked = []
     for run_id in candidate_run_ids:
-        run_dir = output_dir / run_id
-        checkpoint = last_checkpoint(run_dir)
-        if checkpoint is not None:
-            return ResumePoint(run_id, checkpoint, checkpoint_step(checkpoint))
-        looked.append(str(run_dir))
+        for run_dir in dict.fromkeys([output_dir / run_id, *([recorded[run_id]] if run_id in (recorded or {}) else [])]):
+            checkpoint = last_checkpoint(run_dir)
+            if checkpoint is not None:
+                return ResumePoint(run_id, checkpoint, checkpoint_step(checkpoint))
+            looked.append(str(run_dir))
     where = ("looked for checkpoint-* in " + ", ".join(looked)) if looked else "found no such run"
     raise ResumeError(
         f"train.resume: nothing to resume from ({what}; {where}). Checkpoints are written when a run is "

@@ -194,7 +194,8 @@ class TrainConfig:
     save_steps: int = 0
     # false | true: continue the newest KILLED/FAILED run with the same config (tag
     # ftlab.config_hash) | an MLflow run id: continue that run. Both continue the same MLflow run
-    # from the last checkpoint in output_dir/<run id>, and fail if there is none.
+    # from the last checkpoint in output_dir/<run id> or in the folder the run recorded (tag
+    # ftlab.checkpoint: a relative output_dir from another directory), and fail if there is none.
     resume: Any = False
 
 

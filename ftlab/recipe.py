@@ -113,7 +113,9 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mlflow.log_metric("trainable_params", trainable)
 
-    out_dir = Path(cfg.output_dir) / active.info.run_id
+    # A resumed run goes on in the folder its checkpoint is in, which another working directory's
+    # relative output_dir does not name: one folder holds all of a run's checkpoints.
+    out_dir = resume.checkpoint.parent if resume and resume.checkpoint else Path(cfg.output_dir) / active.info.run_id
     if resume:
         mlflow.set_tags({"ftlab.resumed_from_step": resume.step,
                          **({"ftlab.resumed_from_checkpoint": str(resume.checkpoint)} if resume.checkpoint else {})})

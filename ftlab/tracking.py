@@ -82,7 +82,9 @@ def mask(text: str) -> str:
 def shown_store(uri: str) -> str:
     """A store's URI as messages show it: masked, and without the SQLite busy timeout ftlab adds
     (sqlite_busy_timeout), so it reads as the tracking_uri the user passed."""
-    return mask(uri.replace("?timeout=60", "").replace("&timeout=60", ""))
+    base, _, query = uri.partition("?")
+    kept = [p for p in query.split("&") if p and p != "timeout=60"]
+    return mask(base + ("?" + "&".join(kept) if kept else ""))
 
 
 def default_tracking_uri(root: Path | None = None, create: bool = True) -> str:
@@ -486,7 +488,9 @@ def training_callback(out_dir: Path, resumed: bool = False):
         def on_save(self, args, state, control, **kwargs):
             metrics.flush()  # the store has every step up to the checkpoint a resume continues from
             try:
-                mlflow.set_tag("ftlab.checkpoint", str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+                # Absolute: a resume from another working directory finds it (recorded_run_dirs).
+                mlflow.set_tag("ftlab.checkpoint",
+                               str((Path(args.output_dir) / f"checkpoint-{state.global_step}").resolve()))
             except Exception:  # a tracking outage must not stop training; the checkpoint is on disk
                 log.warning("could not tag checkpoint-%d (tracking store unreachable)", state.global_step)
 
@@ -620,6 +624,20 @@ def _active_experiment_id() -> str:
     from mlflow.tracking.fluent import _get_experiment_id
 
     return _get_experiment_id()
+
+
+def recorded_run_dirs(run_ids: list[str]) -> dict[str, Path]:
+    """Where each run saved its checkpoints (its ftlab.checkpoint tag's folder), for a resume whose
+    output_dir, relative by default, points elsewhere from another working directory."""
+    found = {}
+    for run_id in run_ids:
+        try:
+            checkpoint = MlflowClient().get_run(run_id).data.tags.get("ftlab.checkpoint")
+        except mlflow.exceptions.MlflowException:
+            continue
+        if checkpoint:
+            found[run_id] = Path(checkpoint).parent
+    return found
 
 
 def child_runs(parent_run_id: str) -> list:

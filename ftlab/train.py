@@ -482,6 +482,7 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
         end_checkpoint = _save_end_of_training(trainer, RunTotals(steps, train_loss * steps, tokens, seconds,
                                                                   peak_mb), ended)
     checkpoint = last_checkpoint(out_dir)
+    checkpoint = checkpoint.resolve() if checkpoint else None  # named in tags, read from any directory
     if stopper.signal_name is not None:
         raise TrainingInterrupted(f"interrupted by {stopper.signal_name} at step {steps}; checkpoint saved in "
                                   f"{checkpoint}", stopper.signal_name, checkpoint, steps)
@@ -553,7 +554,7 @@ def remove_transient_checkpoints(out_dir: Path) -> None:
             shutil.rmtree(checkpoint, ignore_errors=True)
     try:
         if remaining := last_checkpoint(Path(out_dir)):
-            mlflow.set_tag("ftlab.checkpoint", str(remaining))
+            mlflow.set_tag("ftlab.checkpoint", str(remaining.resolve()))
         elif "ftlab.checkpoint" in mlflow.get_run(mlflow.active_run().info.run_id).data.tags:
             mlflow.MlflowClient().delete_tag(mlflow.active_run().info.run_id, "ftlab.checkpoint")
     except Exception as e:  # a tracking hiccup must not fail a run whose results are logged

@@ -79,6 +79,31 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     assert resumed.data.metrics["train_loss_final"] == pytest.approx(whole["train_loss_final"], rel=1e-5)
 
 
+def test_resume_from_another_working_directory_continues_where_the_run_saved_its_checkpoint(tmp_path):
+    """The default output_dir is relative: from another directory it names another folder, where
+    the resume found no checkpoint ('nothing to resume from')."""
+    overrides = [*TINY, *store_overrides(tmp_path), *SHORT, "output_dir=outputs/runs"]
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+    killed = run_cli(*overrides, "train.callbacks=[{_target_: tests.faults.SignalAtStep, step: 2}]",
+                     cwd=tmp_path / "first", env={"PYTHONPATH": str(ROOT)})
+    assert killed.returncode == 143, killed.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    [trial] = _trials(uri)
+    checkpoint = tmp_path / "first" / "outputs" / "runs" / trial.info.run_id / "checkpoint-2"
+    assert trial.data.tags["ftlab.checkpoint"] == str(checkpoint)  # absolute: readable from anywhere
+    assert trial.data.tags["ftlab.error"].endswith(f"checkpoint saved in {checkpoint}")
+
+    resumed = run_cli(*overrides, "train.resume=true", cwd=tmp_path / "second", env={"PYTHONPATH": str(ROOT)})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [trial] = _trials(uri)
+    assert trial.info.status == "FINISHED" and trial.data.tags["ftlab.resumed_from_step"] == "2"
+    assert _steps(uri, trial.info.run_id) == [1, 2, 3, 4]
+    # The run's files stay in one folder: its adapter beside where the checkpoint was, now removed.
+    assert (checkpoint.parent / "adapter").is_dir() and not checkpoint.exists()
+    assert not (tmp_path / "second" / "outputs" / "runs" / trial.info.run_id).exists()
+
+
 def test_a_run_resumed_from_a_checkpoint_before_its_crash_logs_each_step_once(make_cfg, tmp_path):
     """Steps logged after the last checkpoint (train.save_steps) and before a crash were trained and
     logged again on resume: two points a step in the loss curve."""

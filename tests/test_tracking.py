@@ -32,6 +32,14 @@ def test_flatten_truncates_long_values_and_masks_secrets(monkeypatch):
     assert flat["target_modules"] == '["q_proj", "v_proj"]'
 
 
+def test_a_store_is_shown_as_the_user_gave_it():
+    """Without the busy timeout ftlab adds to a SQLite URI, keeping the user's own query, masked."""
+    assert tracking.shown_store(tracking.sqlite_busy_timeout("sqlite:///a.db")) == "sqlite:///a.db"
+    assert tracking.shown_store("sqlite:///a.db?timeout=60&cache=shared") == "sqlite:///a.db?cache=shared"
+    assert tracking.shown_store("sqlite:///a.db?cache=shared&timeout=60") == "sqlite:///a.db?cache=shared"
+    assert tracking.shown_store("postgresql://ftlab:secret@db/ftlab") == "postgresql://ftlab:***@db/ftlab"
+
+
 def test_unreachable_store_fails_before_training(tmp_path):
     import time
 
