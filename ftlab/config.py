@@ -518,13 +518,18 @@ def check(cfg: DictConfig) -> None:
 
 
 def help_groups(*left_out: str) -> str:
-    """`python -m ftlab --help`'s config groups, as Hydra lists them, less `left_out`: conf/serve/
-    holds the serve command's own config, not a group a run can select."""
+    """`python -m ftlab --help`'s config groups, as Hydra lists them, less `left_out` (conf/serve/
+    holds the serve command's own config, not a group a run can select), plus the options the
+    working directory adds (hydra.searchpath: file://., e.g. a team's sweeps/*.yaml), which
+    Hydra's own listing leaves out."""
+    from pathlib import Path
+
     from hydra.core.global_hydra import GlobalHydra
 
     loader = GlobalHydra.instance().config_loader()
     groups = sorted(g for g in loader.list_groups("") if g != "hydra" and g not in left_out)
-    return "".join(f"{g}: {', '.join(sorted(loader.get_group_options(g)))}\n" for g in groups)
+    options = {g: {*loader.get_group_options(g), *(p.stem for p in Path(g).glob("*.yaml"))} for g in groups}
+    return "".join(f"{g}: {', '.join(sorted(options[g]))}\n" for g in groups)
 
 
 def register_configs() -> None:

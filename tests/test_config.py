@@ -169,6 +169,8 @@ def test_a_key_added_with_plus_that_nothing_reads_is_refused_in_one_line(tmp_pat
     ("ftlab.report", "python -m ftlab.report [sweep=<"),
     ("ftlab.serve", "python -m ftlab.serve model=models:/ftlab@production")])
 def test_help_says_what_the_command_does_and_how_to_call_it(tmp_path, command, usage):
+    (tmp_path / "sweeps").mkdir()  # a team's own search space, in the working directory
+    (tmp_path / "sweeps" / "team_space.yaml").write_text("# @package _global_\n")
     out = subprocess.run([sys.executable, "-m", command, "--help"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -181,3 +183,4 @@ def test_help_says_what_the_command_does_and_how_to_call_it(tmp_path, command, u
     else:  # conf/serve/ is the serve command's config, not a group: `serve=config` would be refused
         assert "model: llama31_70b, llama31_8b, llama32_1b, llama32_3b, smollm2_135m, tiny" in groups
         assert "serve" not in groups
+        assert "sweeps: rank_lr, targets, team_space" in groups
