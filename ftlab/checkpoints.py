@@ -152,14 +152,13 @@ class ResumePoint:
     step: int
 
 
-def find_resume_point(candidate_run_ids: list[str], output_dir: Path, what: str,
-                      recorded: dict[str, Path] | None = None) -> ResumePoint:
-    """The newest candidate run (newest first) whose output dir, or the folder it `recorded` saving
-    its checkpoints in, holds a checkpoint. `what` describes how the candidates were chosen, for the
-    error message."""
+def find_resume_point(candidates: dict[str, Path | None], output_dir: Path, what: str) -> ResumePoint:
+    """The newest candidate run (run id -> the folder it recorded saving checkpoints in, or None;
+    newest first) whose output_dir/<run id>, or that folder, holds a checkpoint. `what` describes
+    how the candidates were chosen, for the error message."""
     looked = []
-    for run_id in candidate_run_ids:
-        for run_dir in dict.fromkeys([output_dir / run_id, *([recorded[run_id]] if run_id in (recorded or {}) else [])]):
+    for run_id, recorded in candidates.items():
+        for run_dir in dict.fromkeys(d for d in (output_dir / run_id, recorded) if d is not None):
             checkpoint = last_checkpoint(run_dir)
             if checkpoint is not None:
                 return ResumePoint(run_id, checkpoint, checkpoint_step(checkpoint))

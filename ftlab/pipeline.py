@@ -84,7 +84,7 @@ def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | N
     if cfg.train.resume is False or cfg.train.resume is None:
         return _interrupted_in_this_sweep(cfg, cfg_hash)
     candidates, how = tracking.resumable_runs(cfg.train.resume, cfg_hash, cfg)
-    return checkpoints.find_resume_point(candidates, Path(cfg.output_dir), how, tracking.recorded_run_dirs(candidates))
+    return checkpoints.find_resume_point(candidates, Path(cfg.output_dir), how)
 
 
 def _interrupted_in_this_sweep(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | None:
@@ -96,12 +96,12 @@ def _interrupted_in_this_sweep(cfg: DictConfig, cfg_hash: str) -> checkpoints.Re
     if not interrupted:
         return None
     try:
-        point = checkpoints.find_resume_point(interrupted, Path(cfg.output_dir), "",
-                                              tracking.recorded_run_dirs(interrupted))
+        point = checkpoints.find_resume_point(interrupted, Path(cfg.output_dir), "")
     except checkpoints.ResumeError:
         # The same run goes on, from zero: the sweep keeps one run per config, not a KILLED one beside it.
+        newest = next(iter(interrupted))
         log.warning("run %s of this config was interrupted before its first checkpoint (none in %s/%s or where "
-                    "the run recorded one): it starts again from zero", interrupted[0], cfg.output_dir, interrupted[0])
-        return checkpoints.ResumePoint(interrupted[0], None, 0)
+                    "the run recorded one): it starts again from zero", newest, cfg.output_dir, newest)
+        return checkpoints.ResumePoint(newest, None, 0)
     log.warning("continuing run %s, interrupted in this sweep, from %s", point.run_id, point.checkpoint)
     return point

@@ -79,11 +79,14 @@ def mask(text: str) -> str:
     return text
 
 
+BUSY_TIMEOUT = "timeout=60"  # what sqlite_busy_timeout adds to a SQLite URI, and shown_store leaves out
+
+
 def shown_store(uri: str) -> str:
     """A store's URI as messages show it: masked, and without the SQLite busy timeout ftlab adds
     (sqlite_busy_timeout), so it reads as the tracking_uri the user passed."""
     base, _, query = uri.partition("?")
-    kept = [p for p in query.split("&") if p and p != "timeout=60"]
+    kept = [p for p in query.split("&") if p and p != BUSY_TIMEOUT]
     return mask(base + ("?" + "&".join(kept) if kept else ""))
 
 
@@ -103,8 +106,7 @@ def existing_store(tracking_uri: str | None) -> str:
     there means a typo or another directory: say so, instead of creating an empty store (and
     ./mlruns) and then finding nothing in it."""
     uri = tracking_uri or default_tracking_uri(create=False)
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if (path := sqlite_file(uri)) is not None:
         if not path.is_file():
             if tracking_uri:
                 raise TrackingError(f"tracking_uri={mask(uri)}: no MLflow store at {path}")
@@ -117,8 +119,13 @@ def sqlite_busy_timeout(uri: str) -> str:
     """SQLite takes one writer at a time and pysqlite gives up after 5 s with 'database is
     locked'; parallel trials and sweep workers on one store wait up to 60 s for the lock instead."""
     if uri.startswith("sqlite:") and "timeout=" not in uri:
-        return uri + ("&" if "?" in uri else "?") + "timeout=60"
+        return uri + ("&" if "?" in uri else "?") + BUSY_TIMEOUT
     return uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (its query left off); None for any other store."""
+    return Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
 
 
 def postgres_driver(url: str) -> str:
@@ -162,10 +169,10 @@ def one_process_at_a_time(store: str):
     database each ran MLflow's schema migrations at once (MySQL: "Table 'tags' already exists",
     PostgreSQL: a unique violation) and failed. A session lock of the database server (PostgreSQL
     advisory lock, MySQL GET_LOCK), or a file lock beside a SQLite file; released with its connection."""
-    if store.startswith("sqlite:///"):
+    if (database := sqlite_file(store)) is not None:
         import fcntl
 
-        lock = Path(store.removeprefix("sqlite:///").split("?")[0] + ".lock")
+        lock = database.with_name(database.name + ".lock")
         if not lock.parent.is_dir():
             yield  # MLflow fails on it with its own message
             return
@@ -227,8 +234,8 @@ def setup(tracking_uri: str | None, experiment: str) -> str:
             exp = client.get_experiment_by_name(experiment)
         if exp is None:
             artifact_location = None
-            if uri.startswith("sqlite:///"):
-                artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+            if (database := sqlite_file(uri)) is not None:
+                artifact_location = (database.parent / "artifacts").resolve().as_uri()
             try:
                 client.create_experiment(experiment, artifact_location=artifact_location)
             except mlflow.exceptions.MlflowException:
@@ -328,20 +335,27 @@ def config_differences(run: Run, cfg: DictConfig) -> list[str]:
             if k in run.data.params and run.data.params[k] != v]
 
 
-def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[list[str], str]:
-    """Run ids train.resume may continue, newest first, and how they were chosen (for errors).
-    true: KILLED/FAILED trials of this experiment with the same config hash (a RUNNING one may
-    be alive elsewhere, so it is only continued when named); a string: that run."""
+def resume_candidates(runs: list[Run]) -> dict[str, Path | None]:
+    """Run id -> the folder the run recorded saving its checkpoints in (its ftlab.checkpoint tag,
+    absolute: from another working directory a relative output_dir names another folder), in the
+    order given, for checkpoints.find_resume_point."""
+    return {r.info.run_id: Path(c).parent if (c := r.data.tags.get("ftlab.checkpoint")) else None for r in runs}
+
+
+def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[dict[str, Path | None], str]:
+    """The runs train.resume may continue, newest first (resume_candidates), and how they were
+    chosen (for errors). true: KILLED/FAILED trials of this experiment with the same config hash (a
+    RUNNING one may be alive elsewhere, so it is only continued when named); a string: that run."""
     if resume is True:
         runs = mlflow.search_runs(filter_string=f"tags.`ftlab.config_hash` = '{cfg_hash}'",
                                   order_by=["attributes.start_time DESC"], output_format="list")
-        ids = [r.info.run_id for r in runs if r.info.status in ("KILLED", "FAILED")]
-        how = f"KILLED/FAILED runs with tag ftlab.config_hash={cfg_hash} in this experiment: {len(ids)}"
+        candidates = resume_candidates([r for r in runs if r.info.status in ("KILLED", "FAILED")])
+        how = f"KILLED/FAILED runs with tag ftlab.config_hash={cfg_hash} in this experiment: {len(candidates)}"
         # A process killed with kill -9 (or a lost machine) leaves its run RUNNING: named, not taken.
         if running := [r.info.run_id for r in runs if r.info.status == "RUNNING"]:
             how += (f"; RUNNING: {', '.join(running[:3])} (if no process runs it any more, after a kill -9 or a lost "
                     f"machine, resume it by name: train.resume={running[0]})")
-        return ids, how
+        return candidates, how
     try:
         run = MlflowClient().get_run(str(resume))
     except mlflow.exceptions.MlflowException as e:
@@ -355,7 +369,7 @@ def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[list[str], s
             [f"ftlab.config_hash {run.data.tags['ftlab.config_hash']} then -> {cfg_hash} now"])
         raise ResumeError(f"train.resume={resume}: that run was started with another config "
                           f"({'; '.join(differences[:6])}); resume with the same overrides")
-    return [run.info.run_id], f"run {run.info.run_id}"
+    return resume_candidates([run]), f"run {run.info.run_id}"
 
 
 def trained_artifact(full_fine_tune: bool) -> str:
@@ -488,7 +502,7 @@ def training_callback(out_dir: Path, resumed: bool = False):
         def on_save(self, args, state, control, **kwargs):
             metrics.flush()  # the store has every step up to the checkpoint a resume continues from
             try:
-                # Absolute: a resume from another working directory finds it (recorded_run_dirs).
+                # Absolute: a resume from another working directory finds it (resume_candidates).
                 mlflow.set_tag("ftlab.checkpoint",
                                str((Path(args.output_dir) / f"checkpoint-{state.global_step}").resolve()))
             except Exception:  # a tracking outage must not stop training; the checkpoint is on disk
@@ -569,11 +583,11 @@ def finished_trial_number(sweep_id: str, trial_number: int):
     return runs[0] if runs else None
 
 
-def interrupted_trials(sweep_id: str, cfg_hash: str) -> list[str]:
-    """Run ids of this sweep's interrupted runs of this config (KILLED by a signal or a crashed
-    worker; not those skipped over budget), newest first: a rerun of the sweep continues them."""
-    return [r.info.run_id for r in sweep_trials(sweep_id, cfg_hash)
-            if r.info.status == "KILLED" and r.data.tags.get("ftlab.state") == "killed"]
+def interrupted_trials(sweep_id: str, cfg_hash: str) -> dict[str, Path | None]:
+    """This sweep's interrupted runs of this config (KILLED by a signal or a crashed worker; not
+    those skipped over budget), newest first (resume_candidates): a rerun of the sweep continues them."""
+    return resume_candidates([r for r in sweep_trials(sweep_id, cfg_hash)
+                              if r.info.status == "KILLED" and r.data.tags.get("ftlab.state") == "killed"])
 
 
 def skipped_run(cfg: DictConfig, run_name: str, tags: dict, reason: str, predicted_gb: float) -> str:
@@ -624,20 +638,6 @@ def _active_experiment_id() -> str:
     from mlflow.tracking.fluent import _get_experiment_id
 
     return _get_experiment_id()
-
-
-def recorded_run_dirs(run_ids: list[str]) -> dict[str, Path]:
-    """Where each run saved its checkpoints (its ftlab.checkpoint tag's folder), for a resume whose
-    output_dir, relative by default, points elsewhere from another working directory."""
-    found = {}
-    for run_id in run_ids:
-        try:
-            checkpoint = MlflowClient().get_run(run_id).data.tags.get("ftlab.checkpoint")
-        except mlflow.exceptions.MlflowException:
-            continue
-        if checkpoint:
-            found[run_id] = Path(checkpoint).parent
-    return found
 
 
 def child_runs(parent_run_id: str) -> list:

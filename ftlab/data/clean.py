@@ -15,7 +15,6 @@ from collections import Counter, defaultdict
 
 from ftlab.data.records import DataError, Example
 
-
 WORD = re.compile(r"\w+")
 SHINGLED_CHARS = 20_000
 # Records per fast-tokenizer call: big enough to use its Rust batching, small enough to bound memory.

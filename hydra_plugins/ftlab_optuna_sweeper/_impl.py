@@ -292,9 +292,8 @@ class OptunaSweeperImpl(Sweeper):
     def make_storage(self, sweep_id: str, space: dict[str, BaseDistribution]) -> optuna.storages.RDBStorage:
         url = self.storage_url
         if url is None:  # beside a SQLite MLflow store, so the same command continues it from any directory
-            store = mlflow.get_tracking_uri()
-            folder = (Path(store.removeprefix("sqlite:///").split("?")[0]).parent if store.startswith("sqlite:///")
-                      else Path("mlruns"))
+            database = tracking.sqlite_file(mlflow.get_tracking_uri())
+            folder = database.parent if database is not None else Path("mlruns")
             folder.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{(folder / 'optuna.db').resolve()}"
         url = tracking.postgres_driver(url)
