@@ -26,6 +26,9 @@ from ftlab.memory import estimate
 from ftlab.pipeline import run
 from tests.conftest import CONF, ROOT, TINY, store_overrides
 
+# One xdist worker runs this file: the sweep it reports on is built once (a module fixture).
+pytestmark = pytest.mark.xdist_group("report")
+
 SWEEP_ID = "sweep-test"
 QUICK = [*TINY, "train.max_steps=2", "data.num_records=60", "data.eval_size=6"]
 TRIALS = [("lora_r=4", "lr=1e-3"), ("lora_r=8", "lr=5e-4"), ("lora_r=16", "lr=2e-3")]
@@ -172,10 +175,10 @@ def test_reproduce_command_composes_the_winners_config(sweep):
     assert all(shlex.split(step)[-1] == f"tracking_uri=sqlite:///{store}/mlruns/mlflow.db" for step in (promote, serve))
 
 
-def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
+def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path, in_process):
     store, parent_id = sweep
     uri = f"tracking_uri=sqlite:///{store}/mlruns/mlflow.db"
-    ok = run_report(uri, f"out_dir={tmp_path}", cwd=tmp_path)  # no sweep=: the newest one
+    ok = run_report(uri, f"out_dir={tmp_path}", cwd=tmp_path)  # no sweep=: the newest one; a process of its own
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / SWEEP_ID / "report.html").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [SWEEP_ID]  # no Hydra outputs/ or logs
@@ -189,7 +192,7 @@ def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
         report.find_sweep(client, lone.info.run_id)
     client.delete_run(lone.info.run_id)
 
-    missing = run_report("sweep=no-such-sweep", uri, cwd=tmp_path)
+    missing = in_process("ftlab.report", "sweep=no-such-sweep", uri, cwd=tmp_path)
     assert missing.returncode != 0
     assert "sweep=no-such-sweep: no sweep with that sweep id or parent run id" in missing.stderr
     assert SWEEP_ID in missing.stderr  # the known sweeps are listed
@@ -199,17 +202,17 @@ def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
     with pytest.raises(report.ReportError, match=r"empty.db holds no sweep yet: start one with python -m ftlab -m"):
         report.find_sweep(empty, None)
 
-    typo = run_report("swep=x", uri, cwd=tmp_path)
+    typo = in_process("ftlab.report", "swep=x", uri, cwd=tmp_path)
     assert typo.returncode != 0 and "Key 'swep' not in 'ReportConfig'" in typo.stderr
 
-    unwritable = run_report(f"sweep={SWEEP_ID}", uri, f"out_dir={tmp_path}/{SWEEP_ID}/report.html", cwd=tmp_path)
+    unwritable = in_process("ftlab.report", f"sweep={SWEEP_ID}", uri, f"out_dir={tmp_path}/{SWEEP_ID}/report.html", cwd=tmp_path)
     assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
     assert f"ftlab: out_dir={tmp_path}/{SWEEP_ID}/report.html: cannot write the report there" in unwritable.stderr
 
     # Run where there is no ./mlruns: the store is named, and neither a store nor ./mlruns is created.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    no_store = run_report(f"sweep={SWEEP_ID}", cwd=elsewhere)
+    no_store = in_process("ftlab.report", f"sweep={SWEEP_ID}", cwd=elsewhere)
     assert no_store.returncode == 2 and "Traceback" not in no_store.stderr
     assert f"ftlab: no MLflow store here: the default store, ./mlruns/mlflow.db, is not in {elsewhere}" in no_store.stderr
     assert list(elsewhere.iterdir()) == []
@@ -217,7 +220,7 @@ def test_report_cli_finds_sweeps_by_id_and_names_unknown_ones(sweep, tmp_path):
     # own retries, then a traceback), a file store that MLflow 3 no longer opens.
     for store, says in (("http://127.0.0.1:9", "Connection refused"), (str(elsewhere), "filesystem tracking backend")):
         start = time.monotonic()
-        refused = run_report(f"tracking_uri={store}", cwd=elsewhere)
+        refused = in_process("ftlab.report", f"tracking_uri={store}", cwd=elsewhere)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
         assert f"ftlab: cannot use the MLflow tracking store tracking_uri={store}: " in refused.stderr
         assert says in refused.stderr and time.monotonic() - start < 60

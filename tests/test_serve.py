@@ -26,6 +26,9 @@ from tests.conftest import CONF, ROOT, TINY, store_overrides
 
 KEY = "test-key-1234"
 
+# One xdist worker runs this file: its promoted model and server are built once (module fixtures).
+pytestmark = pytest.mark.xdist_group("serve")
+
 
 @pytest.fixture(scope="module")
 def production(tmp_path_factory):
