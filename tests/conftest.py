@@ -15,6 +15,11 @@ from hydra import compose, initialize_config_dir
 
 import ftlab.config  # noqa: F401  (registers the schema)
 
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist workers share the cores: torch threads per worker (and per command a test starts) are
+    # set to their share, not one per core each, which leaves threads waiting on each other.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(workers))))
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

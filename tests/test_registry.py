@@ -178,7 +178,8 @@ def test_a_registration_interrupted_while_scoring_leaves_no_version_and_the_run_
 
 def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp_path):
     """peft=full logs the trained model itself: registered as is (no base + adapter to merge)."""
-    run(make_cfg(*FAST[:3], "peft=full", "lr=1e-3"))
+    # A private cache: the base is moved aside below, where another xdist worker must not miss it.
+    run(make_cfg(*FAST[:3], "peft=full", "lr=1e-3", f"cache_dir={tmp_path}/cache"))
     [trial] = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")
     base_dir = Path(trial.data.params["model.checkpoint"])
     aside = base_dir.rename(base_dir.with_name(base_dir.name + ".aside"))  # the trained weights are all it needs
