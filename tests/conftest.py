@@ -3,10 +3,13 @@ private MLflow store per test."""
 from __future__ import annotations
 
 import json
+import logging
+import logging.config
 import os
 import subprocess
 import sys
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,6 +62,58 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict |
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def logging_state() -> dict[str, tuple]:
+    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    return {lg.name: (lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers}
+
+
+def restore_logging(state: dict[str, tuple]) -> None:
+    """Handlers a command's Hydra logging config added write to a stream pytest closes after the test."""
+    for name, logger in [("root", logging.getLogger()), *logging.root.manager.loggerDict.items()]:
+        if isinstance(logger, logging.Logger):
+            handlers, level, propagate, disabled = state.get(name, ([], logging.NOTSET, True, False))
+            logger.handlers[:], logger.propagate, logger.disabled = handlers, propagate, disabled
+            logger.setLevel(level)
+
+
+@pytest.fixture
+def in_process(capsys, monkeypatch):
+    """in_process(module, *args, cwd=None) -> CompletedProcess: `python -m <module> <args>` run as that
+    does (runpy, as __main__) in this process: the same argument parsing, messages and exit status,
+    without the ~10 s a new process spends importing torch and MLflow. A test whose point is the process
+    itself (a signal, a kill, a second worker, an installed wheel) starts one with run_cli."""
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    def _call(module: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        logging_was, environ = logging_state(), dict(os.environ)
+        capsys.readouterr()
+        code = 0
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", [module, *args])
+            # Hydra's logging.config.dictConfig would close every handler there is, pytest's among them:
+            # a new process has none to close.
+            patch.setattr(logging.config, "_clearExistingHandlers", lambda: None)
+            if cwd is not None:
+                patch.chdir(cwd)
+            try:
+                with warnings.catch_warnings():  # that the module is imported already: as it is here on purpose
+                    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            finally:  # what the command set for its own process: Hydra's state, log handlers, env vars
+                GlobalHydra.instance().clear()
+                restore_logging(logging_was)
+                os.environ.clear()
+                os.environ.update(environ)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([module, *args], code, out.out, out.err)
+
+    return _call
 
 
 @pytest.fixture(scope="session")

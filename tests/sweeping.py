@@ -16,9 +16,12 @@ SMALL_TRIAL = [
 ]
 
 
+def sweep_args(tmp_path: Path, *args: str) -> list[str]:
+    return ["-m", *SMALL_TRIAL, *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path}/multirun", *args]
+
+
 def sweep(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None):
-    out = run_cli("-m", *SMALL_TRIAL, *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path}/multirun",
-                  *args, env={"PYTHONPATH": str(ROOT), **(env or {})}, cwd=cwd)
+    out = run_cli(*sweep_args(tmp_path, *args), env={"PYTHONPATH": str(ROOT), **(env or {})}, cwd=cwd)
     if check:
         assert out.returncode == 0, out.stderr[-4000:]
     return out

@@ -1,6 +1,6 @@
 """The schema: overrides users type, and errors that name the bad key before any model loads."""
-import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -40,8 +40,8 @@ def test_unknown_key_fails_fast_naming_it(tmp_path):
     assert "Loading weights" not in proc.stderr + proc.stdout
 
 
-def test_wrong_type_fails_naming_key(tmp_path):
-    proc = run_cli("lora_r=sixteen", timeout=120)
+def test_wrong_type_fails_naming_key(tmp_path, in_process):
+    proc = in_process("ftlab", "lora_r=sixteen")
     assert proc.returncode != 0
     assert "lora_r" in proc.stderr + proc.stdout
 
@@ -90,8 +90,8 @@ def test_a_value_out_of_range_is_named_before_anything_loads(make_cfg, override,
                                             ("data.rejects=/proc", "data.rejects=/proc: that is a directory"),
                                             ("data.rejects=/proc/ftlab/rejects.jsonl",
                                              "data.rejects=/proc/ftlab/rejects.jsonl: cannot make its directory")])
-def test_a_config_error_is_one_line_and_exit_2_from_the_command_line(tmp_path, override, says):
-    proc = run_cli("model=tiny", f"tracking_uri=sqlite:///{tmp_path}/m.db", override, timeout=120)  # the last wins
+def test_a_config_error_is_one_line_and_exit_2_from_the_command_line(tmp_path, override, says, in_process):
+    proc = in_process("ftlab", "model=tiny", f"tracking_uri=sqlite:///{tmp_path}/m.db", override)  # the last wins
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"ftlab: {says}" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -107,12 +107,6 @@ def test_a_trainer_name_transformers_does_not_know_fails_naming_the_key_before_a
 
 def test_an_installed_wheel_finds_its_configs_and_sweeps_from_any_directory(tmp_path):
     """conf/ and sweeps/ sit at the repository root; the wheel carries them inside the package."""
-    import shutil
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     def ok(*cmd, cwd=tmp_path):
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -137,9 +131,8 @@ def test_an_installed_wheel_finds_its_configs_and_sweeps_from_any_directory(tmp_
 @pytest.mark.parametrize("command, says", [
     ("ftlab.registry", "ftlab: say what to do: python -m ftlab.registry register run_id=<run id> | promote"),
     ("ftlab.serve", "ftlab: model is required: add model=... to the command")])
-def test_a_command_without_what_it_needs_says_so_in_one_line(tmp_path, command, says):
-    out = subprocess.run([sys.executable, "-m", command], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+def test_a_command_without_what_it_needs_says_so_in_one_line(tmp_path, command, says, in_process):
+    out = in_process(command, cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     [line] = out.stderr.strip().splitlines()
     assert line.startswith(says)
@@ -151,11 +144,10 @@ def test_a_command_without_what_it_needs_says_so_in_one_line(tmp_path, command, 
     ("ftlab.registry promote", "+forse=true", "forse is not an ftlab setting, so nothing would read it; did you mean force?"),
     ("ftlab.report", "+sweeep=1", "sweeep is not an ftlab setting, so nothing would read it; did you mean sweep?"),
     ("ftlab.serve model=x", "+prot=9000", "prot is not an ftlab setting, so nothing would read it; did you mean port?")])
-def test_a_key_added_with_plus_that_nothing_reads_is_refused_in_one_line(tmp_path, command, added, says):
+def test_a_key_added_with_plus_that_nothing_reads_is_refused_in_one_line(tmp_path, command, added, says, in_process):
     """Hydra's own hint for a misspelt key is `+key=value`, which it accepts into any config."""
     module, *args = command.split()
-    out = subprocess.run([sys.executable, "-m", module, *args, added], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = in_process(module, *args, added, cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     [line] = out.stderr.strip().splitlines()
     assert line.startswith(f"ftlab: {says}")
@@ -168,11 +160,10 @@ def test_a_key_added_with_plus_that_nothing_reads_is_refused_in_one_line(tmp_pat
     ("ftlab.registry", "python -m ftlab.registry promote version=<n>"),
     ("ftlab.report", "python -m ftlab.report [sweep=<"),
     ("ftlab.serve", "python -m ftlab.serve model=models:/ftlab@production")])
-def test_help_says_what_the_command_does_and_how_to_call_it(tmp_path, command, usage):
+def test_help_says_what_the_command_does_and_how_to_call_it(tmp_path, command, usage, in_process):
     (tmp_path / "sweeps").mkdir()  # a team's own search space, in the working directory
     (tmp_path / "sweeps" / "team_space.yaml").write_text("# @package _global_\n")
-    out = subprocess.run([sys.executable, "-m", command, "--help"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = in_process(command, "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ftlab") and "powered by Hydra" not in out.stdout
     assert usage in out.stdout

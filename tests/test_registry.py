@@ -207,15 +207,17 @@ def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp
         registry.resolve_version("full", "prod")
 
 
-def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path):
+def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path, in_process):
+    store = f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"
+
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "ftlab.registry", *args,
-                               f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
+        return in_process("ftlab.registry", *args, store)
 
     unknown = cli("promote", "verison=2")
     assert unknown.returncode != 0 and "verison" in unknown.stderr
-    no_store = cli("promote")  # a mistyped store path is named, not created
+    # A mistyped store path is named, not created: in a process of its own, as a user runs it.
+    no_store = subprocess.run([sys.executable, "-m", "ftlab.registry", "promote", store], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
     assert no_store.returncode == 2 and "Traceback" not in no_store.stderr
     assert f"ftlab: tracking_uri=sqlite:///{tmp_path}/mlflow.db: no MLflow store at {tmp_path}/mlflow.db" \
         in no_store.stderr
@@ -285,7 +287,7 @@ def test_the_held_out_set_travels_with_the_run_so_a_moved_data_file_cannot_chang
 
 
 def test_the_printed_commands_register_and_promote_a_run_of_another_experiment_and_a_bad_name_costs_nothing(
-        make_cfg, capsys):
+        make_cfg, capsys, in_process):
     """A run of experiment=support: its printed register command crashed (MLflow refuses to resume a
     run of another active experiment), and the promote command printed next named model 'ftlab'. A
     registered model name the registry refuses was refused after the merge, and the error marked
@@ -298,9 +300,9 @@ def test_the_printed_commands_register_and_promote_a_run_of_another_experiment_a
     assert register_cmd[:4] == ["python", "-m", "ftlab.registry", "register"] and "experiment=support" in register_cmd
     run_id = register_cmd[4].removeprefix("run_id=")
 
-    def cli(args: list[str]):
-        return subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    def cli(args: list[str]):  # a printed command, through the registry's entry point (as processes of their
+        assert args[:3] == ["python", "-m", "ftlab.registry"]  # own: the held-out-set test)
+        return in_process("ftlab.registry", *args[3:])
 
     bad = cli([*register_cmd, "registry.model_name=team/bot"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

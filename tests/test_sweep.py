@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from ftlab.report import build_report
 from ftlab.sweep import pareto_front, sweep_id
 from tests.conftest import CONF, ROOT, weightless_checkpoint
-from tests.sweeping import runs, sweep
+from tests.sweeping import runs, sweep, sweep_args
 
 
 def assert_sweep_recorded(tmp_path, expected_r):
@@ -71,9 +71,11 @@ def test_grid_sweep_with_joblib_processes_finds_the_parent_then_registers_and_re
                                       f"its best trial is run_id={parent.data.tags['ftlab.best_run_id']}") in wrong.stderr
 
 
-def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
-    out = sweep(tmp_path, "model=llama31_8b", "budget.vram_gb=8", "lora_r=16,64", "train.max_seq_length=2048,4096",
-                "train.per_device_batch_size=8", f"model.name_or_path={weightless_checkpoint(tmp_path)}")
+def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path, in_process):
+    out = in_process("ftlab", *sweep_args(
+        tmp_path, "model=llama31_8b", "budget.vram_gb=8", "lora_r=16,64", "train.max_seq_length=2048,4096",
+        "train.per_device_batch_size=8", f"model.name_or_path={weightless_checkpoint(tmp_path)}"))
+    assert out.returncode == 0, out.stderr[-3000:]
     trials = runs(tmp_path)
     assert len(trials) == 4
     for t in trials:
@@ -85,15 +87,15 @@ def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path):
     assert "Loading weights" not in out.stderr  # and the checkpoint, which has none, was never loaded
 
 
-def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp_path):
-    out = sweep(tmp_path, "lora_r=4,8", "sweep.objective=[rouge_l,rougel_typo]", "sweep.direction=[maximize,maximize]",
-                check=False)
+def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp_path, in_process):
+    out = in_process("ftlab", *sweep_args(tmp_path, "lora_r=4,8", "sweep.objective=[rouge_l,rougel_typo]",
+                                          "sweep.direction=[maximize,maximize]"))
     assert out.returncode == 2
     assert "ftlab: sweep.objective: 'rougel_typo' is not a metric a trial reports" in out.stderr
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path)
     # A gain over the base model, with the base model's scores switched off (as SMALL_TRIAL has it):
     # every trial trained, then failed for a missing objective.
-    out = sweep(tmp_path, "lora_r=4,8", "sweep.objective=[gain_rouge_l]", check=False)
+    out = in_process("ftlab", *sweep_args(tmp_path, "lora_r=4,8", "sweep.objective=[gain_rouge_l]"))
     assert out.returncode == 2 and "ftlab: sweep.objective: 'gain_rouge_l' compares with the base model's scores, " \
         "which eval.compare_base=false leaves out; set eval.compare_base=true" in out.stderr
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path)
@@ -109,22 +111,23 @@ def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp
     ("lora_rr=4,8", "ftlab: lora_rr=4: Could not override 'lora_rr'. Key 'lora_rr' not in 'FtlabConfig'"),
     ("sweep.report_dir=/proc/ftlab-reports",  # written once every trial has run
      "ftlab: sweep.report_dir=/proc/ftlab-reports: cannot make a directory there")])
-def test_a_grid_the_basic_sweeper_cannot_run_is_one_line_before_a_parent_run(tmp_path, override, says):
+def test_a_grid_the_basic_sweeper_cannot_run_is_one_line_before_a_parent_run(tmp_path, override, says, in_process):
     """Hydra's own answers: an empty range launches 0 jobs and reports nothing; an interval is a traceback.
     A value no trial can run with would stop the sweep only once the trials before it had trained."""
-    out = sweep(tmp_path, "seed=1,2", override, check=False)
+    out = in_process("ftlab", *sweep_args(tmp_path, "seed=1,2", override))
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(says)
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path, "sweep")
 
 
 @pytest.mark.parametrize("bad", ["data", "value"])
-def test_bad_data_or_a_bad_value_stops_the_sweep_and_ends_its_parent_run_failed_with_the_reason(tmp_path, bad):
+def test_bad_data_or_a_bad_value_stops_the_sweep_and_ends_its_parent_run_failed_with_the_reason(tmp_path, bad,
+                                                                                              in_process):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
     override, says = ((f"data.path={data}", f"{data}:2: malformed JSON") if bad == "data" else
                       ("train.resume=true", "train.resume: nothing to resume from"))
-    out = sweep(tmp_path, "lora_r=4,8", override, check=False)
+    out = in_process("ftlab", *sweep_args(tmp_path, "lora_r=4,8", override))
     assert out.returncode == 2 and "ftlab: " in out.stderr and says in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.count(says) == 1  # the first trial stopped it
     [parent] = runs(tmp_path, "sweep")
@@ -212,10 +215,11 @@ def test_a_worker_that_ends_while_another_still_trains_leaves_the_sweep_to_it(tm
     assert parent.data.metrics["trials_finished"] == 3 and "ftlab.error" not in parent.data.tags
 
 
-def test_a_model_name_the_registry_refuses_stops_a_registering_sweep_before_any_trial(tmp_path):
+def test_a_model_name_the_registry_refuses_stops_a_registering_sweep_before_any_trial(tmp_path, in_process):
     """registry.auto_promote=true with registry.model_name=a/b trained every trial, then failed to
     register the best with a traceback, and exited 0. A single run registers nothing: not refused."""
-    out = sweep(tmp_path, "lora_r=4,8", "registry.auto_promote=true", "registry.model_name=a/b", check=False)
+    out = in_process("ftlab", *sweep_args(tmp_path, "lora_r=4,8", "registry.auto_promote=true",
+                                          "registry.model_name=a/b"))
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "ftlab: registry.model_name=a/b: a registered model's name cannot hold '/', ':' or quotes" in out.stderr
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # stopped before the sweep's parent run, or a trial
