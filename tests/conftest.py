@@ -2,12 +2,16 @@
 private MLflow store per test."""
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import logging
 import logging.config
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -45,10 +49,30 @@ def store_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
+@functools.cache
+def _empty_store() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="ftlab-empty-store-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{directory}/mlflow.db").search_experiments(max_results=1)  # makes its tables
+    return directory / "mlflow.db"
+
+
+def seed_store(tmp_path: Path) -> None:
+    """tmp_path/mlruns/mlflow.db as MLflow makes a new SQLite store, copied from one made once per
+    worker: making its tables (~40 migrations) takes 2-3 s, which every test with a store of its own paid.
+    Tests that check no store is made use another path."""
+    store = tmp_path / "mlruns" / "mlflow.db"
+    store.parent.mkdir(exist_ok=True)
+    if not store.exists():
+        shutil.copyfile(_empty_store(), store)
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """compose(overrides) -> the DictConfig `python -m ftlab <overrides>` would see."""
-    (tmp_path / "mlruns").mkdir(exist_ok=True)
+    seed_store(tmp_path)
 
     def _make(*overrides: str, tiny: bool = True):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

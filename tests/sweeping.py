@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, run_cli, store_overrides
+from tests.conftest import ROOT, run_cli, seed_store, store_overrides
 
 # One optimizer step on 40 records, 4 held out, 4 new tokens: a real trial in seconds.
 SMALL_TRIAL = [
@@ -21,6 +21,7 @@ def sweep_args(tmp_path: Path, *args: str) -> list[str]:
 
 
 def sweep(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None):
+    seed_store(tmp_path)
     out = run_cli(*sweep_args(tmp_path, *args), env={"PYTHONPATH": str(ROOT), **(env or {})}, cwd=cwd)
     if check:
         assert out.returncode == 0, out.stderr[-4000:]

@@ -59,8 +59,8 @@ def test_a_value_out_of_its_choices_or_range_fails_naming_the_key_before_anythin
                                                                                           override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key}="):
-        run(make_cfg(override))
-    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no store, no run: nothing half-logged
+        run(make_cfg(f"tracking_uri=sqlite:///{tmp_path}/fresh/mlflow.db", override))
+    assert not (tmp_path / "fresh").exists()  # no store, no run: nothing half-logged
 
 
 @pytest.mark.parametrize("preset", ["model=smollm2_135m", "model=tiny", "model=llama32_1b", "model=llama31_70b",
