@@ -4,7 +4,6 @@ class balancing, a seeded split, the cache, the report files and `python -m ftla
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -241,13 +240,11 @@ def test_cli_writes_the_cleaned_sets(tmp_path):
     assert "exact dedupe" in proc.stderr  # the table
 
 
-def test_cli_multirun_prepares_each_config_and_starts_no_sweep(tmp_path):
+def test_cli_multirun_prepares_each_config_and_starts_no_sweep(tmp_path, in_process):
     """python -m ftlab.data -m ...: the data of each value of a grid, checked before a sweep spends compute
     on it; no sweep parent run in MLflow, and no Optuna study."""
     def data_cli(*args):
-        return subprocess.run([sys.executable, "-m", "ftlab.data", "-m", *TINY, f"cache_dir={tmp_path}/cache", *args],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return in_process("ftlab.data", "-m", *TINY, f"cache_dir={tmp_path}/cache", *args, cwd=tmp_path)
 
     grid = data_cli("data.num_records=80,120", "data.eval_size=10")
     assert grid.returncode == 0, grid.stderr[-2000:]

@@ -2,7 +2,6 @@
 (more rank/batch/seq costs more, fewer bits cost less), the budget check and auto_batch,
 all from the composed config without loading weights."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -473,11 +472,10 @@ def test_eval_batches_hold_what_the_training_step_was_priced_for(make_cfg):
     assert eval_batch_tokens(make_cfg("model=llama31_8b", "eval.max_batch_tokens=3000", tiny=False)) == 3000
 
 
-def test_the_estimate_command_prices_a_grid_without_starting_a_sweep(tmp_path):
+def test_the_estimate_command_prices_a_grid_without_starting_a_sweep(tmp_path, in_process):
     """python -m ftlab.memory -m ...: which configs of a planned grid fit; no MLflow runs, no report."""
     def memory(*args):
-        return subprocess.run([sys.executable, "-m", "ftlab.memory", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return in_process("ftlab.memory", *args, cwd=tmp_path)
 
     grid = memory("-m", "lora_r=8,64", "model=llama31_8b", "budget.vram_gb=20")
     assert grid.returncode == 0, grid.stderr[-3000:]
@@ -494,9 +492,6 @@ def test_the_estimate_command_prices_a_grid_without_starting_a_sweep(tmp_path):
 
 @pytest.mark.parametrize("override, says", [("lora_r=0", "lora_r=0: the LoRA rank must be >= 1"),
                                             ("lr=0", "lr=0.0: must be > 0")])
-def test_the_estimate_command_turns_a_bad_value_away_in_one_line(override, says):
-    from tests.conftest import ROOT
-
-    cli = subprocess.run([sys.executable, "-m", "ftlab.memory", override], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+def test_the_estimate_command_turns_a_bad_value_away_in_one_line(override, says, in_process):
+    cli = in_process("ftlab.memory", override)
     assert cli.returncode == 2 and f"ftlab: {says}" in cli.stderr and "Traceback" not in cli.stderr

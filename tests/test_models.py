@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ftlab import models
 from ftlab.config import ModelConfig
 from ftlab.pipeline import run
-from tests.conftest import run_cli, store_overrides
+from tests.conftest import store_overrides
 
 
 def test_tiny_is_a_real_checkpoint_with_chat_template(make_cfg, tmp_path):
@@ -260,14 +260,14 @@ def test_a_file_named_without_a_path_is_not_taken_for_a_hub_id(tmp_path, monkeyp
     ("notes", "model.name_or_path: {}/notes is a directory without config.json"),
     ("config_only", "model.name_or_path: {}/config_only holds no weights (*.safetensors)"),
     ("no_tokenizer", "{}/no_tokenizer holds no tokenizer transformers can load")])
-def test_a_base_model_that_cannot_be_found_is_one_line_and_exit_2(make_cfg, tmp_path, where, says):
+def test_a_base_model_that_cannot_be_found_is_one_line_and_exit_2(make_cfg, tmp_path, where, says, in_process):
     tiny = models.resolve_checkpoint(make_cfg().model, None)
     (tmp_path / "notes").mkdir()
     for partial, files in (("config_only", ["config.json"]), ("no_tokenizer", ["config.json", "model.safetensors"])):
         (tmp_path / partial).mkdir()
         for name in files:
             (tmp_path / partial / name).write_bytes((tiny / name).read_bytes())
-    out = run_cli(f"model.name_or_path={tmp_path / where}", *store_overrides(tmp_path), timeout=300)
+    out = in_process("ftlab", f"model.name_or_path={tmp_path / where}", *store_overrides(tmp_path))
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ftlab: " + says.format(tmp_path))
