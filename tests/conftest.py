@@ -89,7 +89,8 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict |
 
 
 def logging_state() -> dict[str, tuple]:
-    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    loggers = [logging.getLogger(),
+               *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
     return {lg.name: (lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers}
 
 

@@ -20,9 +20,17 @@ def sweep_args(tmp_path: Path, *args: str) -> list[str]:
     return ["-m", *SMALL_TRIAL, *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path}/multirun", *args]
 
 
-def sweep(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None):
+def sweep(tmp_path: Path, *args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None,
+          in_process=None):
+    """The sweep command, a process of its own; with in_process (the fixture), run in the test's process
+    instead, where the test is about what the sweep does, not about its process (a kill, a signal,
+    a second worker, what one process leaves behind from trial to trial)."""
     seed_store(tmp_path)
-    out = run_cli(*sweep_args(tmp_path, *args), env={"PYTHONPATH": str(ROOT), **(env or {})}, cwd=cwd)
+    if in_process is None:
+        out = run_cli(*sweep_args(tmp_path, *args), env={"PYTHONPATH": str(ROOT), **(env or {})}, cwd=cwd)
+    else:
+        assert env is None, "a sweep that needs its own environment runs as a command"
+        out = in_process("ftlab", *sweep_args(tmp_path, *args), cwd=cwd)
     if check:
         assert out.returncode == 0, out.stderr[-4000:]
     return out

@@ -1,5 +1,6 @@
 """ftlab's Optuna sweeper: Hydra's sweep syntax, trials linked to MLflow runs, a
 persistent study that the same command resumes, budget pruning that TPE learns from."""
+import functools
 import json
 import time
 
@@ -15,7 +16,15 @@ from ftlab.sweep import check_swept_values
 from hydra_plugins.ftlab_optuna_sweeper._impl import (distribution, grid_values, probe_values, running_elsewhere,
                                                       space_size)
 from tests.conftest import CONF, weightless_checkpoint
-from tests.sweeping import runs, sweep, sweep_args
+from tests import sweeping
+from tests.sweeping import runs, sweep_args
+
+
+@pytest.fixture
+def sweep(in_process):
+    """These tests are about what the sweeper decides: their sweeps run in the test's process. The
+    resume test below runs its two as commands, as the test files about faults and workers do."""
+    return functools.partial(sweeping.sweep, in_process=in_process)
 
 
 def parse(text):
@@ -73,7 +82,7 @@ def optuna_args(tmp_path, name, *extra):
             f"hydra.sweeper.study_name={name}", *extra]
 
 
-def test_budget_rejections_are_pruned_with_reason_and_not_loaded(tmp_path):
+def test_budget_rejections_are_pruned_with_reason_and_not_loaded(sweep, tmp_path):
     sweep(tmp_path, *optuna_args(tmp_path, "budget", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=4",
                                  "model=llama31_8b", "budget.vram_gb=8",
                                  f"model.name_or_path={weightless_checkpoint(tmp_path)}",
@@ -94,10 +103,10 @@ def test_budget_rejections_are_pruned_with_reason_and_not_loaded(tmp_path):
 def test_trials_link_to_mlflow_runs_and_the_same_command_resumes(tmp_path):
     args = optuna_args(tmp_path, "resume", "lora_r=choice(4,8)", "lr=tag(log, interval(1e-4, 1e-2))",
                        "hydra.sweeper.seed=0")
-    out = sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")
+    out = sweeping.sweep(tmp_path, *args, "hydra.sweeper.n_trials=2")  # commands: a new process resumes
     assert "FutureWarning" not in out.stderr  # no Optuna API on its way out (TPE + heartbeats: the default)
     first = {t.number: t.params for t in study(tmp_path, "resume").trials}
-    sweep(tmp_path, *args, "hydra.sweeper.n_trials=3")  # the same study, one more trial wanted
+    sweeping.sweep(tmp_path, *args, "hydra.sweeper.n_trials=3")  # the same study, one more trial wanted
     trials = study(tmp_path, "resume").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert {n: trials[n].params for n in first} == first  # completed trials were not redone
@@ -112,7 +121,7 @@ def test_trials_link_to_mlflow_runs_and_the_same_command_resumes(tmp_path):
     assert {r.data.tags["mlflow.parentRunId"] for r in mlflow_runs.values()} == {parent.info.run_id}
 
 
-def test_the_default_storage_follows_the_mlflow_store_so_another_directory_continues_the_sweep(tmp_path):
+def test_the_default_storage_follows_the_mlflow_store_so_another_directory_continues_the_sweep(sweep, tmp_path):
     """It was ./mlruns/optuna.db wherever the command ran: from another directory the same command
     found an empty study and trained every trial again under the same parent run."""
     args = ["hydra/sweeper=optuna", "hydra.sweeper.study_name=anywhere", "hydra.sweeper.sampler=grid",
@@ -131,7 +140,7 @@ def test_the_default_storage_follows_the_mlflow_store_so_another_directory_conti
     assert len(runs(tmp_path)) == 2
 
 
-def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(tmp_path):
+def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(sweep, tmp_path):
     # Two choices, five trials wanted: the sampler repeats itself; each config runs (or is turned away)
     # once, and the sweep ends when both are decided.
     out = sweep(tmp_path, *optuna_args(tmp_path, "repeats", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=4",
@@ -157,7 +166,7 @@ def test_a_repeated_config_reuses_the_earlier_outcome_instead_of_running_again(t
     assert "all configs of the search space (2) are decided, before hydra.sweeper.n_trials=5" in out.stdout + out.stderr
 
 
-def test_n_trials_counts_configs_decided_not_repeats(tmp_path):
+def test_n_trials_counts_configs_decided_not_repeats(sweep, tmp_path):
     """A repeat decides nothing new: asked for 3 trials of a 4-config space, 3 configs are trained."""
     out = sweep(tmp_path, *optuna_args(tmp_path, "distinct", "hydra.sweeper.sampler=random", "hydra.sweeper.seed=2",
                                        "hydra.sweeper.n_trials=3", "lora_r=choice(2,4)", "lora_alpha=choice(4,8)"))
@@ -169,7 +178,7 @@ def test_n_trials_counts_configs_decided_not_repeats(tmp_path):
     assert "3 finished" in out.stdout
 
 
-def test_a_repeat_is_reused_only_while_the_shared_config_and_data_are_unchanged(tmp_path):
+def test_a_repeat_is_reused_only_while_the_shared_config_and_data_are_unchanged(sweep, tmp_path):
     data = tmp_path / "data.jsonl"
 
     def write(answer):
@@ -207,7 +216,7 @@ def test_a_config_another_worker_is_running_is_asked_again_not_trained_twice():
     assert not running_elsewhere(shared, same_batch, [older, same_batch])
 
 
-def test_a_config_asked_twice_in_one_batch_runs_once(tmp_path):
+def test_a_config_asked_twice_in_one_batch_runs_once(sweep, tmp_path):
     # One choice: every ask is the same config, two at a time (n_jobs=2); then the space is done.
     sweep(tmp_path, *optuna_args(tmp_path, "twins", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=3",
                                  "lora_r=choice(4)"))
@@ -245,7 +254,7 @@ def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_fa
     assert runs(tmp_path) == []  # no trial started
 
 
-def test_an_error_that_stops_the_sweep_at_a_trial_ends_its_trial_at_once(tmp_path):
+def test_an_error_that_stops_the_sweep_at_a_trial_ends_its_trial_at_once(sweep, tmp_path):
     """Not RUNNING until its heartbeat goes stale (a rerun would wait for it, then replay it)."""
     args = optuna_args(tmp_path, "stops", "lora_r=choice(4,8)", "train.resume=true")
     out = sweep(tmp_path, *args, check=False)
@@ -261,7 +270,7 @@ def test_an_error_that_stops_the_sweep_at_a_trial_ends_its_trial_at_once(tmp_pat
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the failed config not queued
 
 
-def test_a_trial_that_finished_before_another_stopped_the_sweep_keeps_its_result(tmp_path):
+def test_a_trial_that_finished_before_another_stopped_the_sweep_keeps_its_result(sweep, tmp_path):
     """A batch of n_jobs=2 runs in turn: when its second trial stopped the sweep (bad data), the
     launcher's returns were lost, and the first, finished trial was told FAIL with the second's error,
     then trained again when the sweep was run again."""
@@ -283,7 +292,7 @@ def test_a_trial_that_finished_before_another_stopped_the_sweep_keeps_its_result
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"].startswith("DataError: ")
 
 
-def test_a_command_refused_before_any_trial_leaves_the_finished_sweep_it_joined_as_it_was(tmp_path):
+def test_a_command_refused_before_any_trial_leaves_the_finished_sweep_it_joined_as_it_was(sweep, tmp_path):
     """The same sweep run again with hydra.sweeper.n_trials=0 joined the finished sweep's parent run,
     then was refused, and left that parent FAILED with the refusal as its error."""
     args = optuna_args(tmp_path, "done", "lora_r=choice(4)", "hydra.sweeper.n_trials=1")
@@ -294,7 +303,7 @@ def test_a_command_refused_before_any_trial_leaves_the_finished_sweep_it_joined_
     assert parent.info.status == "FINISHED" and "ftlab.error" not in parent.data.tags
 
 
-def test_a_tracking_store_it_cannot_use_stops_the_sweep_at_once_and_leaves_the_study_usable(tmp_path):
+def test_a_tracking_store_it_cannot_use_stops_the_sweep_at_once_and_leaves_the_study_usable(sweep, tmp_path):
     """The sweep callback's TrackingError was only a warning in Hydra, then each trial failed on it
     (10 of them, exit 0), and the study's 10 failures stopped every later run of the same command."""
     args = optuna_args(tmp_path, "down", "lora_r=choice(4,8)", "hydra.sweeper.n_trials=1")
@@ -310,7 +319,7 @@ def test_a_tracking_store_it_cannot_use_stops_the_sweep_at_once_and_leaves_the_s
     assert [t.state for t in study(tmp_path, "down").trials][-1] == TrialState.COMPLETE
 
 
-def test_a_queued_config_outside_a_changed_search_space_is_dropped(tmp_path):
+def test_a_queued_config_outside_a_changed_search_space_is_dropped(sweep, tmp_path):
     """An interrupted trial's params are queued to run again; the study's next run may sweep other values."""
     queued = optuna.create_study(study_name="changed", storage=f"sqlite:///{tmp_path}/optuna.db",
                                  directions=["maximize"])
@@ -322,7 +331,7 @@ def test_a_queued_config_outside_a_changed_search_space_is_dropped(tmp_path):
     assert "trial 0: its queued params {'lora_r': 2} are outside this search space; dropped" in out.stdout + out.stderr
 
 
-def test_a_stale_trial_outside_a_changed_search_space_is_not_queued_again(tmp_path):
+def test_a_stale_trial_outside_a_changed_search_space_is_not_queued_again(sweep, tmp_path):
     """A worker that died mid-trial is failed once its heartbeat is stale, and its params are queued
     again; not when the study's next run sweeps other values (Optuna would refuse to ask them)."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=2)
@@ -338,7 +347,7 @@ def test_a_stale_trial_outside_a_changed_search_space_is_not_queued_again(tmp_pa
 
 
 @pytest.mark.parametrize("queued_after", ["interrupt", "crash"])
-def test_a_retried_config_whose_worker_dies_is_queued_again_once(tmp_path, queued_after):
+def test_a_retried_config_whose_worker_dies_is_queued_again_once(sweep, tmp_path, queued_after):
     """A config queued after a SIGTERM (retry_of), whose worker then died, was never run again: only
     a config that already crashed a worker once must not be retried again and again."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=2)
@@ -359,7 +368,7 @@ def test_a_retried_config_whose_worker_dies_is_queued_again_once(tmp_path, queue
         assert trials[1].params == trial.params and trials[1].user_attrs["retry_after_crash"]
 
 
-def test_other_choices_in_a_study_run_again_are_one_line_before_anything_runs(tmp_path):
+def test_other_choices_in_a_study_run_again_are_one_line_before_anything_runs(sweep, tmp_path):
     earlier = optuna.create_study(study_name="choices", storage=f"sqlite:///{tmp_path}/optuna.db",
                                   directions=["maximize"])
     earlier.tell(earlier.ask({"lora_r": CategoricalDistribution([2, 4])}), 0.5)

@@ -166,7 +166,7 @@ def test_a_sweep_is_named_by_sweep_name_else_by_its_command_so_the_same_command_
     assert sweep_id(sweep_config("lora_r=4", f"data.path={data}")) != on_file
 
 
-def test_a_sweep_on_a_local_checkpoint_run_again_keeps_its_finished_trials(tmp_path):
+def test_a_sweep_on_a_local_checkpoint_run_again_keeps_its_finished_trials(tmp_path, in_process):
     """A checkpoint whose config.json differs from the preset's model.arch: the rerun hashed the
     config before taking the checkpoint's numbers (as the run does), found no finished trial, and
     trained every config again."""
@@ -179,8 +179,8 @@ def test_a_sweep_on_a_local_checkpoint_run_again_keeps_its_finished_trials(tmp_p
     config = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
     command = ("lora_r=4,8", "model.source=auto", f"model.name_or_path={checkpoint}", "sweep.name=local")
-    sweep(tmp_path, *command)
-    again = sweep(tmp_path, *command)
+    sweep(tmp_path, *command, in_process=in_process)
+    again = sweep(tmp_path, *command, in_process=in_process)
     assert again.stdout.count("kept: its config already finished in sweep local") == 2, again.stdout[-3000:]
     assert len(runs(tmp_path)) == 2
 

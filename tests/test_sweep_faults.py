@@ -54,9 +54,9 @@ def test_failed_and_oom_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert by_id[trials[2].user_attrs["mlflow_run_id"]].data.tags["ftlab.state"] == "skipped_budget"
 
 
-def test_grid_sweep_goes_on_after_a_failed_trial(tmp_path):
+def test_grid_sweep_goes_on_after_a_failed_trial(tmp_path, in_process):
     fault = "train.callbacks=[{_target_:tests.faults.FailOnTrial,trial:${sweep.trial_number},raise_on:[0]}]"
-    sweep(tmp_path, "lora_r=4,8", fault)  # exit code 0: the sweep itself succeeded
+    sweep(tmp_path, "lora_r=4,8", fault, in_process=in_process)  # exit code 0: the sweep itself succeeded
     states = sorted((r.data.tags["ftlab.trial_number"], r.info.status) for r in runs(tmp_path))
     assert states == [("0", "FAILED"), ("1", "FINISHED")]
 
