@@ -9,6 +9,7 @@ import logging
 import logging.config
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,15 +18,15 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
-
-import ftlab.config  # noqa: F401  (registers the schema)
-
-if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # before anything imports torch
     # pytest-xdist workers share the cores: torch threads per worker (and per command a test starts) are
     # set to their share, not one per core each, which leaves threads waiting on each other.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(workers))))
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+import ftlab.config  # noqa: E402,F401  (registers the schema)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -95,46 +96,75 @@ def logging_state() -> dict[str, tuple]:
 
 
 def restore_logging(state: dict[str, tuple]) -> None:
-    """Handlers a command's Hydra logging config added write to a stream pytest closes after the test."""
+    """Handlers a command's Hydra logging config added write to a stream pytest closes after the test
+    (or to a log file, closed here)."""
     for name, logger in [("root", logging.getLogger()), *logging.root.manager.loggerDict.items()]:
         if isinstance(logger, logging.Logger):
             handlers, level, propagate, disabled = state.get(name, ([], logging.NOTSET, True, False))
+            for added in set(logger.handlers) - set(handlers):
+                added.close()
             logger.handlers[:], logger.propagate, logger.disabled = handlers, propagate, disabled
             logger.setLevel(level)
 
 
+def restore_environ(environ: dict[str, str]) -> None:
+    for key in set(os.environ) - set(environ):
+        del os.environ[key]
+    os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+
+
+def show_warning_on_stderr(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+# Python's own warning filters, before any -W or pytest setting: what a new process shows.
+PYTHON_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                          ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                          ("ignore", ResourceWarning, None)]
+
+
 @pytest.fixture
-def in_process(capsys, monkeypatch):
-    """in_process(module, *args, cwd=None) -> CompletedProcess: `python -m <module> <args>` run as that
-    does (runpy, as __main__) in this process: the same argument parsing, messages and exit status,
-    without the ~10 s a new process spends importing torch and MLflow. A test whose point is the process
-    itself (a signal, a kill, a second worker, an installed wheel) starts one with run_cli."""
+def in_process(capsys, monkeypatch, tmp_path):
+    """in_process(module, *args, cwd=tmp_path) -> CompletedProcess: `python -m <module> <args>` run as
+    that does (runpy, as __main__) in this process: the same argument parsing, messages, warnings and exit
+    status, without the ~10 s a new process spends importing torch and MLflow. A test whose point is the
+    process itself (a signal, a kill, a second worker, an installed wheel) starts one with run_cli."""
     import runpy
 
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     def _call(module: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         logging_was, environ = logging_state(), dict(os.environ)
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         capsys.readouterr()
         code = 0
-        with monkeypatch.context() as patch:
+        with monkeypatch.context() as patch, warnings.catch_warnings():
             patch.setattr(sys, "argv", [module, *args])
             # Hydra's logging.config.dictConfig would close every handler there is, pytest's among them:
             # a new process has none to close.
             patch.setattr(logging.config, "_clearExistingHandlers", lambda: None)
-            if cwd is not None:
-                patch.chdir(cwd)
+            patch.chdir(cwd or tmp_path)
+            # Warnings as a new process shows them, on its stderr (pytest records them otherwise); not
+            # runpy's that the module is imported already, as it is here on purpose.
+            warnings.resetwarnings()
+            for action, category, where in PYTHON_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=where or "")
+            warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+            warnings.showwarning = show_warning_on_stderr
             try:
-                with warnings.catch_warnings():  # that the module is imported already: as it is here on purpose
-                    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
-                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
             except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
                 code = e.code if isinstance(e.code, int) else int(e.code is not None)
-            finally:  # what the command set for its own process: Hydra's state, log handlers, env vars
+            finally:  # what the command set for its own process: Hydra's state, logging, signals, env vars
                 GlobalHydra.instance().clear()
+                HydraConfig.instance().cfg = None
                 restore_logging(logging_was)
-                os.environ.clear()
-                os.environ.update(environ)
+                for s, handler in handlers.items():
+                    signal.signal(s, handler)
+                restore_environ(environ)
         out = capsys.readouterr()
         return subprocess.CompletedProcess([module, *args], code, out.out, out.err)
 
