@@ -17,7 +17,7 @@ from hydra_plugins.ftlab_optuna_sweeper._impl import (distribution, grid_values,
                                                       space_size)
 from tests.conftest import CONF, weightless_checkpoint
 from tests import sweeping
-from tests.sweeping import runs, sweep_args
+from tests.sweeping import runs
 
 
 @pytest.fixture
@@ -242,10 +242,9 @@ def test_a_config_asked_twice_in_one_batch_runs_once(sweep, tmp_path):
     (["++train.optim=choice(adamw_torch,bogus)"], "ftlab: train.optim='bogus': use one of adamw_torch"),
     (["lora_dropout=interval(0.5,1.5)"],  # a value inside the interval, named with the override as typed
      "ftlab: lora_dropout=interval(0.5,1.5): lora_dropout=1.4999999999999998: must be in [0, 1)")])
-def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_failed(tmp_path, args, says,
-                                                                                        in_process):
-    out = in_process("ftlab", *sweep_args(tmp_path, "hydra/sweeper=optuna",
-                                          f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", *args))
+def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_failed(sweep, tmp_path, args, says):
+    out = sweep(tmp_path, "hydra/sweeper=optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", *args,
+                check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(says)
     assert "Background on this error" not in out.stderr  # SQLAlchemy's second line, a link

@@ -300,8 +300,9 @@ def test_the_printed_commands_register_and_promote_a_run_of_another_experiment_a
     assert register_cmd[:4] == ["python", "-m", "ftlab.registry", "register"] and "experiment=support" in register_cmd
     run_id = register_cmd[4].removeprefix("run_id=")
 
-    def cli(args: list[str]):  # a printed command, through the registry's entry point (as processes of their
-        assert args[:3] == ["python", "-m", "ftlab.registry"]  # own: the held-out-set test)
+    # Each printed command through the registry's entry point (the held-out-set test runs them as processes).
+    def cli(args: list[str]):
+        assert args[:3] == ["python", "-m", "ftlab.registry"]
         return in_process("ftlab.registry", *args[3:])
 
     bad = cli([*register_cmd, "registry.model_name=team/bot"])
