@@ -7,7 +7,8 @@ FLOPs per real token, LoRA on a frozen base (no weight gradients for the base, a
 recomputation counted: this is MFU, not hardware FLOP utilisation):
     base linears      2*N (forward) + 2*N (activation backward),  N = decoder linear params
     adapters          2*R (forward) + 4*R (activation + weight backward), R = LoRA params
-    attention         3 * 4 * L * d * S/2 (QK^T and AV, causal: half the context on average)
+    attention         3 * 4 * L * d * S/2 (QK^T and AV, causal: half the context on average;
+                      d = heads x head width, the hidden size in most Llama models)
     LM head           4 * V*d * f  (f = share of tokens that carry a label: ftlab computes
                       logits only there, so only those FLOPs are needed)
 
@@ -17,18 +18,18 @@ from __future__ import annotations
 
 import torch
 
+from ftlab import memory
 from common import arg, matmul_flops
 from train_throughput import load_case, run_variant
 
 
-def flops_per_token(arch, lora_r: int, seq_len: float, label_share: float) -> float:
-    d, layers, inter, vocab = arch.hidden_size, arch.num_layers, arch.intermediate_size, arch.vocab_size
-    kv = d // arch.num_heads * arch.num_kv_heads
-    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]  # q k v o gate up down
-    base = layers * sum(i * o for i, o in shapes)
-    adapters = layers * sum(lora_r * (i + o) for i, o in shapes)
-    attention = 3 * 4 * layers * d * seq_len / 2
-    head = 4 * vocab * d * label_share
+def flops_per_token(cfg, seq_len: float, label_share: float) -> float:
+    s = memory.settings(cfg)
+    shapes = memory.linear_shapes(s).values()  # (in, out) of q k v o gate up down
+    base = s.layers * sum(i * o for i, o in shapes)
+    adapters = s.layers * sum(s.rank * (i + o) for i, o in shapes)
+    attention = 3 * 4 * s.layers * s.heads * s.head_dim * seq_len / 2
+    head = 4 * s.vocab * s.hidden * label_share
     return 4 * base + 6 * adapters + attention + head
 
 
@@ -45,7 +46,7 @@ def main() -> None:
                                                      return_dict=False)) for e in data.train]
     mean_len = sum(map(len, rows)) / len(rows)
     label_share = 1 - sum(prompt_lens) / sum(map(len, rows))
-    per_token = flops_per_token(cfg.model.arch, cfg.lora_r, mean_len, label_share)
+    per_token = flops_per_token(cfg, mean_len, label_share)
     result = run_variant("B", model, "default", steps)
     achieved = per_token * result["tokens_per_s"]
     print(f"training: {result['tokens_per_s']:.0f} real tok/s x {per_token / 1e6:.0f} MFLOP/token "

@@ -60,6 +60,9 @@ class ArchConfig:
     vocab_size: int = 49152
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 8192
+    # Width of one attention head where the model sets it apart (config.json's head_dim: q_proj is
+    # hidden_size x num_heads * head_dim); null: hidden_size / num_heads, as in most Llama models.
+    head_dim: Optional[int] = None
 
 
 @dataclass
@@ -398,7 +401,7 @@ RANGES = {  # key: (test, what the value must be)
     "budget.max_hours": (lambda v: v > 0, "> 0, or null for no limit"),
     "budget.memory_cap_gb": (lambda v: v > 0, "> 0, or null for no cap"),
     **{f"model.arch.{key}": (lambda v: v >= 1, ">= 1") for key in (
-        "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")},
+        "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size", "head_dim")},
 }
 
 

@@ -139,6 +139,7 @@ class Settings:
     layers: int
     heads: int
     kv_heads: int
+    head_dim: int
     intermediate: int
     vocab: int
     tied: bool
@@ -172,14 +173,16 @@ def settings(cfg: DictConfig) -> Settings:
                        ("train.max_seq_length", train.max_seq_length)):
         if int(value) < 1:
             raise BudgetError(f"{key}={value}: must be >= 1")
-    if a.hidden_size % a.num_heads:
-        raise BudgetError(f"model.arch.hidden_size={a.hidden_size} is not a multiple of model.arch.num_heads={a.num_heads}")
+    if a.head_dim is None and a.hidden_size % a.num_heads:
+        raise BudgetError(f"model.arch.hidden_size={a.hidden_size} is not a multiple of model.arch.num_heads={a.num_heads} "
+                          "(set model.arch.head_dim where the model's heads are narrower or wider)")
     compute = str(cfg.model.dtype)
     adapter = str(peft.adapter_dtype)
     if adapter not in DTYPE_BYTES:
         raise BudgetError(f"peft.adapter_dtype={adapter!r}: use one of {sorted(DTYPE_BYTES)}")
     return Settings(
         hidden=int(a.hidden_size), layers=int(a.num_layers), heads=int(a.num_heads), kv_heads=int(a.num_kv_heads),
+        head_dim=int(a.head_dim or a.hidden_size // a.num_heads),
         intermediate=int(a.intermediate_size), vocab=int(a.vocab_size), tied=bool(a.tie_word_embeddings),
         method=method, bits=16 if method == "full" else bits, double_quant=bool(peft.double_quant),
         adapter_bytes=DTYPE_BYTES[adapter],
@@ -218,7 +221,7 @@ def device_memory_gb() -> float:
 ARCH_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
              "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
              "vocab_size": "vocab_size", "tie_word_embeddings": "tie_word_embeddings",
-             "max_position_embeddings": "max_position_embeddings"}
+             "max_position_embeddings": "max_position_embeddings", "head_dim": "head_dim"}
 
 
 def _gguf_config(path: Path) -> dict:
@@ -346,26 +349,33 @@ def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
         found["num_key_value_heads"] = found["num_attention_heads"]
     if "tie_word_embeddings" not in found:  # transformers' default for its model type, not the preset's
         found["tie_word_embeddings"] = _default_tied(found.get("model_type"))
+    try:  # head_dim spelled out as hidden_size / num_heads (Llama 3.2's config.json does) is the default, null
+        if int(found["head_dim"]) * int(found["num_attention_heads"]) == int(found["hidden_size"]):
+            found["head_dim"] = None
+    except (KeyError, TypeError, ValueError):
+        pass
     changed = {}
     for arch_key, key in ARCH_KEYS.items():
         preset, value = cfg.model.arch[arch_key], found.get(key)
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)) and value and arch_key != "tie_word_embeddings":
-            value = max(value)  # per-layer counts (some GGUFs): the largest layer's, an upper bound
-        try:
-            value = type(preset)(value)  # GGUF's numbers are numpy's
-        except (TypeError, ValueError):
-            value = None
-        if value is None or isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise ConfigError(f"model.name_or_path: {where}: {key}={found[key]!r} is not a positive whole number")
+        if value is None and (arch_key != "head_dim" or preset is None):
+            continue  # not in the model's config: the preset's; no head_dim: hidden_size / num_heads
+        if value is not None:
+            if isinstance(value, (list, tuple)) and value and arch_key != "tie_word_embeddings":
+                value = max(value)  # per-layer counts (some GGUFs): the largest layer's, an upper bound
+            try:
+                value = (int if preset is None else type(preset))(value)  # GGUF's numbers are numpy's
+            except (TypeError, ValueError):
+                value = None
+            if value is None or isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise ConfigError(f"model.name_or_path: {where}: {key}={found[key]!r} is not a positive whole number")
         if value != preset:
             cfg.model.arch[arch_key] = value
             changed[arch_key] = (preset, value)
     arch = cfg.model.arch
-    if arch.num_heads % arch.num_kv_heads or arch.hidden_size % arch.num_heads:
+    if arch.num_heads % arch.num_kv_heads or arch.head_dim is None and arch.hidden_size % arch.num_heads:
         raise ConfigError(f"model.name_or_path: {where}: num_attention_heads={arch.num_heads} must divide "
-                          f"hidden_size={arch.hidden_size} and be a multiple of num_key_value_heads={arch.num_kv_heads}")
+                          f"hidden_size={arch.hidden_size} (or the config set head_dim) and be a multiple of "
+                          f"num_key_value_heads={arch.num_kv_heads}")
     if changed:
         log.info("model.arch from %s: %s", where, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         if (PRESETS / f"{cfg.model.name}.yaml").is_file():  # the preset's name, not this model's
@@ -404,9 +414,9 @@ def target_names(value) -> tuple[str, ...]:
 
 def linear_shapes(s: Settings) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each decoder linear, from the architecture numbers."""
-    kv = s.kv_heads * (s.hidden // s.heads)
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     h, i = s.hidden, s.intermediate
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
@@ -481,10 +491,10 @@ def activation_bytes(s: Settings, tokens: int) -> float:
         return max(activation_bytes(replace(s, attn="sdpa"), tokens),
                    activation_bytes(replace(s, attn="eager", seq=short), tokens * short // s.seq))
     h, i, cb = s.hidden, s.intermediate, s.compute_bytes
-    kv = s.kv_heads * (h // s.heads)
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     shapes = linear_shapes(s)
     per_token = 2 * (4 * h + 2 * cb * h)  # two RMSNorms: fp32 upcast input, normalised, output
-    per_token += cb * (2 * h + 2 * kv)  # q, k after RoPE, v, attention output
+    per_token += cb * (2 * q + 2 * kv)  # q, k after RoPE, v, attention output
     per_token += cb * 4 * i  # SwiGLU: gate, silu(gate), up, product
     if s.method != "full":
         for t in s.targets:
@@ -514,7 +524,7 @@ def eval_batch_tokens(cfg: DictConfig) -> int:
         return int(cfg.eval.max_batch_tokens)
     s = settings(cfg)
     priced = estimate_settings(s).terms
-    kv = s.kv_heads * (s.hidden // s.heads)
+    kv = s.kv_heads * s.head_dim
     # Keys and values of every layer: in HF's cache in the compute dtype, or on the CPU in fp32 where
     # row attention keeps them (scoring.RowAlignedKeys), each row's rounded up to a block of keys: at
     # most attention.DECODE_KEY_BLOCK - 1 more per row of at least max_new_tokens + 1.

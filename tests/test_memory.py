@@ -305,8 +305,8 @@ def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg
     # What cannot be priced is one line naming the file and key, not a traceback or the preset's numbers.
     for bad, says in (({"num_attention_heads": 0}, "num_attention_heads=0 is not a positive whole number"),
                       ({"hidden_size": "4096x"}, "hidden_size='4096x' is not a positive whole number"),
-                      ({"num_key_value_heads": 5}, "num_attention_heads=32 must divide hidden_size=4096 and be a "
-                                                   "multiple of num_key_value_heads=5"),
+                      ({"num_key_value_heads": 5}, "num_attention_heads=32 must divide hidden_size=4096 (or the config "
+                                                   "set head_dim) and be a multiple of num_key_value_heads=5"),
                       ({"num_hidden_layers": None}, "has no num_hidden_layers: not a Llama-family model's config")):
         (checkpoint / "config.json").write_text(json.dumps({**LLAMA_31_8B_CONFIG, **bad}))
         with pytest.raises(ConfigError, match=rf"^model.name_or_path: {checkpoint}/config.json:? .*{re.escape(says)}"):
@@ -393,6 +393,45 @@ def test_a_local_gguf_file_is_priced_by_its_metadata(make_cfg, tmp_path):
         resolve_arch(make_cfg(f"model.name_or_path={path}", tiny=False))
 
 
+def test_heads_wider_or_narrower_than_hidden_size_over_heads_are_priced_as_built(make_cfg, tmp_path):
+    """A config.json may set head_dim apart from hidden_size / num_heads (q_proj is then hidden x
+    heads * head_dim): the priced linears are the ones transformers builds from it, and the tiny model
+    (model=tiny) is built with the head width its config names."""
+    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ftlab.memory import param_counts
+
+    def built_linear_params(config: LlamaConfig) -> int:
+        return sum(m.weight.numel() for name, m in LlamaForCausalLM(config).named_modules()
+                   if isinstance(m, nn.Linear) and name != "lm_head")
+
+    shape = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+    checkpoint = tmp_path / "wide-heads"
+    priced = {}
+    for head_dim, kept in ((None, None), (12, None), (32, 32), (8, 8)):  # 12 = 48 / 4, spelled out
+        config = LlamaConfig(**shape, head_dim=head_dim)
+        config.save_pretrained(checkpoint)
+        cfg = make_cfg(f"model.name_or_path={checkpoint}", tiny=False)
+        resolve_arch(cfg)
+        assert cfg.model.arch.head_dim == kept
+        assert param_counts(settings(cfg))["linear"] == built_linear_params(config)
+        priced[head_dim] = estimate(cfg).terms["activations"]
+    assert priced[8] < priced[None] == priced[12] < priced[32]  # q, k, v and the attention output are that wide
+    # A preset's head width (here set on the 8B preset) gives way to the model's own, unset.
+    cfg = make_cfg(f"model.name_or_path={checkpoint}", "model=llama31_8b", "model.arch.head_dim=64", tiny=False)
+    LlamaConfig(**shape).save_pretrained(checkpoint)
+    assert resolve_arch(cfg)["head_dim"] == (64, None) and cfg.model.arch.head_dim is None
+
+    tiny = make_cfg("model.arch.head_dim=24")
+    from ftlab import models
+
+    built = LlamaForCausalLM.from_pretrained(models.build_tiny(tiny.model.arch, tmp_path / "cache"))
+    assert built.config.head_dim == 24
+    assert param_counts(settings(tiny))["linear"] == built_linear_params(built.config)
+
+
 def test_auto_checkpointing_is_off_only_when_the_run_fits_without_it(make_cfg):
     def resolved(*o, device_gb=None):
         return resolve_checkpointing(make_cfg("model=llama31_8b", "train.max_seq_length=2048",
@@ -464,7 +503,7 @@ def test_eval_batches_hold_what_the_training_step_was_priced_for(make_cfg):
     cfg = make_cfg("model=llama31_8b", "lora_r=64", "train.max_seq_length=2048", "train.per_device_batch_size=2",
                    tiny=False)
     tokens, s, terms = eval_batch_tokens(cfg), settings(cfg), estimate(cfg).terms
-    kv_cache = tokens * s.layers * 2 * s.kv_heads * (s.hidden // s.heads) * s.compute_bytes
+    kv_cache = tokens * s.layers * 2 * s.kv_heads * s.head_dim * s.compute_bytes
     assert 0 < kv_cache <= terms["activations"] + terms["logits"]
     # less priced for training (a smaller micro-batch), fewer eval tokens; an explicit cap wins
     assert eval_batch_tokens(make_cfg("model=llama31_8b", "lora_r=64", "train.max_seq_length=2048",
