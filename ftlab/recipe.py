@@ -59,7 +59,7 @@ def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
             model = models.load_base(checkpoint, cfg.model, cfg.peft)
             base_scores = _base_scores(cfg, model, tokenizer, data, dtype, tags)
         with tracking.trial_run(run_name, tags, run_id=resume.run_id if resume else None) as active:
-            mlflow.log_metric("predicted_peak_gb", predicted_gb)
+            tracking.log_new_metrics({"predicted_peak_gb": predicted_gb})
             try:
                 metrics = _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, base_scores,
                                            wall_start, resume)
@@ -104,14 +104,16 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
                      resume=None) -> dict:
     tracking.log_config(cfg)
     log_data_report(data, cfg.train)
-    mlflow.log_params({"model.checkpoint": str(checkpoint)})
+    for key, (then, now) in tracking.log_new_params({"model.checkpoint": str(checkpoint)}).items():
+        log.warning("%s: this run loaded %s when it started and %s now (the same config); its param keeps the "
+                    "first", key, then, now)
 
     set_seed(cfg.seed)  # the adapter's initial weights too: the same config and seed train the same run
     if cfg.peft.method != "full":
         model = models.add_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                    cfg.train.gradient_checkpointing, cfg.peft.adapter_dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    mlflow.log_metric("trainable_params", trainable)
+    tracking.log_new_metrics({"trainable_params": trainable})
 
     # A resumed run goes on in the folder its checkpoint is in, which another working directory's
     # relative output_dir does not name: one folder holds all of a run's checkpoints.

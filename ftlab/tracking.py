@@ -379,15 +379,33 @@ def trained_artifact(full_fine_tune: bool) -> str:
 
 
 def log_config(cfg: DictConfig) -> None:
-    """Params (flattened) and the resolved YAML. A resumed run keeps the params it started
-    with (MLflow forbids changing one; train.resume itself differs)."""
+    """Params (flattened) and the resolved YAML (train.resume itself differs on a resumed run)."""
+    log_new_params(flatten(cfg))
+    mlflow.log_text(mask(OmegaConf.to_yaml(cfg, resolve=True)), "config/resolved.yaml")
+
+
+def _logged(kind: str) -> dict:
+    """The active run's params or metrics as the store has them: a resumed run's, from before."""
     active = mlflow.active_run()
-    existing = MlflowClient().get_run(active.info.run_id).data.params if active else {}
-    params = {k: v for k, v in flatten(cfg).items() if k not in existing}
-    items = list(params.items())
+    return getattr(MlflowClient().get_run(active.info.run_id).data, kind) if active else {}
+
+
+def log_new_params(params: dict) -> dict[str, tuple[str, str]]:
+    """Log the params the active run has not logged yet, in MLflow's batches: a resumed run keeps
+    those it started with (MLflow forbids changing one). Returns {key: (logged, now)} where they differ."""
+    existing = _logged("params")
+    items = [(k, str(v)) for k, v in params.items() if k not in existing]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         mlflow.log_params(dict(items[i : i + MAX_PARAMS_PER_BATCH]))
-    mlflow.log_text(mask(OmegaConf.to_yaml(cfg, resolve=True)), "config/resolved.yaml")
+    return {k: (existing[k], str(v)) for k, v in params.items() if k in existing and existing[k] != str(v)}
+
+
+def log_new_metrics(metrics: dict[str, float]) -> None:
+    """A run's one-off numbers (predicted peak, trainable parameters, the data report's counts): a
+    resumed run logs them again with the same values, which would make each a two-point curve."""
+    existing = _logged("metrics")
+    if fresh := {k: v for k, v in metrics.items() if k not in existing}:
+        mlflow.log_metrics(fresh)
 
 
 def git_commit() -> str | None:
@@ -490,11 +508,15 @@ def training_callback(out_dir: Path, resumed: bool = False):
     class MlflowSteps(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-            if "train_runtime" in numeric:  # the end-of-training summary: its mean loss is not a step's loss
-                numeric.pop("train_loss", None)  # (the pipeline logs it as train_loss_final)
+            if "train_runtime" in numeric or "eval_loss" in numeric:
+                # The Trainer's end-of-training summary covers this process's steps only, and an interrupted
+                # run logs one too: a resumed run would get two partial ones. The run's own totals are
+                # train_seconds, trained_tokens, tokens_per_second and train_loss_final (recipe.py), which
+                # also logs the closing held-out loss pass's eval_loss (a second point at step 0 otherwise).
+                return
             renamed = {("train_" + k if k in ("loss", "grad_norm", "learning_rate") else k): v
                        for k, v in numeric.items()}
-            if state.global_step <= logged_through and "train_runtime" not in numeric:
+            if state.global_step <= logged_through:
                 return  # logged before the crash this run resumes from
             if renamed:
                 metrics.log(renamed, step=state.global_step)

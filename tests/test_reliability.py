@@ -34,7 +34,7 @@ def _steps(uri: str, run_id: str, key: str = "train_loss") -> list[int]:
     return [m.step for m in MlflowClient(uri).get_metric_history(run_id, key)]
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, tmp_path, monkeypatch, caplog):
     overrides = [*TINY, *store_overrides(tmp_path), *SHORT, f"hydra.run.dir={tmp_path}/hydra"]
     killed = run_cli(*overrides, "train.callbacks=[{_target_: tests.faults.SignalAtStep, step: 2}]")
     assert killed.returncode == 143 and "Traceback" not in killed.stderr  # 128 + SIGTERM, as a shell reports it
@@ -62,7 +62,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     partial = checkpoint.with_name("checkpoint-3")
     partial.mkdir()
     (partial / "adapter_config.json").write_text("{}")
-    # The same config (without the fault) and train.resume=true: the same run goes on from step 2.
+    # The same config (without the fault) and train.resume=true: the same run goes on from step 2, here on a
+    # machine whose cache is elsewhere (another HOME or container), so the base model loads from another path.
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path / "another-cache"))
     metrics = run(make_cfg(*SHORT, "train.resume=true"))
     assert "rouge_l" in metrics
     [resumed] = _trials(uri)
@@ -71,6 +73,18 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     assert resumed.data.tags["ftlab.resumed_from_step"] == "2"
     assert "ftlab.error" not in resumed.data.tags
     assert _steps(uri, trial.info.run_id) == [1, 2, 3, 4]  # one loss curve, continued after step 2
+    # The run's one-off numbers (predicted peak, trainable parameters, the data report's counts) stay one
+    # point each; the Trainer's end-of-training summary (runtime of each process's share) is not logged.
+    client = MlflowClient(uri)
+    curves = {"train_loss", "train_learning_rate", "train_grad_norm", "epoch", "mean_token_accuracy", "num_tokens"}
+    assert {"predicted_peak_gb", "trainable_params", "data_train_records"} <= set(resumed.data.metrics)
+    assert {key: len(client.get_metric_history(trial.info.run_id, key)) for key in resumed.data.metrics
+            if key not in curves and len(client.get_metric_history(trial.info.run_id, key)) != 1} == {}
+    assert "train_runtime" not in resumed.data.metrics
+    # The param of the base model's path keeps the first process's, and the change is said.
+    assert resumed.data.params["model.checkpoint"] == trial.data.params["model.checkpoint"]
+    assert not trial.data.params["model.checkpoint"].startswith(str(tmp_path / "another-cache"))
+    assert "model.checkpoint: this run loaded" in caplog.text and str(tmp_path / "another-cache") in caplog.text
     # The run is logged: the checkpoint saved only because of the signal is removed, and its tag with it.
     assert not checkpoint.exists() and "ftlab.checkpoint" not in resumed.data.tags
     # Its totals are the whole run's, not those of the steps after the resume.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -157,15 +158,19 @@ def log_data_report(data: PreparedData, train: TrainConfig) -> None:
     check score on it wherever the data file is now, and whatever became of it."""
     import mlflow
 
+    from ftlab import tracking
+
     print_table(data, train)
     report = full_report(data, train)
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.log_artifacts(str(write_outputs(data, train, Path(tmp), sets=("held_out",))), "data")
     p = report["packing"]
-    mlflow.log_metrics({
+    tracking.log_new_metrics({
         **{f"data_{k}": v for k, v in report["counts"].items()},
         **{f"data_rejected_{k}": v for k, v in report["rejects_by_kind"].items()},
         "data_padding_share_unpacked": p["padding_share_unpacked"],
         "data_padding_share_packed": p["padding_share_packed"],
     })
-    mlflow.log_params({"data.fingerprint": data.fingerprint})
+    if changed := tracking.log_new_params({"data.fingerprint": data.fingerprint}):
+        logging.getLogger("ftlab").warning("data.fingerprint: this run trained on %s before its resume and on %s "
+                                           "now (same config and file; another tokenizer?)", *changed["data.fingerprint"])
