@@ -488,6 +488,24 @@ def added_key_problem(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> 
     return None
 
 
+def trainer_choice_problem(train: DictConfig) -> str | None:
+    """train.lr_scheduler and train.optim are transformers' names, checked against its lists. The
+    schema's defaults are among them: only a value set otherwise pays for importing transformers
+    (seconds), so the default config's gate stays light."""
+    changed = [(key, value) for key, value in (("lr_scheduler", train.lr_scheduler), ("optim", train.optim))
+               if value != getattr(TrainConfig, key)]
+    if not changed:
+        return None
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for key, value in changed:
+        names = [n.value for n in {"lr_scheduler": SchedulerType, "optim": OptimizerNames}[key]]
+        if value not in names:
+            return f"train.{key}={value!r}: use one of {', '.join(names)}"
+    return None
+
+
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value ftlab cannot run with (a key `+` added, registry.gate_metric,
     CHOICES, RANGES), before anything loads or is logged."""
@@ -501,6 +519,8 @@ def check(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not valid(value):
             raise ConfigError(f"{key}={value}: must be {must_be}")
+    if problem := trainer_choice_problem(cfg.train):  # a typo here failed only once the model had loaded
+        raise ConfigError(problem)
     for callback in cfg.train.callbacks or []:  # a typo here failed only once the model had loaded
         target = callback.get("_target_") if isinstance(callback, DictConfig) else None
         try:

@@ -22,8 +22,8 @@ from ftlab import checkpoints, models, scoring, tracking
 from ftlab.config import ConfigError
 from ftlab.data import prepare
 from ftlab.data.report import log_data_report
-from ftlab.train import (RunTotals, check_trainer_choices, memory_cap_callback, peak_so_far_mb, release_memory,
-                         remove_transient_checkpoints, time_cap_callback, train)
+from ftlab.train import (RunTotals, memory_cap_callback, peak_so_far_mb, release_memory, remove_transient_checkpoints,
+                         time_cap_callback, train)
 
 log = logging.getLogger("ftlab")
 
@@ -41,7 +41,6 @@ def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
 
 def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
         resume: checkpoints.ResumePoint | None, wall_start: float) -> dict[str, float]:
-    check_trainer_choices(cfg.train)
     cache = models.cache_root(cfg.cache_dir)
 
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.cache_dir)

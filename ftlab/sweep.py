@@ -41,7 +41,6 @@ ENV_PARENT_RUN_ID = "FTLAB_SWEEP_PARENT_RUN_ID"
 ENV_PARENT_WAS = "FTLAB_SWEEP_PARENT_WAS"  # the status of the parent run this command joined, if it existed
 SUMMARY_FILE = "ftlab_sweep.json"
 GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-TRAINER_CHOICES = ("train.optim", "train.lr_scheduler")  # checked against transformers' lists
 # Commands that compose config.yaml but train nothing: their multirun (-m lora_r=8,16,64) runs the
 # command once per config and is no sweep.
 STAGE_COMMANDS = ("ftlab.memory", "ftlab.data")
@@ -198,7 +197,7 @@ def check_grid(config: DictConfig) -> None:
 def check_swept_values(config_name: str, fixed: list[str], swept: dict[str, Sequence],
                        shown: dict[str, str] | None = None) -> None:
     """Compose each swept value alone with the fixed overrides, and check it as a run would
-    (config.check, the estimator's settings, transformers' optimizer and scheduler names): a
+    (config.check, transformers' optimizer and scheduler names among it, and the estimator's settings): a
     key the config lacks (lora_rr=4,8) or a value no trial could run with (lora_r=8,0) is one
     line before the sweep starts, not a failure after the trials before it have trained.
     `shown`: the override to name ahead of a key's message, where its values are not the user's own."""
@@ -212,10 +211,6 @@ def check_swept_values(config_name: str, fixed: list[str], swept: dict[str, Sequ
                 trial = compose(config_name, overrides=[*fixed, f"{key}={value}"])
                 check_config(trial)
                 memory.settings(trial)
-                if key.lstrip("+~") in TRAINER_CHOICES:  # transformers' names (its import: ~2 s)
-                    from ftlab.train import check_trainer_choices
-
-                    check_trainer_choices(trial.train)
             except ConfigCompositionException as e:  # Hydra's message, and the reason under it, on one line
                 reason = " ".join(str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None)
                 message = f"{key}={value}: {reason}"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ftlab.checkpoints import TrainingInterrupted, last_checkpoint, resumable_after_training, stop_on_signals
-from ftlab.config import ConfigError, TrainConfig
+from ftlab.config import TrainConfig
 from ftlab.data import PreparedData
 from ftlab.models import many_row_4bit, unpack_cpu_4bit
 from ftlab.tracking import trained_artifact
@@ -99,18 +99,6 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, which is reused
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
-
-
-def check_trainer_choices(cfg: TrainConfig) -> None:
-    """train.lr_scheduler and train.optim are transformers' names: checked against its lists before
-    any weights load, so a typo is a one-line ConfigError, not a traceback after the model loaded."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
-    for key, value, names in (("train.lr_scheduler", cfg.lr_scheduler, SchedulerType),
-                              ("train.optim", cfg.optim, OptimizerNames)):
-        if value not in {n.value for n in names}:
-            raise ConfigError(f"{key}={value!r}: use one of {', '.join(n.value for n in names)}")
 
 
 def release_memory() -> None:

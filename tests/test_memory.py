@@ -530,7 +530,8 @@ def test_the_estimate_command_prices_a_grid_without_starting_a_sweep(tmp_path, i
 
 
 @pytest.mark.parametrize("override, says", [("lora_r=0", "lora_r=0: the LoRA rank must be >= 1"),
-                                            ("lr=0", "lr=0.0: must be > 0")])
+                                            ("lr=0", "lr=0.0: must be > 0"),
+                                            ("train.optim=adamw_bogus", "train.optim='adamw_bogus': use one of")])
 def test_the_estimate_command_turns_a_bad_value_away_in_one_line(override, says, in_process):
     cli = in_process("ftlab.memory", override)
     assert cli.returncode == 2 and f"ftlab: {says}" in cli.stderr and "Traceback" not in cli.stderr
