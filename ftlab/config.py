@@ -6,9 +6,11 @@ or a wrong type fails at composition time, before any data or weights are loaded
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field, is_dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import hydra.utils
@@ -369,6 +371,9 @@ class ServeConfig:
 CHOICES = {
     "model.source": ("auto", "hub", "tiny", "random"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    # transformers' attention kernels, auto (ftlab/attention.py) and what auto is on a bf16 CPU
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                  "flex_attention", "ftlab_sdpa_short_eager"),
     "peft.method": ("qlora", "lora", "full"),
     "peft.quant_type": ("nf4", "fp4"),  # bitsandbytes' 4-bit types
     "peft.adapter_dtype": ("float32", "bfloat16", "float16"),
@@ -488,6 +493,31 @@ def added_key_problem(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> 
     return None
 
 
+# What data.export_dir gets (ftlab/data/report.py write_outputs), besides the plots (*.png).
+DATA_OUTPUT_FILES = ("train.jsonl", "held_out.jsonl", "report.json", "rejects.jsonl")
+
+
+def data_outputs_problem(data: DictConfig) -> str | None:
+    """data.rejects and data.export_dir must not overwrite the data they are made from, nor write into
+    a data.path directory, whose every file is read as data on the next run."""
+    source = Path(str(data.path)).expanduser().resolve() if data.path and str(data.path).strip() else None
+    if source is None or not source.exists():  # the embedded data, or a hub dataset
+        return None
+    if data.rejects:
+        rejects = Path(data.rejects).expanduser().resolve()
+        if rejects == source or source in rejects.parents:
+            return (f"data.rejects={data.rejects}: " + ("is data.path itself" if rejects == source else
+                    f"is inside data.path={data.path}, whose files are read as data") + "; write it elsewhere")
+    if data.export_dir:
+        out = Path(data.export_dir).expanduser().resolve()
+        if out == source or source in out.parents:
+            return f"data.export_dir={data.export_dir}: is inside data.path={data.path}, whose files are read as data"
+        if source.parent == out and (source.name in DATA_OUTPUT_FILES or source.suffix == ".png"):
+            return (f"data.export_dir={data.export_dir}: would overwrite data.path={data.path} with the cleaned "
+                    f"{source.name}; export elsewhere")
+    return None
+
+
 def trainer_choice_problem(train: DictConfig) -> str | None:
     """train.lr_scheduler and train.optim are transformers' names, checked against its lists. The
     schema's defaults are among them: only a value set otherwise pays for importing transformers
@@ -519,6 +549,17 @@ def check(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not valid(value):
             raise ConfigError(f"{key}={value}: must be {must_be}")
+        if isinstance(value, float) and math.isinf(value):  # lr=inf passed > 0, and trained to NaN weights
+            raise ConfigError(f"{key}={value}: must be a finite number, {must_be}")
+    for key in ("experiment", "data.path"):  # an unset shell variable: '' is not the default (None) here
+        if (value := OmegaConf.select(cfg, key)) is not None and not str(value).strip():
+            raise ConfigError(f"{key}={value!r}: empty; name one" +
+                              (", or leave data.path unset for the embedded dataset" if key == "data.path" else ""))
+    if problem := data_outputs_problem(cfg.data):
+        raise ConfigError(problem)
+    if cfg.eval.bertscore_model != "auto" and cfg.eval.bertscore_model.startswith(("/", ".", "~")) and \
+            not Path(cfg.eval.bertscore_model).expanduser().is_dir():  # found only after training otherwise
+        raise ConfigError(f"eval.bertscore_model={cfg.eval.bertscore_model}: no such model directory")
     if problem := trainer_choice_problem(cfg.train):  # a typo here failed only once the model had loaded
         raise ConfigError(problem)
     for callback in cfg.train.callbacks or []:  # a typo here failed only once the model had loaded

@@ -73,7 +73,18 @@ def test_every_shipped_config_passes_the_check(make_cfg, preset):
                                              "model.name_or_path=/models/my-lama: model=tiny builds a small random"),
                                             ("seed=-1", "seed=-1: must be in [0, 2**32)"),
                                             ("seed=4294967296", "seed=4294967296: must be in [0, 2**32)"),
-                                            ("data.num_records=0", "data.num_records=0: must be >= 1")])
+                                            ("data.num_records=0", "data.num_records=0: must be >= 1"),
+                                            # trained to NaN weights, which the registry's merge check passed
+                                            ("lr=inf", "lr=inf: must be a finite number, > 0"),
+                                            # a transformers ValueError once the model had loaded
+                                            ("model.attn_implementation=bogus",
+                                             "model.attn_implementation='bogus': use one of auto, sdpa, eager"),
+                                            # an unset shell variable: the embedded demo data was trained on
+                                            ("data.path=", "data.path='': empty; name one, or leave data.path unset"),
+                                            ("experiment=", "experiment='': empty; name one"),
+                                            # found only once training had ended
+                                            ("eval.bertscore_model=/nonexistent",
+                                             "eval.bertscore_model=/nonexistent: no such model directory")])
 def test_a_value_out_of_range_is_named_before_anything_loads(make_cfg, override, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         config.check(make_cfg(override))
@@ -89,7 +100,10 @@ def test_a_value_out_of_range_is_named_before_anything_loads(make_cfg, override,
                                              "cache_dir=/proc/ftlab-cache: cannot make a directory there"),
                                             ("data.rejects=/proc", "data.rejects=/proc: that is a directory"),
                                             ("data.rejects=/proc/ftlab/rejects.jsonl",
-                                             "data.rejects=/proc/ftlab/rejects.jsonl: cannot make its directory")])
+                                             "data.rejects=/proc/ftlab/rejects.jsonl: cannot make its directory"),
+                                            ("model.attn_implementation=bogus",
+                                             "model.attn_implementation='bogus': use one of"),
+                                            ("data.path=", "data.path='': empty")])
 def test_a_config_error_is_one_line_and_exit_2_from_the_command_line(tmp_path, override, says, in_process):
     proc = in_process("ftlab", "model=tiny", f"tracking_uri=sqlite:///{tmp_path}/m.db", override)  # the last wins
     assert proc.returncode == 2, proc.stderr[-2000:]

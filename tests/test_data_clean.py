@@ -240,6 +240,35 @@ def test_cli_writes_the_cleaned_sets(tmp_path):
     assert "exact dedupe" in proc.stderr  # the table
 
 
+def test_the_cleaned_outputs_never_overwrite_or_join_the_data_they_are_made_from(tmp_path, in_process):
+    """data.rejects naming the data file replaced it with the rejects; data.export_dir holding a train.jsonl
+    replaced it with the cleaned records; a rejects file inside a data.path directory became data."""
+    folder = tmp_path / "tickets"
+    folder.mkdir()
+    data = folder / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    for source, bad, says in ((data, f"data.rejects={data}", f"data.rejects={data}: is data.path itself"),
+                              (data, f"data.export_dir={folder}", f"data.export_dir={folder}: would overwrite data.path"),
+                              (folder, f"data.rejects={folder}/rejects.jsonl",
+                               f"data.rejects={folder}/rejects.jsonl: is inside data.path={folder}, whose files are"),
+                              (folder, f"data.export_dir={folder}/clean", "data.export_dir=")):
+        for command in ("ftlab.data", "ftlab"):
+            out = in_process(command, *TINY, f"data.path={source}", bad, f"tracking_uri=sqlite:///{tmp_path}/m.db",
+                             cwd=tmp_path)
+            assert out.returncode == 2 and f"ftlab: {says}" in out.stderr, out.stderr[-2000:]
+    assert data.read_text() == '{"instruction": "a", "output": "b"}\n' and [p.name for p in folder.iterdir()] == [
+        "train.jsonl"]
+    # Beside the data, under names the export does not write, is fine.
+    from omegaconf import OmegaConf
+
+    from ftlab.config import DataConfig, data_outputs_problem
+
+    raw = folder / "raw.jsonl"
+    raw.write_text("")
+    assert data_outputs_problem(OmegaConf.structured(DataConfig(path=str(raw), rejects=str(folder / "rejects.jsonl"),
+                                                                export_dir=str(folder)))) is None
+
+
 def test_cli_multirun_prepares_each_config_and_starts_no_sweep(tmp_path, in_process):
     """python -m ftlab.data -m ...: the data of each value of a grid, checked before a sweep spends compute
     on it; no sweep parent run in MLflow, and no Optuna study."""
