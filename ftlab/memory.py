@@ -279,9 +279,14 @@ def path_like(name_or_path: str) -> bool:
 
 
 def local_model_path(name_or_path: str) -> Path | None:
-    """The file or directory model.name_or_path names; None for a hub id. A path or .gguf file that
-    is not there is an error, here (the estimate) as when the run resolves it (ftlab.models)."""
+    """The checkpoint directory or .gguf file model.name_or_path names; None for a hub id. What is not
+    there or not a model is an error, here (the estimate) as when the run resolves it (ftlab.models)."""
     local = Path(name_or_path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ModelError(f"model.name_or_path: {local.resolve()} is a directory without config.json, not a Hugging "
+                         "Face checkpoint")
+    if local.exists() and not local.is_dir() and local.suffix != ".gguf":
+        raise ModelError(f"model.name_or_path: {local.resolve()} is neither a checkpoint directory nor a .gguf file")
     if local.exists():
         return local
     if local.suffix == ".gguf" or path_like(name_or_path):

