@@ -186,6 +186,9 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
     model.eval()
     probe = examples[:MERGE_CHECK_PROMPTS]
     expected = _logits(model, tokenizer, probe)
+    if not all(e.isfinite().all() for e in expected):  # every comparison with NaN is False: it would pass
+        raise RegistryError(f"run_id={run_id}: base + adapter give non-finite logits (NaN or inf) on the held-out "
+                            "prompts: the training diverged; nothing to register")
     with model.disable_adapter():
         plain = _logits(model, tokenizer, probe)
     merged = model.merge_and_unload()
@@ -193,7 +196,7 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
     relative = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
     share = max((_rms(a - e) / max(_rms(e - p), 1e-30)) for a, e, p in zip(actual, expected, plain))
     result = Merged(out_dir, dtype, relative, share)
-    if relative > result.tolerance and share > MERGE_MAX_EFFECT_SHARE:
+    if not (relative <= result.tolerance or share <= MERGE_MAX_EFFECT_SHARE):  # a NaN fails, as it should
         raise RegistryError(f"run_id={run_id}: merged logits differ from base+adapter by {relative:.2e} (relative, "
                             f"above the {dtype} tolerance {result.tolerance:.0e}), {share:.0%} of the adapter's own "
                             "effect on them; the merge is broken")

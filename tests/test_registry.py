@@ -153,6 +153,17 @@ def test_a_merge_that_leaves_the_adapter_out_is_refused_and_merge_dtype_is_kept(
     assert AutoConfig.from_pretrained(registry.checkpoint_dir("models:/dequantized/1", tmp_path / "d")).to_dict().get(
         "quantization_config") is None  # a plain 16-bit checkpoint: nothing re-quantized
 
+    # An adapter whose training diverged (NaN weights) is refused: every comparison with NaN is False, and the
+    # merge check passed it, registering a model that answers nothing.
+    from safetensors.torch import load_file, save_file
+
+    stored = Path(trial.info.artifact_uri.removeprefix("file://")) / "adapter" / "adapter_model.safetensors"
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(stored).items()}, stored)
+    with pytest.raises(registry.RegistryError, match=r"base \+ adapter give non-finite logits \(NaN or inf\) on the "
+                                                     "held-out prompts: the training diverged; nothing to register"):
+        registry.register(trial.info.run_id, "diverged")
+    assert not MlflowClient().search_model_versions("name='diverged'")
+
 
 def test_a_registration_interrupted_while_scoring_leaves_no_version_and_the_run_finished(make_cfg, monkeypatch):
     """Interrupted after MLflow created the version, the version stayed without tags: a second
