@@ -1,4 +1,6 @@
 """`python -m ftlab`: one run; `python -m ftlab -m ...`: a sweep."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -13,13 +15,23 @@ def main(cfg: DictConfig) -> dict:
     from ftlab import sweep
     from ftlab.data import DataError
     from ftlab.pipeline import run
+    from ftlab import tracking
     from ftlab.tracking import TrackingError
 
     # In a sweep, only what every trial shares gets this far: bad data, sweep.objective.
     with exit_2_on(DataError, ConfigError, TrackingError):
         if sweep.in_multirun():
             return sweep.run_trial(cfg, run)  # a failed trial is recorded, and the sweep goes on
-        return run(cfg)
+        try:
+            return run(cfg)
+        except Exception as e:
+            if tracking.failure_kind(e) != "oom":
+                raise
+            # Recorded as a FAILED run with its measured peak: what to change, not a traceback of the step.
+            print(f"ftlab: {str(e).splitlines()[0]}; the run is recorded as failed (ftlab.failure_kind=oom): lower "
+                  "train.per_device_batch_size or train.max_seq_length, or set budget.vram_gb and "
+                  "budget.fit=auto_batch", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

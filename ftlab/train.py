@@ -332,6 +332,13 @@ def quiet_progress_callback():
     return LossInBar
 
 
+def _close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+            if bar is not None:
+                bar.close()
+
+
 @dataclass
 class TrainResult:
     saved_dir: Path | None  # the adapter (LoRA) or the whole model (a full fine-tune)
@@ -456,8 +463,12 @@ def train(model, tokenizer, data: PreparedData, cfg: TrainConfig, lr: float, see
                 trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
                 training_loss = 0.0
             else:
-                training_loss = trainer.train(
-                    resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+                try:
+                    training_loss = trainer.train(
+                        resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+                except BaseException:
+                    _close_progress_bars(trainer)  # closed later, the bar is drawn again under the error's message
+                    raise
             seconds = before.seconds + time.perf_counter() - start
         tokens = _trained_tokens(trainer)
         steps = trainer.state.global_step

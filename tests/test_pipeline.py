@@ -1,5 +1,6 @@
 """End to end: a real (tiny) QLoRA run logs everything a user looks for in MLflow."""
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from ftlab import config
 from ftlab.pipeline import run
+from tests.conftest import TINY, store_overrides
 
 
 def _runs(cfg, role):
@@ -178,10 +180,15 @@ def test_a_base_model_that_fails_to_load_still_ends_a_failed_run_with_its_reason
     assert failed.data.params["lora_r"] == str(cfg.lora_r) and failed.data.metrics["predicted_peak_gb"] > 0
 
 
-def test_memory_cap_fails_the_trial_as_oom(make_cfg):
-    cfg = make_cfg("train.max_steps=3", "eval.compare_base=false", "budget.memory_cap_gb=0.01")
-    with pytest.raises(MemoryError, match="budget.memory_cap_gb"):
-        run(cfg)
-    [trial] = _runs(cfg, "trial")
+def test_memory_cap_fails_the_trial_as_oom_in_one_line(make_cfg, tmp_path, in_process):
+    """An out-of-memory run is recorded; the command says what happened and what to change, not a traceback."""
+    overrides = ["train.max_steps=3", "eval.compare_base=false", "budget.memory_cap_gb=0.01"]
+    out = in_process("ftlab", *TINY, *store_overrides(tmp_path), *overrides)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.match(r"ftlab: out of memory: process RSS [\d.]+ GiB > budget.memory_cap_gb=0.01 at step 1; the run is "
+                    r"recorded as failed \(ftlab.failure_kind=oom\): lower train.per_device_batch_size",
+                    out.stderr.splitlines()[-1])
+    assert "\nftlab: out of memory" in out.stderr  # a line of its own: the training bar is closed first
+    [trial] = _runs(make_cfg(), "trial")
     assert trial.info.status == "FAILED"
     assert trial.data.tags["ftlab.failure_kind"] == "oom"
