@@ -251,6 +251,7 @@ def _read_gguf_config(path: str, mtime_ns: int, size: int) -> dict:
             "intermediate_size": value(f"{arch}.feed_forward_length"),
             "vocab_size": value(f"{arch}.vocab_size") or (len(tokens) if tokens else None),
             "max_position_embeddings": value(f"{arch}.context_length"),
+            "head_dim": value(f"{arch}.attention.key_length"),  # llama.cpp writes it where heads are not hidden / heads
             "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors)}
 
 

@@ -189,7 +189,10 @@ def build_tiny(arch: ArchConfig, root: Path, full_vocab: bool = False) -> Path:
     tickets: a real checkpoint directory in a second or two, for tests. full_vocab keeps
     arch.vocab_size for the embeddings even though the tokenizer uses fewer ids, so a
     model.source=random preset has the real model's parameter count (saved in bf16)."""
-    key = hashlib.sha1(json.dumps(OmegaConf.to_container(OmegaConf.structured(arch)), sort_keys=True).encode())
+    numbers = OmegaConf.to_container(OmegaConf.structured(arch))
+    if numbers["head_dim"] is None:  # unset: the key of the models built before it existed
+        del numbers["head_dim"]
+    key = hashlib.sha1(json.dumps(numbers, sort_keys=True).encode())
     out = root / "models" / f"{'random' if full_vocab else 'tiny'}-{key.hexdigest()[:10]}"
     if (out / "config.json").exists():
         return out

@@ -48,6 +48,8 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # Config keys that do not change what is trained: left out of the resume identity.
 NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps", "sweep.", "budget.oom_at_gb")
+# Keys added to the schema since runs were recorded: in the identity only once set, so those runs resume.
+HASHED_ONCE_SET = ("model.arch.head_dim",)
 
 
 class TrackingError(RuntimeError):
@@ -314,8 +316,10 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 
 def hashed_params(cfg: DictConfig) -> dict[str, str]:
-    """The flattened params that make up a run's config hash (NOT_IN_CONFIG_HASH left out)."""
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_IN_CONFIG_HASH)}
+    """The flattened params that make up a run's config hash (NOT_IN_CONFIG_HASH left out, and
+    HASHED_ONCE_SET while unset)."""
+    return {k: v for k, v in flatten(cfg).items()
+            if not k.startswith(NOT_IN_CONFIG_HASH) and not (k in HASHED_ONCE_SET and v == "None")}
 
 
 def config_hash(cfg: DictConfig) -> str:

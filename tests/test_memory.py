@@ -368,18 +368,26 @@ def test_a_local_gguf_file_is_priced_by_its_metadata(make_cfg, tmp_path):
     import numpy as np
     from gguf import GGUFWriter
 
-    path = tmp_path / "Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf"
-    writer = GGUFWriter(path, "llama")
-    for add, value in ((writer.add_block_count, 32), (writer.add_context_length, 131072),
-                       (writer.add_embedding_length, 4096), (writer.add_feed_forward_length, 14336),
-                       (writer.add_head_count, 32), (writer.add_head_count_kv, 8), (writer.add_vocab_size, 128256)):
-        add(value)
-    for name in ("token_embd.weight", "output.weight"):
-        writer.add_tensor(name, np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    def write(path: Path, key_length: int) -> Path:
+        writer = GGUFWriter(path, "llama")
+        for add, value in ((writer.add_block_count, 32), (writer.add_context_length, 131072),
+                           (writer.add_embedding_length, 4096), (writer.add_feed_forward_length, 14336),
+                           (writer.add_head_count, 32), (writer.add_head_count_kv, 8), (writer.add_vocab_size, 128256),
+                           (writer.add_key_length, key_length)):
+            add(value)
+        for name in ("token_embd.weight", "output.weight"):
+            writer.add_tensor(name, np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    # llama.cpp writes the head width (key_length) even where it is hidden / heads: then it is the default.
+    path = write(tmp_path / "Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf", 128)
+    wide = make_cfg(f"model.name_or_path={write(tmp_path / 'wide-heads.gguf', 256)}", tiny=False)
+    resolve_arch(wide)
+    assert wide.model.arch.head_dim == 256
     cfg = make_cfg(f"model.name_or_path={path}", tiny=False)
     resolve_arch(cfg)
     assert cfg.model.arch == make_cfg("model=llama31_8b", tiny=False).model.arch

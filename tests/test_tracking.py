@@ -85,6 +85,15 @@ def test_the_config_hash_follows_the_content_of_the_data_file_so_an_edited_file_
     assert tracking.config_hash(cfg) != first
 
 
+def test_a_key_added_to_the_schema_changes_the_config_hash_only_once_set(make_cfg):
+    """model.arch.head_dim came after runs were recorded: unset, the hash is the one those runs have
+    (train.resume=true and a rerun sweep find them); set, it is part of what is trained."""
+    unset = make_cfg()
+    assert "model.arch.head_dim" in tracking.flatten(unset)  # logged, as every key
+    assert all(key not in tracking.hashed_params(unset) for key in tracking.HASHED_ONCE_SET)
+    assert tracking.config_hash(make_cfg("model.arch.head_dim=32")) != tracking.config_hash(unset)
+
+
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb", "sqlite"])
 def test_workers_starting_together_on_a_fresh_store_all_get_it(tmp_path, backend):
     """Each ran MLflow's schema migrations at once on the empty database (MySQL: "Table 'tags'
