@@ -371,9 +371,6 @@ class ServeConfig:
 CHOICES = {
     "model.source": ("auto", "hub", "tiny", "random"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    # transformers' attention kernels, auto (ftlab/attention.py) and what auto is on a bf16 CPU
-    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
-                                  "flex_attention", "ftlab_sdpa_short_eager"),
     "peft.method": ("qlora", "lora", "full"),
     "peft.quant_type": ("nf4", "fp4"),  # bitsandbytes' 4-bit types
     "peft.adapter_dtype": ("float32", "bfloat16", "float16"),
@@ -493,29 +490,46 @@ def added_key_problem(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> 
     return None
 
 
-# What data.export_dir gets (ftlab/data/report.py write_outputs), besides the plots (*.png).
-DATA_OUTPUT_FILES = ("train.jsonl", "held_out.jsonl", "report.json", "rejects.jsonl")
+# The data files data.export_dir gets (ftlab/data/report.py write_outputs), beside its plots.
+DATA_OUTPUT_FILES = {"train": "train.jsonl", "held_out": "held_out.jsonl", "report": "report.json",
+                     "rejects": "rejects.jsonl"}
 
 
 def data_outputs_problem(data: DictConfig) -> str | None:
-    """data.rejects and data.export_dir must not overwrite the data they are made from, nor write into
-    a data.path directory, whose every file is read as data on the next run."""
+    """data.rejects and data.export_dir must not overwrite the data they are made from, nor add files
+    a data.path directory's next read takes for data."""
+    from ftlab.data.formats import read_as_data
+
     source = Path(str(data.path)).expanduser().resolve() if data.path and str(data.path).strip() else None
     if source is None or not source.exists():  # the embedded data, or a hub dataset
         return None
     if data.rejects:
         rejects = Path(data.rejects).expanduser().resolve()
-        if rejects == source or source in rejects.parents:
-            return (f"data.rejects={data.rejects}: " + ("is data.path itself" if rejects == source else
-                    f"is inside data.path={data.path}, whose files are read as data") + "; write it elsewhere")
+        if rejects == source:
+            return f"data.rejects={data.rejects}: is data.path itself; write it elsewhere"
+        if source in rejects.parents and read_as_data(source, rejects):
+            return f"data.rejects={data.rejects}: is inside data.path={data.path}, whose files are read as data"
     if data.export_dir:
         out = Path(data.export_dir).expanduser().resolve()
-        if out == source or source in out.parents:
+        if source.is_dir() and any(read_as_data(source, out / name) for name in DATA_OUTPUT_FILES.values()
+                                   if out == source or source in out.parents):
             return f"data.export_dir={data.export_dir}: is inside data.path={data.path}, whose files are read as data"
-        if source.parent == out and (source.name in DATA_OUTPUT_FILES or source.suffix == ".png"):
+        if source.parent == out and source.name in DATA_OUTPUT_FILES.values():
             return (f"data.export_dir={data.export_dir}: would overwrite data.path={data.path} with the cleaned "
                     f"{source.name}; export elsewhere")
     return None
+
+
+def attention_problem(name: str) -> str | None:
+    """model.attn_implementation: auto (ftlab/attention.py, and what it resolves to on a bf16 CPU), the
+    common kernels, a hub kernel (org/name); any other name is checked against the kernels transformers
+    has registered (its import: seconds, paid only for such a name)."""
+    if name in ("auto", "sdpa", "eager", "flash_attention_2", "ftlab_sdpa_short_eager") or "/" in name:
+        return None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["auto", "eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    return None if name in known else f"model.attn_implementation={name!r}: use one of {', '.join(known)}"
 
 
 def trainer_choice_problem(train: DictConfig) -> str | None:
@@ -557,10 +571,13 @@ def check(cfg: DictConfig) -> None:
                               (", or leave data.path unset for the embedded dataset" if key == "data.path" else ""))
     if problem := data_outputs_problem(cfg.data):
         raise ConfigError(problem)
-    if cfg.eval.bertscore_model != "auto" and cfg.eval.bertscore_model.startswith(("/", ".", "~")) and \
-            not Path(cfg.eval.bertscore_model).expanduser().is_dir():  # found only after training otherwise
-        raise ConfigError(f"eval.bertscore_model={cfg.eval.bertscore_model}: no such model directory")
-    if problem := trainer_choice_problem(cfg.train):  # a typo here failed only once the model had loaded
+    from ftlab.memory import path_like  # light; memory imports this module
+
+    scorer = cfg.eval.bertscore_model
+    if scorer != "auto" and path_like(scorer) and not Path(scorer).expanduser().is_dir():  # found after training
+        raise ConfigError(f"eval.bertscore_model={scorer}: no such model directory")
+    # Typos here failed once the data and model had loaded (attention), or the budget gate had passed.
+    if problem := attention_problem(cfg.model.attn_implementation) or trainer_choice_problem(cfg.train):
         raise ConfigError(problem)
     for callback in cfg.train.callbacks or []:  # a typo here failed only once the model had loaded
         target = callback.get("_target_") if isinstance(callback, DictConfig) else None

@@ -78,7 +78,7 @@ def test_every_shipped_config_passes_the_check(make_cfg, preset):
                                             ("lr=inf", "lr=inf: must be a finite number, > 0"),
                                             # a transformers ValueError once the model had loaded
                                             ("model.attn_implementation=bogus",
-                                             "model.attn_implementation='bogus': use one of auto, sdpa, eager"),
+                                             "model.attn_implementation='bogus': use one of auto, eager, "),
                                             # an unset shell variable: the embedded demo data was trained on
                                             ("data.path=", "data.path='': empty; name one, or leave data.path unset"),
                                             ("experiment=", "experiment='': empty; name one"),
@@ -88,6 +88,12 @@ def test_every_shipped_config_passes_the_check(make_cfg, preset):
 def test_a_value_out_of_range_is_named_before_anything_loads(make_cfg, override, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         config.check(make_cfg(override))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention", "flash_attention_3", "paged|eager",
+                                       "kernels-community/flash-attn"])
+def test_attention_kernels_transformers_knows_or_loads_from_the_hub_pass_the_check(make_cfg, attention):
+    config.check(make_cfg(f"model.attn_implementation='{attention}'"))
 
 
 @pytest.mark.parametrize("override, says", [("train.sampling=bogus", "train.sampling='bogus': use one of"),

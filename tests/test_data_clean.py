@@ -251,22 +251,25 @@ def test_the_cleaned_outputs_never_overwrite_or_join_the_data_they_are_made_from
                               (data, f"data.export_dir={folder}", f"data.export_dir={folder}: would overwrite data.path"),
                               (folder, f"data.rejects={folder}/rejects.jsonl",
                                f"data.rejects={folder}/rejects.jsonl: is inside data.path={folder}, whose files are"),
-                              (folder, f"data.export_dir={folder}/clean", "data.export_dir=")):
+                              (folder, f"data.export_dir={folder}/clean",
+                               f"data.export_dir={folder}/clean: is inside data.path={folder}, whose files are")):
         for command in ("ftlab.data", "ftlab"):
             out = in_process(command, *TINY, f"data.path={source}", bad, f"tracking_uri=sqlite:///{tmp_path}/m.db",
                              cwd=tmp_path)
             assert out.returncode == 2 and f"ftlab: {says}" in out.stderr, out.stderr[-2000:]
     assert data.read_text() == '{"instruction": "a", "output": "b"}\n' and [p.name for p in folder.iterdir()] == [
         "train.jsonl"]
-    # Beside the data, under names the export does not write, is fine.
+    # Beside the data under names the export does not write, or where the directory's read skips, is fine.
     from omegaconf import OmegaConf
 
     from ftlab.config import DataConfig, data_outputs_problem
 
     raw = folder / "raw.jsonl"
     raw.write_text("")
-    assert data_outputs_problem(OmegaConf.structured(DataConfig(path=str(raw), rejects=str(folder / "rejects.jsonl"),
-                                                                export_dir=str(folder)))) is None
+    for path, rejects, export_dir in ((raw, folder / "rejects.jsonl", folder),
+                                      (folder, folder / "_rejects.jsonl", folder / ".clean")):
+        assert data_outputs_problem(OmegaConf.structured(DataConfig(path=str(path), rejects=str(rejects),
+                                                                    export_dir=str(export_dir)))) is None
 
 
 def test_cli_multirun_prepares_each_config_and_starts_no_sweep(tmp_path, in_process):

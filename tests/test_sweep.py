@@ -108,7 +108,7 @@ def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp
     ("lora_r=8,0", "ftlab: lora_r=0: the LoRA rank must be >= 1"),
     ("train.sampling=bogus", "ftlab: train.sampling='bogus': use one of group_by_length, random, sequential"),
     ("train.optim=adamw_torch,adamw_bogus", "ftlab: train.optim='adamw_bogus': use one of adamw_torch"),
-    ("model.attn_implementation=sdpa,bogus", "ftlab: model.attn_implementation='bogus': use one of auto, sdpa"),
+    ("model.attn_implementation=sdpa,bogus", "ftlab: model.attn_implementation='bogus': use one of auto, eager"),
     ("lora_rr=4,8", "ftlab: lora_rr=4: Could not override 'lora_rr'. Key 'lora_rr' not in 'FtlabConfig'"),
     ("sweep.report_dir=/proc/ftlab-reports",  # written once every trial has run
      "ftlab: sweep.report_dir=/proc/ftlab-reports: cannot make a directory there")])

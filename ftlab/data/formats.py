@@ -318,6 +318,12 @@ def _reader(path: Path):
     return reader
 
 
+def read_as_data(directory: Path, file: Path) -> bool:
+    """Whether read_directory(directory) reads `file` (there or not yet): a data file's name, and no
+    hidden or `_`-prefixed part on the way (_SUCCESS, .crc files)."""
+    return bool(_reader(file)) and not any(part.startswith((".", "_")) for part in file.relative_to(directory).parts)
+
+
 def _split_of(relative: Path) -> str | None:
     words = set(re.split(r"[\W_]+", str(relative).lower()))
     return next((split for split, names in SPLIT_WORDS.items() if words & set(names)), None)
@@ -329,8 +335,7 @@ def read_directory(path: Path, hf_split: str = "train", json_field: str | None =
     and `_`-prefixed entries (_SUCCESS, .crc files) are skipped. Files named by split (train.jsonl
     beside test.jsonl) are read for data.hf_split only: a published test set mixed into the pool
     would be trained on."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _reader(p)
-                   and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and read_as_data(path, p))
     if not files:
         raise DataError(f"data.path: {path} is a directory without data files ({KNOWN}) and not a "
                         "datasets save_to_disk directory")

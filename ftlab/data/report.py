@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import tempfile
 from pathlib import Path
 
-from ftlab.config import TrainConfig
+from ftlab.config import DATA_OUTPUT_FILES, TrainConfig
 from ftlab.data.prepare import PreparedData
 
 
@@ -122,10 +121,11 @@ def write_outputs(data: PreparedData, train: TrainConfig, out_dir: Path,
                   sets: tuple[str, ...] = ("train", "held_out")) -> Path:
     """report.json, rejects.jsonl, PNGs and the cleaned sets named (train.jsonl, held_out.jsonl)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(full_report(data, train), indent=2, ensure_ascii=False))
-    write_jsonl(data.rejects, out_dir / "rejects.jsonl")
+    names = DATA_OUTPUT_FILES  # config.data_outputs_problem keeps them off data.path
+    (out_dir / names["report"]).write_text(json.dumps(full_report(data, train), indent=2, ensure_ascii=False))
+    write_jsonl(data.rejects, out_dir / names["rejects"])
     for name in sets:
-        write_jsonl((e.to_dict() for e in getattr(data, name)), out_dir / f"{name}.jsonl")
+        write_jsonl((e.to_dict() for e in getattr(data, name)), out_dir / names[name])
     for name, png in data_plots(data).items():
         (out_dir / name).write_bytes(png)
     return out_dir
@@ -171,6 +171,4 @@ def log_data_report(data: PreparedData, train: TrainConfig) -> None:
         "data_padding_share_unpacked": p["padding_share_unpacked"],
         "data_padding_share_packed": p["padding_share_packed"],
     })
-    if changed := tracking.log_new_params({"data.fingerprint": data.fingerprint}):
-        logging.getLogger("ftlab").warning("data.fingerprint: this run trained on %s before its resume and on %s "
-                                           "now (same config and file; another tokenizer?)", *changed["data.fingerprint"])
+    tracking.log_new_params({"data.fingerprint": data.fingerprint})
