@@ -12,10 +12,9 @@ from ftlab.config import ConfigError, exit_2_on  # and registers the structured-
 def main(cfg: DictConfig) -> dict:
     # Imported once Hydra has composed and checked the config: a mistyped key is reported
     # before ~8 s of importing torch, transformers, peft and MLflow, not after.
-    from ftlab import sweep
+    from ftlab import sweep, tracking
     from ftlab.data import DataError
     from ftlab.pipeline import run
-    from ftlab import tracking
     from ftlab.tracking import TrackingError
 
     # In a sweep, only what every trial shares gets this far: bad data, sweep.objective.
@@ -27,10 +26,10 @@ def main(cfg: DictConfig) -> dict:
         except Exception as e:
             if tracking.failure_kind(e) != "oom":
                 raise
-            # Recorded as a FAILED run with its measured peak: what to change, not a traceback of the step.
-            print(f"ftlab: {str(e).splitlines()[0]}; the run is recorded as failed (ftlab.failure_kind=oom): lower "
-                  "train.per_device_batch_size or train.max_seq_length, or set budget.vram_gb and "
-                  "budget.fit=auto_batch", file=sys.stderr)
+            # What to change, not a traceback of the step (a run that started is recorded FAILED, failure_kind oom).
+            cap = ", or raise budget.memory_cap_gb" if cfg.budget.memory_cap_gb else ""
+            print(f"ftlab: {(str(e).splitlines() or [type(e).__name__])[0]}: lower train.per_device_batch_size or "
+                  f"train.max_seq_length, or set budget.vram_gb and budget.fit=auto_batch{cap}", file=sys.stderr)
             raise SystemExit(1) from None
 
 

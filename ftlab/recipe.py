@@ -103,9 +103,7 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
                      resume=None) -> dict:
     tracking.log_config(cfg)
     log_data_report(data, cfg.train)
-    for key, (then, now) in tracking.log_new_params({"model.checkpoint": str(checkpoint)}).items():
-        log.warning("%s: this run loaded %s when it started and %s now (the same config); its param keeps the "
-                    "first", key, then, now)
+    tracking.log_new_params({"model.checkpoint": str(checkpoint)})  # another cache path on resume: said
 
     set_seed(cfg.seed)  # the adapter's initial weights too: the same config and seed train the same run
     if cfg.peft.method != "full":

@@ -196,7 +196,10 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
     relative = max(((a - e).abs().max() / e.abs().max()).item() for a, e in zip(actual, expected))
     share = max((_rms(a - e) / max(_rms(e - p), 1e-30)) for a, e, p in zip(actual, expected, plain))
     result = Merged(out_dir, dtype, relative, share)
-    if not (relative <= result.tolerance or share <= MERGE_MAX_EFFECT_SHARE):  # a NaN fails, as it should
+    if not all(a.isfinite().all() for a in actual):  # what the comparisons below cannot see: max() skips a later NaN
+        raise RegistryError(f"run_id={run_id}: the merged model gives non-finite logits (NaN or inf) where base + "
+                            "adapter do not; the merge is broken")
+    if relative > result.tolerance and share > MERGE_MAX_EFFECT_SHARE:
         raise RegistryError(f"run_id={run_id}: merged logits differ from base+adapter by {relative:.2e} (relative, "
                             f"above the {dtype} tolerance {result.tolerance:.0e}), {share:.0%} of the adapter's own "
                             "effect on them; the merge is broken")

@@ -383,8 +383,9 @@ def trained_artifact(full_fine_tune: bool) -> str:
 
 
 def log_config(cfg: DictConfig) -> None:
-    """Params (flattened) and the resolved YAML (train.resume itself differs on a resumed run)."""
-    log_new_params(flatten(cfg))
+    """Params (flattened) and the resolved YAML. On a resumed run only keys outside the config hash
+    can differ (train.resume itself): nothing to say."""
+    log_new_params(flatten(cfg), say_changed=False)
     mlflow.log_text(mask(OmegaConf.to_yaml(cfg, resolve=True)), "config/resolved.yaml")
 
 
@@ -394,14 +395,17 @@ def _logged(kind: str) -> dict:
     return getattr(MlflowClient().get_run(active.info.run_id).data, kind) if active else {}
 
 
-def log_new_params(params: dict) -> dict[str, tuple[str, str]]:
+def log_new_params(params: dict, say_changed: bool = True) -> None:
     """Log the params the active run has not logged yet, in MLflow's batches: a resumed run keeps
-    those it started with (MLflow forbids changing one). Returns {key: (logged, now)} where they differ."""
+    those it started with (MLflow forbids changing one), and a value that differs now is said."""
     existing = _logged("params")
     items = [(k, str(v)) for k, v in params.items() if k not in existing]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         mlflow.log_params(dict(items[i : i + MAX_PARAMS_PER_BATCH]))
-    return {k: (existing[k], str(v)) for k, v in params.items() if k in existing and existing[k] != str(v)}
+    for key, value in params.items():
+        if say_changed and key in existing and existing[key] != str(value):
+            log.warning("%s: the run logged %s when it started and has %s now; its param keeps the first",
+                        key, existing[key], value)
 
 
 def log_new_metrics(metrics: dict[str, float]) -> None:

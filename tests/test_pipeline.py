@@ -185,9 +185,9 @@ def test_memory_cap_fails_the_trial_as_oom_in_one_line(make_cfg, tmp_path, in_pr
     overrides = ["train.max_steps=3", "eval.compare_base=false", "budget.memory_cap_gb=0.01"]
     out = in_process("ftlab", *TINY, *store_overrides(tmp_path), *overrides)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert re.match(r"ftlab: out of memory: process RSS [\d.]+ GiB > budget.memory_cap_gb=0.01 at step 1; the run is "
-                    r"recorded as failed \(ftlab.failure_kind=oom\): lower train.per_device_batch_size",
-                    out.stderr.splitlines()[-1])
+    assert re.fullmatch(r"ftlab: out of memory: process RSS [\d.]+ GiB > budget.memory_cap_gb=0.01 at step 1: lower "
+                        r"train.per_device_batch_size or train.max_seq_length, or set budget.vram_gb and "
+                        r"budget.fit=auto_batch, or raise budget.memory_cap_gb", out.stderr.splitlines()[-1])
     assert "\nftlab: out of memory" in out.stderr  # a line of its own: the training bar is closed first
     [trial] = _runs(make_cfg(), "trial")
     assert trial.info.status == "FAILED"

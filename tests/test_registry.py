@@ -120,6 +120,17 @@ def test_a_merge_that_leaves_the_adapter_out_is_refused_and_merge_dtype_is_kept(
                                                      r"adapter's own effect on them; the merge is broken"):
         registry.register(trial.info.run_id, "broken")
     monkeypatch.undo()
+
+    def merged_to_nan(self, *args, **kwargs):  # one weight NaN: every logit, which no comparison with NaN flags
+        merged = original_merge(self, *args, **kwargs)
+        merged.model.norm.weight.data[0] = float("nan")
+        return merged
+
+    original_merge = LoraModel.merge_and_unload
+    monkeypatch.setattr(LoraModel, "merge_and_unload", merged_to_nan)
+    with pytest.raises(registry.RegistryError, match="the merged model gives non-finite logits"):
+        registry.register(trial.info.run_id, "nan")
+    monkeypatch.undo()
     version = registry.register(trial.info.run_id, "sound")
     assert float(version.tags["ftlab.merge_effect_share"]) < registry.MERGE_MAX_EFFECT_SHARE
     assert version.tags["ftlab.merge_dtype"] == str(models.compute_dtype("auto")).removeprefix("torch.")

@@ -4,6 +4,7 @@ continues that very run, step metrics survive a tracking outage, and the safe de
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -84,7 +85,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
     # The param of the base model's path keeps the first process's, and the change is said.
     assert resumed.data.params["model.checkpoint"] == trial.data.params["model.checkpoint"]
     assert not trial.data.params["model.checkpoint"].startswith(str(tmp_path / "another-cache"))
-    assert "model.checkpoint: this run loaded" in caplog.text and str(tmp_path / "another-cache") in caplog.text
+    assert re.search(rf"model.checkpoint: the run logged \S+ when it started and has {tmp_path}/another-cache/\S+ now; "
+                     "its param keeps the first", caplog.text)
     # The run is logged: the checkpoint saved only because of the signal is removed, and its tag with it.
     assert not checkpoint.exists() and "ftlab.checkpoint" not in resumed.data.tags
     # Its totals are the whole run's, not those of the steps after the resume.
