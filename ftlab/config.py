@@ -18,6 +18,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from ftlab import device
+
 
 class ConfigError(ValueError):
     """A run config value ftlab cannot run with, naming its key (`python -m ftlab` exits 2 with it)."""
@@ -400,6 +402,7 @@ RANGES = {  # key: (test, what the value must be)
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "eval.max_examples": (lambda v: v >= 1, ">= 1, or null for every held-out example"),
     "eval.samples_to_log": (lambda v: v >= 0, ">= 0"),
+    "budget.vram_gb": (lambda v: v > 0, "a positive number of GiB (e.g. 24), or null for no budget"),
     "budget.max_hours": (lambda v: v > 0, "> 0, or null for no limit"),
     "budget.memory_cap_gb": (lambda v: v > 0, "> 0, or null for no cap"),
     **{f"model.arch.{key}": (lambda v: v >= 1, ">= 1") for key in (
@@ -411,7 +414,8 @@ RANGES = {  # key: (test, what the value must be)
 # registry.gate_metric can name; tests/test_pipeline.py checks a real run against these lists.
 HELD_OUT_METRICS = ("rouge_l", "rouge_1", "exact_match", "bertscore_f1", "json_valid", "json_field_accuracy")
 RUN_METRICS = ("eval_loss", "train_loss_final", "train_seconds", "eval_seconds", "wall_seconds", "trained_tokens",
-               "tokens_per_second", "predicted_peak_gb")
+               "tokens_per_second", "predicted_peak_gb", "peak_memory_mb")
+# peak_memory_mb under the name of how it was measured (tag ftlab.peak_memory_kind): the GPU's, or the CPU's RSS rise.
 PEAK_MEMORY_METRICS = ("peak_memory_mb_cuda_max_allocated", "peak_memory_mb_cpu_peak_rss_delta",
                        "peak_memory_mb_cpu_peak_rss_delta_since_start")
 
@@ -434,6 +438,11 @@ def check_objective(objective: list[str], direction: list[str], compare_base: bo
         if name.startswith(("base_", "gain_")) and not compare_base:
             raise SweepConfigError(f"sweep.objective: {name!r} compares with the base model's scores, which "
                                    "eval.compare_base=false leaves out; set eval.compare_base=true")
+        on_gpu = name == PEAK_MEMORY_METRICS[0]
+        if name in PEAK_MEMORY_METRICS and on_gpu != device.cuda_available():  # every trial would fail for want of it
+            where = "on a CUDA GPU" if on_gpu else "on a machine without CUDA"
+            raise SweepConfigError(f"sweep.objective: {name!r} is measured {where}, which this one is not; use "
+                                   "peak_memory_mb, which every trial reports")
     for way in direction:
         if way not in ("maximize", "minimize"):
             raise SweepConfigError(f"sweep.direction: {way!r}: use maximize or minimize")

@@ -64,7 +64,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -549,12 +548,7 @@ def estimate(cfg: DictConfig) -> MemoryEstimate:
 def budget_gib(cfg: DictConfig) -> float | None:
     """The effective budget: budget.vram_gb, lowered to just below budget.oom_at_gb when an
     earlier trial of the sweep ran out of memory at that predicted size."""
-    value = cfg.budget.vram_gb
-    if value is not None:
-        value = float(value)
-        if not value > 0 or math.isinf(value):
-            raise BudgetError(f"budget.vram_gb={cfg.budget.vram_gb}: must be a positive number of GiB (e.g. 24), "
-                              f"or null for no budget")
+    value = None if cfg.budget.vram_gb is None else float(cfg.budget.vram_gb)  # > 0: config.check
     if cfg.budget.oom_at_gb is not None:
         below_oom = float(cfg.budget.oom_at_gb) * (1 - 1e-6)
         value = below_oom if value is None else min(value, below_oom)

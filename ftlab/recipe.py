@@ -161,6 +161,7 @@ def _score_and_log(cfg, model, tokenizer, data, dtype, active, base_scores, wall
         "eval_seconds": time.perf_counter() - eval_start,
         "trained_tokens": result.trained_tokens,
         "tokens_per_second": result.tokens_per_second,
+        "peak_memory_mb": result.peak_memory_mb,  # one name wherever measured: an objective for any worker
         f"peak_memory_mb_{result.peak_memory_kind}": result.peak_memory_mb,
         "wall_seconds": time.perf_counter() - wall_start,
     }

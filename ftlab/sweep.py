@@ -205,20 +205,21 @@ def check_swept_values(config_name: str, fixed: list[str], swept: dict[str, Sequ
     from hydra.errors import ConfigCompositionException
 
     fixed = [line for line in fixed if not line.lstrip("+~").startswith("hydra")]
-    for key, values in swept.items():
-        for value in values:
-            try:
-                trial = compose(config_name, overrides=[*fixed, f"{key}={value}"])
-                check_config(trial)
-                memory.settings(trial)
-            except ConfigCompositionException as e:  # Hydra's message, and the reason under it, on one line
-                reason = " ".join(str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None)
-                message = f"{key}={value}: {reason}"
-            except ConfigError as e:
-                message = str(e)
-            else:
-                continue
-            raise SweepConfigError(f"{shown[key]}: {message}" if key in (shown or {}) else message)
+    # Nothing swept (python -m ftlab -m budget.vram_gb=0): its one config, before the parent run too.
+    probes = [(key, [f"{key}={value}"]) for key, values in swept.items() for value in values] or [(None, [])]
+    for key, probe in probes:
+        try:
+            trial = compose(config_name, overrides=[*fixed, *probe])
+            check_config(trial)
+            memory.settings(trial)
+        except ConfigCompositionException as e:  # Hydra's message, and the reason under it, on one line
+            reason = " ".join(str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None)
+            message = f"{probe[0]}: {reason}" if probe else reason
+        except ConfigError as e:
+            message = str(e)
+        else:
+            continue
+        raise SweepConfigError(f"{shown[key]}: {message}" if key in (shown or {}) else message)
 
 
 def command_line() -> str:

@@ -236,9 +236,12 @@ def test_the_bf16_units_check_gives_torchs_answer_without_importing_torch():
 
 
 def test_impossible_budget_names_the_key(make_cfg):
-    for bad in ("0", "-4"):
-        with pytest.raises(BudgetError, match=r"budget\.vram_gb"):
-            check_budget(make_cfg(f"budget.vram_gb={bad}"))
+    from ftlab import config
+
+    for bad in ("0", "-4", "inf"):
+        with pytest.raises(ConfigError, match=rf"^budget\.vram_gb={bad}\.?0?: must be (a finite number, )?a positive "
+                                              r"number of GiB \(e.g. 24\), or null for no budget"):
+            config.check(make_cfg(f"budget.vram_gb={bad}"))
 
 
 def test_no_budget_always_fits(make_cfg):

@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
+from ftlab import device
 from ftlab.report import build_report
 from ftlab.sweep import pareto_front, sweep_id
 from tests.conftest import CONF, ROOT, weightless_checkpoint
@@ -108,6 +109,7 @@ def test_an_objective_no_trial_reports_stops_the_sweep_before_any_trial_runs(tmp
     ("lora_r=8,0", "ftlab: lora_r=0: the LoRA rank must be >= 1"),
     ("train.sampling=bogus", "ftlab: train.sampling='bogus': use one of group_by_length, random, sequential"),
     ("train.optim=adamw_torch,adamw_bogus", "ftlab: train.optim='adamw_bogus': use one of adamw_torch"),
+    ("budget.vram_gb=100,0", "ftlab: budget.vram_gb=0.0: must be a positive number of GiB"),  # trial #0 trained first
     ("model.attn_implementation=sdpa,bogus", "ftlab: model.attn_implementation='bogus': use one of auto, eager"),
     ("lora_rr=4,8", "ftlab: lora_rr=4: Could not override 'lora_rr'. Key 'lora_rr' not in 'FtlabConfig'"),
     ("sweep.report_dir=/proc/ftlab-reports",  # written once every trial has run
@@ -119,6 +121,22 @@ def test_a_grid_the_basic_sweeper_cannot_run_is_one_line_before_a_parent_run(tmp
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(says)
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path, "sweep")
+
+
+def test_a_sweep_of_one_config_or_on_a_metric_this_machine_does_not_measure_stops_before_training(tmp_path,
+                                                                                                   in_process):
+    """Nothing swept: its one config was not checked before its parent run and trial started. A peak
+    memory measured on the other kind of device: every trial trained, then failed for want of it."""
+    out = in_process("ftlab", *sweep_args(tmp_path, "budget.vram_gb=0"))
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
+        "ftlab: budget.vram_gb=0.0: must be a positive number of GiB"), out.stderr[-3000:]
+    elsewhere = "peak_memory_mb_cpu_peak_rss_delta" if device.cuda_available() else "peak_memory_mb_cuda_max_allocated"
+    out = in_process("ftlab", *sweep_args(tmp_path, "seed=1,2", f"sweep.objective=[{elsewhere}]",
+                                          "sweep.direction=[minimize]"))
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
+        f"ftlab: sweep.objective: '{elsewhere}' is measured on "), out.stderr[-3000:]
+    assert "use peak_memory_mb, which every trial reports" in out.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["data", "value"])
