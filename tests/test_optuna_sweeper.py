@@ -367,6 +367,27 @@ def test_a_retried_config_whose_worker_dies_is_queued_again_once(sweep, tmp_path
         assert trials[1].params == trial.params and trials[1].user_attrs["retry_after_crash"]
 
 
+def test_a_study_run_again_with_another_objective_or_direction_is_one_line_before_anything_runs(sweep, tmp_path):
+    """It went on: eval_loss values joined rouge_l's under the study's maximize, the best trial the one with the
+    highest loss, and with another number of objectives every trial trained and then failed."""
+    earlier = optuna.create_study(study_name="asked", storage=f"sqlite:///{tmp_path}/optuna.db", directions=["maximize"])
+    earlier.tell(earlier.ask({"lora_r": CategoricalDistribution([4, 8])}), 0.5)
+    args = optuna_args(tmp_path, "asked", "lora_r=choice(4,8)", "hydra.sweeper.n_trials=1")
+    # A study from before ftlab recorded its objective: the directions tell.
+    out = sweep(tmp_path, *args, "sweep.objective=[eval_loss,train_seconds]", "sweep.direction=[minimize,minimize]",
+                check=False)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "ftlab: sweep.objective: study asked optimises maximize, and this command asks for eval_loss (minimize), "
+        "train_seconds (minimize); keep the study's, or name a new sweep (sweep.name=...)")
+    sweep(tmp_path, *args)  # the study's own (rouge_l, maximize): one trial decided already, nothing runs
+    assert study(tmp_path, "asked").user_attrs["ftlab.objective"] == ["rouge_l"] and runs(tmp_path) == []
+    out = sweep(tmp_path, *args, "sweep.objective=[eval_loss]", "sweep.direction=[maximize]", check=False)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
+        "ftlab: sweep.objective: study asked optimises rouge_l (maximize), and this command asks for eval_loss "
+        "(maximize)")
+    assert len(study(tmp_path, "asked").trials) == 1 and runs(tmp_path) == []
+
+
 def test_other_choices_in_a_study_run_again_are_one_line_before_anything_runs(sweep, tmp_path):
     earlier = optuna.create_study(study_name="choices", storage=f"sqlite:///{tmp_path}/optuna.db",
                                   directions=["maximize"])

@@ -221,6 +221,20 @@ def finished_in_batch(sweep_id: str, number: int, launched_ms: int):
     return run if run is not None and (run.info.end_time or 0) >= launched_ms else None
 
 
+def check_objective_against_study(study: optuna.Study, objective: list[str], direction: list[str]) -> None:
+    """A study continued with another sweep.objective or sweep.direction would mix the values of two
+    questions (the sampler steering by both, the best trial chosen among both): refused before any
+    trial. A study made before ftlab recorded its objective is checked by its directions."""
+    then, ways = study.user_attrs.get("ftlab.objective"), [d.name.lower() for d in study.directions]
+    if ways != direction or then not in (None, objective):
+        asked = ", ".join(f"{name} ({way})" for name, way in zip(objective, direction))
+        had = ", ".join(f"{name} ({way})" for name, way in zip(then, ways)) if then else ", ".join(ways)
+        raise SweepConfigError(f"sweep.objective: study {study.study_name} optimises {had}, and this command asks "
+                               f"for {asked}; keep the study's, or name a new sweep (sweep.name=...)")
+    if then is None:
+        study.set_user_attr("ftlab.objective", objective)
+
+
 def outcome_of(ret) -> dict[str, Any]:
     """A launcher's JobReturn as ftlab.sweep.run_trial's outcome."""
     if ret.status == JobStatus.FAILED:  # raised outside ftlab's trial wrapper (e.g. a bad override)
@@ -356,6 +370,7 @@ class OptunaSweeperImpl(Sweeper):
         sampler = self.make_sampler(space, len(objective), self.seed)
         study = optuna.create_study(study_name=sweep_id, storage=storage, sampler=sampler, directions=direction,
                                     load_if_exists=True)
+        check_objective_against_study(study, objective, direction)
         reordered = self.check_space_against_study(study, space)
         if (self.seed is not None and study.trials) or reordered:
             # A seeded sampler starts its random stream over: a resumed sweep (or a later worker) would
