@@ -253,6 +253,19 @@ def test_a_sweep_that_cannot_run_says_why_in_one_line_and_ends_its_parent_run_fa
     assert runs(tmp_path) == []  # no trial started
 
 
+def test_a_search_space_line_hydra_cannot_parse_names_its_key_and_file(sweep, tmp_path):
+    """Hydra's parse error named neither (exit 1, its grammar link): a team's sweeps/*.yaml typo."""
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "typo.yaml").write_text("# @package _global_\ndefaults:\n  - override /hydra/sweeper: optuna\n"
+                                                   "hydra:\n  sweeper:\n    params:\n      lora_r: choice(4, 8\n")
+    out = sweep(tmp_path, "sweeps=typo", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", cwd=tmp_path,
+                check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == ("ftlab: hydra.sweeper.params.lora_r='choice(4, 8' (sweeps/typo.yaml): "
+                                                   "no viable alternative at input 'choice(4, 8'")
+    assert runs(tmp_path) == []
+
+
 def test_an_error_that_stops_the_sweep_at_a_trial_ends_its_trial_at_once(sweep, tmp_path):
     """Not RUNNING until its heartbeat goes stale (a rerun would wait for it, then replay it)."""
     args = optuna_args(tmp_path, "stops", "lora_r=choice(4,8)", "train.resume=true")

@@ -24,6 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
+from hydra.errors import OverrideParseException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -276,7 +277,14 @@ class OptunaSweeperImpl(Sweeper):
 
     def search_space(self, arguments: List[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
         parser = OverridesParser.create()
-        from_config = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()])
+        from_config = []
+        for key, value in self.params.items():  # a sweeps/ file's lines: Hydra's parse error names neither
+            try:
+                from_config += parser.parse_overrides([f"{key}={value}"])
+            except OverrideParseException as e:
+                chosen = self.config.hydra.runtime.choices.get("sweeps")
+                raise SweepConfigError(f"hydra.sweeper.params.{key}={value!r}{f' (sweeps/{chosen}.yaml)' if chosen else ''}: "
+                                       f"{str(e).splitlines()[0]}") from None
         space, fixed = {}, []
         for override in [*from_config, *parser.parse_overrides(arguments)]:
             if override.is_sweep_override():
