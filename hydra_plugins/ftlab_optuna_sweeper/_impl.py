@@ -63,8 +63,8 @@ def distribution(override: Override) -> BaseDistribution:
 def _distribution(override: Override) -> BaseDistribution:
     value = override.value()
     key = override.get_key_element()
-    if override.is_choice_sweep():
-        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+    if override.is_choice_sweep():  # a repeated choice is one config: the study would count it twice and never end
+        return CategoricalDistribution(list(dict.fromkeys(override.sweep_iterator(transformer=Transformer.encode))))
     if override.is_range_sweep():
         assert isinstance(value, RangeSweep)
         if value.shuffle or any(isinstance(x, float) for x in (value.start, value.stop, value.step)):
@@ -77,6 +77,8 @@ def _distribution(override: Override) -> BaseDistribution:
         assert isinstance(value, IntervalSweep)
         log_scale = "log" in value.tags
         if "int" in value.tags:
+            if math.ceil(value.start) > math.floor(value.end):  # Optuna would say `low <= high` of the rounded ends
+                raise ValueError(f"no whole number lies in [{value.start:g}, {value.end:g}]")
             return IntDistribution(math.ceil(value.start), math.floor(value.end), log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
     raise SweepConfigError(f"{key}: unsupported sweep {override.input_line!r}; use choice(...), range(...), "
