@@ -105,8 +105,11 @@ def end_sweep(cfg: DictConfig, error: BaseException, status: str, before_any_tri
     parent = cfg.sweep.parent_run_id or os.environ.get(ENV_PARENT_RUN_ID)
     if parent:
         client = MlflowClient()
+        reason = tracking.mask(f"{type(error).__name__}: {error}")[:tracking.MAX_PARAM_VALUE]
         try:
             if before_any_trial and (was := os.environ.get(ENV_PARENT_WAS)):
+                if was == "FAILED":  # joining it cleared the reason it failed: this refusal is why it still is
+                    client.set_tag(parent, "ftlab.error", reason)
                 client.set_terminated(parent, status=was)
                 return
             if status == "KILLED" and (running := _running_trials(parent)):
@@ -114,8 +117,7 @@ def end_sweep(cfg: DictConfig, error: BaseException, status: str, before_any_tri
                 log.info("sweep parent run %s left RUNNING: %d trial(s) of other workers still running", parent,
                          running)
                 return
-            client.set_tag(parent, "ftlab.error",
-                           tracking.mask(f"{type(error).__name__}: {error}")[:tracking.MAX_PARAM_VALUE])
+            client.set_tag(parent, "ftlab.error", reason)
             client.set_terminated(parent, status=status)
         except Exception as e:  # the store itself may be what stopped the sweep; its error is the one to report
             log.warning("could not end the sweep's parent run %s %s: %s", parent, status, e)

@@ -267,6 +267,17 @@ def test_a_search_space_line_hydra_cannot_parse_names_its_key_and_file(sweep, tm
     assert runs(tmp_path) == []
 
 
+def test_a_failed_sweep_refused_again_keeps_a_reason(sweep, tmp_path):
+    """Joining the FAILED parent run cleared its ftlab.error; the second refusal left it FAILED without one."""
+    args = optuna_args(tmp_path, "refused", "lora_r=choice(4,8)")
+    for n_trials in (0, -1):
+        out = sweep(tmp_path, *args, f"hydra.sweeper.n_trials={n_trials}", check=False)
+        assert out.returncode == 2, out.stderr[-3000:]
+        [parent] = runs(tmp_path, "sweep")
+        assert parent.info.status == "FAILED"
+        assert parent.data.tags["ftlab.error"].endswith(f"hydra.sweeper.n_trials={n_trials}: must be >= 1")
+
+
 def test_an_error_that_stops_the_sweep_at_a_trial_ends_its_trial_at_once(sweep, tmp_path):
     """Not RUNNING until its heartbeat goes stale (a rerun would wait for it, then replay it)."""
     args = optuna_args(tmp_path, "stops", "lora_r=choice(4,8)", "train.resume=true")
