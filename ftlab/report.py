@@ -28,8 +28,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ftlab.config import ConfigError, ReportConfig, check_keys, exit_2_on  # noqa: E402  (and registers the structured-config schema)
-from ftlab.tracking import (TrackingError, mask, open_existing, registry_arguments, shown_store,  # noqa: E402
-                            store_argument)
+from ftlab.tracking import (TrackingError, latest_attempts, mask, open_existing, registry_arguments,  # noqa: E402
+                            shown_store, store_argument)
 
 STATE_ORDER = {"finished": 0, "failed": 1, "killed": 2, "skipped_budget": 3}
 # Logged by the pipeline beside the config; they follow from other params, so they are
@@ -78,6 +78,7 @@ class Sweep:
     examples: list[dict[str, str]]  # prompt, reference, base, winner
     best_run_id: str | None = None
     stopped: str | None = None  # what stopped the sweep: an error (parent FAILED) or an interrupt (KILLED)
+    earlier_attempts: int = 0  # runs of a config the sweep ran again (tracking.latest_attempts), not listed
 
     @property
     def finished(self) -> list[Trial]:
@@ -139,13 +140,14 @@ def gather(client: MlflowClient, sweep: str) -> Sweep:
         directions = (directions * len(objectives))[: len(objectives)]
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=5000)
-    trials = [_trial(client, r) for r in children if r.data.tags.get("ftlab.role") not in ("base_eval", "sweep")]
+    attempts, earlier = latest_attempts([r for r in children if r.data.tags.get("ftlab.role") not in ("base_eval", "sweep")])
+    trials = [_trial(client, r) for r in attempts]
     trials.sort(key=lambda t: _rank_key(t, objectives[0], directions[0]))
     sweep_result = Sweep(
         sweep_id=tags.get("ftlab.sweep_id", parent.info.run_id), parent_run_id=parent.info.run_id,
         experiment=client.get_experiment(parent.info.experiment_id).name, command=mask(tags.get("ftlab.command", "")),
         objectives=objectives, directions=directions, trials=trials, varying=varying_params(trials),
-        base=None, examples=[], best_run_id=tags.get("ftlab.best_run_id"),
+        base=None, examples=[], best_run_id=tags.get("ftlab.best_run_id"), earlier_attempts=earlier,
         stopped=mask(tags["ftlab.error"]) if parent.info.status in ("FAILED", "KILLED") and tags.get("ftlab.error") else None,
     )
     base_run = _base_run(client, parent, sweep_result.winner or (trials[0] if trials else None))
@@ -485,6 +487,7 @@ MARKDOWN = """# Sweep {{ s.sweep_id }}
 
 Parent MLflow run `{{ s.parent_run_id }}` (experiment `{{ s.experiment }}`); objective {{ objective }}.
 {{ s.finished|length }} finished, {{ s.trials|length - s.finished|length }} failed or skipped of {{ s.trials|length }} trials.
+{% if s.earlier_attempts %}Not listed: {{ s.earlier_attempts }} earlier attempt(s) of these configs, which the sweep ran again.{% endif %}
 {% if s.command %}Sweep command: `{{ s.command }}`{% endif %}
 {% if s.stopped %}
 **The sweep stopped early:**
@@ -532,7 +535,8 @@ td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top} 
 pre{background:#f4f4f4;padding:1em;overflow-x:auto} img{max-width:100%}</style></head><body>
 <h1>Sweep {{ s.sweep_id }}</h1>
 <p>Parent MLflow run <code>{{ s.parent_run_id }}</code> (experiment <code>{{ s.experiment }}</code>); objective {{ objective }}.
-{{ s.finished|length }} finished, {{ s.trials|length - s.finished|length }} failed or skipped of {{ s.trials|length }} trials.</p>
+{{ s.finished|length }} finished, {{ s.trials|length - s.finished|length }} failed or skipped of {{ s.trials|length }} trials.
+{% if s.earlier_attempts %}Not listed: {{ s.earlier_attempts }} earlier attempt(s) of these configs, which the sweep ran again.{% endif %}</p>
 {% if s.command %}<p>Sweep command: <code>{{ s.command }}</code></p>{% endif %}
 {% if s.stopped %}<p><b>The sweep stopped early:</b></p><pre>{{ s.stopped }}</pre>{% endif %}
 <h2>Trials, best first</h2>

@@ -275,6 +275,8 @@ class SweepCallback(Callback):
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         ended = record_best(parent, summary)
         counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items()) or "no trials"
+        if n := summary["earlier_attempts"]:
+            counts += f" ({n} earlier attempt{'s' * (n > 1)} of these configs, run again, not counted)"
         best = summary["best_run_id"] or f"none (no trial finished with {', '.join(summary['objective'])})"
         if not ended:
             print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run so far {best}; the trials still running "
@@ -286,10 +288,11 @@ class SweepCallback(Callback):
 
 
 def summarise(parent_run_id: str, objective: list[str], direction: list[str]) -> dict[str, Any]:
-    """Counts by state, the best finished trial by the first objective, and for several
-    objectives the Pareto front, all read back from MLflow (so any sweeper works)."""
+    """Counts by state (of each config's latest attempt), the best finished trial by the first
+    objective, and for several objectives the Pareto front, all read back from MLflow (so any sweeper works)."""
     trials = []
-    for r in tracking.child_runs(parent_run_id):
+    runs, earlier = tracking.latest_attempts(tracking.child_runs(parent_run_id))
+    for r in runs:
         trials.append({"run_id": r.info.run_id, "trial_number": r.data.tags.get("ftlab.trial_number"),
                        "state": r.data.tags.get("ftlab.state", r.info.status.lower()), "status": r.info.status,
                        "metrics": r.data.metrics})
@@ -300,6 +303,7 @@ def summarise(parent_run_id: str, objective: list[str], direction: list[str]) ->
     for t in trials:
         counts[t["state"]] = counts.get(t["state"], 0) + 1
     return {"parent_run_id": parent_run_id, "objective": objective, "direction": direction, "counts": counts,
+            "earlier_attempts": earlier,
             "best_run_id": best and best["run_id"],
             "best_metrics": best and {m: best["metrics"][m] for m in objective},
             "pareto_front_run_ids": [t["run_id"] for t in pareto_front(scored, objective, sign)],

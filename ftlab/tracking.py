@@ -678,6 +678,16 @@ def child_runs(parent_run_id: str) -> list:
                                       max_results=5000, order_by=["attributes.start_time ASC"])
 
 
+def latest_attempts(runs: list) -> tuple[list, int]:
+    """A sweep's trials: the newest run of each config (tag ftlab.config_hash) among its trial runs, in
+    start order, and how many earlier attempts were left out (a failed trial the sweep, run again, ran
+    anew: counted once, as it ended last time)."""
+    ordered = sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    newest = {r.data.tags.get("ftlab.config_hash") or r.info.run_id: r for r in ordered}
+    kept = [r for r in ordered if newest[r.data.tags.get("ftlab.config_hash") or r.info.run_id] is r]
+    return kept, len(ordered) - len(kept)
+
+
 def mark_killed(sweep_id: str, trial_number: int, cfg_hash: str | None = None) -> list[str]:
     """End the runs a dead process left RUNNING for this trial of the sweep (with this config, if
     given) as KILLED."""

@@ -59,6 +59,15 @@ def test_grid_sweep_goes_on_after_a_failed_trial(tmp_path, in_process):
     sweep(tmp_path, "lora_r=4,8", fault, in_process=in_process)  # exit code 0: the sweep itself succeeded
     states = sorted((r.data.tags["ftlab.trial_number"], r.info.status) for r in runs(tmp_path))
     assert states == [("0", "FAILED"), ("1", "FINISHED")]
+    # Run again, the failed config is tried anew (and fails again): the summary and the report count each
+    # config once, as it ended last, not "1 finished, 2 failed of 3 trials" with #0 listed twice.
+    again = sweep(tmp_path, "lora_r=4,8", fault, in_process=in_process)
+    assert sorted(r.info.status for r in runs(tmp_path)) == ["FAILED", "FAILED", "FINISHED"]
+    assert "1 finished, 1 failed (1 earlier attempt of these configs, run again, not counted); best run" in again.stdout
+    [parent] = runs(tmp_path, "sweep")
+    report = gather(MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db"), parent.info.run_id)
+    assert sorted(t.number for t in report.trials) == [0, 1] and report.earlier_attempts == 1
+    assert parent.data.metrics["trials_failed"] == 1
 
 
 def signal_once(tmp_path, trial, signal, step=2):
