@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from ftlab import device
+from ftlab import config
 from ftlab.report import build_report
 from ftlab.sweep import pareto_front, sweep_id
 from tests.conftest import CONF, ROOT, weightless_checkpoint
@@ -123,20 +123,25 @@ def test_a_grid_the_basic_sweeper_cannot_run_is_one_line_before_a_parent_run(tmp
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path, "sweep")
 
 
-def test_a_sweep_of_one_config_or_on_a_metric_this_machine_does_not_measure_stops_before_training(tmp_path,
-                                                                                                   in_process):
-    """Nothing swept: its one config was not checked before its parent run and trial started. A peak
-    memory measured on the other kind of device: every trial trained, then failed for want of it."""
+def test_a_sweep_of_one_config_is_checked_before_its_parent_run(tmp_path, in_process):
+    """Nothing swept: its one config was not checked before its parent run and trial started."""
     out = in_process("ftlab", *sweep_args(tmp_path, "budget.vram_gb=0"))
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
         "ftlab: budget.vram_gb=0.0: must be a positive number of GiB"), out.stderr[-3000:]
-    elsewhere = "peak_memory_mb_cpu_peak_rss_delta" if device.cuda_available() else "peak_memory_mb_cuda_max_allocated"
-    out = in_process("ftlab", *sweep_args(tmp_path, "seed=1,2", f"sweep.objective=[{elsewhere}]",
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path, "sweep")
+
+
+@pytest.mark.parametrize("measured", config.PEAK_MEMORY_METRICS)
+def test_peak_memory_as_an_objective_is_the_name_every_trial_reports(tmp_path, measured, in_process):
+    """peak_memory_mb_<kind> depends on the device that measured it: on any other, every trial trained
+    and then failed for want of its objective."""
+    out = in_process("ftlab", *sweep_args(tmp_path, "seed=1,2", f"sweep.objective=[{measured}]",
                                           "sweep.direction=[minimize]"))
-    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
-        f"ftlab: sweep.objective: '{elsewhere}' is measured on "), out.stderr[-3000:]
-    assert "use peak_memory_mb, which every trial reports" in out.stderr
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        f"ftlab: sweep.objective: '{measured}' is reported only where the peak is measured so (a CUDA GPU, or a "
+        "CPU's RSS); use peak_memory_mb, which every trial reports"), out.stderr[-3000:]
     assert not (tmp_path / "mlruns" / "mlflow.db").exists() or not runs(tmp_path)
+    config.check_objective(["peak_memory_mb"], ["minimize"])
 
 
 @pytest.mark.parametrize("bad", ["data", "value"])
