@@ -173,8 +173,8 @@ def settings(cfg: DictConfig) -> Settings:
         if int(value) < 1:
             raise BudgetError(f"{key}={value}: must be >= 1")
     if a.head_dim is None and a.hidden_size % a.num_heads:
-        raise BudgetError(f"model.arch.hidden_size={a.hidden_size} is not a multiple of model.arch.num_heads={a.num_heads} "
-                          "(set model.arch.head_dim where the model's heads are narrower or wider)")
+        raise BudgetError(f"model.arch.hidden_size={a.hidden_size} is not a multiple of model.arch.num_heads="
+                          f"{a.num_heads} (set model.arch.head_dim where the model's heads are narrower or wider)")
     compute = str(cfg.model.dtype)
     adapter = str(peft.adapter_dtype)
     if adapter not in DTYPE_BYTES:

@@ -219,7 +219,8 @@ def build_tiny(arch: ArchConfig, root: Path, full_vocab: bool = False) -> Path:
         vocab_size=max(len(tokenizer), arch.vocab_size) if full_vocab else len(tokenizer),
         hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
         num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim, max_position_embeddings=arch.max_position_embeddings,
+        num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+        max_position_embeddings=arch.max_position_embeddings,
         tie_word_embeddings=arch.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )

@@ -140,7 +140,8 @@ def gather(client: MlflowClient, sweep: str) -> Sweep:
         directions = (directions * len(objectives))[: len(objectives)]
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=5000)
-    attempts, earlier = latest_attempts([r for r in children if r.data.tags.get("ftlab.role") not in ("base_eval", "sweep")])
+    attempts, earlier = latest_attempts([r for r in children
+                                         if r.data.tags.get("ftlab.role") not in ("base_eval", "sweep")])
     trials = [_trial(client, r) for r in attempts]
     trials.sort(key=lambda t: _rank_key(t, objectives[0], directions[0]))
     sweep_result = Sweep(

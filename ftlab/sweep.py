@@ -39,6 +39,7 @@ log = logging.getLogger("ftlab.sweep")
 ENV_SWEEP_ID = "FTLAB_SWEEP_ID"
 ENV_PARENT_RUN_ID = "FTLAB_SWEEP_PARENT_RUN_ID"
 ENV_PARENT_WAS = "FTLAB_SWEEP_PARENT_WAS"  # the status of the parent run this command joined, if it existed
+ENV_PARENT_ERROR = "FTLAB_SWEEP_PARENT_ERROR"  # and why it had stopped, if it said
 SUMMARY_FILE = "ftlab_sweep.json"
 GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Commands that compose config.yaml but train nothing: their multirun (-m lora_r=8,16,64) runs the
@@ -105,11 +106,10 @@ def end_sweep(cfg: DictConfig, error: BaseException, status: str, before_any_tri
     parent = cfg.sweep.parent_run_id or os.environ.get(ENV_PARENT_RUN_ID)
     if parent:
         client = MlflowClient()
-        reason = tracking.mask(f"{type(error).__name__}: {error}")[:tracking.MAX_PARAM_VALUE]
         try:
             if before_any_trial and (was := os.environ.get(ENV_PARENT_WAS)):
-                if was == "FAILED":  # joining it cleared the reason it failed: this refusal is why it still is
-                    client.set_tag(parent, "ftlab.error", reason)
+                if error := os.environ.get(ENV_PARENT_ERROR):  # joining it cleared the reason: put back
+                    client.set_tag(parent, "ftlab.error", error)
                 client.set_terminated(parent, status=was)
                 return
             if status == "KILLED" and (running := _running_trials(parent)):
@@ -117,7 +117,8 @@ def end_sweep(cfg: DictConfig, error: BaseException, status: str, before_any_tri
                 log.info("sweep parent run %s left RUNNING: %d trial(s) of other workers still running", parent,
                          running)
                 return
-            client.set_tag(parent, "ftlab.error", reason)
+            client.set_tag(parent, "ftlab.error",
+                           tracking.mask(f"{type(error).__name__}: {error}")[:tracking.MAX_PARAM_VALUE])
             client.set_terminated(parent, status=status)
         except Exception as e:  # the store itself may be what stopped the sweep; its error is the one to report
             log.warning("could not end the sweep's parent run %s %s: %s", parent, status, e)
@@ -254,13 +255,14 @@ class SweepCallback(Callback):
         with exit_2_on(tracking.TrackingError):  # raised from a callback, Hydra would only warn
             tracking.setup(config.tracking_uri, config.experiment)
         sid = sweep_id(config)
-        parent, was = tracking.start_sweep_run(sid, command_line(), list(config.sweep.objective),
-                                               list(config.sweep.direction))
+        parent, was, error = tracking.start_sweep_run(sid, command_line(), list(config.sweep.objective),
+                                                      list(config.sweep.direction))
         os.environ[ENV_SWEEP_ID], os.environ[ENV_PARENT_RUN_ID] = sid, parent
-        if was:
-            os.environ[ENV_PARENT_WAS] = was
-        else:
-            os.environ.pop(ENV_PARENT_WAS, None)
+        for name, value in ((ENV_PARENT_WAS, was), (ENV_PARENT_ERROR, error)):
+            if value:
+                os.environ[name] = value
+            else:
+                os.environ.pop(name, None)
         print(f"ftlab sweep {sid}: parent MLflow run {parent}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -632,9 +632,10 @@ def skipped_run(cfg: DictConfig, run_name: str, tags: dict, reason: str, predict
 
 
 def start_sweep_run(sweep_id: str, command: str, objective: list[str],
-                    direction: list[str]) -> tuple[str, str | None]:
+                    direction: list[str]) -> tuple[str, str | None, str | None]:
     """The sweep's parent run: found by its sweep id (a resumed or second worker of the
-    same study joins it) or created. Returns its run id, and the status it had if it existed."""
+    same study joins it) or created. Returns its run id, and the status and ftlab.error it had
+    if it existed."""
     client = MlflowClient()
     experiment_id = _active_experiment_id()
     found = sweep_parent(client, experiment_id, sweep_id)
@@ -643,11 +644,11 @@ def start_sweep_run(sweep_id: str, command: str, objective: list[str],
         client.update_run(found, status="RUNNING")
         if "ftlab.error" in was.data.tags:  # why it stopped last time: it goes on now
             client.delete_tag(found, "ftlab.error")
-        return found, was.info.status
+        return found, was.info.status, was.data.tags.get("ftlab.error")
     run = client.create_run(experiment_id, run_name=f"sweep-{sweep_id}", tags={
         "ftlab.role": "sweep", "ftlab.sweep_id": sweep_id, "ftlab.command": mask(command)[:MAX_PARAM_VALUE],
         "ftlab.objective": ",".join(objective), "ftlab.direction": ",".join(direction)})
-    return sweep_parent(client, experiment_id, sweep_id, created=run.info.run_id), None
+    return sweep_parent(client, experiment_id, sweep_id, created=run.info.run_id), None, None
 
 
 def sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str, created: str | None = None) -> str | None:
@@ -679,12 +680,23 @@ def child_runs(parent_run_id: str) -> list:
 
 
 def latest_attempts(runs: list) -> tuple[list, int]:
-    """A sweep's trials: the newest run of each config (tag ftlab.config_hash) among its trial runs, in
-    start order, and how many earlier attempts were left out (a failed trial the sweep, run again, ran
-    anew: counted once, as it ended last time)."""
+    """A sweep's trials: one run of each config among its trial runs, in start order, and how many
+    other attempts were left out (a failed trial the sweep, run again, ran anew: counted once, as it
+    ended last time). A decided attempt (finished, skipped over budget) is kept over any other, as a
+    worker's later failure of a config another finished does not undo it."""
+    def config(r):  # the config hash, and the settings outside it that still make another trial of a grid
+        return (r.data.tags.get("ftlab.config_hash") or r.info.run_id,
+                *(r.data.params.get(key) for key in ("train.save_steps", "train.callbacks")))
+
+    def rank(r):
+        return r.data.tags.get("ftlab.state") in ("finished", "skipped_budget"), r.info.start_time or 0, r.info.run_id
+
     ordered = sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-    newest = {r.data.tags.get("ftlab.config_hash") or r.info.run_id: r for r in ordered}
-    kept = [r for r in ordered if newest[r.data.tags.get("ftlab.config_hash") or r.info.run_id] is r]
+    chosen: dict[tuple, Run] = {}
+    for r in ordered:
+        if (key := config(r)) not in chosen or rank(r) > rank(chosen[key]):
+            chosen[key] = r
+    kept = [r for r in ordered if chosen[config(r)] is r]
     return kept, len(ordered) - len(kept)
 
 

@@ -3,6 +3,7 @@ cannot be used fails at start, and one that workers start on together works for 
 import os
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 
 import pytest
@@ -65,13 +66,13 @@ def test_workers_that_each_created_a_parent_run_converge_on_the_oldest(tmp_path)
 
     tracking.setup(f"sqlite:///{tmp_path}/mlflow.db", "race")
     client, experiment = MlflowClient(), tracking._active_experiment_id()
-    first, was = tracking.start_sweep_run("s1", "python -m ftlab -m", ["rouge_l"], ["maximize"])
-    assert was is None  # created
+    first, was, error = tracking.start_sweep_run("s1", "python -m ftlab -m", ["rouge_l"], ["maximize"])
+    assert was is None and error is None  # created
     # A second worker that searched before `first` existed created its own a moment later.
     second = client.create_run(experiment, tags={"ftlab.role": "sweep", "ftlab.sweep_id": "s1"}).info.run_id
     assert tracking.sweep_parent(client, experiment, "s1", created=second) == first
     assert client.get_run(second).info.lifecycle_stage == "deleted"
-    assert tracking.start_sweep_run("s1", "python -m ftlab -m", ["rouge_l"], ["maximize"]) == (first, "RUNNING")  # joins
+    assert tracking.start_sweep_run("s1", "python -m ftlab -m", ["rouge_l"], ["maximize"]) == (first, "RUNNING", None)
     assert tracking.sweep_parent(client, experiment, "other") is None
 
 
@@ -83,6 +84,28 @@ def test_the_config_hash_follows_the_content_of_the_data_file_so_an_edited_file_
     assert tracking.config_hash(make_cfg(f"data.path={data}", "train.resume=true", "sweep.name=x")) == first
     data.write_text('{"prompt": "a", "completion": "c"}\n')
     assert tracking.config_hash(cfg) != first
+
+
+def test_a_sweeps_trials_are_one_run_per_config_and_a_decided_one_wins(tmp_path):
+    """tracking.latest_attempts, which the sweep summary and the report count."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("attempts")
+
+    def run(name, state, config_hash=None, save_steps="0"):
+        tags = {"ftlab.state": state, **({"ftlab.config_hash": config_hash} if config_hash else {})}
+        made = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+        client.log_param(made, "train.save_steps", save_steps)
+        time.sleep(0.002)  # start times in this order
+        return made
+
+    made = [run("a-failed", "failed", "a"), run("b-finished", "finished", "b"), run("a-retried", "finished", "a"),
+            run("b-failed-elsewhere", "failed", "b"), run("c-every-10", "finished", "c", "10"),
+            run("c-every-20", "finished", "c", "20"), run("untagged", "failed")]
+    kept, earlier = tracking.latest_attempts([client.get_run(r) for r in reversed(made)])
+    assert [r.info.run_name for r in kept] == ["b-finished", "a-retried", "c-every-10", "c-every-20", "untagged"]
+    assert earlier == 2
 
 
 def test_a_key_added_to_the_schema_changes_the_config_hash_only_once_set(make_cfg):

@@ -77,7 +77,7 @@ def _distribution(override: Override) -> BaseDistribution:
         assert isinstance(value, IntervalSweep)
         log_scale = "log" in value.tags
         if "int" in value.tags:
-            if math.ceil(value.start) > math.floor(value.end):  # Optuna would say `low <= high` of the rounded ends
+            if value.start <= value.end and math.ceil(value.start) > math.floor(value.end):  # not of the rounded ends
                 raise ValueError(f"no whole number lies in [{value.start:g}, {value.end:g}]")
             return IntDistribution(math.ceil(value.start), math.floor(value.end), log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
@@ -284,8 +284,10 @@ class OptunaSweeperImpl(Sweeper):
             try:
                 from_config += parser.parse_overrides([f"{key}={value}"])
             except OverrideParseException as e:
-                chosen = self.config.hydra.runtime.choices.get("sweeps")
-                raise SweepConfigError(f"hydra.sweeper.params.{key}={value!r}{f' (sweeps/{chosen}.yaml)' if chosen else ''}: "
+                typed = any(line.startswith(f"hydra.sweeper.params.{key}=") for line in self.config.hydra.overrides.hydra)
+                chosen = None if typed else self.config.hydra.runtime.choices.get("sweeps")
+                where = f" (sweeps/{chosen}.yaml)" if chosen else ""
+                raise SweepConfigError(f"hydra.sweeper.params.{key}={value!r}{where}: "
                                        f"{str(e).splitlines()[0]}") from None
         space, fixed = {}, []
         for override in [*from_config, *parser.parse_overrides(arguments)]:
