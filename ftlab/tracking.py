@@ -50,6 +50,9 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
 NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps", "sweep.", "budget.oom_at_gb")
 # Keys added to the schema since runs were recorded: in the identity only once set, so those runs resume.
 HASHED_ONCE_SET = ("model.arch.head_dim",)
+# Where a run is logged is not what it trains (a resume from another directory names the first one's store
+# explicitly): hashed at its default, the value the hashes of runs recorded before this held for it.
+HASHED_AS_DEFAULT = {"tracking_uri": "None"}
 
 
 class TrackingError(RuntimeError):
@@ -316,16 +319,16 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 
 def hashed_params(cfg: DictConfig) -> dict[str, str]:
-    """The flattened params that make up a run's config hash (NOT_IN_CONFIG_HASH left out, and
-    HASHED_ONCE_SET while unset)."""
-    return {k: v for k, v in flatten(cfg).items()
-            if not k.startswith(NOT_IN_CONFIG_HASH) and not (k in HASHED_ONCE_SET and v == "None")}
+    """The flattened params that make up a run's config hash (NOT_IN_CONFIG_HASH and HASHED_AS_DEFAULT
+    left out, HASHED_ONCE_SET while unset)."""
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_IN_CONFIG_HASH)
+            and not (k in HASHED_ONCE_SET and v == "None") and k not in HASHED_AS_DEFAULT}
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Identity of what a run trains: its config and the content of the data file it names (an
     edited file is new training), for train.resume=true and a rerun sweep to find its twins."""
-    flat = hashed_params(cfg)
+    flat = {**hashed_params(cfg), **HASHED_AS_DEFAULT}
     if cfg.data.path:  # the embedded data is defined by its config; only a user's file needs reading
         from ftlab.data.prepare import source_digest  # not at import: the run's gate stays light
 

@@ -97,14 +97,17 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(make_cfg, 
 
 def test_resume_from_another_working_directory_continues_where_the_run_saved_its_checkpoint(tmp_path):
     """The default output_dir is relative: from another directory it names another folder, where
-    the resume found no checkpoint ('nothing to resume from')."""
-    overrides = [*TINY, *store_overrides(tmp_path), *SHORT, "output_dir=outputs/runs"]
+    the resume found no checkpoint ('nothing to resume from'). The default store (./mlruns) is relative
+    too: the resume names the first one's, which is where runs are logged, not what they train (it
+    was part of the config hash: 'nothing to resume from', or 'another config (tracking_uri: ...)')."""
+    overrides = [*TINY, *SHORT, "output_dir=outputs/runs"]
     for folder in ("first", "second"):
         (tmp_path / folder).mkdir()
     killed = run_cli(*overrides, "train.callbacks=[{_target_: tests.faults.SignalAtStep, step: 2}]",
                      cwd=tmp_path / "first", env={"PYTHONPATH": str(ROOT)})
     assert killed.returncode == 143, killed.stderr[-3000:]
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = f"sqlite:///{tmp_path}/first/mlruns/mlflow.db"
+    overrides.append(f"tracking_uri={uri}")
     [trial] = _trials(uri)
     checkpoint = tmp_path / "first" / "outputs" / "runs" / trial.info.run_id / "checkpoint-2"
     assert trial.data.tags["ftlab.checkpoint"] == str(checkpoint)  # absolute: readable from anywhere

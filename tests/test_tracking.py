@@ -115,6 +115,8 @@ def test_a_key_added_to_the_schema_changes_the_config_hash_only_once_set(make_cf
     assert "model.arch.head_dim" in tracking.flatten(unset)  # logged, as every key
     assert all(key not in tracking.hashed_params(unset) for key in tracking.HASHED_ONCE_SET)
     assert tracking.config_hash(make_cfg("model.arch.head_dim=32")) != tracking.config_hash(unset)
+    # Where runs are logged is not what they train: hashed as its default (None), whatever names the store.
+    assert tracking.config_hash(make_cfg("tracking_uri=sqlite:////elsewhere/mlflow.db")) == tracking.config_hash(unset)
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb", "sqlite"])
