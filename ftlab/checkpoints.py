@@ -66,15 +66,34 @@ def exit_on_interrupt():
 @contextmanager
 def resumable_after_training(checkpoint: Path | None, step: int):
     """An interrupt once training has finished (evaluating, scoring, logging) says how to continue:
-    from the checkpoint of its last step, which trains nothing again."""
+    from the checkpoint of its last step, which trains nothing again. Yields raise_if_interrupted: a
+    signal's KeyboardInterrupt raised inside a __del__ (a regex's, during scoring) is printed and
+    dropped by Python, and the run went on to finish; the signal is remembered, and raised there
+    (and once the block ends) instead."""
+    received: list[str] = []
+
+    def interrupt(signum, frame):
+        received.append(signal.Signals(signum).name)
+        raise Interrupted(f"interrupted by {received[-1]}", received[-1])
+
+    def raise_if_interrupted():
+        if received:
+            raise Interrupted(f"interrupted by {received[-1]}", received[-1])
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS} if main else {}
     try:
-        yield
+        yield raise_if_interrupted
+        raise_if_interrupted()
     except TrainingInterrupted:
         raise
     except KeyboardInterrupt as e:
         name = getattr(e, "signal_name", "SIGINT")
         raise TrainingInterrupted(f"interrupted by {name} after training finished, before the run was scored and "
                                   f"logged; checkpoint of its last step: {checkpoint}", name, checkpoint, step) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class ResumeError(ConfigError):

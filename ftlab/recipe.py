@@ -137,9 +137,10 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
         mlflow.set_tag("ftlab.stopped_early", note)
         log.warning("%s; scoring what it trained", note)
     try:
-        with checkpoints.resumable_after_training(checkpoints.last_checkpoint(out_dir), result.steps):
+        with checkpoints.resumable_after_training(checkpoints.last_checkpoint(out_dir),
+                                                  result.steps) as raise_if_interrupted:
             metrics = _score_and_log(cfg, model, tokenizer, data, dtype, active, base_scores, wall_start, result,
-                                     out_dir)
+                                     out_dir, raise_if_interrupted)
     except Exception:  # train.resume=true takes a failed run; a sweep continues only its interrupted trials
         if cfg.sweep.id is not None and result.end_checkpoint is not None:
             shutil.rmtree(result.end_checkpoint, ignore_errors=True)
@@ -148,10 +149,12 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     return metrics
 
 
-def _score_and_log(cfg, model, tokenizer, data, dtype, active, base_scores, wall_start, result, out_dir) -> dict:
+def _score_and_log(cfg, model, tokenizer, data, dtype, active, base_scores, wall_start, result, out_dir,
+                   raise_if_interrupted) -> dict:
     eval_start = time.perf_counter()
     scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype,
                            desc="evaluate adapter" if cfg.peft.method != "full" else "evaluate fine-tuned model")
+    raise_if_interrupted()  # one Python dropped while scoring: before the scores are logged
 
     metrics = {
         **scores.metrics,

@@ -305,6 +305,32 @@ def test_step_metrics_are_sent_in_batches_and_all_arrive(tmp_path):
     assert _steps(uri, active.info.run_id) == [1, 2, 3, 4, 5]
 
 
+def test_a_ctrl_c_python_drops_while_scoring_still_stops_the_run(make_cfg, tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised inside a __del__ (a regex's: Ctrl-C a second into scoring, 2 times in 7) is
+    printed and dropped by Python: the run went on, FINISHED, exit 0."""
+    import os
+    import signal
+
+    score = scoring.score
+
+    class InterruptedWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs, and raises, here
+
+    def scoring_with_a_dropped_interrupt(*args, desc="", **kwargs):
+        scores = score(*args, desc=desc, **kwargs)
+        if desc == "evaluate adapter":
+            InterruptedWhenCollected()  # collected at once: its KeyboardInterrupt is dropped
+        return scores
+
+    monkeypatch.setattr(scoring, "score", scoring_with_a_dropped_interrupt)
+    with pytest.raises(checkpoints.TrainingInterrupted, match=r"^interrupted by SIGINT after training finished"):
+        run(make_cfg(*SHORT))
+    [trial] = _trials(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert trial.info.status == "KILLED" and "rouge_l" not in trial.data.metrics  # stopped before it was logged
+
+
 # save_steps=2: the Trainer saves the last step itself, there with logging_steps=3 before the last step is
 # logged (the resumed run's token count was read from the step-3 log entry).
 @pytest.mark.parametrize("save_steps, logging_steps", [(0, 1), (2, 1), (2, 3)])
