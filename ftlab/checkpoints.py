@@ -74,7 +74,7 @@ def resumable_after_training(checkpoint: Path | None, step: int):
 
     def interrupt(signum, frame):
         received.append(signal.Signals(signum).name)
-        raise Interrupted(f"interrupted by {received[-1]}", received[-1])
+        raise_if_interrupted()
 
     def raise_if_interrupted():
         if received:

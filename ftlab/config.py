@@ -505,9 +505,8 @@ def data_outputs_problem(data: DictConfig) -> str | None:
     a data.path directory's next read takes for data."""
     from ftlab.data.formats import read_as_data
 
-    source = Path(str(data.path)).expanduser().resolve() if data.path and str(data.path).strip() else None
-    if source is None or not source.exists():  # the embedded data, or a hub dataset
-        return None
+    if not data.path or not (source := Path(str(data.path)).expanduser().resolve()).exists():
+        return None  # the embedded data, or a hub dataset
     if data.rejects:
         rejects = Path(data.rejects).expanduser().resolve()
         if rejects == source:
@@ -516,8 +515,8 @@ def data_outputs_problem(data: DictConfig) -> str | None:
             return f"data.rejects={data.rejects}: is inside data.path={data.path}, whose files are read as data"
     if data.export_dir:
         out = Path(data.export_dir).expanduser().resolve()
-        if source.is_dir() and any(read_as_data(source, out / name) for name in DATA_OUTPUT_FILES.values()
-                                   if out == source or source in out.parents):
+        if source.is_dir() and (out == source or source in out.parents) and \
+                any(read_as_data(source, out / name) for name in DATA_OUTPUT_FILES.values()):
             return f"data.export_dir={data.export_dir}: is inside data.path={data.path}, whose files are read as data"
         if source.parent == out and source.name in DATA_OUTPUT_FILES.values():
             return (f"data.export_dir={data.export_dir}: would overwrite data.path={data.path} with the cleaned "

@@ -46,8 +46,10 @@ log = logging.getLogger("ftlab")
 # (BufferedMetrics). Environment values set by the user win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# Outside the config hash, yet what makes two trials of a grid differ (latest_attempts).
+TRIAL_KEYS_NOT_HASHED = ("train.callbacks", "train.save_steps")
 # Config keys that do not change what is trained: left out of the resume identity.
-NOT_IN_CONFIG_HASH = ("train.resume", "train.callbacks", "train.save_steps", "sweep.", "budget.oom_at_gb")
+NOT_IN_CONFIG_HASH = ("train.resume", *TRIAL_KEYS_NOT_HASHED, "sweep.", "budget.oom_at_gb")
 # Keys added to the schema since runs were recorded: in the identity only once set, so those runs resume.
 HASHED_ONCE_SET = ("model.arch.head_dim",)
 # Where a run is logged is not what it trains (a resume from another directory names the first one's store
@@ -687,17 +689,17 @@ def latest_attempts(runs: list) -> tuple[list, int]:
     other attempts were left out (a failed trial the sweep, run again, ran anew: counted once, as it
     ended last time). A decided attempt (finished, skipped over budget) is kept over any other, as a
     worker's later failure of a config another finished does not undo it."""
-    def config(r):  # the config hash, and the settings outside it that still make another trial of a grid
+    def config(r):
         return (r.data.tags.get("ftlab.config_hash") or r.info.run_id,
-                *(r.data.params.get(key) for key in ("train.save_steps", "train.callbacks")))
+                *(r.data.params.get(key) for key in TRIAL_KEYS_NOT_HASHED))
 
-    def rank(r):
-        return r.data.tags.get("ftlab.state") in ("finished", "skipped_budget"), r.info.start_time or 0, r.info.run_id
+    def decided(r):
+        return r.data.tags.get("ftlab.state") in ("finished", "skipped_budget")
 
     ordered = sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
     chosen: dict[tuple, Run] = {}
-    for r in ordered:
-        if (key := config(r)) not in chosen or rank(r) > rank(chosen[key]):
+    for r in ordered:  # a later attempt replaces an earlier one, unless only the earlier one was decided
+        if (key := config(r)) not in chosen or decided(r) or not decided(chosen[key]):
             chosen[key] = r
     kept = [r for r in ordered if chosen[config(r)] is r]
     return kept, len(ordered) - len(kept)
