@@ -47,6 +47,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     cfg_hash = tracking.config_hash(cfg)
     tags = {"ftlab.role": "trial", "ftlab.model": cfg.model.name, "ftlab.config_hash": cfg_hash,
             **tracking.sweep_tags(cfg.sweep)}
+    if (overrides := tracking.run_overrides()) is not None:
+        tags["ftlab.overrides"] = overrides
     predicted_gb = _fit_budget(cfg, run_name, tags)
     resume = _resume_point(cfg, cfg_hash)  # a resume with nothing to resume fails now, too
     from ftlab import recipe  # only for a config that will run: see the module docstring

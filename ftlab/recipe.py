@@ -198,6 +198,7 @@ def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] |
     if not cfg.eval.compare_base:
         return None
     key = base_eval_key(cfg, data.fingerprint)
+    tags["ftlab.compared_base_key"] = key  # the trial's: a report finds the base evaluation it was compared with
     cached = tracking.find_base_scores(key)
     if cached is not None:
         return cached
@@ -206,7 +207,7 @@ def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] |
     seconds = time.perf_counter() - start
     samples = tracking.samples_table(data.held_out, scores.predictions, cfg.eval.samples_to_log)
     tracking.log_base_scores(key, cfg.model.name, scores.metrics, samples,
-                             {k: v for k, v in tags.items() if k != "ftlab.role" and k not in tracking.SWEEP_TAGS},
+                             {k: v for k, v in tags.items() if k in ("ftlab.model", "ftlab.data_fingerprint")},
                              seconds)
     return scores.metrics
 

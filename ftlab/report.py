@@ -53,6 +53,7 @@ class Trial:
     reason: str = ""  # the error of a failed trial or why a trial was skipped
     peak_kind: str | None = None
     train_loss: list[tuple[int, float]] = field(default_factory=list)
+    overrides: list[str] | None = None  # what composed it (tag ftlab.overrides); None on runs of older ftlab
 
     @property
     def label(self) -> str:
@@ -73,7 +74,7 @@ class Sweep:
     objectives: list[str]
     directions: list[str]
     trials: list[Trial]  # ranked: finished best first, then failed/killed, then skipped
-    varying: list[str]  # params whose value differs across trials
+    varying: list[str]  # swept params whose value differs across trials (varying_params)
     base: dict[str, float] | None  # base-model scores, the reference row
     examples: list[dict[str, str]]  # prompt, reference, base, winner
     best_run_id: str | None = None
@@ -166,13 +167,20 @@ def _trial(client: MlflowClient, r: Run) -> Trial:
     state = tags.get("ftlab.state") or {"FINISHED": "finished", "FAILED": "failed"}.get(r.info.status, "killed")
     number = tags.get("ftlab.trial_number")
     history = client.get_metric_history(r.info.run_id, "train_loss")
+    overrides = shlex.split(tags["ftlab.overrides"]) if "ftlab.overrides" in tags else None
+    params = {k: mask(v) for k, v in r.data.params.items() if k not in DERIVED_PARAMS}
+    for key, value in _override_items(overrides or []):
+        params.setdefault(key, value)  # a config group's choice (model=tiny) is no param of its own
     return Trial(
         run_id=r.info.run_id, number=int(number) if number and number.isdigit() else None, state=state,
-        params={k: mask(v) for k, v in r.data.params.items() if k not in DERIVED_PARAMS},
-        metrics=dict(r.data.metrics), reason=mask(tags.get("ftlab.error") or tags.get("ftlab.skip_reason") or ""),
-        peak_kind=tags.get("ftlab.peak_memory_kind"),
-        train_loss=_first_per_step(history),
+        params=params, metrics=dict(r.data.metrics),
+        reason=mask(tags.get("ftlab.error") or tags.get("ftlab.skip_reason") or ""),
+        peak_kind=tags.get("ftlab.peak_memory_kind"), train_loss=_first_per_step(history), overrides=overrides,
     )
+
+
+def _override_items(overrides: list[str]) -> list[tuple[str, str]]:
+    return [(key.lstrip("+~"), value) for key, _, value in (o.partition("=") for o in overrides)]
 
 
 def _first_per_step(history) -> list[tuple[int, float]]:
@@ -191,17 +199,29 @@ def _rank_key(t: Trial, objective: str, direction: str):
 
 
 def varying_params(trials: list[Trial]) -> list[str]:
-    # sweep.* (trial number, ids) differs in every trial by construction: not a swept parameter.
-    keys = sorted({k for t in trials for k in t.params if not k.startswith("sweep.")})
+    """The swept keys whose value differs across trials: those of the trials' overrides, so a value
+    a run resolved itself (gradient checkpointing from `auto`, a micro-batch budget.fit lowered) or
+    a group's fields (model.arch.* of model=tiny,smollm2_135m) are not taken for swept knobs. Runs
+    of older ftlab, without overrides: every logged param that differs, but sweep.* (trial number, ids)."""
+    if trials and all(t.overrides is not None for t in trials):
+        keys = sorted({k for t in trials for k, _ in _override_items(t.overrides)})
+    else:
+        keys = sorted({k for t in trials for k in t.params if not k.startswith("sweep.")})
     return [k for k in keys if len({t.params.get(k) for t in trials if t.params}) > 1]
 
 
 def _base_run(client: MlflowClient, parent: Run, trial: Trial | None) -> Run | None:
-    """The base_eval run that scored the base on the same model and held-out data as the trial."""
+    """The base_eval run the trial was compared with (tag ftlab.compared_base_key: the same model,
+    bits, held-out data and eval settings); for runs of older ftlab, the newest on the same model and data."""
     if trial is None:
         return None
     trial_tags = client.get_run(trial.run_id).data.tags
-    wanted = {k: trial_tags[k] for k in ("ftlab.model", "ftlab.data_fingerprint") if k in trial_tags}
+    if key := trial_tags.get("ftlab.compared_base_key"):
+        wanted = {"ftlab.base_eval_key": key}
+    elif "ftlab.data_fingerprint" in trial_tags and trial.state == "finished":
+        wanted = {k: trial_tags[k] for k in ("ftlab.model", "ftlab.data_fingerprint") if k in trial_tags}
+    else:
+        return None  # a trial skipped over budget, or failed before its data was read: no base was scored for it
     query = " and ".join(["tags.`ftlab.role` = 'base_eval'", "attributes.status = 'FINISHED'",
                           *(f"tags.`{k}` = '{v}'" for k, v in wanted.items())])
     runs = client.search_runs([parent.info.experiment_id], query, max_results=1,
@@ -442,8 +462,11 @@ def trial_table(sweep: Sweep, front: set[str] = frozenset()) -> tuple[list[str],
 
 
 def reproduce_command(sweep: Sweep, trial: Trial) -> str:
-    """`python -m ftlab <overrides>`: the sweep command's fixed overrides, then the trial's
-    values of every swept param (sweep syntax and Hydra's own settings dropped)."""
+    """`python -m ftlab <overrides>`: the overrides that composed the trial (tracking.run_overrides).
+    For runs of older ftlab: the sweep command's fixed overrides, then the trial's values of every
+    swept param (sweep syntax and Hydra's own settings dropped)."""
+    if trial.overrides is not None:
+        return " ".join(["python -m ftlab", *(shlex.quote(a) for a in trial.overrides)])
     fixed = []
     tokens = shlex.split(sweep.command) if sweep.command else []
     start = tokens.index("ftlab") + 1 if "ftlab" in tokens else 0
@@ -477,10 +500,11 @@ def next_steps(sweep: Sweep, winner: Trial) -> list[str]:
     given = given if given and given != "None" else None
     name = given or sweep.experiment
     uri = winner.params.get("tracking_uri")
-    store = registry_arguments(given, sweep.experiment) + store_argument(None if uri == "None" else uri)
+    store = store_argument(None if uri == "None" else uri)
+    named = registry_arguments(given, sweep.experiment) + store  # serve takes the model's name in model=
     return [reproduce_command(sweep, winner),
-            f"python -m ftlab.registry register run_id={winner.run_id}{store}",
-            f"python -m ftlab.registry promote run_id={winner.run_id}{store}",
+            f"python -m ftlab.registry register run_id={winner.run_id}{named}",
+            f"python -m ftlab.registry promote run_id={winner.run_id}{named}",
             f"python -m ftlab.serve model=models:/{name}@production{store}"]
 
 

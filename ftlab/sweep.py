@@ -227,9 +227,7 @@ def check_swept_values(config_name: str, fixed: list[str], swept: dict[str, Sequ
 
 def command_line() -> str:
     """The command as typed, with secret values masked."""
-    args = [("{}=***".format(a.split("=", 1)[0]) if "=" in a and tracking.SECRET_KEY.search(a.split("=", 1)[0].lstrip("+~"))
-             else a) for a in sys.argv[1:]]
-    return tracking.mask(shlex.join(["python", "-m", "ftlab", *args]))
+    return shlex.join(["python", "-m", "ftlab", *tracking.shown_args(sys.argv[1:])])
 
 
 class SweepCallback(Callback):

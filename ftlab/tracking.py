@@ -76,6 +76,31 @@ def registry_arguments(model_name: str | None, experiment: str) -> str:
     return "".join(f" {shlex.quote(arg)}" for arg in args)
 
 
+def shown_args(args: list[str]) -> list[str]:
+    """Command-line overrides as they may be shown or logged: a secret key's value (db.password=...)
+    as ***, passwords in URLs masked."""
+    return [f"{a.split('=', 1)[0]}=***" if "=" in a and SECRET_KEY.search(a.split("=", 1)[0].lstrip("+~"))
+            else mask(a) for a in args]
+
+
+# Overrides that do not choose what a run trains: Hydra's own, a sweep's bookkeeping (trial number,
+# name, objective), the cap the sweeper sets after an OOM, and the resume.
+NOT_REPRODUCED = ("hydra.", "sweep.", "budget.oom_at_gb=", "train.resume=")
+
+
+def run_overrides() -> str | None:
+    """The overrides that composed this run (in a sweep, the fixed ones and the trial's values, as
+    the sweeper handed them over), as `python -m ftlab` takes them: the tag ftlab.overrides, which
+    a report repeats to reproduce the run. None outside a Hydra command, or too long for a tag."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    kept = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(NOT_REPRODUCED)]
+    text = shlex.join(shown_args(kept))
+    return text if len(text) <= MAX_PARAM_VALUE else None
+
+
 def mask(text: str) -> str:
     """Hide passwords in URLs and the values of known secret environment variables."""
     text = URL_PASSWORD.sub(r"\1***@", text)

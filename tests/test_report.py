@@ -276,3 +276,40 @@ def test_importances_of_trials_that_all_scored_the_same_are_explained_not_crashe
             value=0.0))
     importances, note = report.param_importances(study)
     assert importances is None and "all 4 finished trials scored 0" in note
+
+
+def test_a_real_sweeps_report_repeats_what_composed_the_winner(tmp_path, in_process):
+    """The reproduce command is the winner's own overrides: a swept key that took one value
+    (choice(8)) is in it, a value the run resolved itself (gradient checkpointing from `auto`, on
+    for the config skipped over budget) is neither a column nor an override; the base row and
+    examples are the evaluation the trials were compared with, not a newer one on other settings;
+    the serve command takes no registry arguments."""
+    from tests.sweeping import SMALL_TRIAL, sweep
+
+    base = ["eval.compare_base=true", "experiment=exp2"]
+    sweep(tmp_path, *base, "lora_r=choice(8)", "lr=1e-3,2e-3", "train.max_seq_length=256,8192",
+          "budget.vram_gb=0.52", in_process=in_process)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    [exp] = [e for e in client.search_experiments() if e.name == "exp2"]
+    resolved = {r.data.params["train.max_seq_length"]: r.data.params["train.gradient_checkpointing"]
+                for r in client.search_runs([exp.experiment_id], "tags.`ftlab.role` = 'trial'")}
+    assert resolved == {"256": "False", "8192": "True"}  # the case: it differs across trials, nobody swept it
+    # A later run on the same model and data with other eval settings scores the base anew, more recently.
+    later = in_process("ftlab", *SMALL_TRIAL, *store_overrides(tmp_path), *base, "eval.max_new_tokens=2")
+    assert later.returncode == 0, later.stderr[-3000:]
+
+    [parent] = client.search_runs([exp.experiment_id], "tags.`ftlab.role` = 'sweep'")
+    gathered = report.gather(client, parent.info.run_id)
+    winner = gathered.winner
+    assert gathered.varying == ["lr", "train.max_seq_length"]
+    assert [e["base"] for e in gathered.examples] and all(e["base"] != "(not logged)" for e in gathered.examples)
+    sweeps_base, later_base = client.search_runs([exp.experiment_id], "tags.`ftlab.role` = 'base_eval'",
+                                                 order_by=["attributes.start_time ASC"])
+    assert report._base_run(client, parent, winner).info.run_id == sweeps_base.info.run_id
+    reproduce, _, _, serve = report.next_steps(gathered, winner)
+    args = shlex.split(reproduce)[3:]
+    assert "lora_r=8" in args and not [a for a in args if a.startswith(("train.gradient_checkpointing", "sweep."))]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=args)
+    assert tracking.config_hash(cfg) == client.get_run(winner.run_id).data.tags["ftlab.config_hash"]
+    assert shlex.split(serve)[3:] == ["model=models:/exp2@production", f"tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db"]
