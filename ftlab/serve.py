@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import hmac
 import importlib.util
 import os
 import re
@@ -153,14 +154,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_key_proxy(host: str, port: int, upstream: str, api_key: str) -> None:
-    """A daemon-thread aiohttp server that requires `Authorization: Bearer <api_key>` on /v1/*
-    (as vLLM does) and streams everything through to `upstream`."""
+    """A daemon-thread aiohttp server that requires `Authorization: Bearer <api_key>` on every path
+    but exactly /health (vLLM checks /v1/*; a check by prefix would let /./v1/... through, which the
+    upstream normalises to /v1/...) and streams everything through to `upstream`."""
     from aiohttp import ClientSession, ClientTimeout, web
 
-    hop_by_hop = {"host", "content-length", "transfer-encoding", "connection", "authorization"}
+    # Not passed on: per-connection headers, the key, and the body's framing and encoding, which
+    # aiohttp sets anew for what it streams (the client has decoded a compressed body).
+    hop_by_hop = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "authorization",
+                  "content-encoding"}
+    expected = f"Bearer {api_key}".encode()
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        if request.path.startswith("/v1") and request.headers.get("Authorization") != f"Bearer {api_key}":
+        given = request.headers.get("Authorization", "").encode()
+        if request.raw_path != "/health" and not hmac.compare_digest(given, expected):
             return web.json_response({"error": {"message": "invalid or missing API key", "type": "invalid_api_key"}},
                                      status=401)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in hop_by_hop}
@@ -168,11 +175,14 @@ def start_key_proxy(host: str, port: int, upstream: str, api_key: str) -> None:
         async with session.request(request.method, upstream + request.path_qs, headers=headers,
                                    data=await request.read()) as upstream_response:
             response = web.StreamResponse(status=upstream_response.status, headers={
-                "Content-Type": upstream_response.headers.get("Content-Type", "application/json")})
-            await response.prepare(request)
-            async for chunk in upstream_response.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+                k: v for k, v in upstream_response.headers.items() if k.lower() not in hop_by_hop})
+            try:
+                await response.prepare(request)
+                async for chunk in upstream_response.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionResetError:
+                pass  # the client hung up (a readiness probe that saw the status line, a cancelled stream)
             return response
 
     async def serve_forever() -> None:
@@ -198,6 +208,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
                              "(its log is above)")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                r.read()  # the whole answer: hanging up mid-way makes the key proxy log a reset connection
                 if r.status == 200:
                     return
         except OSError:

@@ -2,6 +2,7 @@
 is always stopped; check=true prints latency and tokens/s."""
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import os
 import signal
@@ -92,6 +93,14 @@ def test_cpu_server_answers_the_openai_client_and_checks_the_key(server):
     assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens > 0
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server, api_key="wrong").models.list()
+    # Paths the engine behind the proxy normalises to /v1/...: the key is needed there too.
+    host = server.removeprefix("http://").removesuffix("/v1")
+    for path in ("/./v1/models", "/x/../v1/models", "//v1/models", "/V1/models", "/health"):
+        connection = http.client.HTTPConnection(host, timeout=30)
+        connection.request("GET", path)
+        status = connection.getresponse().status
+        connection.close()
+        assert status == (200 if path == "/health" else 401), path
 
 
 def test_check_sends_a_held_out_prompt_and_reports_speed(server, production, capsys):
@@ -107,12 +116,14 @@ def test_check_sends_a_held_out_prompt_and_reports_speed(server, production, cap
 
 def test_check_from_the_command_line_answers_and_stops_the_server_quietly(production):
     """check=true as a user runs it: the server starts, answers a held-out prompt, and stops; the
-    engine's unreleased semaphores (the resource tracker removes them) leave no warning as the session's last words."""
+    engine's unreleased semaphores (the resource tracker removes them) leave no warning as the session's last words,
+    nor does the key proxy about the readiness probe."""
     out = subprocess.run([sys.executable, "-m", "ftlab.serve", *production, f"port={free_port()}", "check=true",
-                          "max_tokens=4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "max_tokens=4", f"api_key={KEY}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tokens/s" in out.stdout
-    assert "leaked semaphore" not in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    said = out.stdout + out.stderr  # Hydra's logging writes to stdout
+    assert "leaked semaphore" not in said and "Traceback" not in said and "Error handling" not in said, said[-3000:]
 
 
 def test_unknown_key_or_model_is_named():
