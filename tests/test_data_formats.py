@@ -311,6 +311,17 @@ def test_trl_conversational_prompt_completion_is_read_as_chat_turns(data_cfg, tm
             {"prompt": [CONVERSATIONS[1][0]], "completion": CONVERSATIONS[1][1]["content"]}]
     examples, _ = load_examples(str(write(rows, tmp_path / "trl.jsonl")), data_cfg())
     assert [e.messages for e in examples] == [[system, *CONVERSATIONS[0]], CONVERSATIONS[1]]
+    # A plain prompt with a conversational completion; a turn without its role is a bad record, not
+    # the JSON text of the lists (the whole record was trained on so, and counted valid).
+    mixed = [{"prompt": CONVERSATIONS[0][0]["content"], "completion": [CONVERSATIONS[0][1]]},
+             {"prompt": [system, {"content": "question"}], "completion": [CONVERSATIONS[1][1]]},
+             {"prompt": "question", "completion": [{"content": "answer"}, CONVERSATIONS[1][1]]}]
+    path = write(mixed, tmp_path / "mixed.jsonl")
+    examples, rejects = load_examples(str(path), data_cfg(on_error="skip"))
+    assert [e.messages for e in examples] == [CONVERSATIONS[0]]
+    assert [(r["where"], r["kind"], r["reason"]) for r in rejects] == [
+        (f"{path}:2", "unknown_role", "prompt[1] has unknown role None"),
+        (f"{path}:3", "unknown_role", "completion[0] has unknown role None")]
 
 
 @pytest.mark.parametrize("record", [
@@ -363,3 +374,18 @@ def test_a_repeated_key_in_a_json_array_is_that_records_fault_not_the_files(data
     with pytest.raises(DataError, match=rf"^1 bad record\(s\) in {re.escape(str(pretty))}:\n  {re.escape(str(pretty))}:1: "
                                         r"duplicate key 'output'\n"):
         load_examples(str(pretty), data_cfg())
+
+
+def test_a_plain_tsv_keeps_its_quotes_and_a_quoted_one_is_read_as_quoted(data_cfg, tmp_path):
+    """A quote in plain TSV is text: `"Quoted" title` stopped the whole file as an unclosed quote,
+    even with data.on_error=skip. A TSV written quoted (pandas, Excel) is still read as such."""
+    plain = tmp_path / "plain.tsv"
+    plain.write_text('instruction\toutput\n"Quoted" title\tans\n"Hello"\tsay "hi"\n', encoding="utf-8")
+    examples, _ = load_examples(str(plain), data_cfg())
+    assert [[m["content"] for m in e.messages] for e in examples] == [['"Quoted" title', "ans"],
+                                                                       ['"Hello"', 'say "hi"']]
+    quoted = tmp_path / "quoted.tsv"
+    quoted.write_text('instruction\toutput\n"a tab\there"\t"two\nlines"\n"""Quoted"" title"\tans\n', encoding="utf-8")
+    examples, _ = load_examples(str(quoted), data_cfg())
+    assert [[m["content"] for m in e.messages] for e in examples] == [["a tab\there", "two\nlines"],
+                                                                       ['"Quoted" title', "ans"]]

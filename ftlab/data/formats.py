@@ -234,19 +234,33 @@ def _csv_delimiter(path: Path, header: str) -> str:
     return ","
 
 
+def _tsv_quoting(f: io.TextIOBase) -> int:
+    """Tab-separated text comes two ways: quoted as CSV is (pandas, Excel: a cell holding a tab, a
+    line break or a quote is put in quotes) and plain (IANA's TSV, database dumps: a quote is text).
+    Plain where the text does not parse as quoted: `"Quoted" title` is a cell, not a broken quote."""
+    try:
+        for _ in csv.reader(f, delimiter="\t", strict=True):
+            pass
+    except csv.Error:
+        return csv.QUOTE_NONE
+    return csv.QUOTE_MINIMAL
+
+
 def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
     # surrogateescape keeps invalid bytes as lone surrogates, which validation then reports
     # for the row they are in instead of failing the whole file.
     with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
                                                      newline="") as f:
         delimiter = _csv_delimiter(path, f.readline())
-        f.seek(0)
-        # strict: a quote opened and never closed is an error naming its line, where the lenient
-        # reader took the rest of the file as one cell (900 records became one bad one).
-        reader = csv.DictReader(f, delimiter=delimiter, strict=True)
         # The csv module refuses a cell over 128 KiB, failing the whole file; a long record is the
         # length check's to drop (data.overlong), with its reason, as in JSON Lines.
         csv.field_size_limit(CSV_FIELD_LIMIT)
+        f.seek(0)
+        quoting = _tsv_quoting(f) if delimiter == "\t" else csv.QUOTE_MINIMAL
+        f.seek(0)
+        # strict: a quote opened and never closed is an error naming its line, where the lenient
+        # reader took the rest of the file as one cell (900 records became one bad one).
+        reader = csv.DictReader(f, delimiter=delimiter, strict=True, quoting=quoting)
         repeated = sorted({c for c in reader.fieldnames or [] if reader.fieldnames.count(c) > 1})
         if repeated:  # the last column of a name would silently win over the others
             raise DataError(f"{path}:1: the header names {', '.join(map(repr, repeated))} more than once")
@@ -480,7 +494,9 @@ def _turns(record: dict, key: str) -> list:
 
 
 def _is_turns(value: object, role_key: str) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, dict) and role_key in t for t in value)
+    """A list with any object naming a role is a list of chat turns, each of which must then be
+    one ({"content": ...} alone is a turn without its role, not a structured answer to train on as JSON)."""
+    return isinstance(value, list) and any(isinstance(t, dict) and role_key in t for t in value)
 
 
 def _chat(turns: list, key: str, role_key: str, content_key: str, roles: Mapping[str, str]) -> list[dict]:
@@ -523,14 +539,12 @@ def to_messages(record: object, fmt: str, fields: Mapping[str, str] | None = Non
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, f["output"])}]
     if fmt == "prompt_completion":
-        prompt, completion = record.get(f["prompt"]), record.get(f["completion"])
-        if _is_turns(prompt, f["role"]):  # TRL's conversational form: lists of {role, content} turns
-            answer = (_chat(completion, f["completion"], f["role"], f["content"], CHAT_ROLES)
-                      if _is_turns(completion, f["role"])
-                      else [{"role": "assistant", "content": _text(record, f["completion"])}])
-            return _check_turns(_chat(prompt, f["prompt"], f["role"], f["content"], CHAT_ROLES) + answer)
-        return [{"role": "user", "content": _text(record, f["prompt"])},
-                {"role": "assistant", "content": _text(record, f["completion"])}]
+        # Each side a string, or TRL's conversational form: a list of {role, content} turns.
+        prompt, completion = ((_chat(record[f[side]], f[side], f["role"], f["content"], CHAT_ROLES)
+                               if _is_turns(record.get(f[side]), f["role"])
+                               else [{"role": role, "content": _text(record, f[side])}])
+                              for side, role in (("prompt", "user"), ("completion", "assistant")))
+        return _check_turns(prompt + completion)
     if fmt == "messages":
         return _check_turns(_chat(_turns(record, f["messages"]), f["messages"], f["role"], f["content"], CHAT_ROLES))
     if fmt == "sharegpt":
