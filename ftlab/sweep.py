@@ -278,9 +278,13 @@ class SweepCallback(Callback):
         if n := summary["earlier_attempts"]:
             counts += f" ({n} earlier attempt{'s' * (n > 1)} of these configs, run again, not counted)"
         best = summary["best_run_id"] or f"none (no trial finished with {', '.join(summary['objective'])})"
-        if not ended:
+        if ended == "running":
             print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run so far {best}; the trials still running "
                   "belong to other workers: the last to finish ends the sweep and writes its report")
+            return
+        if ended == "ended elsewhere":  # its hand-over (registry, report) is that worker's: not twice
+            print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {best}; another worker ended the sweep "
+                  "and hands it over (registry, report)")
             return
         stages = hand_over(config, parent, summary["best_run_id"])
         report = f"; report {stages['ftlab.report'] / 'report.html'}" if stages.get("ftlab.report") else ""
@@ -325,9 +329,11 @@ def _running_trials(parent_run_id: str) -> int:
     return sum(r.info.status == "RUNNING" for r in tracking.child_runs(parent_run_id))
 
 
-def record_best(parent_run_id: str, summary: dict) -> bool:
+def record_best(parent_run_id: str, summary: dict) -> str:
     """Log the best trial and the counts on the parent run and end it FINISHED, unless trials of
-    other workers still run: the last worker to finish ends it. Returns whether it ended."""
+    other workers still run: the last worker to finish ends it. Returns "ended"; "running" where
+    trials of others still run; "ended elsewhere" where another worker ended it since this one
+    joined (every worker's trials are done), and so registers the best and writes the report."""
     client = MlflowClient()
     if summary["best_run_id"]:
         client.set_tag(parent_run_id, "ftlab.best_run_id", summary["best_run_id"])
@@ -341,11 +347,13 @@ def record_best(parent_run_id: str, summary: dict) -> bool:
         client.log_metric(parent_run_id, key, n)
     client.log_dict(parent_run_id, summary, f"sweep/{SUMMARY_FILE}")
     if summary["counts"].get("running"):
-        return False
+        return "running"
+    if parent.info.status == "FINISHED":  # joining set it RUNNING: another worker has ended it since
+        return "ended elsewhere"
     if "ftlab.error" in parent.data.tags:  # a worker interrupted earlier (the others went on)
         client.delete_tag(parent_run_id, "ftlab.error")
     client.set_terminated(parent_run_id, status="FINISHED")
-    return True
+    return "ended"
 
 
 def hand_over(config: DictConfig, parent_run_id: str, best_run_id: str | None) -> dict[str, Any]:

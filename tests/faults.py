@@ -20,6 +20,21 @@ class RaiseAtStep(TrainerCallback):
             raise RuntimeError(f"{self.message} at step {state.global_step}")
 
 
+class EndSweepAtStep(TrainerCallback):
+    """What another worker of the sweep does when it finishes last: end the sweep's parent run."""
+
+    def __init__(self, step: int = 1):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            from mlflow.tracking import MlflowClient
+
+            from ftlab.sweep import ENV_PARENT_RUN_ID
+
+            MlflowClient().set_terminated(os.environ[ENV_PARENT_RUN_ID], status="FINISHED")
+
+
 class RecordOptimizer(TrainerCallback):
     """Write the optimizer's class and its parameter groups (size, lr, weight decay) to `path`."""
 

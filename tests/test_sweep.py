@@ -239,6 +239,19 @@ def test_a_worker_that_ends_while_another_still_trains_leaves_the_sweep_to_it(tm
     assert parent.data.metrics["trials_finished"] == 3 and "ftlab.error" not in parent.data.tags
 
 
+def test_a_worker_that_ends_after_another_ended_the_sweep_does_not_hand_it_over_again(tmp_path, in_process):
+    """Two workers ending seconds apart both registered the best trial (the second with a traceback:
+    the first had reopened the trial's run to log the model) and both wrote the report."""
+    out = sweep(tmp_path, "lora_r=4", "train.save_adapter=true", "registry.auto_register=true",
+                "train.callbacks=[{_target_: tests.faults.EndSweepAtStep}]", in_process=in_process)
+    assert "another worker ended the sweep and hands it over" in out.stdout, out.stdout[-3000:]
+    assert "failed after sweep" not in out.stdout + out.stderr
+    assert not MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").search_registered_models()
+    assert not list((tmp_path / "reports").iterdir())  # made at the start, to fail early: no report in it
+    [parent] = runs(tmp_path, "sweep")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 1
+
+
 def test_a_model_name_the_registry_refuses_stops_a_registering_sweep_before_any_trial(tmp_path, in_process):
     """registry.auto_promote=true with registry.model_name=a/b trained every trial, then failed to
     register the best with a traceback, and exited 0. A single run registers nothing: not refused."""
