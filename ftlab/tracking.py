@@ -15,6 +15,7 @@ import subprocess
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -171,17 +172,19 @@ def postgres_driver(url: str) -> str:
     return url
 
 
-def probe_database(uri: str, shown: str, attempts: int = 3) -> None:
+def probe_database(uri: str, shown: str, attempts: int = 3,
+                   unusable: Callable[[str, object], Exception] = unusable_store) -> None:
     """Connect once to a database store (a few tries over ~3 s). MLflow itself retries an
     unreachable database 10 times over ~100 s, warning each time: a worker started against a
-    wrong URI or a stopped server should hear so in seconds. `shown`: the URI as the user gave it."""
+    wrong URI or a stopped server should hear so in seconds. `shown`: the URI as the user gave it;
+    `unusable(shown, reason)`: the error to raise, naming the setting (Optuna's storage has its own)."""
     import sqlalchemy
 
     timeout = {"connect_timeout": 10} if uri.startswith(("postgresql", "mysql")) else {}
     try:
         engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool, connect_args=timeout)
     except Exception as e:  # a malformed URL, or its driver not installed
-        raise unusable_store(shown, e) from None
+        raise unusable(shown, e) from None
     try:
         for attempt in range(attempts):
             try:
@@ -189,7 +192,7 @@ def probe_database(uri: str, shown: str, attempts: int = 3) -> None:
                     return
             except sqlalchemy.exc.DBAPIError as e:
                 if attempt == attempts - 1:
-                    raise unusable_store(shown, " ".join(mask(str(e.orig)).split())) from None
+                    raise unusable(shown, " ".join(mask(str(e.orig)).split())) from None
                 time.sleep(2.0 ** attempt)
     finally:
         engine.dispose()

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 BUDGET_CONSTRAINT = "budget_excess_gb"  # Optuna constraint: GiB over budget.vram_gb (or the OOM cap), feasible <= 0
 # A sampler that asks this many times in a row only for configs already decided has run out of new ones.
 MAX_REPEATS_IN_A_ROW = 50
+# What a worker hits when another creates Optuna's tables at the same moment; anything else
+# (no such file or database, a refused login) is said at once.
+CREATION_RACE = ("already exists", "duplicate", "unique", "locked", "deadlock")
 
 
 def quiet_optuna_warnings() -> None:
@@ -322,9 +325,15 @@ class OptunaSweeperImpl(Sweeper):
             folder = database.parent if database is not None else Path("mlruns")
             folder.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{(folder / 'optuna.db').resolve()}"
-        url = tracking.postgres_driver(url)
+        shown, url = self.storage_url or url, tracking.postgres_driver(url)
+
+        def unusable(given: str, reason: object) -> SweepConfigError:
+            return SweepConfigError(f"hydra.sweeper.storage={tracking.mask(given)}: {reason}")
+
         # Several workers on one SQLite file wait for the lock instead of failing at once.
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        if not url.startswith("sqlite"):  # a wrong database or a stopped server: said in seconds, not retried
+            tracking.probe_database(url, shown, unusable=unusable)
 
         def mark_mlflow_run_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             killed = tracking.mark_killed(sweep_id, trial.number)
@@ -345,9 +354,9 @@ class OptunaSweeperImpl(Sweeper):
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=self.heartbeat_interval,
                     grace_period=self.grace_period, heartbeat_stale_trial_callback=mark_mlflow_run_killed)
             except Exception as e:
-                if attempt == 4:  # one line: without SQLAlchemy's "(Background on this error at: <url>)"
-                    reason = " ".join(str(e).split("(Background on this error")[0].split())
-                    raise SweepConfigError(f"hydra.sweeper.storage={tracking.mask(url)}: {reason}") from e
+                reason = " ".join(str(e).split("(Background on this error")[0].split())  # one line, no link
+                if attempt == 4 or not any(race in reason.lower() for race in CREATION_RACE):
+                    raise unusable(shown, reason) from e
                 time.sleep(1 + attempt)
 
     # ------------------------------------------------------------------ the sweep
@@ -604,7 +613,10 @@ class OptunaSweeperImpl(Sweeper):
         front = [trials[number] for number in sorted(ran)]
         results = {"study_name": study.study_name, "objective": objective,
                    "directions": [d.name.lower() for d in study.directions],
-                   "counts": {s.name: sum(t.state == s for t in trials) for s in TrialState},
+                   # A dropped ask (its config ran elsewhere, or left the search space) is no failure.
+                   "counts": {s.name: sum(t.state == s and "dropped" not in t.user_attrs for t in trials)
+                              for s in TrialState},
+                   "dropped": sum("dropped" in t.user_attrs for t in trials),
                    "repeats_reused": sum("repeat_of" in t.user_attrs for t in trials),
                    "pareto_front" if len(objective) > 1 else "best": [
                        {"number": t.number, "values": t.values, "params": t.params,
@@ -612,5 +624,6 @@ class OptunaSweeperImpl(Sweeper):
         out = Path(self.config.hydra.sweep.dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "optuna_results.json").write_text(json.dumps(results, indent=2))
-        log.info("Optuna study %s: %s; %d repeated configs told their earlier outcome, not run again",
-                 study.study_name, results["counts"], results["repeats_reused"])
+        log.info("Optuna study %s: %s; %d repeated configs told their earlier outcome, not run again; %d asks "
+                 "dropped (user attr dropped)", study.study_name, results["counts"], results["repeats_reused"],
+                 results["dropped"])
