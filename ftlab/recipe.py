@@ -199,9 +199,16 @@ def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] |
         return None
     key = base_eval_key(cfg, data.fingerprint)
     tags["ftlab.compared_base_key"] = key  # the trial's: a report finds the base evaluation it was compared with
-    cached = tracking.find_base_scores(key)
-    if cached is not None:
+    if (cached := tracking.find_base_scores(key)) is not None:
         return cached
+    # Workers of a sweep starting together would each score it: one does, the others wait and reuse it.
+    with tracking.one_process_at_a_time(mlflow.get_tracking_uri(), f"base eval {key}"):
+        if (cached := tracking.find_base_scores(key)) is not None:
+            return cached
+        return _score_base(cfg, model, tokenizer, data, dtype, tags, key)
+
+
+def _score_base(cfg, model, tokenizer, data, dtype, tags, key) -> dict[str, float]:
     start = time.perf_counter()
     scores = scoring.score(model, tokenizer, data.held_out, cfg, dtype, desc="evaluate base")
     seconds = time.perf_counter() - start

@@ -199,11 +199,14 @@ def probe_database(uri: str, shown: str, attempts: int = 3,
 
 
 @contextmanager
-def one_process_at_a_time(store: str):
+def one_process_at_a_time(store: str, what: str = "mlflow schema"):
     """Held while a process first opens a database store: workers started together on an empty
     database each ran MLflow's schema migrations at once (MySQL: "Table 'tags' already exists",
-    PostgreSQL: a unique violation) and failed. A session lock of the database server (PostgreSQL
-    advisory lock, MySQL GET_LOCK), or a file lock beside a SQLite file; released with its connection."""
+    PostgreSQL: a unique violation) and failed; and, `what` naming it, while a worker scores the
+    base model once for the others. A session lock of the database server (PostgreSQL advisory
+    lock, MySQL GET_LOCK), or a lock on a byte of a file beside a SQLite file (one byte per `what`);
+    released with its connection or process. An MLflow server's store: no lock."""
+    name = f"ftlab: {what}"
     if (database := sqlite_file(store)) is not None:
         import fcntl
 
@@ -211,8 +214,9 @@ def one_process_at_a_time(store: str):
         if not lock.parent.is_dir():
             yield  # MLflow fails on it with its own message
             return
+        byte = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
         with lock.open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.lockf(f, fcntl.LOCK_EX, 1, byte)
             yield
         return
     if not store.startswith(("postgresql", "mysql")):
@@ -224,9 +228,9 @@ def one_process_at_a_time(store: str):
     try:
         with engine.connect() as conn:
             if store.startswith("postgresql"):
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext('ftlab: mlflow schema'))"))
-            else:
-                conn.execute(sqlalchemy.text("SELECT GET_LOCK('ftlab: mlflow schema', 600)"))
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext(:name))"), {"name": name})
+            else:  # waits up to 10 minutes, then goes on: a lock saves duplicate work, it guards nothing
+                conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, 600)"), {"name": name})
             conn.commit()
             yield
     finally:

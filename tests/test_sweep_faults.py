@@ -176,7 +176,7 @@ def test_sigkill_at_three_points_then_rerun_finishes_without_redoing_trials(tmp_
 def worker(tmp_path, storage, tracking_uri, name, n_trials):
     cmd = [sys.executable, "-m", "ftlab", "-m", *SMALL_TRIAL, f"tracking_uri={tracking_uri}",
            f"output_dir={tmp_path}/runs", f"sweep.report_dir={tmp_path}/reports",
-           f"hydra.sweep.dir={tmp_path}/multirun-{uuid.uuid4().hex[:6]}",
+           f"hydra.sweep.dir={tmp_path}/multirun-{uuid.uuid4().hex[:6]}", "eval.compare_base=true",
            # busy workers must not fail each other's live trials
            *optuna_sweep_args(storage, name, n_trials, grace_period=120)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -221,6 +221,7 @@ def two_workers_share_one_study(tmp_path, storage, tracking_uri, name):
     assert len(set(linked)) == 3 and set(linked) <= {r.info.run_id for r in trial_runs}
     numbers = [r.data.tags["ftlab.trial_number"] for r in trial_runs]
     assert len(numbers) == len(set(numbers))  # no trial ran twice
+    assert len(runs(tmp_path, "base_eval", uri=postgres_driver(tracking_uri))) == 1  # scored once, for both
     for results in tmp_path.glob("multirun-*/optuna_results.json"):  # an ask dropped for a twin is no failure
         counts = json.loads(results.read_text())["counts"]
         assert counts["FAIL"] == 0 and counts["COMPLETE"] == 3, counts

@@ -133,3 +133,42 @@ def test_workers_starting_together_on_a_fresh_store_all_get_it(tmp_path, backend
             out, err = worker.communicate(timeout=300)
             assert worker.returncode == 0 and out.strip() == "ok", err[-3000:]
         assert [e.name for e in MlflowClient(tracking.postgres_driver(uri)).search_experiments()].count("ftlab") == 1
+
+
+LOCK_HOLDER = """
+import sys, time
+from ftlab import tracking
+store, what = tracking.sqlite_busy_timeout(tracking.postgres_driver(sys.argv[1])), sys.argv[2]
+print("ready", flush=True)
+sys.stdin.readline()  # all ask at once
+with tracking.one_process_at_a_time(store, what):
+    start = time.time()
+    time.sleep(1.5)
+    end = time.time()
+print(start, end)
+"""
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb", "sqlite"])
+def test_one_process_at_a_time_holds_one_name_and_not_another(tmp_path, backend):
+    """Workers starting together each scored the base model: now one does while the others, asking for
+    the same base evaluation, wait (and then reuse its scores); another name is not held up."""
+    with ExitStack() as stack:
+        uri = f"sqlite:///{tmp_path}/mlflow.db" if backend == "sqlite" else stack.enter_context(server_database(backend))
+        holders = [subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, uri, what], cwd=tmp_path, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+                   for what in ("base eval k1", "base eval k1", "base eval k2")]
+        for holder in holders:  # every one has imported ftlab
+            assert holder.stdout.readline().strip() == "ready", holder.communicate()[1][-3000:]
+        for holder in holders:
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+        spans = []
+        for holder in holders:
+            out, err = holder.communicate(timeout=120)
+            assert holder.returncode == 0, err[-3000:]
+            spans.append(tuple(map(float, out.split())))
+    (a_start, a_end), (b_start, b_end), (other_start, _) = spans
+    assert a_end <= b_start or b_end <= a_start  # one after the other
+    assert other_start < max(a_start, b_start)  # not behind the second of them
