@@ -112,6 +112,9 @@ def _trial(client: MlflowClient, run_id: str):
         best = run.data.tags.get("ftlab.best_run_id")
         raise RegistryError(f"run_id={run_id} is the parent run of sweep {run.data.tags.get('ftlab.sweep_id')}, not a "
                             "trial; " + (f"its best trial is run_id={best}" if best else "it has no best trial (yet)"))
+    if run.data.tags.get("ftlab.state") == "skipped_budget":
+        raise RegistryError(f"run_id={run_id} was never trained: skipped over the VRAM budget "
+                            f"({run.data.tags.get('ftlab.skip_reason', 'no reason recorded')}); register a finished trial")
     if run.info.status != "FINISHED" or run.data.tags.get("ftlab.role") != "trial":
         raise RegistryError(f"run_id={run_id} is not a finished trial run (status {run.info.status}, "
                             f"role {run.data.tags.get('ftlab.role')}); register a finished trial")

@@ -146,6 +146,12 @@ def test_a_blank_label_is_missing_not_a_class(data_cfg, tmp_path):
     examples, rejects = load_examples(str(path), data_cfg(label_field="label", on_error="skip"))
     assert {e.label for e in examples} == {"billing", "shipping"} and len(examples) == 40
     assert [r["kind"] for r in rejects] == ["missing_label"] * 3 and "is missing or empty" in rejects[0]["reason"]
+    # A number is one class however it was written: 1 and 1.0 were two.
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"instruction": f"q {i}", "output": f"a {i}", "label": value}) + "\n"
+                               for i, value in enumerate([1, 1.0, 2, 2.5])))
+    examples, _ = load_examples(str(numbers), data_cfg(label_field="label"))
+    assert [e.label for e in examples] == ["1", "1", "2", "2.5"]
 
 
 def test_a_held_out_set_larger_than_the_training_set_is_warned_about(data_cfg, tiny_tokenizer, tmp_path, caplog):
@@ -185,6 +191,12 @@ def test_a_split_that_cannot_be_made_says_where_the_records_went_and_which_way_t
                                  "(40 read; exact dedupe dropped 37)")
     with pytest.raises(DataError, match=r"^data.eval_size=0.1 holds out none of 3 cleaned records; raise it \(40 read"):
         prepare(data_cfg(path=str(path), eval_size=0.1), tiny_tokenizer, 512, tmp_path)
+    # Every record the same: no eval_size helps (it said "raise it", then "lower it").
+    same = tmp_path / "same.jsonl"
+    same.write_text((json.dumps({"instruction": "ticket", "output": "answer"}) + "\n") * 30)
+    with pytest.raises(DataError, match=r"^1 cleaned record\(s\) left: a run needs at least 2, one to train on and one "
+                                        r"to hold out \(30 read; exact dedupe dropped 29\)$"):
+        prepare(data_cfg(path=str(same), eval_size=0.2), tiny_tokenizer, 512, tmp_path)
 
 
 def test_second_prepare_loads_from_the_cache(data_cfg, tiny_tokenizer, tmp_path):

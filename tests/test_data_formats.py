@@ -121,6 +121,20 @@ def test_hf_split_is_chosen_and_a_missing_one_is_named(data_cfg, tmp_path):
         load_examples(str(tmp_path / "d"), data_cfg(hf_split="valid"))
 
 
+def test_hf_split_of_a_dataset_saved_alone(data_cfg, tmp_path, caplog):
+    """A Dataset saved without its DatasetDict was read whole whatever data.hf_split asked for."""
+    from datasets import Dataset, Split
+
+    rows = [as_format(c, "alpaca") for c in CONVERSATIONS]
+    Dataset.from_list(rows, split=Split.TRAIN).save_to_disk(str(tmp_path / "train_only"))
+    with pytest.raises(DataError, match=r"data.hf_split=test: .*train_only holds the train split only"):
+        load_examples(str(tmp_path / "train_only"), data_cfg(hf_split="test"))
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "no_split"))
+    examples, _ = load_examples(str(tmp_path / "no_split"), data_cfg(hf_split="test"))
+    assert len(examples) == len(CONVERSATIONS)
+    assert "data.hf_split=test: " in caplog.text and "no_split is one dataset without splits" in caplog.text
+
+
 def test_openai_content_parts_are_joined_and_non_text_parts_rejected(data_cfg, tmp_path):
     user, answer = CONVERSATIONS[0][0]["content"], CONVERSATIONS[0][1]["content"]
     head, tail = user.split("\n\n")
@@ -161,6 +175,7 @@ def test_a_directory_of_shards_is_read_in_name_order(data_cfg, tmp_path):
     (shards / ".part-0.parquet.crc").write_bytes(b"\x00crc")
     (shards / "_temporary").mkdir()
     (shards / "_temporary" / "part-9.jsonl").write_text("{broken")
+    (shards / "dataset_infos.json").write_text('{"default": {"features": {}}}')  # a hub snapshot's description
     examples, rejects = load_examples(str(shards), data_cfg(path=str(shards)))
     assert rejects == []
     assert [e.messages for e in examples] == CONVERSATIONS

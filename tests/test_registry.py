@@ -251,6 +251,14 @@ def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path, in_proc
     typo = cli("rollback", "experiment=typoexp")  # read, and refused: no experiment made in the store
     assert typo.returncode == 2 and "'typoexp' has no 'previous' alias" in typo.stderr, typo.stderr[-2000:]
     assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("typoexp") is None
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    skipped = client.create_run(client.get_experiment_by_name("ftlab").experiment_id, tags={  # as a sweep records one
+        "ftlab.role": "trial", "ftlab.state": "skipped_budget",
+        "ftlab.skip_reason": "predicted peak 31.0 GiB vs budget.vram_gb=24 GiB: over budget"}).info.run_id
+    client.set_terminated(skipped, "KILLED")
+    never = cli("register", f"run_id={skipped}")
+    assert never.returncode == 2 and f"ftlab: run_id={skipped} was never trained: skipped over the VRAM budget " \
+        "(predicted peak 31.0 GiB vs budget.vram_gb=24 GiB: over budget)" in never.stderr, never.stderr[-2000:]
     for version in ("3", "prod"):
         named = cli("promote", f"version={version}")
         assert named.returncode == 2 and "Traceback" not in named.stderr, named.stderr[-2000:]

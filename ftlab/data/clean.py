@@ -210,6 +210,9 @@ def class_counts(examples: list[Example]) -> dict[str, int]:
 def split(examples: list[Example], eval_size: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Seeded shuffle, then the first eval_size (a count, or a fraction when < 1) are held out."""
     n_eval = int(round(eval_size * len(examples))) if eval_size < 1 else int(eval_size)
+    if len(examples) < 2:  # no data.eval_size helps: say so, not "raise it"
+        raise DataError(f"{len(examples)} cleaned record(s) left: a run needs at least 2, one to train on and one "
+                        "to hold out")
     if n_eval < 1:
         raise DataError(f"data.eval_size={eval_size:g} holds out none of {len(examples)} cleaned records; raise it")
     if n_eval >= len(examples):

@@ -316,7 +316,11 @@ def read_hf(source: str, split: str) -> Iterator[RawRecord]:
         if split not in ds:
             raise DataError(f"data.hf_split={split}: {source} has splits {sorted(ds)}")
         ds = ds[split]
-    yield from _rows(ds.to_list(), f"{source}[{split}]")
+    elif ds.split is not None and str(ds.split) != split:  # one split saved alone, not the one asked for
+        raise DataError(f"data.hf_split={split}: {source} holds the {ds.split} split only")
+    elif ds.split is None and split != "train":  # the default: read a dataset without splits as it is
+        log.warning("data.hf_split=%s: %s is one dataset without splits: all of it is read", split, source)
+    yield from _rows(ds.to_list(), f"{source}[{ds.split or split}]")
 
 
 READERS = {".jsonl": read_jsonl, ".ndjson": read_jsonl, ".json": read_json, ".csv": read_csv, ".tsv": read_csv,
@@ -332,10 +336,15 @@ def _reader(path: Path):
     return reader
 
 
+# What a hub snapshot or a datasets directory keeps beside its data: its description, not records.
+DATASET_METADATA = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}
+
+
 def read_as_data(directory: Path, file: Path) -> bool:
-    """Whether read_directory(directory) reads `file` (there or not yet): a data file's name, and no
-    hidden or `_`-prefixed part on the way (_SUCCESS, .crc files)."""
-    return bool(_reader(file)) and not any(part.startswith((".", "_")) for part in file.relative_to(directory).parts)
+    """Whether read_directory(directory) reads `file` (there or not yet): a data file's name, not a
+    dataset's metadata, and no hidden or `_`-prefixed part on the way (_SUCCESS, .crc files)."""
+    return (bool(_reader(file)) and file.name not in DATASET_METADATA
+            and not any(part.startswith((".", "_")) for part in file.relative_to(directory).parts))
 
 
 def _split_of(relative: Path) -> str | None:

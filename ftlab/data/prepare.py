@@ -70,6 +70,8 @@ def _label(record: dict, messages: list[dict], label_field: str) -> str:
             value = None
     if value is None or isinstance(value, (dict, list)) or not str(value).strip():  # a blank cell: no class
         raise RecordError(f"label field '{label_field}' is missing or empty (data.label_field)", "missing_label")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1.0 beside 1 (a JSON writer's float, a Parquet column with nulls) is one class
     return str(value).strip()
 
 
