@@ -214,7 +214,8 @@ def _score_base(cfg, model, tokenizer, data, dtype, tags, key) -> dict[str, floa
     seconds = time.perf_counter() - start
     samples = tracking.samples_table(data.held_out, scores.predictions, cfg.eval.samples_to_log)
     tracking.log_base_scores(key, cfg.model.name, scores.metrics, samples,
-                             {k: v for k, v in tags.items() if k in ("ftlab.model", "ftlab.data_fingerprint")},
+                             {k: v for k, v in tags.items()
+                              if k in ("ftlab.model", "ftlab.data_fingerprint", "mlflow.source.git.commit")},
                              seconds)
     return scores.metrics
 

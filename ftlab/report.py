@@ -204,7 +204,8 @@ def varying_params(trials: list[Trial]) -> list[str]:
     a group's fields (model.arch.* of model=tiny,smollm2_135m) are not taken for swept knobs. Runs
     of older ftlab, without overrides: every logged param that differs, but sweep.* (trial number, ids)."""
     if trials and all(t.overrides is not None for t in trials):
-        keys = sorted({k for t in trials for k, _ in _override_items(t.overrides)})
+        # budget.oom_at_gb: the sweeper's cap after an OOM, in the trials after it; no knob.
+        keys = sorted({k for t in trials for k, _ in _override_items(t.overrides)} - {"budget.oom_at_gb"})
     else:
         keys = sorted({k for t in trials for k in t.params if not k.startswith("sweep.")})
     return [k for k in keys if len({t.params.get(k) for t in trials if t.params}) > 1]

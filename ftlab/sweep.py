@@ -41,6 +41,7 @@ ENV_PARENT_RUN_ID = "FTLAB_SWEEP_PARENT_RUN_ID"
 ENV_PARENT_WAS = "FTLAB_SWEEP_PARENT_WAS"  # the status of the parent run this command joined, if it existed
 ENV_PARENT_ERROR = "FTLAB_SWEEP_PARENT_ERROR"  # and why it had stopped, if it said
 SUMMARY_FILE = "ftlab_sweep.json"
+HANDED_OVER = "ftlab.handed_over"  # the trials the last hand-over (registry, report) covered
 GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Commands that compose config.yaml but train nothing: their multirun (-m lora_r=8,16,64) runs the
 # command once per config and is no sweep.
@@ -329,11 +330,19 @@ def _running_trials(parent_run_id: str) -> int:
     return sum(r.info.status == "RUNNING" for r in tracking.child_runs(parent_run_id))
 
 
+def handed_over(summary: dict) -> str:
+    """What a hand-over (registry, report) covered: each config's latest attempt and its state."""
+    trials = sorted(f"{t['run_id']}:{t['state']}" for t in summary["trials"])
+    return hashlib.sha256(" ".join(trials).encode()).hexdigest()[:16]
+
+
 def record_best(parent_run_id: str, summary: dict) -> str:
     """Log the best trial and the counts on the parent run and end it FINISHED, unless trials of
     other workers still run: the last worker to finish ends it. Returns "ended"; "running" where
-    trials of others still run; "ended elsewhere" where another worker ended it since this one
-    joined (every worker's trials are done), and so registers the best and writes the report."""
+    trials of others still run; "ended elsewhere" where another worker has ended it since this one
+    joined and handed over these very trials (tag ftlab.handed_over), so registers the best and
+    writes the report. A worker that ended it between two trials of this one (none running then)
+    handed over less: this one ends it again, with its trials."""
     client = MlflowClient()
     if summary["best_run_id"]:
         client.set_tag(parent_run_id, "ftlab.best_run_id", summary["best_run_id"])
@@ -348,8 +357,10 @@ def record_best(parent_run_id: str, summary: dict) -> str:
     client.log_dict(parent_run_id, summary, f"sweep/{SUMMARY_FILE}")
     if summary["counts"].get("running"):
         return "running"
-    if parent.info.status == "FINISHED":  # joining set it RUNNING: another worker has ended it since
-        return "ended elsewhere"
+    covered = handed_over(summary)
+    if parent.info.status == "FINISHED" and parent.data.tags.get(HANDED_OVER) == covered:
+        return "ended elsewhere"  # joining set it RUNNING: another worker ended it since, with these trials
+    client.set_tag(parent_run_id, HANDED_OVER, covered)
     if "ftlab.error" in parent.data.tags:  # a worker interrupted earlier (the others went on)
         client.delete_tag(parent_run_id, "ftlab.error")
     client.set_terminated(parent_run_id, status="FINISHED")

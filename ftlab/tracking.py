@@ -85,8 +85,9 @@ def shown_args(args: list[str]) -> list[str]:
 
 
 # Overrides that do not choose what a run trains: Hydra's own, a sweep's bookkeeping (trial number,
-# name, objective), the cap the sweeper sets after an OOM, and the resume.
-NOT_REPRODUCED = ("hydra.", "sweep.", "budget.oom_at_gb=", "train.resume=")
+# name, objective), and the resume. (The cap the sweeper sets after an OOM stays: with
+# budget.fit=auto_batch it chose the micro-batch.)
+NOT_REPRODUCED = ("hydra.", "sweep.", "train.resume=")
 
 
 def run_overrides() -> str | None:
@@ -204,19 +205,21 @@ def one_process_at_a_time(store: str, what: str = "mlflow schema"):
     database each ran MLflow's schema migrations at once (MySQL: "Table 'tags' already exists",
     PostgreSQL: a unique violation) and failed; and, `what` naming it, while a worker scores the
     base model once for the others. A session lock of the database server (PostgreSQL advisory
-    lock, MySQL GET_LOCK), or a lock on a byte of a file beside a SQLite file (one byte per `what`);
-    released with its connection or process. An MLflow server's store: no lock."""
+    lock, MySQL GET_LOCK), or a file lock beside a SQLite file (mlflow.db.lock for the schema, a
+    hidden file per other `what`); released with its connection or process. An MLflow server's
+    store: no lock."""
     name = f"ftlab: {what}"
     if (database := sqlite_file(store)) is not None:
         import fcntl
 
-        lock = database.with_name(database.name + ".lock")
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        lock = (database.with_name(database.name + ".lock") if what == "mlflow schema"
+                else database.with_name(f".{database.name}.{digest}.lock"))
         if not lock.parent.is_dir():
             yield  # MLflow fails on it with its own message
             return
-        byte = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
         with lock.open("a") as f:
-            fcntl.lockf(f, fcntl.LOCK_EX, 1, byte)
+            fcntl.flock(f, fcntl.LOCK_EX)
             yield
         return
     if not store.startswith(("postgresql", "mysql")):

@@ -21,18 +21,24 @@ class RaiseAtStep(TrainerCallback):
 
 
 class EndSweepAtStep(TrainerCallback):
-    """What another worker of the sweep does when it finishes last: end the sweep's parent run."""
+    """What another worker of the sweep does when it finishes last: end the sweep's parent run, having
+    handed over this trial as it will end (`with_this_trial`: it ended after this one) or not (it
+    ended between two trials of this worker, with none running)."""
 
-    def __init__(self, step: int = 1):
-        self.step = step
+    def __init__(self, step: int = 1, with_this_trial: bool = True):
+        self.step, self.with_this_trial = step, with_this_trial
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
+            import mlflow
             from mlflow.tracking import MlflowClient
 
-            from ftlab.sweep import ENV_PARENT_RUN_ID
+            from ftlab.sweep import ENV_PARENT_RUN_ID, HANDED_OVER, handed_over
 
-            MlflowClient().set_terminated(os.environ[ENV_PARENT_RUN_ID], status="FINISHED")
+            trials = [{"run_id": mlflow.active_run().info.run_id, "state": "finished"}] if self.with_this_trial else []
+            client, parent = MlflowClient(), os.environ[ENV_PARENT_RUN_ID]
+            client.set_tag(parent, HANDED_OVER, handed_over({"trials": trials}))
+            client.set_terminated(parent, status="FINISHED")
 
 
 class RecordOptimizer(TrainerCallback):

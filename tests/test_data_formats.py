@@ -331,9 +331,14 @@ def test_trl_conversational_prompt_completion_is_read_as_chat_turns(data_cfg, tm
     mixed = [{"prompt": CONVERSATIONS[0][0]["content"], "completion": [CONVERSATIONS[0][1]]},
              {"prompt": [system, {"content": "question"}], "completion": [CONVERSATIONS[1][1]]},
              {"prompt": "question", "completion": [{"content": "answer"}, CONVERSATIONS[1][1]]}]
+    # A structured answer whose objects have a field named role is no conversation.
+    people = [{"name": "bob", "role": "admin"}, {"name": "eve", "role": "viewer"}]
+    mixed.append({"prompt": "Who has access?", "completion": people})
     path = write(mixed, tmp_path / "mixed.jsonl")
     examples, rejects = load_examples(str(path), data_cfg(on_error="skip"))
-    assert [e.messages for e in examples] == [CONVERSATIONS[0]]
+    assert [e.messages for e in examples] == [CONVERSATIONS[0], [
+        {"role": "user", "content": "Who has access?"},
+        {"role": "assistant", "content": json.dumps(people, separators=(",", ":"))}]]
     assert [(r["where"], r["kind"], r["reason"]) for r in rejects] == [
         (f"{path}:2", "unknown_role", "prompt[1] has unknown role None"),
         (f"{path}:3", "unknown_role", "completion[0] has unknown role None")]
@@ -404,3 +409,8 @@ def test_a_plain_tsv_keeps_its_quotes_and_a_quoted_one_is_read_as_quoted(data_cf
     examples, _ = load_examples(str(quoted), data_cfg())
     assert [[m["content"] for m in e.messages] for e in examples] == [["a tab\there", "two\nlines"],
                                                                        ['"Quoted" title', "ans"]]
+    # A quoted TSV with a quote never closed is the error naming its line, not read plain with every quote kept.
+    broken = tmp_path / "broken.tsv"
+    broken.write_text('instruction\toutput\n"a tab\there"\tok\n"never closed\tans\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(broken))}:3: unreadable CSV \(unexpected end of data\)"):
+        load_examples(str(broken), data_cfg(on_error="skip"))

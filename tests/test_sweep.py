@@ -239,15 +239,24 @@ def test_a_worker_that_ends_while_another_still_trains_leaves_the_sweep_to_it(tm
     assert parent.data.metrics["trials_finished"] == 3 and "ftlab.error" not in parent.data.tags
 
 
-def test_a_worker_that_ends_after_another_ended_the_sweep_does_not_hand_it_over_again(tmp_path, in_process):
+@pytest.mark.parametrize("with_this_trial", [True, False])
+def test_a_worker_that_ends_after_another_ended_the_sweep_hands_over_only_what_the_other_did_not(
+        tmp_path, in_process, with_this_trial):
     """Two workers ending seconds apart both registered the best trial (the second with a traceback:
-    the first had reopened the trial's run to log the model) and both wrote the report."""
+    the first had reopened the trial's run to log the model) and both wrote the report. But a worker
+    that ended the sweep between two trials of another (none running then) handed over less: the
+    other's later trials, perhaps the best, are handed over when it ends."""
     out = sweep(tmp_path, "lora_r=4", "train.save_adapter=true", "registry.auto_register=true",
-                "train.callbacks=[{_target_: tests.faults.EndSweepAtStep}]", in_process=in_process)
-    assert "another worker ended the sweep and hands it over" in out.stdout, out.stdout[-3000:]
+                f"train.callbacks=[{{_target_: tests.faults.EndSweepAtStep, with_this_trial: {with_this_trial}}}]",
+                in_process=in_process)
     assert "failed after sweep" not in out.stdout + out.stderr
-    assert not MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").search_registered_models()
-    assert not list((tmp_path / "reports").iterdir())  # made at the start, to fail early: no report in it
+    registered = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").search_registered_models()
+    reports = list((tmp_path / "reports").iterdir())  # the folder is made at the start, to fail early
+    if with_this_trial:
+        assert "another worker ended the sweep and hands it over" in out.stdout, out.stdout[-3000:]
+        assert not registered and not reports
+    else:
+        assert "another worker ended" not in out.stdout and len(registered) == 1 and len(reports) == 1
     [parent] = runs(tmp_path, "sweep")
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 1
 

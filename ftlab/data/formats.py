@@ -234,15 +234,20 @@ def _csv_delimiter(path: Path, header: str) -> str:
     return ","
 
 
-def _tsv_quoting(f: io.TextIOBase) -> int:
+def _tsv_quoting(f: io.TextIOBase, path: Path) -> int:
     """Tab-separated text comes two ways: quoted as CSV is (pandas, Excel: a cell holding a tab, a
     line break or a quote is put in quotes) and plain (IANA's TSV, database dumps: a quote is text).
-    Plain where the text does not parse as quoted: `"Quoted" title` is a cell, not a broken quote."""
+    Plain where a quote closes before the end of a cell, as only plain text has it (`"Quoted" title`);
+    a quote never closed stays the error that names its line."""
+    reader = csv.reader(f, delimiter="\t", strict=True)
     try:
-        for _ in csv.reader(f, delimiter="\t", strict=True):
+        for _ in reader:
             pass
-    except csv.Error:
-        return csv.QUOTE_NONE
+    except csv.Error as e:
+        if "expected after" in str(e):
+            log.info("%s:%d: a quote ends inside a cell: read as plain TSV, where quotes are text", path,
+                     reader.line_num)
+            return csv.QUOTE_NONE
     return csv.QUOTE_MINIMAL
 
 
@@ -256,7 +261,7 @@ def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
         # length check's to drop (data.overlong), with its reason, as in JSON Lines.
         csv.field_size_limit(CSV_FIELD_LIMIT)
         f.seek(0)
-        quoting = _tsv_quoting(f) if delimiter == "\t" else csv.QUOTE_MINIMAL
+        quoting = _tsv_quoting(f, path) if delimiter == "\t" else csv.QUOTE_MINIMAL
         f.seek(0)
         # strict: a quote opened and never closed is an error naming its line, where the lenient
         # reader took the rest of the file as one cell (900 records became one bad one).
@@ -503,9 +508,11 @@ def _turns(record: dict, key: str) -> list:
 
 
 def _is_turns(value: object, role_key: str) -> bool:
-    """A list with any object naming a role is a list of chat turns, each of which must then be
-    one ({"content": ...} alone is a turn without its role, not a structured answer to train on as JSON)."""
-    return isinstance(value, list) and any(isinstance(t, dict) and role_key in t for t in value)
+    """A list of objects, one naming a chat role, is a list of turns, each of which must then be one
+    ({"content": ...} beside it is a turn without its role); other lists ([{"name": "bob", "role":
+    "admin"}]) are structured answers, trained on as JSON text."""
+    return (isinstance(value, list) and bool(value) and all(isinstance(t, dict) for t in value)
+            and any(isinstance(t.get(role_key), str) and t[role_key] in CHAT_ROLES for t in value))
 
 
 def _chat(turns: list, key: str, role_key: str, content_key: str, roles: Mapping[str, str]) -> list[dict]:
