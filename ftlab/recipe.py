@@ -117,7 +117,7 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     out_dir = resume.checkpoint.parent if resume and resume.checkpoint else Path(cfg.output_dir) / active.info.run_id
     if resume:
         mlflow.set_tags({"ftlab.resumed_from_step": resume.step,
-                         **({"ftlab.resumed_from_checkpoint": str(resume.checkpoint)} if resume.checkpoint else {})})
+                         **({"ftlab.resumed_from_checkpoint": str(resume.checkpoint.resolve())} if resume.checkpoint else {})})
     steps = tracking.training_callback(out_dir, resumed=resume is not None)
     callbacks = [steps, *(instantiate(c) for c in cfg.train.callbacks)]
     if cfg.budget.memory_cap_gb:

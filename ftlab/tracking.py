@@ -100,7 +100,11 @@ def run_overrides() -> str | None:
         return None
     kept = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(NOT_REPRODUCED)]
     text = shlex.join(shown_args(kept))
-    return text if len(text) <= MAX_PARAM_VALUE else None
+    if len(text) > MAX_PARAM_VALUE:
+        log.warning("the run's overrides (%d characters) are too long for MLflow's tag ftlab.overrides: not "
+                    "tagged; a sweep's report rebuilds its command from the params instead", len(text))
+        return None
+    return text
 
 
 def mask(text: str) -> str:

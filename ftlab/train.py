@@ -533,6 +533,9 @@ def _save_end_of_training(trainer, totals: RunTotals, ended: bool) -> Path | Non
     try:
         trainer._save_checkpoint(trainer.model, None)
         dataclasses.replace(totals, end_of_training=True, transient=True).write(checkpoint)  # the Trainer's are final
+        # As the Trainer's own saves do: the run's tag ftlab.checkpoint names it (absolute), so a resume
+        # from another working directory finds it.
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
     except OSError as e:  # a full disk: the trained model is still in memory, to be scored
         log.warning("could not save the end-of-training checkpoint %s (%s): an interrupt while scoring will need "
                     "training again", checkpoint, e)

@@ -356,6 +356,8 @@ def test_an_interrupt_while_scoring_resumes_from_the_last_step_without_training_
                             f"checkpoint of its last step: {checkpoint}; continue with the same command plus "
                             "train.resume=true")
     assert trial.info.status == "KILLED" and (checkpoint / "trainer_state.json").exists()
+    # Tagged as the Trainer's own saves are: a resume from another working directory finds it there.
+    assert trial.data.tags["ftlab.checkpoint"] == str(checkpoint)
 
     metrics = run(make_cfg(*config, "train.resume=true"))
     [resumed] = _trials(uri)
