@@ -544,6 +544,37 @@ class BufferedMetrics:
                 f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
 
 
+def replay_spilled(run_id: str, path: Path) -> int:
+    """Step metrics a tracking outage left in the run's spill file (BufferedMetrics), sent once a
+    resumed run reaches the store, so its loss curve is whole again; returns how many. Steps the
+    store has already are not sent twice; the run's final scores (step 0) are scored anew by the
+    resumed run, and stay in the file."""
+    from mlflow.entities import Metric
+
+    if not path.is_file():
+        return 0
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut off by the crash
+    steps = [e for e in entries if e.get("step", 0) >= 1]
+    client = MlflowClient()
+    logged = {(key, m.step) for key in {e["key"] for e in steps} for m in client.get_metric_history(run_id, key)}
+    fresh = [Metric(e["key"], float(e["value"]), int(e["timestamp"]), int(e["step"])) for e in steps
+             if (e["key"], e["step"]) not in logged]
+    for i in range(0, len(fresh), BufferedMetrics.BATCH):
+        client.log_batch(run_id, metrics=fresh[i : i + BufferedMetrics.BATCH])
+    if rest := [e for e in entries if e.get("step", 0) < 1]:
+        path.write_text("".join(json.dumps(e) + "\n" for e in rest))
+    else:
+        path.unlink()
+    if fresh:
+        log.warning("sent %d step metrics that a tracking outage had left in %s", len(fresh), path)
+    return len(fresh)
+
+
 def training_callback(out_dir: Path, resumed: bool = False):
     """A transformers TrainerCallback that logs each logged step (loss, lr, grad norm) through
     BufferedMetrics, and tags the run with each checkpoint saved. Its close() sends what is
@@ -554,6 +585,11 @@ def training_callback(out_dir: Path, resumed: bool = False):
 
     run_id = mlflow.active_run().info.run_id
     metrics = BufferedMetrics(run_id, Path(out_dir) / "unlogged_metrics.jsonl")
+    if resumed:
+        try:
+            replay_spilled(run_id, metrics.spill_path)
+        except Exception as e:  # the store failing again: the file stays for the next resume
+            log.warning("could not send the step metrics in %s (%s); they stay there", metrics.spill_path, e)
     logged_through = max((m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")), default=0) \
         if resumed else 0
 

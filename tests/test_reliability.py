@@ -123,6 +123,27 @@ def test_resume_from_another_working_directory_continues_where_the_run_saved_its
     assert not (tmp_path / "second" / "outputs" / "runs" / trial.info.run_id).exists()
 
 
+def test_step_metrics_an_outage_left_in_the_spill_file_are_sent_when_the_run_resumes(make_cfg, tmp_path):
+    """Steps written to unlogged_metrics.jsonl while the store was down stayed out of the loss curve
+    of the run resumed once it was back: the file was never read again."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        run(make_cfg(*SHORT, "train.save_steps=2", "train.callbacks=[{_target_: tests.faults.RaiseAtStep, step: 3}]"))
+    [crashed] = _trials(uri)
+    spill = tmp_path / "runs" / crashed.info.run_id / "unlogged_metrics.jsonl"
+    now = int(time.time() * 1000)
+    lines = [{"key": "train_loss", "value": 9.9, "timestamp": now, "step": 2},  # the store has step 2 already
+             {"key": "outage_probe", "value": 1.0, "timestamp": now, "step": 1},
+             {"key": "outage_probe", "value": 2.0, "timestamp": now, "step": 2},
+             {"key": "rouge_l", "value": 0.5, "timestamp": now, "step": 0}]  # final scores: scored anew
+    spill.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"key": "cut off by the cr')
+    run(make_cfg(*SHORT, "train.save_steps=2", "train.resume=true"))
+    history = MlflowClient(uri).get_metric_history(crashed.info.run_id, "outage_probe")
+    assert sorted((m.step, m.value, m.timestamp) for m in history) == [(1, 1.0, now), (2, 2.0, now)]
+    assert _steps(uri, crashed.info.run_id) == [1, 2, 3, 4]  # one point a step
+    assert [json.loads(line)["key"] for line in spill.read_text().splitlines()] == ["rouge_l"]
+
+
 def test_a_run_resumed_from_a_checkpoint_before_its_crash_logs_each_step_once(make_cfg, tmp_path):
     """Steps logged after the last checkpoint (train.save_steps) and before a crash were trained and
     logged again on resume: two points a step in the loss curve."""
