@@ -165,7 +165,26 @@ def completion_only_trainer_class():
     The prompt (instruction + input) is most of every sequence and carries no loss,
     and the LM head over the vocabulary is a large share of a small model's FLOPs
     (SmolLM2-135M: 28M of 135M parameters), so skipping it there saves real time."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        """transformers' length-grouped order, each epoch's drawn from (seed, epoch) instead of the
+        global RNG. A run resumed in its second epoch has the checkpoint's RNG state, not the one the
+        epoch began with: it drew another order, and skipping the batches already trained skipped
+        others (a resumed run's trained tokens and loss curve differed from the uninterrupted run's).
+        The Trainer calls set_epoch before each epoch; its random sampler is accelerate's seeded one."""
+
+        def __init__(self, batch_size: int, lengths: list[int], seed: int):
+            super().__init__(batch_size, lengths=lengths)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            return super().__iter__()
 
     class CompletionOnlySFTTrainer(SFTTrainer):
         ftlab_before = RunTotals()  # of the checkpoint a resumed run continues from (train())
@@ -196,6 +215,12 @@ def completion_only_trainer_class():
                     self._total_train_tokens += int(seen)
                     self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return (loss, None) if return_outputs else loss
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):  # train.sampling=group_by_length
+                return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=self.args.seed)
+            return sampler
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)

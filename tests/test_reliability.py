@@ -123,6 +123,26 @@ def test_resume_from_another_working_directory_continues_where_the_run_saved_its
     assert not (tmp_path / "second" / "outputs" / "runs" / trial.info.run_id).exists()
 
 
+def test_a_run_resumed_in_its_second_epoch_trains_what_the_uninterrupted_run_trains(make_cfg, tmp_path):
+    """Each epoch's length-grouped order came from the global RNG, which a resume restores to the
+    checkpoint's state, not the epoch's start: resumed in epoch 2, the run skipped batches it had not
+    trained (other trained tokens, another loss curve)."""
+    config = ["train.max_steps=-1", "train.epochs=2", "train.per_device_batch_size=8", "train.grad_accum=2",
+              *SHORT[3:], "train.save_steps=7"]  # 5 steps an epoch: a checkpoint in the second
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    with pytest.raises(RuntimeError, match="injected failure at step 8"):
+        run(make_cfg(*config, "train.callbacks=[{_target_: tests.faults.RaiseAtStep, step: 8}]"))
+    [crashed] = _trials(uri)
+    resumed = run(make_cfg(*config, "train.resume=true"))
+    whole = run(make_cfg(*config))
+    assert _steps(uri, crashed.info.run_id) == list(range(1, 11))
+    client = MlflowClient(uri)
+    curves = [[m.value for m in sorted(client.get_metric_history(r.info.run_id, "train_loss"), key=lambda m: m.step)]
+              for r in sorted(_trials(uri), key=lambda r: r.info.start_time)]
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+    assert resumed["trained_tokens"] == whole["trained_tokens"]
+
+
 def test_step_metrics_an_outage_left_in_the_spill_file_are_sent_when_the_run_resumes(make_cfg, tmp_path):
     """Steps written to unlogged_metrics.jsonl while the store was down stayed out of the loss curve
     of the run resumed once it was back: the file was never read again."""
