@@ -144,7 +144,7 @@ def gather(client: MlflowClient, sweep: str) -> Sweep:
     attempts, earlier = latest_attempts([r for r in children
                                          if r.data.tags.get("ftlab.role") not in ("base_eval", "sweep")])
     trials = [_trial(client, r) for r in attempts]
-    trials.sort(key=lambda t: _rank_key(t, objectives[0], directions[0]))
+    trials.sort(key=lambda t: _rank_key(t, objectives, directions))
     sweep_result = Sweep(
         sweep_id=tags.get("ftlab.sweep_id", parent.info.run_id), parent_run_id=parent.info.run_id,
         experiment=client.get_experiment(parent.info.experiment_id).name, command=mask(tags.get("ftlab.command", "")),
@@ -192,10 +192,13 @@ def _first_per_step(history) -> list[tuple[int, float]]:
     return sorted(first.items())
 
 
-def _rank_key(t: Trial, objective: str, direction: str):
-    value = t.metrics.get(objective)
-    score = math.inf if value is None or math.isnan(value) else (-value if direction == "maximize" else value)
-    return STATE_ORDER.get(t.state, 2), score, t.number if t.number is not None else math.inf
+def _rank_key(t: Trial, objectives: list[str], directions: list[str]):
+    """State, then the first objective, ties broken by the next (as sweep.summarise picks the best)."""
+    scores = []
+    for objective, direction in zip(objectives, directions):
+        value = t.metrics.get(objective)
+        scores.append(math.inf if value is None or math.isnan(value) else (-value if direction == "maximize" else value))
+    return STATE_ORDER.get(t.state, 2), scores, t.number if t.number is not None else math.inf
 
 
 def varying_params(trials: list[Trial]) -> list[str]:

@@ -303,7 +303,8 @@ def summarise(parent_run_id: str, objective: list[str], direction: list[str]) ->
                        "metrics": r.data.metrics})
     scored = [t for t in trials if t["state"] == "finished" and all(m in t["metrics"] for m in objective)]
     sign = [1 if d == "maximize" else -1 for d in direction]
-    best = max(scored, key=lambda t: sign[0] * t["metrics"][objective[0]], default=None)
+    # By the first objective, ties broken by the next: so with several the best is on the Pareto front.
+    best = max(scored, key=lambda t: [s * t["metrics"][m] for m, s in zip(objective, sign)], default=None)
     counts: dict[str, int] = {}
     for t in trials:
         counts[t["state"]] = counts.get(t["state"], 0) + 1

@@ -313,3 +313,24 @@ def test_a_real_sweeps_report_repeats_what_composed_the_winner(tmp_path, in_proc
         cfg = compose("config", overrides=args)
     assert tracking.config_hash(cfg) == client.get_run(winner.run_id).data.tags["ftlab.config_hash"]
     assert shlex.split(serve)[3:] == ["model=models:/exp2@production", f"tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db"]
+
+
+def test_a_tie_on_the_first_objective_is_broken_by_the_next_so_the_winner_is_on_the_pareto_front(tmp_path):
+    """Tiny trials all score ROUGE-L 0: the first trial won, though another was faster at the same
+    score, and the sweep shipped a trial off its own Pareto front."""
+    from ftlab import sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.setup(uri, "tie")
+    with mlflow.start_run(tags={"ftlab.role": "sweep", "ftlab.sweep_id": "tie", "ftlab.objective": "rouge_l,train_seconds",
+                                "ftlab.direction": "maximize,minimize"}) as parent:
+        made = []
+        for number, seconds in enumerate([2.6, 1.8, 2.2]):
+            with mlflow.start_run(nested=True, tags={"ftlab.role": "trial", "ftlab.sweep_id": "tie", "ftlab.state": "finished",
+                                                     "ftlab.trial_number": str(number)}) as trial:
+                mlflow.log_params({"lora_r": 4 * (number + 1)})
+                mlflow.log_metrics({"rouge_l": 0.0, "train_seconds": seconds})
+            made.append(trial.info.run_id)
+    summary = sweep.summarise(parent.info.run_id, ["rouge_l", "train_seconds"], ["maximize", "minimize"])
+    assert summary["best_run_id"] == made[1] and summary["pareto_front_run_ids"] == [made[1]]
+    assert [t.run_id for t in report.gather(MlflowClient(uri), "tie").trials] == [made[1], made[2], made[0]]
