@@ -286,10 +286,13 @@ class SweepCallback(Callback):
         if ended == "ended elsewhere":  # its hand-over (registry, report) is that worker's: not twice
             print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {best}; another worker ended the sweep "
                   "and hands it over (registry, report)")
-            return
-        stages = hand_over(config, parent, summary["best_run_id"])
-        report = f"; report {stages['ftlab.report'] / 'report.html'}" if stages.get("ftlab.report") else ""
-        print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {best}{report}; summary {out / SUMMARY_FILE}")
+        else:
+            stages = hand_over(config, parent, summary["best_run_id"])
+            report = f"; report {stages['ftlab.report'] / 'report.html'}" if stages.get("ftlab.report") else ""
+            print(f"ftlab sweep {summary['sweep_id']}: {counts}; best run {best}{report}; summary {out / SUMMARY_FILE}")
+        if problem := nothing_finished(summary):  # to a scheduler or CI, a sweep that trained nothing failed
+            print(f"ftlab: sweep {summary['sweep_id']}: {problem}", file=sys.stderr)
+            raise SystemExit(2 if set(summary["counts"]) == {"skipped_budget"} else 1)
 
 
 def summarise(parent_run_id: str, objective: list[str], direction: list[str]) -> dict[str, Any]:
@@ -358,14 +361,26 @@ def record_best(parent_run_id: str, summary: dict) -> str:
     client.log_dict(parent_run_id, summary, f"sweep/{SUMMARY_FILE}")
     if summary["counts"].get("running"):
         return "running"
-    covered = handed_over(summary)
-    if parent.info.status == "FINISHED" and parent.data.tags.get(HANDED_OVER) == covered:
+    covered, problem = handed_over(summary), nothing_finished(summary)
+    status = "FAILED" if problem else "FINISHED"
+    if parent.info.status == status and parent.data.tags.get(HANDED_OVER) == covered:
         return "ended elsewhere"  # joining set it RUNNING: another worker ended it since, with these trials
     client.set_tag(parent_run_id, HANDED_OVER, covered)
-    if "ftlab.error" in parent.data.tags:  # a worker interrupted earlier (the others went on)
+    if problem:
+        client.set_tag(parent_run_id, "ftlab.error", problem)
+    elif "ftlab.error" in parent.data.tags:  # a worker interrupted earlier (the others went on)
         client.delete_tag(parent_run_id, "ftlab.error")
-    client.set_terminated(parent_run_id, status="FINISHED")
+    client.set_terminated(parent_run_id, status=status)
     return "ended"
+
+
+def nothing_finished(summary: dict) -> str | None:
+    """Why a sweep that trained no config to the end is no success (its parent FAILED, its command's
+    exit status 1, or 2 where every config was over the budget), or None."""
+    if not summary["counts"] or summary["counts"].get("finished"):  # none to run (a study decided already)
+        return None
+    counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items())
+    return f"no trial finished ({counts}): nothing to compare or register"
 
 
 def hand_over(config: DictConfig, parent_run_id: str, best_run_id: str | None) -> dict[str, Any]:

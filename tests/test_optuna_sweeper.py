@@ -85,11 +85,13 @@ def optuna_args(tmp_path, name, *extra):
 
 
 def test_budget_rejections_are_pruned_with_reason_and_not_loaded(sweep, tmp_path):
-    sweep(tmp_path, *optuna_args(tmp_path, "budget", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=4",
+    out = sweep(tmp_path, *optuna_args(tmp_path, "budget", "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=4",
                                  "model=llama31_8b", "budget.vram_gb=8",
                                  f"model.name_or_path={weightless_checkpoint(tmp_path)}",
                                  "lora_r=choice(16,64)", "train.max_seq_length=choice(2048,4096)",
-                                 "train.per_device_batch_size=8"))
+                                 "train.per_device_batch_size=8"), check=False)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(  # nothing fits: nothing trained
+        "no trial finished (4 skipped_budget): nothing to compare or register")
     trials = study(tmp_path, "budget").trials
     assert [t.state for t in trials] == [TrialState.PRUNED] * 4
     assert len({(t.params["lora_r"], t.params["train.max_seq_length"]) for t in trials}) == 4

@@ -76,7 +76,7 @@ def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path, in_p
     out = in_process("ftlab", *sweep_args(
         tmp_path, "model=llama31_8b", "budget.vram_gb=8", "lora_r=16,64", "train.max_seq_length=2048,4096",
         "train.per_device_batch_size=8", f"model.name_or_path={weightless_checkpoint(tmp_path)}"))
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 2, out.stderr[-3000:]  # nothing fits: the sweep trained nothing
     trials = runs(tmp_path)
     assert len(trials) == 4
     for t in trials:
@@ -273,3 +273,18 @@ def test_a_model_name_the_registry_refuses_stops_a_registering_sweep_before_any_
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         config.check(compose("config", overrides=["model=tiny", "registry.auto_register=true", "experiment=team/x"]))
+
+
+@pytest.mark.parametrize("fault, status, says", [
+    ("train.callbacks=[{_target_: tests.faults.RaiseAtStep, step: 1}]", 1, "2 failed"),
+    ("budget.vram_gb=0.01", 2, "2 skipped_budget")])
+def test_a_sweep_that_trained_nothing_to_the_end_fails(tmp_path, in_process, fault, status, says):
+    """Every trial failed, or was over the budget: the sweep exited 0 and its parent run ended
+    FINISHED, which a scheduler or CI took for success. Its report still says why each ended so."""
+    out = sweep(tmp_path, "lora_r=4,8", fault, check=False, in_process=in_process)
+    assert out.returncode == status, out.stderr[-3000:]
+    problem = f"no trial finished ({says}): nothing to compare or register"
+    assert out.stderr.strip().splitlines()[-1].endswith(problem) and "Traceback" not in out.stderr
+    [parent] = runs(tmp_path, "sweep")
+    assert parent.info.status == "FAILED" and parent.data.tags["ftlab.error"] == problem
+    assert len(list((tmp_path / "reports").glob("*/report.html"))) == 1
