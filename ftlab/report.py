@@ -54,6 +54,7 @@ class Trial:
     peak_kind: str | None = None
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     overrides: list[str] | None = None  # what composed it (tag ftlab.overrides); None on runs of older ftlab
+    base_key: str | None = None  # the base evaluation it was compared with (tag ftlab.compared_base_key)
 
     @property
     def label(self) -> str:
@@ -80,6 +81,13 @@ class Sweep:
     best_run_id: str | None = None
     stopped: str | None = None  # what stopped the sweep: an error (parent FAILED) or an interrupt (KILLED)
     earlier_attempts: int = 0  # runs of a config the sweep ran again (tracking.latest_attempts), not listed
+
+    @property
+    def base_label(self) -> str:
+        """The reference row's name: the winner's base, where trials were compared with several
+        (peft=qlora,lora: an NF4 base and a 16-bit one; eval settings swept)."""
+        bases = {t.base_key for t in self.trials if t.base_key}
+        return f"base model (the winner's; trials compared with {len(bases)})" if len(bases) > 1 else "base model"
 
     @property
     def finished(self) -> list[Trial]:
@@ -176,6 +184,7 @@ def _trial(client: MlflowClient, r: Run) -> Trial:
         params=params, metrics=dict(r.data.metrics),
         reason=mask(tags.get("ftlab.error") or tags.get("ftlab.skip_reason") or ""),
         peak_kind=tags.get("ftlab.peak_memory_kind"), train_loss=_first_per_step(history), overrides=overrides,
+        base_key=tags.get("ftlab.compared_base_key"),
     )
 
 
@@ -451,7 +460,7 @@ def trial_table(sweep: Sweep, front: set[str] = frozenset()) -> tuple[list[str],
               *(["Pareto front"] if front else []), "MLflow run id", "reason"]
     rows = []
     if sweep.base:
-        rows.append(["", "base model", "reference", *[""] * len(sweep.varying),
+        rows.append(["", sweep.base_label, "reference", *[""] * len(sweep.varying),
                      *(_fmt(sweep.base.get(key), digits) for _, key, digits in columns), "",
                      *([""] if front else []), "", ""])
     rank = 0

@@ -327,10 +327,14 @@ def test_a_tie_on_the_first_objective_is_broken_by_the_next_so_the_winner_is_on_
         made = []
         for number, seconds in enumerate([2.6, 1.8, 2.2]):
             with mlflow.start_run(nested=True, tags={"ftlab.role": "trial", "ftlab.sweep_id": "tie", "ftlab.state": "finished",
-                                                     "ftlab.trial_number": str(number)}) as trial:
+                                                     "ftlab.trial_number": str(number),
+                                                     "ftlab.compared_base_key": f"base-{number % 2}"}) as trial:
                 mlflow.log_params({"lora_r": 4 * (number + 1)})
                 mlflow.log_metrics({"rouge_l": 0.0, "train_seconds": seconds})
             made.append(trial.info.run_id)
     summary = sweep.summarise(parent.info.run_id, ["rouge_l", "train_seconds"], ["maximize", "minimize"])
     assert summary["best_run_id"] == made[1] and summary["pareto_front_run_ids"] == [made[1]]
-    assert [t.run_id for t in report.gather(MlflowClient(uri), "tie").trials] == [made[1], made[2], made[0]]
+    gathered = report.gather(MlflowClient(uri), "tie")
+    assert [t.run_id for t in gathered.trials] == [made[1], made[2], made[0]]
+    # Compared with two bases (as peft=qlora,lora is): the reference row says whose it is.
+    assert gathered.base_label == "base model (the winner's; trials compared with 2)"
