@@ -401,7 +401,7 @@ RANGES = {  # key: (test, what the value must be)
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "eval.max_examples": (lambda v: v >= 1, ">= 1, or null for every held-out example"),
     "eval.samples_to_log": (lambda v: v >= 0, ">= 0"),
-    "eval.bertscore_num_layers": (lambda v: v >= 1, ">= 1"),
+    "eval.bertscore_num_layers": (lambda v: v >= 0, ">= 0 (0: the embeddings alone)"),
     "budget.vram_gb": (lambda v: v > 0, "a positive number of GiB (e.g. 24), or null for no budget"),
     "budget.max_hours": (lambda v: v > 0, "> 0, or null for no limit"),
     "budget.memory_cap_gb": (lambda v: v > 0, "> 0, or null for no cap"),
@@ -573,7 +573,7 @@ def bertscore_layers_problem(ev: DictConfig, local: bool) -> str | None:
         return None  # not a model directory bert-score reads: its own error says so
     if ev.bertscore_num_layers > layers:
         return (f"eval.bertscore_num_layers={ev.bertscore_num_layers}: the BERTScore model "
-                f"({ev.bertscore_model}) has {layers} layers; use 1 to {layers}")
+                f"({ev.bertscore_model}) has {layers} layers; use 0 to {layers}")
     return None
 
 

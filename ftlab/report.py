@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ftlab.config import ConfigError, ReportConfig, check_keys, exit_2_on  # noqa: E402  (and registers the structured-config schema)
-from ftlab.tracking import (TrackingError, latest_attempts, mask, open_existing, registry_arguments,  # noqa: E402
+from ftlab.tracking import (NOTHING_FINISHED, TrackingError, latest_attempts, mask, open_existing, registry_arguments,  # noqa: E402
                             shown_store, store_argument)
 
 STATE_ORDER = {"finished": 0, "failed": 1, "killed": 2, "skipped_budget": 3}
@@ -87,7 +87,8 @@ class Sweep:
         """The reference row's name: the winner's base, where trials were compared with several
         (peft=qlora,lora: an NF4 base and a 16-bit one; eval settings swept)."""
         bases = {t.base_key for t in self.trials if t.base_key}
-        return f"base model (the winner's; trials compared with {len(bases)})" if len(bases) > 1 else "base model"
+        whose = "the winner's; " if self.winner else ""
+        return f"base model ({whose}trials compared with {len(bases)})" if len(bases) > 1 else "base model"
 
     @property
     def finished(self) -> list[Trial]:
@@ -158,7 +159,8 @@ def gather(client: MlflowClient, sweep: str) -> Sweep:
         experiment=client.get_experiment(parent.info.experiment_id).name, command=mask(tags.get("ftlab.command", "")),
         objectives=objectives, directions=directions, trials=trials, varying=varying_params(trials),
         base=None, examples=[], best_run_id=tags.get("ftlab.best_run_id"), earlier_attempts=earlier,
-        stopped=mask(tags["ftlab.error"]) if parent.info.status in ("FAILED", "KILLED") and tags.get("ftlab.error") else None,
+        stopped=mask(tags["ftlab.error"]) if parent.info.status in ("FAILED", "KILLED") and tags.get("ftlab.error")
+        and not tags["ftlab.error"].startswith(NOTHING_FINISHED) else None,  # that one ran to its end: the table says
     )
     base_run = _base_run(client, parent, sweep_result.winner or (trials[0] if trials else None))
     if base_run is not None:

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -304,7 +305,9 @@ def summarise(parent_run_id: str, objective: list[str], direction: list[str]) ->
         trials.append({"run_id": r.info.run_id, "trial_number": r.data.tags.get("ftlab.trial_number"),
                        "state": r.data.tags.get("ftlab.state", r.info.status.lower()), "status": r.info.status,
                        "metrics": r.data.metrics})
-    scored = [t for t in trials if t["state"] == "finished" and all(m in t["metrics"] for m in objective)]
+    # A NaN (a diverged eval_loss) is no score: max() would keep one it met first as the best.
+    scored = [t for t in trials if t["state"] == "finished"
+              and all(m in t["metrics"] and not math.isnan(t["metrics"][m]) for m in objective)]
     sign = [1 if d == "maximize" else -1 for d in direction]
     # By the first objective, ties broken by the next: so with several the best is on the Pareto front.
     best = max(scored, key=lambda t: [s * t["metrics"][m] for m, s in zip(objective, sign)], default=None)
@@ -380,7 +383,7 @@ def nothing_finished(summary: dict) -> str | None:
     if not summary["counts"] or summary["counts"].get("finished"):  # none to run (a study decided already)
         return None
     counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items())
-    return f"no trial finished ({counts}): nothing to compare or register"
+    return f"{tracking.NOTHING_FINISHED} ({counts}): nothing to compare or register"
 
 
 def hand_over(config: DictConfig, parent_run_id: str, best_run_id: str | None) -> dict[str, Any]:

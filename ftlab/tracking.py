@@ -562,8 +562,11 @@ def replay_spilled(run_id: str, path: Path) -> int:
     steps = [e for e in entries if e.get("step", 0) >= 1]
     client = MlflowClient()
     logged = {(key, m.step) for key in {e["key"] for e in steps} for m in client.get_metric_history(run_id, key)}
-    fresh = [Metric(e["key"], float(e["value"]), int(e["timestamp"]), int(e["step"])) for e in steps
-             if (e["key"], e["step"]) not in logged]
+    fresh = []
+    for e in steps:  # a step the file holds twice (a replay failed, then the resumed run spilled it again): once
+        if (e["key"], e["step"]) not in logged:
+            logged.add((e["key"], e["step"]))
+            fresh.append(Metric(e["key"], float(e["value"]), int(e["timestamp"]), int(e["step"])))
     for i in range(0, len(fresh), BufferedMetrics.BATCH):
         client.log_batch(run_id, metrics=fresh[i : i + BufferedMetrics.BATCH])
     if rest := [e for e in entries if e.get("step", 0) < 1]:
@@ -660,6 +663,7 @@ def log_base_scores(key: str, model_name: str, metrics: dict[str, float], sample
 
 
 SWEEP_TAGS = ("mlflow.parentRunId", "ftlab.sweep_id", "ftlab.trial_number")
+NOTHING_FINISHED = "no trial finished"  # how ftlab.error of a sweep that ran to its end but trained nothing begins
 
 
 def sweep_tags(sweep) -> dict[str, str]:

@@ -86,8 +86,8 @@ def test_every_shipped_config_passes_the_check(make_cfg, preset):
                                             ("eval.bertscore_model=/nonexistent",
                                              "eval.bertscore_model=/nonexistent: no such model directory"),
                                             ("eval.bertscore_num_layers=12", "eval.bertscore_num_layers=12: the "
-                                             "BERTScore model (auto) has 6 layers; use 1 to 6"),
-                                            ("eval.bertscore_num_layers=0", "eval.bertscore_num_layers=0: must be >= 1")])
+                                             "BERTScore model (auto) has 6 layers; use 0 to 6"),
+                                            ("eval.bertscore_num_layers=-1", "eval.bertscore_num_layers=-1: must be >= 0")])
 def test_a_value_out_of_range_is_named_before_anything_loads(make_cfg, override, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         config.check(make_cfg(override))

@@ -287,4 +287,6 @@ def test_a_sweep_that_trained_nothing_to_the_end_fails(tmp_path, in_process, fau
     assert out.stderr.strip().splitlines()[-1].endswith(problem) and "Traceback" not in out.stderr
     [parent] = runs(tmp_path, "sweep")
     assert parent.info.status == "FAILED" and parent.data.tags["ftlab.error"] == problem
-    assert len(list((tmp_path / "reports").glob("*/report.html"))) == 1
+    [page] = (tmp_path / "reports").glob("*/report.md")
+    assert "0 finished, 2 failed or skipped of 2 trials" in page.read_text()
+    assert "stopped early" not in page.read_text()  # it ran to its end
