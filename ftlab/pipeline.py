@@ -41,6 +41,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.data.rejects:
         files.make_file_dir(cfg.data.rejects, "data.rejects")
     memory.resolve_arch(cfg)  # priced, logged and hashed as the checkpoint is
+    if cfg.train.max_seq_length > (positions := cfg.model.arch.max_position_embeddings):
+        log.warning("train.max_seq_length=%d is beyond the %d positions %s was trained on: longer records train and "
+                    "are scored past its context (lower it, or use a model with a longer one)",
+                    cfg.train.max_seq_length, positions, cfg.model.name_or_path)
     quiet_third_party_output()
     tracking.setup(cfg.tracking_uri, cfg.experiment)
     run_name = cfg.run_name or f"{cfg.model.name}-r{cfg.lora_r}-lr{cfg.lr:g}"

@@ -193,3 +193,17 @@ def test_memory_cap_fails_the_trial_as_oom_in_one_line(make_cfg, tmp_path, in_pr
     [trial] = _runs(make_cfg(), "trial")
     assert trial.info.status == "FAILED"
     assert trial.data.tags["ftlab.failure_kind"] == "oom"
+
+
+def test_a_sequence_length_beyond_the_models_context_is_said(make_cfg, caplog):
+    """train.max_seq_length=4096 on a model of 1024 positions ran without a word (the memory
+    estimate priced it too): records past the context train and are scored there."""
+    from ftlab.memory import OverBudget
+
+    with pytest.raises(OverBudget):  # stopped by the budget right after: the point is what was said before
+        run(make_cfg("train.max_seq_length=2048", "budget.vram_gb=0.01"))
+    assert "train.max_seq_length=2048 is beyond the 1024 positions tiny was trained on" in caplog.text
+    caplog.clear()
+    with pytest.raises(OverBudget):
+        run(make_cfg("train.max_seq_length=1024", "budget.vram_gb=0.01"))
+    assert "beyond the" not in caplog.text
