@@ -230,11 +230,10 @@ def _base_run(client: MlflowClient, parent: Run, trial: Trial | None) -> Run | N
     bits, held-out data and eval settings); for runs of older ftlab, the newest on the same model and data."""
     if trial is None:
         return None
-    trial_tags = client.get_run(trial.run_id).data.tags
-    if key := trial_tags.get("ftlab.compared_base_key"):
-        wanted = {"ftlab.base_eval_key": key}
-    elif "ftlab.data_fingerprint" in trial_tags and trial.state == "finished":
-        wanted = {k: trial_tags[k] for k in ("ftlab.model", "ftlab.data_fingerprint") if k in trial_tags}
+    if trial.base_key:
+        wanted = {"ftlab.base_eval_key": trial.base_key}
+    elif trial.state == "finished" and "ftlab.data_fingerprint" in (tags := client.get_run(trial.run_id).data.tags):
+        wanted = {k: tags[k] for k in ("ftlab.model", "ftlab.data_fingerprint") if k in tags}
     else:
         return None  # a trial skipped over budget, or failed before its data was read: no base was scored for it
     query = " and ".join(["tags.`ftlab.role` = 'base_eval'", "attributes.status = 'FINISHED'",

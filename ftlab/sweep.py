@@ -276,7 +276,7 @@ class SweepCallback(Callback):
         out.mkdir(parents=True, exist_ok=True)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         ended = record_best(parent, summary)
-        counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items()) or "no trials"
+        counts = state_counts(summary) or "no trials"
         if n := summary["earlier_attempts"]:
             counts += f" ({n} earlier attempt{'s' * (n > 1)} of these configs, run again, not counted)"
         best = summary["best_run_id"] or f"none (no trial finished with {', '.join(summary['objective'])})"
@@ -382,8 +382,12 @@ def nothing_finished(summary: dict) -> str | None:
     exit status 1, or 2 where every config was over the budget), or None."""
     if not summary["counts"] or summary["counts"].get("finished"):  # none to run (a study decided already)
         return None
-    counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items())
-    return f"{tracking.NOTHING_FINISHED} ({counts}): nothing to compare or register"
+    return f"{tracking.NOTHING_FINISHED} ({state_counts(summary)}): nothing to compare or register"
+
+
+def state_counts(summary: dict) -> str:
+    """'2 finished, 1 failed': the summary's trials by state."""
+    return ", ".join(f"{n} {state}" for state, n in summary["counts"].items())
 
 
 def hand_over(config: DictConfig, parent_run_id: str, best_run_id: str | None) -> dict[str, Any]:
