@@ -414,3 +414,28 @@ def test_a_plain_tsv_keeps_its_quotes_and_a_quoted_one_is_read_as_quoted(data_cf
     broken.write_text('instruction\toutput\n"a tab\there"\tok\n"never closed\tans\n', encoding="utf-8")
     with pytest.raises(DataError, match=rf"^{re.escape(str(broken))}:3: unreadable CSV \(unexpected end of data\)"):
         load_examples(str(broken), data_cfg(on_error="skip"))
+
+
+def test_files_a_directory_does_not_read_leave_its_fingerprint_and_run_identity_alone(data_cfg, tmp_path):
+    """A run's own rejects file (data.rejects=<folder>/_rejects.jsonl), .DS_Store or a _SUCCESS marker
+    beside the shards changed the data's digest: `train.resume=true` then found no run to resume."""
+    from ftlab.data.prepare import source_digest
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write([as_format(CONVERSATIONS[0], "alpaca")], shards / "part-0.jsonl")
+    before = source_digest(str(shards), "train")
+    (shards / "_rejects.jsonl").write_text('{"where": "part-1.jsonl:3"}\n')
+    (shards / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (shards / "_SUCCESS").write_text("")
+    (shards / "notes.txt").write_text("not data")
+    assert source_digest(str(shards), "train") == before
+    write([as_format(CONVERSATIONS[1], "alpaca")], shards / "part-1.jsonl")
+    assert source_digest(str(shards), "train") != before
+    saved = tmp_path / "saved"  # a save_to_disk directory: its .arrow files are the data
+    import datasets
+
+    datasets.Dataset.from_list([as_format(CONVERSATIONS[0], "alpaca")]).save_to_disk(str(saved))
+    first = source_digest(str(saved), "train")
+    datasets.Dataset.from_list([as_format(CONVERSATIONS[1], "alpaca")]).save_to_disk(str(saved))
+    assert source_digest(str(saved), "train") != first

@@ -384,12 +384,17 @@ def read_directory(path: Path, hf_split: str = "train", json_field: str | None =
         yield from _read_file(file, json_field)
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A `datasets` save_to_disk directory: its .arrow files are the data."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
 def read_records(source: str, hf_split: str = "train", json_field: str | None = None
                  ) -> Iterator[RawRecord | RecordError]:
     """json_field: data.json_field, for .json files (alone or in a directory)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # datasets' save_to_disk
+        if is_saved_dataset(path):
             _no_json_field(json_field, f"{path} is a datasets save_to_disk directory")
             return read_hf(str(path), hf_split)
         return read_directory(path, hf_split, json_field)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ftlab.config import DataConfig
 from ftlab.data import clean
-from ftlab.data.formats import RawRecord, field_names, read_records, to_messages
+from ftlab.data.formats import RawRecord, field_names, is_saved_dataset, read_as_data, read_records, to_messages
 from ftlab.data.generate import generate, write_jsonl
 from ftlab.data.records import DataError, Example, RecordError
 from ftlab.files import publishing
@@ -179,11 +179,16 @@ def _token_stats(examples: list[Example]) -> dict:
 
 
 def source_digest(source: str, hf_split: str) -> str:
-    """Content hash of the source file (or every file of a directory); a hub name hashes as itself.
+    """Content hash of the source file (or of each file a directory's data is read from: not a rejects
+    file or .DS_Store beside it, which would make a run another); a hub name hashes as itself.
     A trial asks for it up to three times (sweep.kept_trial, tracking.config_hash, cache_key):
     the files are read once per process while their size and mtime stay the same."""
     path = Path(source).expanduser()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    if path.is_dir():
+        saved = is_saved_dataset(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (saved or read_as_data(path, p)))
+    else:
+        files = [path] if path.exists() else []
     stamps = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
     return _digest_files(source, hf_split, stamps)
 
