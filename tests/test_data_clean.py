@@ -86,7 +86,24 @@ def test_exact_dedupe_ignores_case_and_whitespace_and_threshold_is_configurable(
     assert loose.report["counts"]["dropped_near_duplicates"] == 1
 
 
-def test_overlong_drop_or_truncate_in_real_tokens(data_cfg, tiny_tokenizer, tmp_path):
+def test_exact_duplicates_are_the_same_turns_not_the_same_words_split_elsewhere(data_cfg, tiny_tokenizer, tmp_path):
+    """Two records whose texts joined are equal but whose questions end elsewhere are two examples
+    (a document split at several points); the same text in another role is another turn."""
+    rows = [{"instruction": "Is the sky blue? Yes", "output": "Correct"},
+            {"instruction": "Is the sky blue?", "output": "Yes correct"},
+            {"messages": [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]},
+            {"messages": [{"role": "user", "content": "Be brief"}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]},
+            {"instruction": "IS the sky   blue?", "output": "yes Correct"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, _ = load_examples(str(path), data_cfg(path=str(path)))
+    kept, dropped = clean.drop_exact_duplicates(examples)
+    assert dropped == 1 and [e.where for e in kept] == [f"{path}:{i}" for i in (1, 2, 3, 4)]
+
+
+def test_overlong_drop_or_truncate_in_real_tokens(data_cfg, tiny_tokenizer, tmp_path, capsys):
     long_answer = {"instruction": "Summarise the log", "output": "retry failed: timeout " * 60}
     short = [{"instruction": f"Ticket number {i} about the app", "output": f"fine {i}"} for i in range(4)]
     path = tmp_path / "d.jsonl"

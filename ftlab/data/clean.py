@@ -25,15 +25,17 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def record_text(example: Example) -> str:
-    return normalise(" ".join(m["content"] for m in example.messages))
+def _turns(example: Example) -> str:
+    """Each turn's role and normalised text, apart: the same words split elsewhere between question
+    and answer (a document cut at several points) are another example."""
+    return "\x1e".join(f"{m['role']}\x1f{normalise(m['content'])}" for m in example.messages)
 
 
 def drop_exact_duplicates(examples: list[Example]) -> tuple[list[Example], int]:
-    """Keep the first of records equal after whitespace and case normalisation."""
+    """Keep the first of records with the same turns after whitespace and case normalisation."""
     seen, kept = set(), []
     for e in examples:
-        key = hashlib.sha1(record_text(e).encode()).digest()
+        key = hashlib.sha1(_turns(e).encode()).digest()
         if key not in seen:
             seen.add(key)
             kept.append(e)

@@ -28,7 +28,8 @@ from ftlab.files import publishing
 log = logging.getLogger("ftlab.data")
 
 # Bump when cleaning changes what a given input produces, so old cache entries are not reused.
-CACHE_VERSION = 2  # 2: near duplicates compare question and answer, system turns left out
+# 2: near duplicates compare question and answer, system turns left out; 3: exact duplicates, each turn and its role
+CACHE_VERSION = 3
 # The error message lists this many problems, then the total.
 ERRORS_SHOWN = 5
 
