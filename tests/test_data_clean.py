@@ -18,7 +18,7 @@ from ftlab.config import TrainConfig
 from ftlab.data import DataError, clean, prepare
 from ftlab.data.generate import generate_with_plan
 from ftlab.data.prepare import load_examples
-from ftlab.data.report import log_data_report, padding_share, write_outputs
+from ftlab.data.report import log_data_report, padding_share, print_table, write_outputs
 from tests.conftest import ROOT, TINY
 
 # rapidfuzz ratio (0-100, on lower-cased alphanumerics) at or above which two tickets count as
@@ -116,6 +116,8 @@ def test_overlong_drop_or_truncate_in_real_tokens(data_cfg, tiny_tokenizer, tmp_
         assert len(tiny_tokenizer.apply_chat_template(e.messages, return_dict=False)) == e.tokens <= 64
     truncated = next(e for e in cut.train + cut.held_out if e.messages[0]["content"] == "Summarise the log")
     assert long_answer["output"].startswith(truncated.reference) and len(truncated.reference) > 20
+    print_table(cut, TrainConfig(max_seq_length=64))  # the printed table says answers were cut, as report.json does
+    assert re.search(r"answers cut to fit\s*│\s*1\s", capsys.readouterr().err)
     # Prompts alone over the limit cannot be cut (truncate cuts answers): the error says so, not "set truncate".
     with pytest.raises(DataError, match=r"every record's prompt alone is longer than train.max_seq_length=8 tokens "
                                         r"\(data.overlong=truncate cuts answers only\)"):

@@ -143,6 +143,8 @@ def clean_and_split(examples: list[Example], rejects: list[dict], cfg: DataConfi
     kept, length_counts = clean.fit_length(examples, tokenizer, max_seq_length, cfg.overlong)
     counts.update(length_counts)
     examples = step(f"length <= {max_seq_length} ({cfg.overlong})", kept, length_counts["dropped_overlong"])
+    if cfg.overlong == "truncate":
+        steps[-1]["truncated"] = length_counts["truncated_overlong"]
     if not examples and cfg.overlong == "truncate":
         raise DataError(f"every record's prompt alone is longer than train.max_seq_length={max_seq_length} tokens "
                         "(data.overlong=truncate cuts answers only); raise it, or shorten the prompts")

@@ -142,6 +142,8 @@ def print_table(data: PreparedData, train: TrainConfig) -> None:
     table.add_column("dropped", justify="right")
     for step in report["steps"]:
         table.add_row(step["step"], str(step["records"]), str(step.get("dropped", "")))
+        if step.get("truncated"):
+            table.add_row("  answers cut to fit", str(step["truncated"]), "")
     for kind, n in report["rejects_by_kind"].items():
         table.add_row(f"  rejected: {kind}", "", str(n))
     c = report["counts"]
