@@ -439,3 +439,28 @@ def test_files_a_directory_does_not_read_leave_its_fingerprint_and_run_identity_
     first = source_digest(str(saved), "train")
     datasets.Dataset.from_list([as_format(CONVERSATIONS[1], "alpaca")]).save_to_disk(str(saved))
     assert source_digest(str(saved), "train") != first
+
+
+def test_blank_csv_header_cells_of_a_spreadsheet_export_are_ignored(data_cfg, tmp_path, caplog):
+    """Excel exports the empty columns next to a table as `instruction,output,,`: such a file was refused
+    as naming '' more than once. A value under a column without a name is not read, and is said so."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("instruction,input,output,,\r\nReset my password,I am locked out.,"
+                     '"{""category"":""account""}",,\r\nOù est ma commande ? 📦,,En route.,note,\r\n'.encode())
+    examples, rejects = load_examples(str(path), data_cfg(path=str(path)))
+    assert rejects == [] and [e.messages for e in examples] == CONVERSATIONS
+    assert f"{path}: column 4 has no name in the header: its values are not read (the first at line 3)" in caplog.text
+
+
+def test_a_compressed_file_without_its_suffix_is_read(data_cfg, tmp_path):
+    """A .jsonl that is gzip inside (a download saved without its .gz) was every line's invalid UTF-8."""
+    import gzip
+    import lzma
+
+    plain = write([as_format(m, "alpaca") for m in CONVERSATIONS], tmp_path / "plain.jsonl")
+    for name, compress in (("gz.jsonl", gzip.compress), ("xz.csv", lzma.compress)):
+        source = write([as_format(m, "alpaca") for m in CONVERSATIONS], tmp_path / name)
+        source.write_bytes(compress(source.read_bytes()))
+        examples, rejects = load_examples(str(source), data_cfg(path=str(source)))
+        assert rejects == [] and [e.messages for e in examples] == CONVERSATIONS, name
+    assert plain.read_bytes().startswith(b"{")

@@ -103,6 +103,8 @@ def _repeated_key(value: object) -> RecordError | None:
 
 # Compressed text files (data.jsonl.gz, part-00000.csv.bz2, ...): read through the stdlib's streams.
 DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# Their first bytes: a download saved without its suffix (a data.jsonl that is gzip inside) is read too.
+SIGNATURES = {".gz": re.compile(rb"\x1f\x8b"), ".bz2": re.compile(rb"BZh[1-9]1AY&SY"), ".xz": re.compile(rb"\xfd7zXZ\x00")}
 
 
 def _data_suffix(path: Path) -> str:
@@ -118,14 +120,20 @@ def _open_binary(path: Path) -> Iterator[io.BufferedIOBase]:
     """The file's bytes, decompressed when its name ends in .gz, .bz2 or .xz (a damaged or truncated
     archive is a DataError naming the file, wherever the stream breaks), and as UTF-8 when the text
     is UTF-16 with its byte-order mark (Excel's "Unicode Text" export, PowerShell's Out-File)."""
-    decompress = DECOMPRESSORS.get(path.suffix.lower())
+    compression = path.suffix.lower() if path.suffix.lower() in DECOMPRESSORS else _compression_inside(path)
     try:
-        with (decompress or open)(path, "rb") as f:
+        with (DECOMPRESSORS[compression] if compression else open)(path, "rb") as f:
             yield _as_utf8(f, path)
     except (OSError, EOFError, lzma.LZMAError) as e:  # BadGzipFile is an OSError
-        if decompress is None:
+        if compression is None:
             raise
-        raise DataError(f"{path}: not a readable {path.suffix.lower()[1:]} file ({e or type(e).__name__})") from None
+        raise DataError(f"{path}: not a readable {compression[1:]} file ({e or type(e).__name__})") from None
+
+
+def _compression_inside(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(10)
+    return next((suffix for suffix, signature in SIGNATURES.items() if signature.match(head)), None)
 
 
 def _as_utf8(f: io.BufferedIOBase, path: Path) -> io.BufferedIOBase:
@@ -266,14 +274,23 @@ def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
         # strict: a quote opened and never closed is an error naming its line, where the lenient
         # reader took the rest of the file as one cell (900 records became one bad one).
         reader = csv.DictReader(f, delimiter=delimiter, strict=True, quoting=quoting)
-        repeated = sorted({c for c in reader.fieldnames or [] if reader.fieldnames.count(c) > 1})
+        header = reader.fieldnames or []
+        repeated = sorted({c for c in header if c.strip() and header.count(c) > 1})
         if repeated:  # the last column of a name would silently win over the others
             raise DataError(f"{path}:1: the header names {', '.join(map(repr, repeated))} more than once")
+        # A spreadsheet exports the empty columns beside its table as `instruction,output,,`: keyed by
+        # their index, which no field names, and left out.
+        unnamed = [i for i, name in enumerate(header) if not name.strip()]
+        reader.fieldnames = [i if i in unnamed else name for i, name in enumerate(header)]
+        unread = None  # the first value under a column without a name: (column, line)
         while True:
             start = reader.line_num + 1  # a row's first line: a quoted cell can span several
             try:
                 row = next(reader)
             except StopIteration:
+                if unread:
+                    log.warning("%s: column %d has no name in the header: its values are not read (the first at "
+                                "line %d)", path, unread[0] + 1, unread[1])
                 return
             except csv.Error as e:
                 raise DataError(f"{path}:{start}: unreadable CSV ({e}); is a quote opened there and never "
@@ -283,6 +300,9 @@ def read_csv(path: Path) -> Iterator[RawRecord | RecordError]:
             if None in row:
                 yield RecordError("row has more cells than the header has columns", "malformed_row", where, raw)
             else:
+                for i in unnamed:
+                    if (row.pop(i) or "").strip() and unread is None:
+                        unread = (i, start)
                 yield RawRecord(where, {k: v for k, v in row.items() if v is not None}, raw)
 
 
