@@ -15,7 +15,6 @@ import hmac
 import importlib.util
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,8 +30,10 @@ from omegaconf import DictConfig
 
 from ftlab import device
 from ftlab.config import ConfigError, ServeConfig, check_keys, exit_2_on
+from ftlab.files import publishing
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
 
 
 class ServeError(RuntimeError):
@@ -53,7 +54,9 @@ def resolve(cfg: DictConfig) -> Resolved:
     if not match:
         path = Path(cfg.model).expanduser()
         if (path / "adapter_config.json").exists():  # outputs/runs/<run id>/adapter, or one downloaded
-            run_id = path.parent.name if path.name == "adapter" else "<trial run id>"
+            # outputs/runs/<run id>/adapter names its run; any other folder (a download) does not.
+            run_id = path.parent.name if path.name == "adapter" and RUN_ID.fullmatch(path.parent.name) \
+                else "<trial run id>"
             raise ServeError(f"model={cfg.model} is a LoRA adapter, not a model: merge and register it "
                              f"(python -m ftlab.registry register run_id={run_id}), then serve "
                              "model=models:/<name>/<version>")
@@ -76,11 +79,10 @@ def resolve(cfg: DictConfig) -> Resolved:
     # deleted and re-created model numbers its versions again.
     identity = hashlib.sha256(f"{version.source}|{version.run_id}|{version.creation_timestamp}".encode()).hexdigest()
     dst = models.cache_root(cfg.cache_dir) / "serve" / f"{name}-v{version.version}-{identity[:12]}"
-    checkpoint = dst / "model"
-    if not (checkpoint / "config.json").exists():
-        shutil.rmtree(dst, ignore_errors=True)
-        dst.mkdir(parents=True)
-        checkpoint = registry.checkpoint_dir(f"models:/{name}/{version.version}", dst)
+    if not dst.exists():  # moved into place whole: a download stopped half-way leaves no entry to trust
+        with publishing(dst) as staged:
+            registry.checkpoint_dir(f"models:/{name}/{version.version}", staged)
+    checkpoint = dst / "model" if (dst / "model" / "config.json").is_file() else dst  # checkpoint_dir's layouts
     print(f"{cfg.model} -> version {version.version} (run {version.run_id})")
     return Resolved(checkpoint, f"{name}-v{version.version}", version.run_id)
 
@@ -163,11 +165,12 @@ def start_key_proxy(host: str, port: int, upstream: str, api_key: str) -> None:
     # aiohttp sets anew for what it streams (the client has decoded a compressed body).
     hop_by_hop = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "authorization",
                   "content-encoding"}
-    expected = f"Bearer {api_key}".encode()
+    expected = api_key.encode()
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
-        if request.raw_path != "/health" and not hmac.compare_digest(given, expected):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        authorised = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+        if request.raw_path != "/health" and not authorised:
             return web.json_response({"error": {"message": "invalid or missing API key", "type": "invalid_api_key"}},
                                      status=401)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in hop_by_hop}
@@ -311,8 +314,10 @@ def main() -> None:
     @exit_2_on(ServeError, ConfigError)  # ConfigError: a key the schema lacks, an unusable cache_dir
     def command(cfg: DictConfig) -> None:
         check_keys(cfg, ServeConfig)
-        # SIGTERM (e.g. from a supervisor) takes the same path as Ctrl-C, so the engine is stopped.
+        # SIGTERM (a supervisor) and Ctrl-C end the command the same quiet way (exit 143 or 130, no
+        # KeyboardInterrupt traceback); either way `running` stops the engine.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
         with running(cfg) as (base_url, model, api_key, process):
             print_usage(base_url, model, api_key)
             if cfg.check:

@@ -54,9 +54,9 @@ def serve(*args: str, **kwargs) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
 
 
-def stop(process: subprocess.Popen) -> str:
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> str:
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, sig)
         process.wait(timeout=30)
     except ProcessLookupError:
         pass
@@ -81,8 +81,10 @@ def server(production):
         assert process.poll() is None, stop(process)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        stop(process)
+        said = stop(process, signal.SIGINT)  # Ctrl-C in its terminal: the whole process group
         assert process.poll() is not None
+    # Ctrl-C is how a server is stopped: no KeyboardInterrupt tracebacks, as if it had crashed.
+    assert process.returncode == 130 and "Traceback" not in said, said[-3000:]
 
 
 def test_cpu_server_answers_the_openai_client_and_checks_the_key(server):
@@ -101,6 +103,12 @@ def test_cpu_server_answers_the_openai_client_and_checks_the_key(server):
         status = connection.getresponse().status
         connection.close()
         assert status == (200 if path == "/health" else 401), path
+    for authorization, status in ((f"bearer {KEY}", 200), (f"BEARER  {KEY}", 200), (f"Basic {KEY}", 401),
+                                  (f"Bearer {KEY}x", 401), (KEY, 401)):  # the scheme is case-insensitive (RFC 9110)
+        connection = http.client.HTTPConnection(host, timeout=30)
+        connection.request("GET", "/v1/models", headers={"Authorization": authorization})
+        assert connection.getresponse().status == status, authorization
+        connection.close()
 
 
 def test_check_sends_a_held_out_prompt_and_reports_speed(server, production, capsys):
@@ -137,14 +145,18 @@ def test_unknown_key_or_model_is_named():
 
 
 def test_an_adapter_directory_is_named_with_the_command_that_makes_it_servable(tmp_path):
-    adapter = tmp_path / "runs" / "0123abcd" / "adapter"  # what a run leaves in output_dir
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text("{}")
-    out = subprocess.run([sys.executable, "-m", "ftlab.serve", f"model={adapter}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert (f"ftlab: model={adapter} is a LoRA adapter, not a model: merge and register it "
-            "(python -m ftlab.registry register run_id=0123abcd)") in out.stderr
+    """A run's adapter folder names its run id; a downloaded one (my_adapter/adapter) suggested
+    `register run_id=my_adapter`, which cannot work."""
+    run_id = "0123abcd" * 4
+    for folder, named in ((tmp_path / "runs" / run_id / "adapter", run_id),  # what a run leaves in output_dir
+                          (tmp_path / "my_adapter" / "adapter", "<trial run id>")):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        out = subprocess.run([sys.executable, "-m", "ftlab.serve", f"model={folder}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert (f"ftlab: model={folder} is a LoRA adapter, not a model: merge and register it "
+                f"(python -m ftlab.registry register run_id={named})") in out.stderr
 
 
 def test_a_taken_port_or_bad_setting_is_refused_before_the_model_is_fetched(tmp_path):
@@ -190,6 +202,28 @@ def test_a_cached_download_is_served_only_for_the_version_it_was(production):
     again = resolve(cfg)
     assert again.served_name == first.served_name and again.checkpoint != first.checkpoint
     assert (again.checkpoint / "config.json").is_file()
+
+
+def test_a_download_stopped_half_way_is_fetched_again_not_served_broken(production, tmp_path, monkeypatch):
+    """The cache counted as complete once config.json was there: a download stopped after it and before
+    the weights failed every later serve, until the folder was deleted by hand."""
+    with initialize_config_dir(config_dir=str(CONF / "serve"), version_base="1.3"):
+        cfg = compose("config", overrides=[*production, f"cache_dir={tmp_path}"])
+    download = registry.checkpoint_dir
+
+    def stopped_after_the_config(uri, dst):
+        checkpoint = download(uri, dst)
+        for file in checkpoint.glob("*.safetensors"):
+            file.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "checkpoint_dir", stopped_after_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        resolve(cfg)
+    monkeypatch.setattr(registry, "checkpoint_dir", download)
+    checkpoint = resolve(cfg).checkpoint
+    assert (checkpoint / "config.json").is_file() and list(checkpoint.glob("*.safetensors"))
+    assert resolve(cfg).checkpoint == checkpoint  # and kept
 
 
 def test_the_printed_examples_say_where_their_key_comes_from(monkeypatch, capsys):
