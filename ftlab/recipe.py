@@ -87,6 +87,13 @@ def _recorded_if_it_fails(cfg: DictConfig, run_name: str, tags: dict, resume: ch
         yield
     except ConfigError:
         raise
+    except KeyboardInterrupt as e:  # no run yet: say so, where the run's own end says KILLED
+        if resume is None and not isinstance(e, checkpoints.TrainingInterrupted):
+            name = getattr(e, "signal_name", "SIGINT")
+            raise checkpoints.Interrupted(f"interrupted by {name} before training began (loading or scoring the "
+                                          "base model): its MLflow run had not started, none was recorded",
+                                          name) from None
+        raise
     except Exception as e:
         if resume is None:
             try:

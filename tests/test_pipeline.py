@@ -181,6 +181,24 @@ def test_a_base_model_that_fails_to_load_still_ends_a_failed_run_with_its_reason
     assert failed.data.params["lora_r"] == str(cfg.lora_r) and failed.data.metrics["predicted_peak_gb"] > 0
 
 
+def test_an_interrupt_while_the_base_model_is_scored_says_that_no_run_was_recorded(make_cfg, monkeypatch):
+    """Ctrl-C or SIGTERM while the base model loads or is scored said `interrupted by SIGTERM`, and the
+    store held no run of it, where an interrupted run ends KILLED: the message says none was recorded."""
+    from ftlab import checkpoints, scoring
+
+    def interrupted_scoring(*args, **kwargs):
+        raise checkpoints.Interrupted("interrupted by SIGTERM", "SIGTERM")
+
+    monkeypatch.setattr(scoring, "score", interrupted_scoring)
+    cfg = make_cfg("train.max_steps=2", "eval.compare_base=true")
+    with pytest.raises(checkpoints.Interrupted) as raised:
+        run(cfg)
+    assert type(raised.value) is checkpoints.Interrupted and raised.value.signal_name == "SIGTERM"
+    assert str(raised.value) == ("interrupted by SIGTERM before training began (loading or scoring the base model): "
+                                 "its MLflow run had not started, none was recorded")
+    assert _runs(cfg, "trial") == []
+
+
 def test_memory_cap_fails_the_trial_as_oom_in_one_line(make_cfg, tmp_path, in_process):
     """An out-of-memory run is recorded; the command says what happened and what to change, not a traceback."""
     overrides = ["train.max_steps=3", "eval.compare_base=false", "budget.memory_cap_gb=0.01"]
