@@ -383,6 +383,16 @@ def config_differences(run: Run, cfg: DictConfig) -> list[str]:
             if k in run.data.params and run.data.params[k] != v]
 
 
+def _newest_interrupted_differs(cfg: DictConfig) -> str:
+    """'; the newest KILLED/FAILED trial, <id>, was started with another config (lr: ...)', or ''."""
+    trials = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", order_by=["attributes.start_time DESC"],
+                                max_results=50, output_format="list")
+    newest = next((r for r in trials if r.info.status in ("KILLED", "FAILED")), None)
+    differences = config_differences(newest, cfg) if newest else []
+    return (f"; the newest KILLED/FAILED trial, {newest.info.run_id}, was started with another config "
+            f"({'; '.join(differences[:6])})" if differences else "")
+
+
 def resume_candidates(runs: list[Run]) -> dict[str, Path | None]:
     """Run id -> the folder the run recorded saving its checkpoints in (its ftlab.checkpoint tag,
     absolute: from another working directory a relative output_dir names another folder), in the
@@ -399,6 +409,8 @@ def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[dict[str, Pa
                                   order_by=["attributes.start_time DESC"], output_format="list")
         candidates = resume_candidates([r for r in runs if r.info.status in ("KILLED", "FAILED")])
         how = f"KILLED/FAILED runs with tag ftlab.config_hash={cfg_hash} in this experiment: {len(candidates)}"
+        if not candidates:  # one override slipped: say what differs from the run it meant
+            how += _newest_interrupted_differs(cfg)
         # A process killed with kill -9 (or a lost machine) leaves its run RUNNING: named, not taken.
         if running := [r.info.run_id for r in runs if r.info.status == "RUNNING"]:
             how += (f"; RUNNING: {', '.join(running[:3])} (if no process runs it any more, after a kill -9 or a lost "

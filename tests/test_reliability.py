@@ -227,6 +227,18 @@ def test_resume_with_nothing_to_resume_fails_and_says_where_it_looked(make_cfg, 
         run(cfg)
 
 
+def test_resume_after_an_override_slipped_names_what_differs_from_the_newest_interrupted_trial(make_cfg, tmp_path):
+    """`train.resume=true` with lr=1e-3 where the interrupted run had the default said only that no run
+    has this config hash; `train.resume=<id>` named the key."""
+    interrupted = make_cfg(*SHORT)
+    run(interrupted)
+    [r] = _trials(interrupted.tracking_uri)
+    MlflowClient().set_terminated(r.info.run_id, "KILLED")  # as an interrupted run ends
+    with pytest.raises(checkpoints.ResumeError, match=rf"; the newest KILLED/FAILED trial, {r.info.run_id}, was started "
+                                                      rf"with another config \(lr: {interrupted.lr} then -> 0.001 now\)"):
+        run(make_cfg(*SHORT, "lr=1e-3", "train.resume=true"))
+
+
 def test_dead_tracking_server_fails_at_start_within_seconds():
     start = time.monotonic()
     with pytest.raises(tracking.TrackingError, match=r"tracking_uri=http://127\.0\.0\.1"):
