@@ -157,19 +157,30 @@ def _this_trials_run(cfg: DictConfig) -> str | None:
 
 
 def sweep_id(config: DictConfig) -> str:
-    """sweep.name, else the Optuna study name, else a digest of the sweeper, the command's
-    overrides and the content of the data file: running the same command again continues the
-    same sweep (its parent run, its study, its finished trials, its interrupted trials from
-    their checkpoints), and after the data file is edited it starts a new one."""
+    """sweep.name, else the Optuna study name, else a digest of the sweeper and its search space
+    (hydra.sweeper.params: a sweep file's, or the command's), the command's overrides as they take
+    effect and the content of the data file: running the same command again continues the same
+    sweep (its parent run, its study, its finished trials, its interrupted trials from their
+    checkpoints), and after the data file is edited it starts a new one. How many trials, and
+    where the study is kept, are not part of it: a sweep run on for more trials is the same sweep."""
     if config.sweep.get("name"):
         return str(config.sweep.name)
     sweeper = config.hydra.sweeper
     if sweeper.get("study_name"):
         return str(sweeper.study_name)
-    key = [str(sweeper.get("_target_")), *sorted(config.hydra.overrides.task)]
+    key = [str(sweeper.get("_target_")), *effective_overrides(config.hydra.overrides.task)]
+    if sweeper.get("params"):
+        key.append(OmegaConf.to_container(sweeper.params))
     if config.data.path:
         key.append(source_digest(str(config.data.path), config.data.hf_split))
     return "ftlab-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+
+
+def effective_overrides(lines: Sequence[str]) -> list[str]:
+    """The overrides that take effect, in a stable order: the last of each key (`a=4 ... a=12` is
+    a=12, and another command than `a=12 ... a=4`), sorted (the keys' order changes nothing)."""
+    return sorted({o.get_key_element(): o.input_line for o in OverridesParser.create().parse_overrides(list(lines))}
+                  .values())
 
 
 def continues_finished_trials() -> bool:

@@ -182,6 +182,18 @@ def test_a_sweep_is_named_by_sweep_name_else_by_its_command_so_the_same_command_
     assert grid != sweep_id(sweep_config("lora_r=4", "lr=0.001", "hydra/sweeper=optuna"))
     assert sweep_id(sweep_config("lora_r=4", "sweep.name=contracts-v2")) == "contracts-v2"
     assert sweep_id(sweep_config("hydra/sweeper=optuna", "hydra.sweeper.study_name=rank-lr")) == "rank-lr"
+    # The last of a key wins, in the config as in the name: sorted, `max_steps=12` after `=4` and before it
+    # were one sweep, and a 12-step sweep joined a 4-step one's parent run, study and report.
+    last_wins = sweep_id(sweep_config("lora_r=4", "train.max_steps=4", "train.max_steps=12"))
+    assert last_wins != sweep_id(sweep_config("lora_r=4", "train.max_steps=12", "train.max_steps=4"))
+    assert last_wins == sweep_id(sweep_config("train.max_steps=12", "lora_r=4"))
+    # The search space the sweeper is given (a sweep file's hydra.sweeper.params, or the command's) is the
+    # sweep's; how many trials it runs is not: a sweep run on for more trials is the same one.
+    optuna = ("hydra/sweeper=optuna", "lora_r=4")
+    space = sweep_id(sweep_config(*optuna, "+hydra.sweeper.params.lr='choice(0.001,0.01)'"))
+    assert space != sweep_id(sweep_config(*optuna, "+hydra.sweeper.params.lr='choice(0.1,0.2)'"))
+    assert space == sweep_id(sweep_config(*optuna, "+hydra.sweeper.params.lr='choice(0.001,0.01)'",
+                                          "hydra.sweeper.n_trials=40"))
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     on_file = sweep_id(sweep_config("lora_r=4", f"data.path={data}"))
