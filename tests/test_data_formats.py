@@ -437,6 +437,9 @@ def test_files_a_directory_does_not_read_leave_its_fingerprint_and_run_identity_
 
     datasets.Dataset.from_list([as_format(CONVERSATIONS[0], "alpaca")]).save_to_disk(str(saved))
     first = source_digest(str(saved), "train")
+    (saved / "_rejects.jsonl").write_text("{}\n")
+    (saved / ".DS_Store").write_bytes(b"\x00")
+    assert source_digest(str(saved), "train") == first
     datasets.Dataset.from_list([as_format(CONVERSATIONS[1], "alpaca")]).save_to_disk(str(saved))
     assert source_digest(str(saved), "train") != first
 
@@ -464,3 +467,9 @@ def test_a_compressed_file_without_its_suffix_is_read(data_cfg, tmp_path):
         examples, rejects = load_examples(str(source), data_cfg(path=str(source)))
         assert rejects == [] and [e.messages for e in examples] == CONVERSATIONS, name
     assert plain.read_bytes().startswith(b"{")
+    import bz2
+
+    empty = tmp_path / "empty.jsonl"  # bzip2 of nothing has no block, and another signature
+    empty.write_bytes(bz2.compress(b""))
+    with pytest.raises(DataError, match=r"no usable records"):
+        load_examples(str(empty), data_cfg(path=str(empty)))

@@ -104,7 +104,8 @@ def _repeated_key(value: object) -> RecordError | None:
 # Compressed text files (data.jsonl.gz, part-00000.csv.bz2, ...): read through the stdlib's streams.
 DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 # Their first bytes: a download saved without its suffix (a data.jsonl that is gzip inside) is read too.
-SIGNATURES = {".gz": re.compile(rb"\x1f\x8b"), ".bz2": re.compile(rb"BZh[1-9]1AY&SY"), ".xz": re.compile(rb"\xfd7zXZ\x00")}
+SIGNATURES = {".gz": re.compile(rb"\x1f\x8b"), ".bz2": re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P)"),  # a block, or none
+              ".xz": re.compile(rb"\xfd7zXZ\x00")}
 
 
 def _data_suffix(path: Path) -> str:
@@ -368,8 +369,12 @@ DATASET_METADATA = {"dataset_infos.json", "dataset_info.json", "dataset_dict.jso
 def read_as_data(directory: Path, file: Path) -> bool:
     """Whether read_directory(directory) reads `file` (there or not yet): a data file's name, not a
     dataset's metadata, and no hidden or `_`-prefixed part on the way (_SUCCESS, .crc files)."""
-    return (bool(_reader(file)) and file.name not in DATASET_METADATA
-            and not any(part.startswith((".", "_")) for part in file.relative_to(directory).parts))
+    return bool(_reader(file)) and file.name not in DATASET_METADATA and not hidden(directory, file)
+
+
+def hidden(directory: Path, file: Path) -> bool:
+    """A hidden or `_`-prefixed part on the way from `directory` to `file`: no data's (_SUCCESS, .crc)."""
+    return any(part.startswith((".", "_")) for part in file.relative_to(directory).parts)
 
 
 def _split_of(relative: Path) -> str | None:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ftlab.config import DataConfig
 from ftlab.data import clean
-from ftlab.data.formats import RawRecord, field_names, is_saved_dataset, read_as_data, read_records, to_messages
+from ftlab.data.formats import (RawRecord, field_names, hidden, is_saved_dataset, read_as_data, read_records,
+                                to_messages)
 from ftlab.data.generate import generate, write_jsonl
 from ftlab.data.records import DataError, Example, RecordError
 from ftlab.files import publishing
@@ -189,7 +190,8 @@ def source_digest(source: str, hf_split: str) -> str:
     path = Path(source).expanduser()
     if path.is_dir():
         saved = is_saved_dataset(path)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (saved or read_as_data(path, p)))
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and (not hidden(path, p) if saved else read_as_data(path, p)))
     else:
         files = [path] if path.exists() else []
     stamps = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
