@@ -173,14 +173,14 @@ def sweep_id(config: DictConfig) -> str:
         key.append(OmegaConf.to_container(sweeper.params))
     if config.data.path:
         key.append(source_digest(str(config.data.path), config.data.hf_split))
-    return "ftlab-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+    return "ftlab-" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def effective_overrides(lines: Sequence[str]) -> list[str]:
     """The overrides that take effect, in a stable order: the last of each key (`a=4 ... a=12` is
     a=12, and another command than `a=12 ... a=4`), sorted (the keys' order changes nothing)."""
-    return sorted({o.get_key_element(): o.input_line for o in OverridesParser.create().parse_overrides(list(lines))}
-                  .values())
+    parsed = OverridesParser.create().parse_overrides(list(lines))
+    return sorted({(o.key_or_group, o.package): o.input_line for o in parsed}.values())  # `++a=2` is a's too
 
 
 def continues_finished_trials() -> bool:

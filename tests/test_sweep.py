@@ -187,6 +187,8 @@ def test_a_sweep_is_named_by_sweep_name_else_by_its_command_so_the_same_command_
     last_wins = sweep_id(sweep_config("lora_r=4", "train.max_steps=4", "train.max_steps=12"))
     assert last_wins != sweep_id(sweep_config("lora_r=4", "train.max_steps=12", "train.max_steps=4"))
     assert last_wins == sweep_id(sweep_config("train.max_steps=12", "lora_r=4"))
+    assert sweep_id(sweep_config("lora_r=4", "++train.max_steps=12", "train.max_steps=4")) != \
+        sweep_id(sweep_config("lora_r=4", "train.max_steps=4", "++train.max_steps=12"))  # `++a` is a's too
     # The search space the sweeper is given (a sweep file's hydra.sweeper.params, or the command's) is the
     # sweep's; how many trials it runs is not: a sweep run on for more trials is the same one.
     optuna = ("hydra/sweeper=optuna", "lora_r=4")
@@ -194,6 +196,8 @@ def test_a_sweep_is_named_by_sweep_name_else_by_its_command_so_the_same_command_
     assert space != sweep_id(sweep_config(*optuna, "+hydra.sweeper.params.lr='choice(0.1,0.2)'"))
     assert space == sweep_id(sweep_config(*optuna, "+hydra.sweeper.params.lr='choice(0.001,0.01)'",
                                           "hydra.sweeper.n_trials=40"))
+    two = ("+hydra.sweeper.params.lr='choice(0.001,0.01)'", "+hydra.sweeper.params.lora_alpha='choice(8,16)'")
+    assert sweep_id(sweep_config(*optuna, *two)) == sweep_id(sweep_config(*optuna, *reversed(two)))
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     on_file = sweep_id(sweep_config("lora_r=4", f"data.path={data}"))
