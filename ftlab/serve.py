@@ -15,6 +15,7 @@ import hmac
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,12 +80,22 @@ def resolve(cfg: DictConfig) -> Resolved:
     # deleted and re-created model numbers its versions again.
     identity = hashlib.sha256(f"{version.source}|{version.run_id}|{version.creation_timestamp}".encode()).hexdigest()
     dst = models.cache_root(cfg.cache_dir) / "serve" / f"{name}-v{version.version}-{identity[:12]}"
-    if not dst.exists():  # moved into place whole: a download stopped half-way leaves no entry to trust
-        with publishing(dst) as staged:
+    if not (checkpoint := _whole_checkpoint(dst)):  # none, or one an older ftlab left half-downloaded
+        shutil.rmtree(dst, ignore_errors=True)
+        with publishing(dst) as staged:  # moved into place whole: a download stopped half-way leaves none
             registry.checkpoint_dir(f"models:/{name}/{version.version}", staged)
-    checkpoint = dst / "model" if (dst / "model" / "config.json").is_file() else dst  # checkpoint_dir's layouts
+        if not (checkpoint := _whole_checkpoint(dst)):
+            raise ServeError(f"model={cfg.model}: version {version.version} holds no checkpoint with safetensors "
+                             "weights")
     print(f"{cfg.model} -> version {version.version} (run {version.run_id})")
     return Resolved(checkpoint, f"{name}-v{version.version}", version.run_id)
+
+
+def _whole_checkpoint(entry: Path) -> Path | None:
+    """A cache entry's checkpoint (checkpoint_dir's layouts: entry/model, or entry itself) if it has
+    its config and weights."""
+    return next((c for c in (entry / "model", entry)
+                 if (c / "config.json").is_file() and any(c.glob("*.safetensors"))), None)
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -248,11 +259,18 @@ def running(cfg: DictConfig):
             wait_ready(f"http://{cfg.host}:{cfg.port}", process, 30)
         yield f"http://{cfg.host}:{cfg.port}/v1", model, api_key, process
     finally:
-        process.terminate()
+        # A second Ctrl-C or SIGTERM while the engine stops would skip its kill and leave it running.
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def print_usage(base_url: str, model: Resolved, api_key: str | None) -> None:
