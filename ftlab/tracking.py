@@ -383,14 +383,24 @@ def config_differences(run: Run, cfg: DictConfig) -> list[str]:
             if k in run.data.params and run.data.params[k] != v]
 
 
-def _newest_interrupted_differs(cfg: DictConfig) -> str:
+def changed_config(run: Run, cfg: DictConfig, cfg_hash: str) -> str:
+    """Why a run's config hash is not this config's: the params that differ, else the data's content."""
+    differences = config_differences(run, cfg) or (
+        ["the content of data.path changed"] if cfg.data.path else
+        [f"ftlab.config_hash {run.data.tags.get('ftlab.config_hash')} then -> {cfg_hash} now"])
+    return "; ".join(differences[:6])
+
+
+def _newest_interrupted_differs(cfg: DictConfig, cfg_hash: str) -> str:
     """'; the newest KILLED/FAILED trial, <id>, was started with another config (lr: ...)', or ''."""
-    trials = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", order_by=["attributes.start_time DESC"],
-                                max_results=50, output_format="list")
-    newest = next((r for r in trials if r.info.status in ("KILLED", "FAILED")), None)
-    differences = config_differences(newest, cfg) if newest else []
+    # MLflow compares a status with one value at a time: not FINISHED nor RUNNING (nor SCHEDULED) is KILLED or FAILED.
+    runs = mlflow.search_runs(
+        filter_string="tags.`ftlab.role` = 'trial' and attributes.status != 'FINISHED' and attributes.status != "
+                      "'RUNNING' and attributes.status != 'SCHEDULED'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    newest = runs[0] if runs else None
     return (f"; the newest KILLED/FAILED trial, {newest.info.run_id}, was started with another config "
-            f"({'; '.join(differences[:6])})" if differences else "")
+            f"({changed_config(newest, cfg, cfg_hash)})" if newest else "")
 
 
 def resume_candidates(runs: list[Run]) -> dict[str, Path | None]:
@@ -410,7 +420,7 @@ def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[dict[str, Pa
         candidates = resume_candidates([r for r in runs if r.info.status in ("KILLED", "FAILED")])
         how = f"KILLED/FAILED runs with tag ftlab.config_hash={cfg_hash} in this experiment: {len(candidates)}"
         if not candidates:  # one override slipped: say what differs from the run it meant
-            how += _newest_interrupted_differs(cfg)
+            how += _newest_interrupted_differs(cfg, cfg_hash)
         # A process killed with kill -9 (or a lost machine) leaves its run RUNNING: named, not taken.
         if running := [r.info.run_id for r in runs if r.info.status == "RUNNING"]:
             how += (f"; RUNNING: {', '.join(running[:3])} (if no process runs it any more, after a kill -9 or a lost "
@@ -424,11 +434,8 @@ def resumable_runs(resume, cfg_hash: str, cfg: DictConfig) -> tuple[dict[str, Pa
     if run.info.status == "FINISHED":
         raise ResumeError(f"train.resume={resume}: that run already FINISHED; there is nothing to resume")
     if run.data.tags.get("ftlab.config_hash", cfg_hash) != cfg_hash:
-        differences = config_differences(run, cfg) or (
-            ["the content of data.path changed"] if cfg.data.path else
-            [f"ftlab.config_hash {run.data.tags['ftlab.config_hash']} then -> {cfg_hash} now"])
         raise ResumeError(f"train.resume={resume}: that run was started with another config "
-                          f"({'; '.join(differences[:6])}); resume with the same overrides")
+                          f"({changed_config(run, cfg, cfg_hash)}); resume with the same overrides")
     return resume_candidates([run]), f"run {run.info.run_id}"
 
 
