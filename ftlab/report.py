@@ -95,6 +95,13 @@ class Sweep:
         return [t for t in self.trials if t.state == "finished"]
 
     @property
+    def counts(self) -> str:
+        """'1 finished, 2 killed': the trials by state (a killed one is no failed one: it continues)."""
+        states = [t.state for t in self.trials]
+        names = {"skipped_budget": "skipped over the budget"}
+        return ", ".join(f"{states.count(s)} {names.get(s, s)}" for s in dict.fromkeys(["finished", *states]))
+
+    @property
     def winner(self) -> Trial | None:
         tagged = [t for t in self.finished if t.run_id == self.best_run_id]
         return (tagged or self.finished or [None])[0]
@@ -525,7 +532,7 @@ def next_steps(sweep: Sweep, winner: Trial) -> list[str]:
 MARKDOWN = """# Sweep {{ s.sweep_id }}
 
 Parent MLflow run `{{ s.parent_run_id }}` (experiment `{{ s.experiment }}`); objective {{ objective }}.
-{{ s.finished|length }} finished, {{ s.trials|length - s.finished|length }} failed or skipped of {{ s.trials|length }} trials.
+{{ s.counts }} of {{ s.trials|length }} trials.
 {% if s.earlier_attempts %}Not listed: {{ s.earlier_attempts }} earlier attempt(s) of these configs, which the sweep ran again.{% endif %}
 {% if s.command %}Sweep command: `{{ s.command }}`{% endif %}
 {% if s.stopped %}
@@ -574,7 +581,7 @@ td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top} 
 pre{background:#f4f4f4;padding:1em;overflow-x:auto} img{max-width:100%}</style></head><body>
 <h1>Sweep {{ s.sweep_id }}</h1>
 <p>Parent MLflow run <code>{{ s.parent_run_id }}</code> (experiment <code>{{ s.experiment }}</code>); objective {{ objective }}.
-{{ s.finished|length }} finished, {{ s.trials|length - s.finished|length }} failed or skipped of {{ s.trials|length }} trials.
+{{ s.counts }} of {{ s.trials|length }} trials.
 {% if s.earlier_attempts %}Not listed: {{ s.earlier_attempts }} earlier attempt(s) of these configs, which the sweep ran again.{% endif %}</p>
 {% if s.command %}<p>Sweep command: <code>{{ s.command }}</code></p>{% endif %}
 {% if s.stopped %}<p><b>The sweep stopped early:</b></p><pre>{{ s.stopped }}</pre>{% endif %}
@@ -615,6 +622,9 @@ def render(sweep: Sweep, front: set[str], figures: list[tuple[str, Path]], impor
 # ---------------------------------------------------------------- entry points
 
 
+FIGURES = ("train_loss.png", "objective_vs_params.png", "importances.png", "pareto_front.png")
+
+
 def build_report(parent_run_id: str | None, out_dir: str | Path = "reports", tracking_uri: str | None = None) -> Path:
     """Write <out_dir>/<sweep-id>/report.{md,html} and figures; log them on the parent run
     under report/. `parent_run_id` may also be a sweep id, or None for the newest sweep.
@@ -629,11 +639,13 @@ def build_report(parent_run_id: str | None, out_dir: str | Path = "reports", tra
     study = optuna_study(sweep)
     importances, note = param_importances(study)
     front = pareto_run_ids(study)
+    for figure in FIGURES:  # one an earlier report drew and this one does not would be shown and logged as its
+        (out / figure).unlink(missing_ok=True)
     candidates = [
-        ("Training loss", plot_train_loss(sweep, out / "train_loss.png")),
-        (f"{sweep.objectives[0]} vs swept parameters", plot_objective_vs_params(sweep, out / "objective_vs_params.png")),
-        ("Parameter importances", plot_importances(importances, sweep.objectives[0], out / "importances.png")),
-        ("Pareto front", plot_pareto(sweep, front, out / "pareto_front.png")),
+        ("Training loss", plot_train_loss(sweep, out / FIGURES[0])),
+        (f"{sweep.objectives[0]} vs swept parameters", plot_objective_vs_params(sweep, out / FIGURES[1])),
+        ("Parameter importances", plot_importances(importances, sweep.objectives[0], out / FIGURES[2])),
+        ("Pareto front", plot_pareto(sweep, front, out / FIGURES[3])),
     ]
     figures = [(title, path) for title, path in candidates if path is not None]
     render(sweep, front, figures, note, out)

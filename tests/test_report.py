@@ -110,9 +110,14 @@ def assert_png(data: bytes, where: str) -> None:
 def test_report_of_a_tiny_sweep(sweep, tmp_path):
     store, parent_id = sweep
     uri = f"sqlite:///{store}/mlruns/mlflow.db"
+    stale = tmp_path / "reports" / SWEEP_ID / "importances.png"  # drawn for another sweep of this name
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(PNG_SIGNATURE)
     out = report.build_report(parent_id, tmp_path / "reports", tracking_uri=uri)
     assert out == tmp_path / "reports" / SWEEP_ID
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    # By state: a killed trial continues where it stopped, and was counted as "failed or skipped".
+    assert "3 finished, 1 failed, 1 skipped over the budget of 5 trials." in md
 
     client = MlflowClient(uri)
     trials = client.search_runs([client.get_run(parent_id).info.experiment_id],
