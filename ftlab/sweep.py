@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -156,6 +157,10 @@ def _this_trials_run(cfg: DictConfig) -> str | None:
     return last.info.run_id
 
 
+# A quote broke MLflow's filter on the sweep's tag (its trials ran as lone runs), and ../ put the report elsewhere.
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,199}", re.ASCII)
+
+
 def sweep_id(config: DictConfig) -> str:
     """sweep.name, else the Optuna study name, else a digest of the sweeper and its search space
     (hydra.sweeper.params: a sweep file's, or the command's), the command's overrides as they take
@@ -163,11 +168,15 @@ def sweep_id(config: DictConfig) -> str:
     sweep (its parent run, its study, its finished trials, its interrupted trials from their
     checkpoints), and after the data file is edited it starts a new one. How many trials, and
     where the study is kept, are not part of it: a sweep run on for more trials is the same sweep."""
-    if config.sweep.get("name"):
-        return str(config.sweep.name)
+    for key, name in (("sweep.name", config.sweep.get("name")), ("hydra.sweeper.study_name",
+                                                                  config.hydra.sweeper.get("study_name"))):
+        if name:
+            if not SWEEP_NAME.fullmatch(str(name)):
+                raise SweepConfigError(f"{key}={name}: use letters, digits, '.', '_' and '-', starting with a letter "
+                                       "or digit, up to 200 (it names the MLflow parent run's tag, the Optuna study and "
+                                       "the report's folder)")
+            return str(name)
     sweeper = config.hydra.sweeper
-    if sweeper.get("study_name"):
-        return str(sweeper.study_name)
     key = [str(sweeper.get("_target_")), *effective_overrides(config.hydra.overrides.task)]
     if sweeper.get("params"):
         key.append(OmegaConf.to_container(sweeper.params))
@@ -259,13 +268,13 @@ class SweepCallback(Callback):
             if registers and (problem := model_name_problem(config.registry.model_name, config.experiment)):
                 raise ConfigError(problem)
             files.make_dir(config.sweep.report_dir, "sweep.report_dir")  # written at the end, after every trial
+            sid = sweep_id(config)
         try:
             check_objective(list(config.sweep.objective), list(config.sweep.direction), config.eval.compare_base)
         except SweepConfigError:
             return  # no parent run for a sweep that cannot run; its first trial stops it with the message
         with exit_2_on(tracking.TrackingError):  # raised from a callback, Hydra would only warn
             tracking.setup(config.tracking_uri, config.experiment)
-        sid = sweep_id(config)
         parent, was, error = tracking.start_sweep_run(sid, command_line(), list(config.sweep.objective),
                                                       list(config.sweep.direction))
         os.environ[ENV_SWEEP_ID], os.environ[ENV_PARENT_RUN_ID] = sid, parent
