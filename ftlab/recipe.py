@@ -148,8 +148,10 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
                                                   result.steps) as raise_if_interrupted:
             metrics = _score_and_log(cfg, model, tokenizer, data, dtype, active, base_scores, wall_start, result,
                                      out_dir, raise_if_interrupted)
-    except Exception:  # train.resume=true takes a failed run; a sweep continues only its interrupted trials
-        if cfg.sweep.id is not None and result.end_checkpoint is not None:
+    except Exception as e:  # train.resume=true takes a failed run; a sweep continues only its interrupted trials,
+        # and one whose store went away as it ended (the sweep run again once the store is back)
+        if cfg.sweep.id is not None and result.end_checkpoint is not None \
+                and not isinstance(e, tracking.StoreUnreachable):
             shutil.rmtree(result.end_checkpoint, ignore_errors=True)
         raise
     remove_transient_checkpoints(out_dir)  # the run is logged: nothing is left to resume
@@ -196,7 +198,7 @@ def _log_final_metrics(metrics: dict, run_id: str, out_dir: Path, saved_dir: Pat
     if not final.close():
         scores = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("rouge_l", "bertscore_f1", "eval_loss") if k in metrics)
         kept = f"; the trained weights are in {saved_dir}" if saved_dir is not None else ""
-        raise tracking.TrackingError(f"tracking store unreachable at the end of run {run_id}: its metrics ({scores}) "
+        raise tracking.StoreUnreachable(f"tracking store unreachable at the end of run {run_id}: its metrics ({scores}) "
                                      f"were written to {final.spill_path}{kept}")
 
 

@@ -85,6 +85,13 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         print(f"ftlab: skipped {e.run_name}: {e.reason}")
         return {"state": "skipped_budget", "run_id": e.run_id, "reason": e.reason,
                 "predicted_peak_gb": e.predicted_gb, "budget_gb": budget_gib(cfg), "metrics": {}}
+    except tracking.StoreUnreachable as e:
+        # Every later trial needs the store. This trial's run stays RUNNING there with its checkpoint:
+        # the sweep run again ends it KILLED and continues it (Optuna: once its heartbeat is stale).
+        stopped = tracking.StoreUnreachable(f"{e}; sweep {cfg.sweep.id} stopped: run the same command again once the "
+                                            "store is back, and this config continues from its last checkpoint")
+        end_sweep(cfg, stopped, "FAILED")
+        raise stopped from None
     except (DataError, ConfigError, tracking.TrackingError) as e:
         # Bad data, or a value ftlab cannot run with (config.check: lr=-1, train.sampling=bogus, a
         # resume with nothing to resume), or a tracking store it cannot use: every trial would fail

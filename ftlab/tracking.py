@@ -60,7 +60,13 @@ HASHED_AS_DEFAULT = {"tracking_uri": "None"}
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used: at start, before any training; or still unreachable as a
-    run ends, once its metrics are written to a file (recipe._log_final_metrics)."""
+    run ends, once its metrics are written to a file (StoreUnreachable)."""
+
+
+class StoreUnreachable(TrackingError):
+    """The store went away as a run ended (recipe._log_final_metrics): its scores are in the run's
+    spill file, its last step's checkpoint is kept, and the run stays RUNNING in the store, which
+    could not end it. Resumed once the store is back, the run is scored and logged again."""
 
 
 def store_argument(tracking_uri: str | None) -> str:
@@ -504,7 +510,9 @@ class BufferedMetrics:
     # of a tiny trial's training, a tenth of a 0.1 s GPU step. Batched, a live loss curve lags
     # by at most this much.
     EVERY_S = 5.0
-    CLOSE_ATTEMPTS = 4  # with backoff 1+2+4 s between them: a tracking server restart is waited for
+    # With backoff 1+2+...+32 s between them (~1 min, beyond MLflow's own retries): a tracking server
+    # restart is waited for rather than a run's minutes of scoring written off to a file.
+    CLOSE_ATTEMPTS = 7
 
     def __init__(self, run_id: str, spill_path: Path, max_buffered: int = 100_000, max_backoff_s: float = 60.0):
         self.run_id, self.spill_path = run_id, Path(spill_path)

@@ -142,6 +142,45 @@ def test_a_killed_grid_sweep_run_again_keeps_finished_trials_and_continues_from_
     assert "2 finished; best run" in again.stdout
 
 
+def test_a_store_lost_as_a_trial_ends_stops_the_sweep_and_the_same_command_continues_that_trial(tmp_path, in_process,
+                                                                                                monkeypatch):
+    """The MLflow server went away as a trial ended: its scores went to the spill file, but its Optuna trial
+    ended FAIL and was never queued again, its run stayed RUNNING for good and its checkpoint was removed:
+    the same command, once the server was back, trained that config from zero in a new run."""
+    import time
+
+    from ftlab import tracking
+    from tests.faults import MlflowServer, TcpRelay
+
+    monkeypatch.setattr(tracking.BufferedMetrics, "CLOSE_ATTEMPTS", 1)  # no minute of waiting for the server
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    with MlflowServer(tmp_path / "server") as server:
+        relay = TcpRelay(server.port).open()
+        uri = f"http://127.0.0.1:{relay.port}"
+        args = [*optuna_sweep_args(storage, "lost", 1), f"tracking_uri={uri}", "train.max_steps=2"]
+        outage = (f"train.callbacks=[{{_target_: tests.faults.TrackingOutage, relay_port: {relay.port}, stop_at: 2, "
+                  "restart_at: 99}]")  # at the end of training, before the scores are logged
+        stopped = sweep(tmp_path, *args, outage, check=False, in_process=in_process)
+        assert stopped.returncode == 2, stopped.stderr[-3000:]
+        message = stopped.stderr.strip().splitlines()[-1]
+        assert message.startswith("ftlab: tracking store unreachable at the end of run ") and message.endswith(
+            "stopped: run the same command again once the store is back, and this config continues from its last "
+            "checkpoint"), message
+        relay.open()
+        [lost] = runs(tmp_path, uri=uri)
+        assert lost.info.status == "RUNNING"
+        assert [t.state for t in optuna.load_study(study_name="lost", storage=storage).trials] == [TrialState.RUNNING]
+        time.sleep(3)  # its heartbeat goes stale (grace_period 2 s), as a crashed worker's does
+
+        sweep(tmp_path, *args, in_process=in_process)  # the same sweep (named), the outage over
+        [continued] = runs(tmp_path, uri=uri)
+        assert continued.info.run_id == lost.info.run_id and continued.info.status == "FINISHED"
+        assert continued.data.tags["ftlab.resumed_from_step"] == "2" and "rouge_l" in continued.data.metrics
+        study = optuna.load_study(study_name="lost", storage=storage).trials
+        assert [t.state for t in study] == [TrialState.FAIL, TrialState.COMPLETE]
+        assert study[1].user_attrs["retry_of"] == 0 and study[1].params == study[0].params
+
+
 def kill_hook(tmp_path, trial, at):
     return (f"{{_target_:tests.faults.KillOnce,trial:${{sweep.trial_number}},kill_trial:{trial},at:{at},"
             f"marker:'{tmp_path}/killed-{trial}'}}")

@@ -470,12 +470,18 @@ class OptunaSweeperImpl(Sweeper):
                 # queued to run again.
                 interrupted = isinstance(e, KeyboardInterrupt)
                 reason = e.__context__ if isinstance(e, SystemExit) and e.__context__ else e  # exit_2_on's error
+                # The MLflow store went away as a trial ended: its run stays RUNNING there, so the trial stays
+                # RUNNING here, as after a crash: once its heartbeat is stale the next run of the sweep fails
+                # it, ends the run KILLED and queues its params, which continue that run from its checkpoint.
+                store_lost = isinstance(reason, tracking.StoreUnreachable)
                 for trial in batch + twins:
                     if trial in batch and (run := finished_in_batch(sweep_id, trial.number, launched_ms)):
                         self.record(study, trial, {"state": "finished", "run_id": run.info.run_id,
                                                    "metrics": dict(run.data.metrics)}, objective)
                         continue
                     if trial in twins and reuse_earlier_outcome(study, trial, configs[trial.number]):
+                        continue
+                    if store_lost and trial in batch:
                         continue
                     trial.set_user_attr("failure_kind", "interrupted" if interrupted else "exception")
                     trial.set_user_attr("error", tracking.mask(f"{type(reason).__name__}: {reason}")[:2000])
