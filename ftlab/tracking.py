@@ -346,8 +346,8 @@ def failure_kind(error: BaseException) -> str:
     return "exception"
 
 
-def flatten(cfg: DictConfig) -> dict[str, str]:
-    """Dotted keys -> string values, secrets masked and values cut to MLflow's limit."""
+def flatten(cfg: DictConfig, cut: bool = True) -> dict[str, str]:
+    """Dotted keys -> string values, secrets masked and (cut) values cut to MLflow's limit."""
     flat: dict[str, str] = {}
 
     def walk(node, prefix):
@@ -357,7 +357,7 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
         else:
             key = prefix[:-1][:MAX_PARAM_KEY]
             value = "***" if SECRET_KEY.search(key) and node else mask(json.dumps(node) if isinstance(node, list) else str(node))
-            if len(value) > MAX_PARAM_VALUE:
+            if cut and len(value) > MAX_PARAM_VALUE:
                 value = value[: MAX_PARAM_VALUE - 15] + "...[truncated]"
             flat[key] = value
 
@@ -365,17 +365,18 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return flat
 
 
-def hashed_params(cfg: DictConfig) -> dict[str, str]:
+def hashed_params(cfg: DictConfig, cut: bool = True) -> dict[str, str]:
     """The flattened params that make up a run's config hash (NOT_IN_CONFIG_HASH and HASHED_AS_DEFAULT
-    left out, HASHED_ONCE_SET while unset)."""
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_IN_CONFIG_HASH)
+    left out, HASHED_ONCE_SET while unset); cut as logged, or whole, as hashed."""
+    return {k: v for k, v in flatten(cfg, cut).items() if not k.startswith(NOT_IN_CONFIG_HASH)
             and not (k in HASHED_ONCE_SET and v == "None") and k not in HASHED_AS_DEFAULT}
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Identity of what a run trains: its config and the content of the data file it names (an
     edited file is new training), for train.resume=true and a rerun sweep to find its twins."""
-    flat = {**hashed_params(cfg), **HASHED_AS_DEFAULT}
+    # Whole values: two system prompts alike in their first 6,000 characters are two configs.
+    flat = {**hashed_params(cfg, cut=False), **HASHED_AS_DEFAULT}
     if cfg.data.path:  # the embedded data is defined by its config; only a user's file needs reading
         from ftlab.data.prepare import source_digest  # not at import: the run's gate stays light
 

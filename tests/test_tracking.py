@@ -33,6 +33,17 @@ def test_flatten_truncates_long_values_and_masks_secrets(monkeypatch):
     assert flat["target_modules"] == '["q_proj", "v_proj"]'
 
 
+def test_the_config_hash_sees_all_of_a_value_longer_than_mlflow_keeps(make_cfg):
+    """Values were cut to MLflow's 6,000 characters before hashing: two system prompts that differ
+    only after that were one config, which train.resume=true and a rerun sweep took for each other."""
+    long = "x" * tracking.MAX_PARAM_VALUE
+    a, b = make_cfg(f"data.system_prompt={long}A"), make_cfg(f"data.system_prompt={long}B")
+    assert tracking.flatten(a)["data.system_prompt"] == tracking.flatten(b)["data.system_prompt"]  # as logged
+    assert tracking.config_hash(a) != tracking.config_hash(b)
+    assert tracking.config_hash(make_cfg("data.system_prompt=short")) == tracking.config_hash(
+        make_cfg("data.system_prompt=short", "train.resume=true"))
+
+
 def test_a_store_is_shown_as_the_user_gave_it():
     """Without the busy timeout ftlab adds to a SQLite URI, keeping the user's own query, masked."""
     assert tracking.shown_store(tracking.sqlite_busy_timeout("sqlite:///a.db")) == "sqlite:///a.db"
