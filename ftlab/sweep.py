@@ -336,7 +336,9 @@ def summarise(parent_run_id: str, objective: list[str], direction: list[str]) ->
     scored = [t for t in trials if t["state"] == "finished"
               and all(m in t["metrics"] and not math.isnan(t["metrics"][m]) for m in objective)]
     sign = [1 if d == "maximize" else -1 for d in direction]
-    # By the first objective, ties broken by the next: so with several the best is on the Pareto front.
+    # By the first objective, ties broken by the next (so with several the best is on the Pareto front),
+    # then by the earlier trial, as the report ranks them: max() keeps the first of equals.
+    scored.sort(key=lambda t: int(t["trial_number"]) if str(t["trial_number"]).isdigit() else math.inf)
     best = max(scored, key=lambda t: [s * t["metrics"][m] for m, s in zip(objective, sign)], default=None)
     counts: dict[str, int] = {}
     for t in trials:

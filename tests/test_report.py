@@ -329,18 +329,22 @@ def test_a_tie_on_the_first_objective_is_broken_by_the_next_so_the_winner_is_on_
     tracking.setup(uri, "tie")
     with mlflow.start_run(tags={"ftlab.role": "sweep", "ftlab.sweep_id": "tie", "ftlab.objective": "rouge_l,train_seconds",
                                 "ftlab.direction": "maximize,minimize"}) as parent:
-        made = []
         # The first a diverged trial (NaN): max() kept a NaN it met first as the best.
-        for number, (rouge, seconds) in enumerate([(float("nan"), 1.0), (0.0, 2.6), (0.0, 1.8), (0.0, 2.2)]):
+        # The last ties with the third on both: the earlier trial wins, as the report ranks it first (the
+        # parent's best run was another one, by the order two workers' runs started in).
+        scores = [(float("nan"), 1.0), (0.0, 2.6), (0.0, 1.8), (0.0, 2.2), (0.0, 1.8)]
+        made = [None] * len(scores)
+        for number in (0, 1, 4, 3, 2):
+            rouge, seconds = scores[number]
             with mlflow.start_run(nested=True, tags={"ftlab.role": "trial", "ftlab.sweep_id": "tie", "ftlab.state": "finished",
                                                      "ftlab.trial_number": str(number),
                                                      "ftlab.compared_base_key": f"base-{number % 2}"}) as trial:
                 mlflow.log_params({"lora_r": 4 * (number + 1)})
                 mlflow.log_metrics({"rouge_l": rouge, "train_seconds": seconds})
-            made.append(trial.info.run_id)
+            made[number] = trial.info.run_id
     summary = sweep.summarise(parent.info.run_id, ["rouge_l", "train_seconds"], ["maximize", "minimize"])
-    assert summary["best_run_id"] == made[2] and summary["pareto_front_run_ids"] == [made[2]]
+    assert summary["best_run_id"] == made[2] and summary["pareto_front_run_ids"] == [made[2], made[4]]
     gathered = report.gather(MlflowClient(uri), "tie")
-    assert [t.run_id for t in gathered.trials] == [made[2], made[3], made[1], made[0]]
+    assert [t.run_id for t in gathered.trials] == [made[2], made[4], made[3], made[1], made[0]]
     # Compared with two bases (as peft=qlora,lora is): the reference row says whose it is.
     assert gathered.base_label == "base model (the winner's; trials compared with 2)"
