@@ -199,7 +199,9 @@ def probe_database(uri: str, shown: str, attempts: int = 3,
     try:
         for attempt in range(attempts):
             try:
-                with engine.connect():
+                with engine.connect() as connection:
+                    if uri.startswith("mysql"):
+                        _check_mysql_charset(connection, shown, unusable)
                     return
             except sqlalchemy.exc.DBAPIError as e:
                 if attempt == attempts - 1:
@@ -207,6 +209,19 @@ def probe_database(uri: str, shown: str, attempts: int = 3,
                 time.sleep(2.0 ** attempt)
     finally:
         engine.dispose()
+
+
+def _check_mysql_charset(connection, shown: str, unusable: Callable[[str, object], Exception]) -> None:
+    """A MySQL/MariaDB database made with another default than utf8mb4 (latin1) stores a non-Latin
+    tag (the sweep command, a system prompt) as '?' and fails a trial's params after its model has
+    loaded and the base model was scored: refused at start instead."""
+    import sqlalchemy
+
+    charset = connection.execute(sqlalchemy.text("SELECT @@character_set_database")).scalar()
+    if not str(charset).startswith("utf8mb4"):
+        raise unusable(shown, f"the database's character set is {charset}, and MLflow's and Optuna's text needs utf8mb4 "
+                              "(non-Latin params fail a trial late, tags are stored as '?'): ALTER DATABASE <name> "
+                              "CHARACTER SET utf8mb4 before any table is made in it, or use a database created so")
 
 
 @contextmanager

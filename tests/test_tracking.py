@@ -52,6 +52,27 @@ def test_a_store_is_shown_as_the_user_gave_it():
     assert tracking.shown_store("postgresql://ftlab:secret@db/ftlab") == "postgresql://ftlab:***@db/ftlab"
 
 
+def test_a_mysql_database_without_utf8mb4_is_refused_at_start():
+    """A latin1 MariaDB database stored the sweep command's non-Latin text as '?' and failed every trial
+    (Incorrect string value for params.value) after its model had loaded and the base model was scored."""
+    import uuid
+
+    import pymysql
+    import pytest
+
+    name = f"ftlab_{uuid.uuid4().hex[:10]}"
+    admin = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+    admin.cursor().execute(f"CREATE DATABASE {name} CHARACTER SET latin1")
+    try:
+        with pytest.raises(tracking.TrackingError, match=rf"tracking_uri=mysql\+pymysql://root@127.0.0.1:3306/{name}: the "
+                                                         r"database's character set is latin1, and MLflow's and Optuna's "
+                                                         r"text needs utf8mb4"):
+            tracking.setup(f"mysql+pymysql://root@127.0.0.1:3306/{name}", "x")
+    finally:
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
+
+
 def test_unreachable_store_fails_before_training(tmp_path):
     import time
 
