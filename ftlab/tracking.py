@@ -172,14 +172,16 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
 
 
-def postgres_driver(url: str) -> str:
-    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; use psycopg2 (a dependency) when
-    psycopg 3 is not installed, so the plain URL works (MLflow's store, Optuna's storage)."""
+def installed_driver(url: str) -> str:
+    """The plain URL with the driver ftlab installs, where SQLAlchemy's default is not installed:
+    postgresql:// is psycopg 3 to SQLAlchemy 2.1 (psycopg2 is the dependency), mysql:// is mysqlclient
+    (PyMySQL is), so either URL works (MLflow's store, Optuna's storage)."""
     import importlib.util
 
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    for plain, default, driver in (("postgresql://", "psycopg", "psycopg2"), ("mysql://", "MySQLdb", "pymysql")):
+        if url.startswith(plain) and importlib.util.find_spec(default) is None \
+                and importlib.util.find_spec(driver) is not None:
+            return f"{plain[:-3]}+{driver}://" + url.removeprefix(plain)
     return url
 
 
@@ -270,7 +272,7 @@ def _point_at(uri: str) -> str:
     server that cannot be reached fails now (probe_database)."""
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    store = sqlite_busy_timeout(postgres_driver(uri))
+    store = sqlite_busy_timeout(installed_driver(uri))
     if store.startswith(("postgresql", "mysql", "mssql")):
         probe_database(store, shown=uri)
     mlflow.set_tracking_uri(store)

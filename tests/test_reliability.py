@@ -329,7 +329,7 @@ def test_no_secret_reaches_params_tags_metrics_or_artifacts(tmp_path, postgres_d
     assert result.returncode == 0, result.stderr[-3000:]
     assert password not in result.stdout
 
-    store = tracking.postgres_driver(uri)  # what ftlab opened it with (psycopg2; psycopg 3 is not a dependency)
+    store = tracking.installed_driver(uri)  # what ftlab opened it with (psycopg2; psycopg 3 is not a dependency)
     [trial] = _trials(store)
     client = MlflowClient(store)
     assert trial.data.params["tracking_uri"] == f"postgresql://postgres:***@127.0.0.1:5432/{postgres_db}"

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from mlflow.tracking import MlflowClient
 
 from ftlab.report import gather
-from ftlab.tracking import postgres_driver
+from ftlab.tracking import installed_driver
 from tests.conftest import ROOT, server_database
 from tests.sweeping import SMALL_TRIAL, runs, sweep
 
@@ -244,23 +244,23 @@ def two_workers_share_one_study(tmp_path, storage, tracking_uri, name):
     from ftlab import tracking
 
     if not tracking_uri.startswith("sqlite"):
-        MlflowClient(postgres_driver(tracking_uri)).create_experiment("ftlab", (tmp_path / "artifacts").as_uri())
+        MlflowClient(installed_driver(tracking_uri)).create_experiment("ftlab", (tmp_path / "artifacts").as_uri())
     tracking.setup(tracking_uri, "ftlab")
-    optuna.create_study(study_name=name, storage=postgres_driver(storage), direction="maximize")
+    optuna.create_study(study_name=name, storage=installed_driver(storage), direction="maximize")
     procs = [worker(tmp_path, storage, tracking_uri, name, 3) for _ in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-3000:]
-    trials = optuna.load_study(study_name=name, storage=postgres_driver(storage)).trials
+    trials = optuna.load_study(study_name=name, storage=installed_driver(storage)).trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3
     assert len({t.number for t in trials}) == len(trials)
-    trial_runs = runs(tmp_path, uri=postgres_driver(tracking_uri))
+    trial_runs = runs(tmp_path, uri=installed_driver(tracking_uri))
     linked = [t.user_attrs["mlflow_run_id"] for t in complete]
     assert len(set(linked)) == 3 and set(linked) <= {r.info.run_id for r in trial_runs}
     numbers = [r.data.tags["ftlab.trial_number"] for r in trial_runs]
     assert len(numbers) == len(set(numbers))  # no trial ran twice
-    assert len(runs(tmp_path, "base_eval", uri=postgres_driver(tracking_uri))) == 1  # scored once, for both
+    assert len(runs(tmp_path, "base_eval", uri=installed_driver(tracking_uri))) == 1  # scored once, for both
     for results in tmp_path.glob("multirun-*/optuna_results.json"):  # an ask dropped for a twin is no failure
         counts = json.loads(results.read_text())["counts"]
         assert counts["FAIL"] == 0 and counts["COMPLETE"] == 3, counts

@@ -73,6 +73,16 @@ def test_a_mysql_database_without_utf8mb4_is_refused_at_start():
         admin.close()
 
 
+@pytest.mark.parametrize("backend", ["mysql", "postgresql"])
+def test_a_plain_database_url_works_with_the_driver_ftlab_installs(backend):
+    """mysql:// is mysqlclient to SQLAlchemy, which ftlab does not install: the store and the storage
+    failed with "No module named 'MySQLdb'"; PyMySQL is used, as psycopg2 is for postgresql://."""
+    with server_database(backend) as url:
+        plain = url.replace("+pymysql", "")
+        tracking.setup(plain, "plain")
+        assert [e.name for e in MlflowClient(tracking.installed_driver(plain)).search_experiments()].count("plain") == 1
+
+
 def test_unreachable_store_fails_before_training(tmp_path):
     import time
 
@@ -164,13 +174,13 @@ def test_workers_starting_together_on_a_fresh_store_all_get_it(tmp_path, backend
         for worker in workers:
             out, err = worker.communicate(timeout=300)
             assert worker.returncode == 0 and out.strip() == "ok", err[-3000:]
-        assert [e.name for e in MlflowClient(tracking.postgres_driver(uri)).search_experiments()].count("ftlab") == 1
+        assert [e.name for e in MlflowClient(tracking.installed_driver(uri)).search_experiments()].count("ftlab") == 1
 
 
 LOCK_HOLDER = """
 import sys, time
 from ftlab import tracking
-store, what = tracking.sqlite_busy_timeout(tracking.postgres_driver(sys.argv[1])), sys.argv[2]
+store, what = tracking.sqlite_busy_timeout(tracking.installed_driver(sys.argv[1])), sys.argv[2]
 print("ready", flush=True)
 sys.stdin.readline()  # all ask at once
 with tracking.one_process_at_a_time(store, what):

@@ -325,7 +325,7 @@ class OptunaSweeperImpl(Sweeper):
             folder = database.parent if database is not None else Path("mlruns")
             folder.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{(folder / 'optuna.db').resolve()}"
-        shown, url = self.storage_url or url, tracking.postgres_driver(url)
+        shown, url = self.storage_url or url, tracking.installed_driver(url)
 
         def unusable(given: str, reason: object) -> SweepConfigError:
             return SweepConfigError(f"hydra.sweeper.storage={tracking.mask(given)}: {reason}")
