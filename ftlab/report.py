@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only: the report must build on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from jinja2 import Environment  # noqa: E402
-from mlflow.entities import Run  # noqa: E402
+from mlflow.entities import Run, ViewType  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -81,6 +81,7 @@ class Sweep:
     best_run_id: str | None = None
     stopped: str | None = None  # what stopped the sweep: an error (parent FAILED) or an interrupt (KILLED)
     earlier_attempts: int = 0  # runs of a config the sweep ran again (tracking.latest_attempts), not listed
+    deleted: int = 0  # trial runs deleted in MLflow since (the parent's counts and best run still count them)
 
     @property
     def base_label(self) -> str:
@@ -161,11 +162,13 @@ def gather(client: MlflowClient, sweep: str) -> Sweep:
                                          if r.data.tags.get("ftlab.role") not in ("base_eval", "sweep")])
     trials = [_trial(client, r) for r in attempts]
     trials.sort(key=lambda t: _rank_key(t, objectives, directions))
+    deleted = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                 "and tags.`ftlab.role` = 'trial'", run_view_type=ViewType.DELETED_ONLY, max_results=5000)
     sweep_result = Sweep(
         sweep_id=tags.get("ftlab.sweep_id", parent.info.run_id), parent_run_id=parent.info.run_id,
         experiment=client.get_experiment(parent.info.experiment_id).name, command=mask(tags.get("ftlab.command", "")),
         objectives=objectives, directions=directions, trials=trials, varying=varying_params(trials),
-        base=None, examples=[], best_run_id=tags.get("ftlab.best_run_id"), earlier_attempts=earlier,
+        base=None, examples=[], best_run_id=tags.get("ftlab.best_run_id"), earlier_attempts=earlier, deleted=len(deleted),
         stopped=mask(tags["ftlab.error"]) if parent.info.status in ("FAILED", "KILLED") and tags.get("ftlab.error")
         and not tags["ftlab.error"].startswith(NOTHING_FINISHED) else None,  # that one ran to its end: the table says
     )
@@ -534,6 +537,7 @@ MARKDOWN = """# Sweep {{ s.sweep_id }}
 Parent MLflow run `{{ s.parent_run_id }}` (experiment `{{ s.experiment }}`); objective {{ objective }}.
 {{ s.counts }} of {{ s.trials|length }} trials.
 {% if s.earlier_attempts %}Not listed: {{ s.earlier_attempts }} earlier attempt(s) of these configs, which the sweep ran again.{% endif %}
+{% if s.deleted %}Not listed: {{ s.deleted }} trial run(s) deleted in MLflow since (the parent run's counts and best run may name them).{% endif %}
 {% if s.command %}Sweep command: `{{ s.command }}`{% endif %}
 {% if s.stopped %}
 **The sweep stopped early:**
@@ -582,7 +586,8 @@ pre{background:#f4f4f4;padding:1em;overflow-x:auto} img{max-width:100%}</style><
 <h1>Sweep {{ s.sweep_id }}</h1>
 <p>Parent MLflow run <code>{{ s.parent_run_id }}</code> (experiment <code>{{ s.experiment }}</code>); objective {{ objective }}.
 {{ s.counts }} of {{ s.trials|length }} trials.
-{% if s.earlier_attempts %}Not listed: {{ s.earlier_attempts }} earlier attempt(s) of these configs, which the sweep ran again.{% endif %}</p>
+{% if s.earlier_attempts %}Not listed: {{ s.earlier_attempts }} earlier attempt(s) of these configs, which the sweep ran again.{% endif %}
+{% if s.deleted %}Not listed: {{ s.deleted }} trial run(s) deleted in MLflow since (the parent run's counts and best run may name them).{% endif %}</p>
 {% if s.command %}<p>Sweep command: <code>{{ s.command }}</code></p>{% endif %}
 {% if s.stopped %}<p><b>The sweep stopped early:</b></p><pre>{{ s.stopped }}</pre>{% endif %}
 <h2>Trials, best first</h2>

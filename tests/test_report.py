@@ -348,3 +348,8 @@ def test_a_tie_on_the_first_objective_is_broken_by_the_next_so_the_winner_is_on_
     assert [t.run_id for t in gathered.trials] == [made[2], made[4], made[3], made[1], made[0]]
     # Compared with two bases (as peft=qlora,lora is): the reference row says whose it is.
     assert gathered.base_label == "base model (the winner's; trials compared with 2)"
+    # A trial run deleted in MLflow since left the report without a word, its counts smaller than the parent's.
+    MlflowClient(uri).delete_run(made[3])
+    out = report.build_report(parent.info.run_id, tmp_path / "reports", tracking_uri=uri)
+    assert "Not listed: 1 trial run(s) deleted in MLflow since" in (out / "report.md").read_text()
+    assert made[3] not in (out / "report.md").read_text()
