@@ -297,6 +297,8 @@ def local_model_path(name_or_path: str) -> Path | None:
 # What every Llama-family config.json states; without them it is another architecture's (GPT-2's
 # n_embd, n_layer) and would be priced with the preset's shapes.
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+# Decoder layers under model.model with Llama's projection names (transformers' model types).
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 
 
 def _named_model_config(model) -> tuple[str, dict, str] | None:
@@ -342,6 +344,9 @@ def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
     preset's describe the preset's model (python -m ftlab model.name_or_path=/my/llama keeps
     smollm2_135m's), and the estimate must price the model that will load; a preset's model.name
     then becomes that model's (run names, the UI). Returns {field: (preset value, its value)}."""
+    if cfg.model.source == "random" and preset_name_or_path(cfg.model.name) not in (None, cfg.model.name_or_path):
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: model.source=random builds {cfg.model.name}'s "
+                          "shapes with random weights and loads no checkpoint; drop model.source=random to train this one")
     if cfg.model.source not in ("auto", "hub"):  # tiny/random build a model from model.arch
         return {}
     if (named := _named_model_config(cfg.model)) is None:
@@ -350,6 +355,10 @@ def resolve_arch(cfg: DictConfig) -> dict[str, tuple]:
     if missing := [key for key in SHAPE_KEYS if found.get(key) is None]:
         raise ConfigError(f"model.name_or_path: {where} has no {', '.join(missing)}: not a Llama-family model's "
                           "config (ftlab prices and trains Llama-architecture models: Llama, Mistral, Qwen2, ...)")
+    # GPT-NeoX states the same five numbers, and failed in training after its base model was scored.
+    if (model_type := found.get("model_type")) not in (None, *LLAMA_FAMILY):
+        raise ConfigError(f"model.name_or_path: {where} is a {model_type} model: ftlab prices and trains "
+                          f"Llama-architecture models (model_type {', '.join(LLAMA_FAMILY)})")
     if found.get("num_key_value_heads") is None:  # no grouped-query attention: one KV head per head
         found["num_key_value_heads"] = found["num_attention_heads"]
     if "tie_word_embeddings" not in found:  # transformers' default for its model type, not the preset's

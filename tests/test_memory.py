@@ -314,6 +314,15 @@ def test_a_local_checkpoint_is_priced_by_its_own_config_not_the_presets(make_cfg
         (checkpoint / "config.json").write_text(json.dumps({**LLAMA_31_8B_CONFIG, **bad}))
         with pytest.raises(ConfigError, match=rf"^model.name_or_path: {checkpoint}/config.json:? .*{re.escape(says)}"):
             resolve_arch(make_cfg(f"model.name_or_path={checkpoint}", tiny=False))
+    # GPT-NeoX states Llama's five numbers: it loaded, its base model was scored, and training failed.
+    (checkpoint / "config.json").write_text(json.dumps({**LLAMA_31_8B_CONFIG, "model_type": "gpt_neox"}))
+    with pytest.raises(ConfigError, match=rf"^model.name_or_path: {checkpoint}/config.json is a gpt_neox model: ftlab "
+                                          r"prices and trains Llama-architecture models \(model_type llama, mistral"):
+        resolve_arch(make_cfg(f"model.name_or_path={checkpoint}", tiny=False))
+    # model.source=random builds the preset's shapes: a checkpoint named beside it was silently not trained.
+    with pytest.raises(ConfigError, match=rf"^model.name_or_path={checkpoint}: model.source=random builds smollm2_135m"):
+        resolve_arch(make_cfg(f"model.name_or_path={checkpoint}", "model.source=random", tiny=False))
+    assert resolve_arch(make_cfg("model.source=random", tiny=False)) == {}
     gpt2 = {"model_type": "gpt2", "n_embd": 1600, "n_layer": 48, "n_head": 25, "vocab_size": 50257}
     (checkpoint / "config.json").write_text(json.dumps(gpt2))
     with pytest.raises(ConfigError, match="has no hidden_size, num_hidden_layers, num_attention_heads, intermediate_size"):
