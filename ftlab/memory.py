@@ -95,8 +95,12 @@ class OverBudget(BudgetError):
     records it as skipped (grid) or pruned (Optuna) and goes on."""
 
     def __init__(self, reason: str, predicted_gb: float, run_id: str, run_name: str, remedy: str):
-        super().__init__(f"{reason}; not started: {remedy}")
+        super().__init__(self.said(reason, remedy))
         self.reason, self.predicted_gb, self.run_id, self.run_name = reason, predicted_gb, run_id, run_name
+
+    @staticmethod
+    def said(reason: str, remedy: str) -> str:
+        return f"{reason}; not started: {remedy}"
 
 
 @dataclass
@@ -611,12 +615,19 @@ def over_budget_remedy(cfg: DictConfig) -> str:
     # A shorter sequence shrinks activations and logits only: where the rest (weights, optimizer,
     # context) is already over the budget, shortening cannot make it fit and is not suggested.
     fixed = estimate_settings(replace(s, batch=1, seq=1)).total_gb
+    def at_micro_batch_1(setting: str, **changes) -> list[str]:
+        """`setting (N GiB at micro-batch 1)` where it lowers the peak; each says how far it gets."""
+        gb = estimate_settings(replace(s, batch=1, **changes)).total_gb
+        return [f"{setting} ({gb:.3g} GiB at micro-batch 1)"] if gb < one.total_gb else []
+
     # Checkpointing keeps one layer's activations instead of all: where it is off, the first thing to try.
-    checkpointed = None if s.checkpointing else estimate_settings(replace(s, batch=1, checkpointing=True)).total_gb
-    ways = [*([f"set train.gradient_checkpointing=true ({checkpointed:.3g} GiB at micro-batch 1)"]
-              if checkpointed is not None and checkpointed < one.total_gb else []),
+    # A high rank's adapter, gradients and optimizer state can outweigh the 4-bit weights (r=1024 on 8B).
+    ways = [*(at_micro_batch_1("set train.gradient_checkpointing=true", checkpointing=True) if not s.checkpointing
+              else []),
             *(["lower train.max_seq_length"] if budget is None or fixed <= budget else []),
-            *(["set peft=qlora"] if cfg.peft.load_in_bits > 4 else []), "choose a smaller model"]
+            *(at_micro_batch_1("set lora_r=16", rank=16) if s.method != "full" and s.rank > 16 else []),
+            *(at_micro_batch_1("set peft=qlora", method="qlora", bits=4) if s.bits > 4 else []),
+            "choose a smaller model"]
     said = f"{', '.join(ways[:-1])} or {ways[-1]}" if len(ways) > 1 else ways[0]
     return (f"even micro-batch 1 needs {one.total_gb:.3g} GiB, {one.terms['weights'] / GIB:.3g} GiB of it the "
             f"weights: {said}")

@@ -82,8 +82,10 @@ def _fit_budget(cfg: DictConfig, run_name: str, tags: dict) -> float:
         fits, est, reason = memory.check_budget(cfg)
     if fits:
         return est.total_gb
-    run_id = tracking.skipped_run(cfg, run_name, tags, reason, est.total_gb)
-    raise memory.OverBudget(reason, est.total_gb, run_id, run_name, memory.over_budget_remedy(cfg))
+    remedy = memory.over_budget_remedy(cfg)
+    # Recorded with what would make it fit, which the report and a sweep's line show with it.
+    run_id = tracking.skipped_run(cfg, run_name, tags, memory.OverBudget.said(reason, remedy), est.total_gb)
+    raise memory.OverBudget(reason, est.total_gb, run_id, run_name, remedy)
 
 
 def _resume_point(cfg: DictConfig, cfg_hash: str) -> checkpoints.ResumePoint | None:

@@ -82,8 +82,8 @@ def run_trial(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict[str, A
         end_sweep(cfg, stopped, "KILLED")
         raise stopped from None
     except OverBudget as e:
-        print(f"ftlab: skipped {e.run_name}: {e.reason}")
-        return {"state": "skipped_budget", "run_id": e.run_id, "reason": e.reason,
+        print(f"ftlab: skipped {e.run_name}: {e}")
+        return {"state": "skipped_budget", "run_id": e.run_id, "reason": str(e),
                 "predicted_peak_gb": e.predicted_gb, "budget_gb": budget_gib(cfg), "metrics": {}}
     except tracking.StoreUnreachable as e:
         # Every later trial needs the store. This trial's run stays RUNNING there with its checkpoint:

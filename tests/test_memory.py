@@ -267,6 +267,13 @@ def test_an_over_budget_config_is_told_what_would_make_it_fit(make_cfg):
         # Weights, optimizer and context alone over the budget: a shorter sequence cannot fit it.
         assert over_budget_remedy(cfg("budget.vram_gb=4", f"budget.fit={fit}")).endswith("weights: choose a smaller model")
     assert "set peft=qlora" in over_budget_remedy(cfg("peft=lora", "budget.vram_gb=12"))
+    # A high rank's adapter, gradients and optimizer state outweigh the 4-bit weights: "choose a smaller model" alone
+    # missed it; and each way says how far it gets, so a qlora still over the budget is not promised to fit.
+    high_rank = over_budget_remedy(cfg("lora_r=1024", "budget.vram_gb=24"))
+    assert float(re.search(r"set lora_r=16 \(([\d.]+) GiB at micro-batch 1\)", high_rank).group(1)) < 24, high_rank
+    seventy = over_budget_remedy(make_cfg("model=llama31_70b", "peft=lora", "peft.load_in_bits=8", "budget.vram_gb=40",
+                                          tiny=False))
+    assert float(re.search(r"set peft=qlora \(([\d.]+) GiB at micro-batch 1\)", seventy).group(1)) > 40, seventy
     # Checkpointing turned off: 97 GiB at micro-batch 1 and seq 8192, 29 GiB with it; it comes first.
     remedy = over_budget_remedy(cfg("train.gradient_checkpointing=false", "train.max_seq_length=8192",
                                     "train.per_device_batch_size=1", "budget.vram_gb=24"))

@@ -82,8 +82,9 @@ def test_over_budget_configs_are_skipped_without_loading_anything(tmp_path, in_p
     for t in trials:
         assert t.info.status == "KILLED" and t.data.tags["ftlab.state"] == "skipped_budget"
         assert "budget.vram_gb=8" in t.data.tags["ftlab.skip_reason"]
+        assert "; not started: " in t.data.tags["ftlab.skip_reason"]  # with what would make it fit, as a run says
         assert t.data.metrics["predicted_peak_gb"] > 8
-    assert out.stdout.count("ftlab: skipped") == 4
+    assert out.stdout.count("ftlab: skipped") == 4 and out.stdout.count("; not started: ") == 4
     assert ": 4 skipped_budget; best run none (no trial finished with rouge_l); report " in out.stdout
     assert "Loading weights" not in out.stderr  # and the checkpoint, which has none, was never loaded
 
