@@ -6,8 +6,10 @@ or a wrong type fails at composition time, before any data or weights are loaded
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field, is_dataclass
@@ -539,21 +541,42 @@ def attention_problem(name: str) -> str | None:
 
 
 def trainer_choice_problem(train: DictConfig) -> str | None:
-    """train.lr_scheduler and train.optim are transformers' names, checked against its lists. The
-    schema's defaults are among them: only a value set otherwise pays for importing transformers
-    (seconds), so the default config's gate stays light."""
-    changed = [(key, value) for key, value in (("lr_scheduler", train.lr_scheduler), ("optim", train.optim))
-               if value != getattr(TrainConfig, key)]
-    if not changed:
-        return None
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
-    for key, value in changed:
-        names = [n.value for n in {"lr_scheduler": SchedulerType, "optim": OptimizerNames}[key]]
+    """train.lr_scheduler and train.optim are transformers' names, checked against its lists, read
+    from its source: importing them imports peft and bitsandbytes (~9 s, and bitsandbytes looks for
+    a kernel on the hub), which an over-budget config's rejection must not wait for."""
+    for key, value, module, enum in (("lr_scheduler", train.lr_scheduler, "trainer_utils", "SchedulerType"),
+                                     ("optim", train.optim, "training_args", "OptimizerNames")):
+        if value == getattr(TrainConfig, key):
+            continue
+        names = [n for n in transformers_enum(module, enum) if key != "lr_scheduler" or n not in UNRUNNABLE_SCHEDULERS]
+        if value in UNRUNNABLE_SCHEDULERS and key == "lr_scheduler":
+            return f"train.lr_scheduler={value!r}: needs {UNRUNNABLE_SCHEDULERS[value]}; use one of {', '.join(names)}"
         if value not in names:
             return f"train.{key}={value!r}: use one of {', '.join(names)}"
     return None
+
+
+# Schedulers transformers knows that cannot run as ftlab trains: they failed once the model had
+# loaded and the base model was scored.
+UNRUNNABLE_SCHEDULERS = {
+    "cosine_with_min_lr": "min_lr in lr_scheduler_kwargs, which ftlab does not pass",
+    "cosine_warmup_with_min_lr": "min_lr in lr_scheduler_kwargs, which ftlab does not pass",
+    "warmup_stable_decay": "num_decay_steps in lr_scheduler_kwargs, which ftlab does not pass",
+    "reduce_lr_on_plateau": "an evaluation during training, which ftlab does not run (it scores at the end)",
+}
+
+
+@functools.cache
+def transformers_enum(module: str, enum: str) -> list[str]:
+    """The values of `class <enum>(ExplicitEnum)` in transformers.<module>, from its source; imported
+    where the source reads otherwise."""
+    import importlib.util
+
+    source = Path(importlib.util.find_spec(f"transformers.{module}").origin).read_text()
+    if body := re.search(rf"^class {enum}\(.*?\):\n(.*?)(?=^\S)", source, re.M | re.S):
+        if values := re.findall(r'^    [A-Z0-9_]+ = "([^"]+)"(?:\s*#.*)?$', body.group(1), re.M):
+            return values
+    return [n.value for n in getattr(importlib.import_module(f"transformers.{module}"), enum)]
 
 
 def bertscore_layers_problem(ev: DictConfig, local: bool) -> str | None:

@@ -131,6 +131,29 @@ def test_a_trainer_name_transformers_does_not_know_fails_naming_the_key_before_a
             not store.search_runs([experiment.experiment_id])
 
 
+@pytest.mark.parametrize("scheduler, needs", [("cosine_with_min_lr", "min_lr in lr_scheduler_kwargs"),
+                                               ("reduce_lr_on_plateau", "an evaluation during training")])
+def test_a_scheduler_ftlab_cannot_run_fails_naming_the_key_before_a_run_starts(make_cfg, scheduler, needs):
+    """Names transformers knows, that failed with a traceback once the model had loaded and the base was scored."""
+    cfg = make_cfg(f"train.lr_scheduler={scheduler}")
+    with pytest.raises(ConfigError, match=rf"^train.lr_scheduler='{scheduler}': needs {needs}.*; use one of linear, "):
+        run(cfg)
+    assert scheduler not in str(config.trainer_choice_problem(make_cfg("train.lr_scheduler=bogus").train))
+
+
+def test_a_trainer_name_is_checked_without_importing_the_model_stack():
+    """train.optim=paged_adamw_8bit imported transformers' trainer modules to check the name: peft and
+    bitsandbytes (which looked for a kernel on the hub) came with them, and an over-budget rejection
+    took 16 s instead of 6."""
+    script = ("import sys; from omegaconf import OmegaConf; from ftlab.config import trainer_choice_problem; "
+              "ok = OmegaConf.create({'lr_scheduler': 'cosine', 'optim': 'paged_adamw_8bit'}); "
+              "bad = OmegaConf.create({'lr_scheduler': 'cosine', 'optim': 'adamw_bogus'}); "
+              "print(trainer_choice_problem(ok), [m for m in ('transformers.trainer_utils', 'peft', 'bitsandbytes') "
+              "if m in sys.modules], trainer_choice_problem(bad)[:50])")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "None [] train.optim='adamw_bogus': use one of adamw_torch,", out.stderr[-2000:]
+
+
 def test_an_installed_wheel_finds_its_configs_and_sweeps_from_any_directory(tmp_path):
     """conf/ and sweeps/ sit at the repository root; the wheel carries them inside the package."""
     def ok(*cmd, cwd=tmp_path):
