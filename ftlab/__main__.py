@@ -28,8 +28,11 @@ def main(cfg: DictConfig) -> dict:
                 raise
             # What to change, not a traceback of the step (a run that started is recorded FAILED, failure_kind oom).
             cap = ", or raise budget.memory_cap_gb" if cfg.budget.memory_cap_gb else ""
-            print(f"ftlab: {(str(e).splitlines() or [type(e).__name__])[0]}: lower train.per_device_batch_size or "
-                  f"train.max_seq_length, or set budget.vram_gb and budget.fit=auto_batch{cap}", file=sys.stderr)
+            remedy = getattr(e, "remedy", None)
+            remedy = (f": {remedy}" if remedy else "") if remedy is not None else (
+                ": lower train.per_device_batch_size or train.max_seq_length, or set budget.vram_gb and "
+                f"budget.fit=auto_batch{cap}")
+            print(f"ftlab: {(str(e).splitlines() or [type(e).__name__])[0]}{remedy}", file=sys.stderr)
             raise SystemExit(1) from None
 
 

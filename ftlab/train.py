@@ -273,7 +273,12 @@ class RunTotals:
 
 
 class MemoryCapExceeded(MemoryError):
-    """The trial's measured memory went over budget.memory_cap_gb (an out-of-memory failure)."""
+    """The trial's measured memory went over budget.memory_cap_gb (an out-of-memory failure).
+    remedy: what the command line adds to the message; None: the batch and sequence settings."""
+
+    def __init__(self, message: str, remedy: str | None = None):
+        super().__init__(message)
+        self.remedy = remedy
 
 
 def memory_cap_callback(cap_gb: float):
@@ -287,6 +292,14 @@ def memory_cap_callback(cap_gb: float):
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total))
 
     class MemoryCap(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            rss = _proc_status_kb("VmRSS")  # the runtime, model and data: no batch size lowers it
+            if not torch.cuda.is_available() and rss > cap_kb:
+                raise MemoryCapExceeded(
+                    f"out of memory: process RSS {rss / 2**20:.2f} GiB > budget.memory_cap_gb={cap_gb} before the "
+                    f"first step (the runtime, model and data; training adds its activations): raise "
+                    f"budget.memory_cap_gb", remedy="")
+
         def on_step_end(self, args, state, control, **kwargs):
             rss = _proc_status_kb("VmRSS")
             if not torch.cuda.is_available() and rss > cap_kb:

@@ -199,18 +199,35 @@ def test_an_interrupt_while_the_base_model_is_scored_says_that_no_run_was_record
     assert _runs(cfg, "trial") == []
 
 
+def test_more_examples_per_step_than_the_data_holds_is_said(make_cfg, caplog):
+    """grad_accum=100 on 30 training records ran one step of 30 without a word: the effective batch
+    configured was never trained with."""
+    run(make_cfg("data.num_records=40", "data.eval_size=4", "train.per_device_batch_size=2", "train.grad_accum=100",
+                 "train.max_steps=1", "eval.compare_base=false", "eval.max_new_tokens=2"))
+    assert re.search(r"train.per_device_batch_size x train.grad_accum = 200 examples per optimizer step, more than the "
+                     r"\d+ training examples: each step sees all of them", caplog.text)
+
+
 def test_memory_cap_fails_the_trial_as_oom_in_one_line(make_cfg, tmp_path, in_process):
-    """An out-of-memory run is recorded; the command says what happened and what to change, not a traceback."""
-    overrides = ["train.max_steps=3", "eval.compare_base=false", "budget.memory_cap_gb=0.01"]
-    out = in_process("ftlab", *TINY, *store_overrides(tmp_path), *overrides)
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert re.fullmatch(r"ftlab: out of memory: process RSS [\d.]+ GiB > budget.memory_cap_gb=0.01 at step 1: lower "
-                        r"train.per_device_batch_size or train.max_seq_length, or set budget.vram_gb and "
-                        r"budget.fit=auto_batch, or raise budget.memory_cap_gb", out.stderr.splitlines()[-1])
-    assert "\nftlab: out of memory" in out.stderr  # a line of its own: the training bar is closed first
-    [trial] = _runs(make_cfg(), "trial")
-    assert trial.info.status == "FAILED"
-    assert trial.data.tags["ftlab.failure_kind"] == "oom"
+    """An out-of-memory run is recorded; the command says what happened and what to change, not a traceback.
+    A cap below what the process holds before training (runtime, model, data) is said before the first step:
+    a smaller batch, which the message advised, cannot help there."""
+    # Over the cap at step 1 (FailOnTrial applies a 0.001 GiB cap after the step), no cap of the config's own.
+    at_step = "train.callbacks=[{_target_: tests.faults.FailOnTrial, trial: 0, oom_on: [0]}]"
+    for overrides, says in (
+            ([at_step], r"at step 1: lower train.per_device_batch_size or train.max_seq_length, or set budget.vram_gb "
+                        r"and budget.fit=auto_batch"),
+            (["budget.memory_cap_gb=0.01"], r"before the first step \(the runtime, model and data; training adds its "
+                                            r"activations\): raise budget.memory_cap_gb")):
+        out = in_process("ftlab", *TINY, *store_overrides(tmp_path), "train.max_steps=3", "eval.compare_base=false",
+                         *overrides)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert re.fullmatch(rf"ftlab: out of memory: process RSS [\d.]+ GiB > budget.memory_cap_gb=0.0+1 {says}",
+                            out.stderr.splitlines()[-1]), out.stderr.splitlines()[-1]
+        assert "\nftlab: out of memory" in out.stderr  # a line of its own: the training bar is closed first
+    trials = _runs(make_cfg(), "trial")
+    assert [t.info.status for t in trials] == ["FAILED"] * 2
+    assert {t.data.tags["ftlab.failure_kind"] for t in trials} == {"oom"}
 
 
 def test_a_sequence_length_beyond_the_models_context_is_said(make_cfg, caplog):
