@@ -42,6 +42,7 @@ def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
 def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
         resume: checkpoints.ResumePoint | None, wall_start: float) -> dict[str, float]:
     cache = models.cache_root(cfg.cache_dir)
+    _bertscore_model_at_hand(cfg)
 
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.cache_dir)
     tokenizer = models.load_tokenizer(checkpoint, cfg.model.trust_remote_code)
@@ -74,6 +75,25 @@ def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
         release_memory()
     _print_summary(active.info.run_id, metrics, base_scores, cfg)
     return metrics
+
+
+def _bertscore_model_at_hand(cfg: DictConfig) -> None:
+    """A hub model named by eval.bertscore_model is first needed once training is over (without
+    compare_base): one that cannot be had failed the run there, and its training was lost. Its
+    config.json is fetched, or found in the hub cache, before anything loads."""
+    scorer = scoring.bertscore_model(cfg.eval)
+    if Path(scorer).is_dir():  # auto's offline MiniLM, or a directory: config.check read it
+        return
+    from transformers import AutoConfig
+
+    try:
+        layers = getattr(AutoConfig.from_pretrained(scorer), "num_hidden_layers", None)
+    except Exception as e:  # offline, a typo, gated
+        raise ConfigError(f"eval.bertscore_model={scorer}: cannot be loaded ({(str(e).splitlines() or [''])[0][:200]}); "
+                          "use eval.bertscore_model=auto (a MiniLM installed with ftlab) or a local directory") from None
+    if layers is not None and cfg.eval.bertscore_num_layers > layers:
+        raise ConfigError(f"eval.bertscore_num_layers={cfg.eval.bertscore_num_layers}: the BERTScore model ({scorer}) "
+                          f"has {layers} layers; use 0 to {layers}")
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ftlab import config
+from ftlab.config import ConfigError
 from ftlab.pipeline import run
 from tests.conftest import TINY, store_overrides
 
@@ -197,6 +198,20 @@ def test_an_interrupt_while_the_base_model_is_scored_says_that_no_run_was_record
     assert str(raised.value) == ("interrupted by SIGTERM before training began (loading or scoring the base model): "
                                  "its MLflow run had not started, none was recorded")
     assert _runs(cfg, "trial") == []
+
+
+def test_a_bertscore_model_that_cannot_be_had_is_said_before_training(make_cfg, monkeypatch):
+    """eval.bertscore_model=<hub id> is first loaded after training (without compare_base): one the hub
+    cannot give (offline here, or a typo) failed the run there, its training lost."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # however this machine reaches the hub: answered from the cache
+    cfg = make_cfg("eval.bertscore_model=nonexistent-org/no-such-scorer", "eval.compare_base=false")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^eval.bertscore_model=nonexistent-org/no-such-scorer: cannot be loaded "
+                                          r"\(.*\); use eval.bertscore_model=auto"):
+        run(cfg)
+    assert time.monotonic() - start < 60 and _runs(cfg, "trial") == []
 
 
 def test_more_examples_per_step_than_the_data_holds_is_said(make_cfg, caplog):
