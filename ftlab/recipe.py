@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from ftlab import checkpoints, models, scoring, tracking
+from ftlab import checkpoints, files, models, scoring, tracking
 from ftlab.config import ConfigError
 from ftlab.data import prepare
 from ftlab.data.report import log_data_report
@@ -131,6 +131,8 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     tracking.log_config(cfg)
     log_data_report(data, cfg.train)
     tracking.log_new_params({"model.checkpoint": str(checkpoint)})  # another cache path on resume: said
+    # The registry merges into the base at that path later: a base changed since is refused there.
+    mlflow.set_tag(tracking.BASE_WEIGHTS, files.weights_fingerprint(checkpoint))
 
     per_step = cfg.train.per_device_batch_size * cfg.train.grad_accum
     if per_step > len(data.train):  # the Trainer takes what there is: a smaller effective batch than configured

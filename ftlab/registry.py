@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab import models, scoring, tracking
+from ftlab import files, models, scoring, tracking
 from ftlab.checkpoints import exit_on_interrupt
 from ftlab.config import (HELD_OUT_METRICS, ConfigError, FtlabConfig, RegistryCommand, check_keys, choice_problem,
                           exit_2_on, gate_metric_problem, model_name_problem)
@@ -100,6 +100,11 @@ def base_checkpoint(run) -> Path:
     if not (checkpoint / "config.json").exists():
         raise RegistryError(f"run_id={run.info.run_id}: base checkpoint {checkpoint} (param model.checkpoint) is gone; "
                             "re-create it by running any trial with the same model= settings")
+    trained_on = run.data.tags.get(tracking.BASE_WEIGHTS)  # runs of older ftlab have none
+    if trained_on and files.weights_fingerprint(checkpoint) != trained_on:
+        raise RegistryError(f"run_id={run.info.run_id}: base checkpoint {checkpoint} holds other weights than the run "
+                            "trained on (ftlab.base_weights): merged into them, the adapter would ship on another "
+                            "model; put the original weights back there")
     return checkpoint
 
 
@@ -168,10 +173,11 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
     from transformers import AutoModelForCausalLM
 
     run_id = run.info.run_id
-    if cfg.peft.method == "full":  # the trained model itself: no base needed
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.trained_artifact(True),
-                                            dst_path=str(out_dir.parent))
-        (out_dir.parent / tracking.trained_artifact(True)).rename(out_dir)
+    if cfg.peft.method == "full":  # the trained model itself, in `dtype` as a merge is: no base needed
+        trained = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.trained_artifact(True),
+                                                           dst_path=str(out_dir.parent)))
+        AutoModelForCausalLM.from_pretrained(trained, dtype=dtype).save_pretrained(out_dir, safe_serialization=True)
+        models.load_tokenizer(trained, cfg.model.trust_remote_code).save_pretrained(out_dir)
         return Merged(out_dir, dtype, merged=False)
     checkpoint = base_checkpoint(run)
     adapter = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
@@ -357,11 +363,11 @@ def _registered_alike(client: MlflowClient, name: str, run_id: str, base_setting
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
-    wanted = {"ftlab.merge_base": base_setting, "ftlab.merge_dtype": str(dtype).removeprefix("torch.")}
     return next((v for v in sorted(versions, key=lambda v: -int(v.version))
                  if v.tags.get("ftlab.source_run_id") == run_id
-                 and (v.tags.get("ftlab.full_fine_tune") == "true"
-                      or all(v.tags.get(k) == value for k, value in wanted.items()))), None)
+                 and v.tags.get("ftlab.merge_dtype") == str(dtype).removeprefix("torch.")  # a full fine-tune's too
+                 and (v.tags.get("ftlab.full_fine_tune") == "true" or v.tags.get("ftlab.merge_base") == base_setting)),
+                None)
 
 
 # --------------------------------------------------------------------------- promote / rollback

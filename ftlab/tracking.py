@@ -708,6 +708,7 @@ def log_base_scores(key: str, model_name: str, metrics: dict[str, float], sample
 
 
 SWEEP_TAGS = ("mlflow.parentRunId", "ftlab.sweep_id", "ftlab.trial_number")
+BASE_WEIGHTS = "ftlab.base_weights"  # tag: files.weights_fingerprint of the base checkpoint a run trained on
 NOTHING_FINISHED = "no trial finished"  # how ftlab.error of a sweep that ran to its end but trained nothing begins
 
 

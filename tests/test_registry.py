@@ -206,10 +206,18 @@ def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp
     base_dir = Path(trial.data.params["model.checkpoint"])
     aside = base_dir.rename(base_dir.with_name(base_dir.name + ".aside"))  # the trained weights are all it needs
     try:
-        version = registry.register(trial.info.run_id, "full")
+        version = registry.register(trial.info.run_id, "full", dtype_setting="float32")
+        # In registry.merge_dtype, as a merge is: the fp32 trained weights were registered as they were
+        # whatever it said, and a bf16 registration was then found "merged the same way".
+        halved = registry.register(trial.info.run_id, "full", dtype_setting="bfloat16")
     finally:
         aside.rename(base_dir)
     assert version.tags["ftlab.full_fine_tune"] == "true" and "ftlab.adapter_uri" not in version.tags
+    from safetensors import safe_open
+
+    with safe_open(str(next(registry.checkpoint_dir(f"models:/full/{halved.version}", tmp_path / "v2")
+                            .glob("*.safetensors"))), "pt") as f:
+        assert halved.version != version.version and {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     registered = AutoModelForCausalLM.from_pretrained(registry.checkpoint_dir("models:/full/1", tmp_path / "v1"))
     assert mlflow.artifacts.list_artifacts(run_id=trial.info.run_id, artifact_path="adapter") == []
     trained_dir = mlflow.artifacts.download_artifacts(run_id=trial.info.run_id, artifact_path="model",
@@ -221,12 +229,31 @@ def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp
 
     # A version or alias the model does not hold is named with what it does hold.
     with pytest.raises(registry.RegistryError, match=r"^version=7: registered model 'full' has no such version "
-                                                     r"\(it has version 1\)$"):
+                                                     r"\(it has versions 2, 1\)$"):
         registry.resolve_version("full", "7")
     MlflowClient().set_registered_model_alias("full", "production", "1")
     with pytest.raises(registry.RegistryError, match=r"^version=prod: registered model 'full' has no alias 'prod' "
-                                                     r"\(it has version 1; alias production -> 1\)$"):
+                                                     r"\(it has versions 2, 1; alias production -> 1\)$"):
         registry.resolve_version("full", "prod")
+
+
+def test_a_base_whose_weights_changed_since_training_is_not_merged_into(make_cfg, tmp_path):
+    """A local base directory overwritten after training (re-initialised, re-trained, another model of the
+    same shapes) was merged into without a word: the run records only its path, and the merge check
+    compares against the same new base."""
+    import shutil
+
+    base = tmp_path / "my-llama"
+    shutil.copytree(models.resolve_checkpoint(make_cfg().model, None), base)
+    cfg = make_cfg(*FAST[:3], "model.source=auto", f"model.name_or_path={base}")
+    run(cfg)
+    [trial] = mlflow.search_runs(filter_string="tags.`ftlab.role` = 'trial'", output_format="list")
+    assert trial.data.tags[tracking.BASE_WEIGHTS]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))  # the same shapes, new weights
+    model.save_pretrained(base, safe_serialization=True)
+    with pytest.raises(registry.RegistryError, match=rf"base checkpoint {base} holds other weights than the run "
+                                                     r"trained on \(ftlab.base_weights\)"):
+        registry.register(trial.info.run_id, "changed")
 
 
 def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path, in_process):
