@@ -28,10 +28,12 @@ from ftlab.train import (RunTotals, memory_cap_callback, peak_so_far_mb, release
 log = logging.getLogger("ftlab")
 
 
-def base_eval_key(cfg: DictConfig, data_fingerprint: str) -> str:
-    """Base scores depend on the model, how it is held, the held-out data and the eval settings."""
+def base_eval_key(cfg: DictConfig, data_fingerprint: str, weights: str) -> str:
+    """Base scores depend on the model (its settings, and its weights: a local directory overwritten
+    since is another model), how it is held, the held-out data and the eval settings."""
     parts = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "weights": weights,
         "bits": cfg.peft.load_in_bits if cfg.peft.method != "full" else 16,
         "data": data_fingerprint,
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
@@ -50,6 +52,8 @@ def run(cfg: DictConfig, run_name: str, tags: dict, predicted_gb: float,
     dtype = models.compute_dtype(cfg.model.dtype)
 
     tags["ftlab.data_fingerprint"] = data.fingerprint
+    # The registry merges into the base at that path later: a base changed since is refused there.
+    tags[tracking.BASE_WEIGHTS] = files.weights_fingerprint(checkpoint)
     if commit := tracking.git_commit():
         tags["mlflow.source.git.commit"] = commit
 
@@ -131,8 +135,6 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     tracking.log_config(cfg)
     log_data_report(data, cfg.train)
     tracking.log_new_params({"model.checkpoint": str(checkpoint)})  # another cache path on resume: said
-    # The registry merges into the base at that path later: a base changed since is refused there.
-    mlflow.set_tag(tracking.BASE_WEIGHTS, files.weights_fingerprint(checkpoint))
 
     per_step = cfg.train.per_device_batch_size * cfg.train.grad_accum
     if per_step > len(data.train):  # the Trainer takes what there is: a smaller effective batch than configured
@@ -233,7 +235,7 @@ def _base_scores(cfg, model, tokenizer, data, dtype, tags) -> dict[str, float] |
     """Score the untouched base once per (model, data, eval) key; later runs reuse it."""
     if not cfg.eval.compare_base:
         return None
-    key = base_eval_key(cfg, data.fingerprint)
+    key = base_eval_key(cfg, data.fingerprint, tags[tracking.BASE_WEIGHTS])
     tags["ftlab.compared_base_key"] = key  # the trial's: a report finds the base evaluation it was compared with
     if (cached := tracking.find_base_scores(key)) is not None:
         return cached

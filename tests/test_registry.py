@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ftlab import models, registry, tracking
+from ftlab import files, models, registry, tracking
 from ftlab.pipeline import run
 from tests.conftest import ROOT
 
@@ -254,6 +254,11 @@ def test_a_base_whose_weights_changed_since_training_is_not_merged_into(make_cfg
     with pytest.raises(registry.RegistryError, match=rf"base checkpoint {base} holds other weights than the run "
                                                      r"trained on \(ftlab.base_weights\)"):
         registry.register(trial.info.run_id, "changed")
+    from ftlab.recipe import base_eval_key
+
+    # Nor are the old base's scores the new one's (they were keyed by its settings and path alone).
+    assert base_eval_key(cfg, "data", trial.data.tags[tracking.BASE_WEIGHTS]) != base_eval_key(
+        cfg, "data", files.weights_fingerprint(base))
 
 
 def test_registry_cli_names_unknown_keys_and_a_missing_version(tmp_path, in_process):
