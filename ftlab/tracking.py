@@ -330,6 +330,14 @@ def trial_run(run_name: str, tags: dict, run_id: str | None = None):
             mlflow.set_tag("ftlab.state", "running")
         try:
             yield active
+        except StoreUnreachable:
+            # Left RUNNING (the store may be back by now): a sweep run again, or train.resume=<its id>, continues
+            # it. Taken off the active stack here, where start_run's exit would end it FAILED.
+            try:
+                mlflow.end_run(status="RUNNING")
+            except Exception:
+                pass
+            raise
         except BaseException as e:
             interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
             _record_failure(e, "killed" if interrupted else "failed")

@@ -286,6 +286,22 @@ def test_scores_survive_a_tracking_server_that_is_down_when_training_ends(make_c
         assert mlflow.active_run() is None  # a sweep's next trial starts a run of its own
 
 
+def test_a_run_whose_store_went_away_as_it_ended_stays_running_to_be_continued(make_cfg, monkeypatch):
+    """Back just after the last retry, the store took the failure: the run ended FAILED, which neither a
+    sweep run again (it continues KILLED runs) nor train.resume=true without its id would continue."""
+    from ftlab import recipe
+
+    def lost(*args, **kwargs):
+        raise tracking.StoreUnreachable("tracking store unreachable at the end of run x: its metrics were written to f")
+
+    monkeypatch.setattr(recipe, "_log_final_metrics", lost)
+    cfg = make_cfg(*SHORT)
+    with pytest.raises(tracking.StoreUnreachable):
+        run(cfg)
+    [trial] = _trials(cfg.tracking_uri)
+    assert trial.info.status == "RUNNING" and "ftlab.error" not in trial.data.tags
+
+
 def test_pickle_only_checkpoint_is_refused_unless_allowed(make_cfg, tmp_path):
     cfg = make_cfg()
     pickled = tmp_path / "pickled"
