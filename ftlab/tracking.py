@@ -219,11 +219,19 @@ def _check_mysql_charset(connection, shown: str, unusable: Callable[[str, object
     loaded and the base model was scored: refused at start instead."""
     import sqlalchemy
 
-    charset = connection.execute(sqlalchemy.text("SELECT @@character_set_database")).scalar()
-    if not str(charset).startswith("utf8mb4"):
-        raise unusable(shown, f"the database's character set is {charset}, and MLflow's and Optuna's text needs utf8mb4 "
-                              "(non-Latin params fail a trial late, tags are stored as '?'): ALTER DATABASE <name> "
-                              "CHARACTER SET utf8mb4 before any table is made in it, or use a database created so")
+    # Its tables' character sets where it has tables (made before the default changed, or after), else its default.
+    tables = ("SELECT DISTINCT c.character_set_name FROM information_schema.tables t JOIN "
+              "information_schema.collation_character_set_applicability c ON c.collation_name = t.table_collation "
+              "WHERE t.table_schema = DATABASE()")
+    try:
+        charsets = set(connection.execute(sqlalchemy.text(tables)).scalars()) or {
+            connection.execute(sqlalchemy.text("SELECT @@character_set_database")).scalar()}
+    except sqlalchemy.exc.DBAPIError:  # a server that does not say: its own errors will
+        return
+    if wrong := sorted(str(c) for c in charsets if not str(c).startswith("utf8mb4")):
+        raise unusable(shown, f"the database's character set is {', '.join(wrong)}, and MLflow's and Optuna's text needs "
+                              "utf8mb4 (non-Latin params fail a trial late, tags are stored as '?'): ALTER DATABASE "
+                              "<name> CHARACTER SET utf8mb4 before any table is made in it, or use a database created so")
 
 
 @contextmanager

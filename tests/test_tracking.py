@@ -68,6 +68,9 @@ def test_a_mysql_database_without_utf8mb4_is_refused_at_start():
                                                          r"database's character set is latin1, and MLflow's and Optuna's "
                                                          r"text needs utf8mb4"):
             tracking.setup(f"mysql+pymysql://root@127.0.0.1:3306/{name}", "x")
+        # Its tables are what holds the text: utf8mb4 ones under a latin1 default are a working store.
+        admin.cursor().execute(f"CREATE TABLE {name}.t (v TEXT) CHARACTER SET utf8mb4")
+        tracking.probe_database(f"mysql+pymysql://root@127.0.0.1:3306/{name}", "store")
     finally:
         admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
         admin.close()
