@@ -425,10 +425,14 @@ def config_differences(run: Run, cfg: DictConfig) -> list[str]:
 
 def changed_config(run: Run, cfg: DictConfig, cfg_hash: str) -> str:
     """Why a run's config hash is not this config's: the params that differ, else the data's content."""
-    differences = config_differences(run, cfg) or (
-        ["the content of data.path changed"] if cfg.data.path else
-        [f"ftlab.config_hash {run.data.tags.get('ftlab.config_hash')} then -> {cfg_hash} now"])
-    return "; ".join(differences[:6])
+    if differences := config_differences(run, cfg):
+        return "; ".join(differences[:6])
+    # What the logged params cannot show: a value's tail past MLflow's limit, the data file's content.
+    long = [k for k, v in hashed_params(cfg, cut=False).items() if len(v) > MAX_PARAM_VALUE]
+    unseen = [*([f"{', '.join(long)} past the {MAX_PARAM_VALUE} characters MLflow keeps"] if long else []),
+              *(["the content of data.path"] if cfg.data.path else [])]
+    return (" or ".join(unseen) + " changed" if unseen
+            else f"ftlab.config_hash {run.data.tags.get('ftlab.config_hash')} then -> {cfg_hash} now")
 
 
 def _newest_interrupted_differs(cfg: DictConfig, cfg_hash: str) -> str:

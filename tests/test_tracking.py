@@ -42,6 +42,13 @@ def test_the_config_hash_sees_all_of_a_value_longer_than_mlflow_keeps(make_cfg):
     assert tracking.config_hash(a) != tracking.config_hash(b)
     assert tracking.config_hash(make_cfg("data.system_prompt=short")) == tracking.config_hash(
         make_cfg("data.system_prompt=short", "train.resume=true"))
+    import mlflow
+
+    tracking.setup(a.tracking_uri, a.experiment)  # what train.resume=<that run> says: not "the data changed"
+    with mlflow.start_run() as logged:
+        tracking.log_config(a)
+    said = tracking.changed_config(mlflow.get_run(logged.info.run_id), b, tracking.config_hash(b))
+    assert said == f"data.system_prompt past the {tracking.MAX_PARAM_VALUE} characters MLflow keeps changed"
 
 
 def test_a_store_is_shown_as_the_user_gave_it():
