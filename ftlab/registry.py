@@ -176,7 +176,8 @@ def merge(run, cfg: DictConfig, out_dir: Path, dtype: torch.dtype, base_setting:
     if cfg.peft.method == "full":  # the trained model itself, in `dtype` as a merge is: no base needed
         trained = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.trained_artifact(True),
                                                            dst_path=str(out_dir.parent)))
-        AutoModelForCausalLM.from_pretrained(trained, dtype=dtype).save_pretrained(out_dir, safe_serialization=True)
+        AutoModelForCausalLM.from_pretrained(trained, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+                                             ).save_pretrained(out_dir, safe_serialization=True)
         models.load_tokenizer(trained, cfg.model.trust_remote_code).save_pretrained(out_dir)
         return Merged(out_dir, dtype, merged=False)
     checkpoint = base_checkpoint(run)
@@ -327,8 +328,8 @@ def _version_tags(client: MlflowClient, run: Run, merged: Merged, base_setting: 
             "ftlab.merge_dtype": str(merged.dtype).removeprefix("torch."),
             "ftlab.merge_base": base_setting,
         }
-    else:  # a full fine-tune: no adapter to size or point at
-        adapter_tags = {"ftlab.full_fine_tune": "true"}
+    else:  # a full fine-tune: no adapter to size or point at; its dtype is what a later register compares
+        adapter_tags = {"ftlab.full_fine_tune": "true", "ftlab.merge_dtype": str(merged.dtype).removeprefix("torch.")}
     return {
         "ftlab.sweep_id": sweep_id or run.data.tags.get("ftlab.sweep_id", ""),
         "ftlab.base_model": run.data.tags.get("ftlab.model", ""),

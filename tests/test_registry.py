@@ -207,6 +207,7 @@ def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp
     aside = base_dir.rename(base_dir.with_name(base_dir.name + ".aside"))  # the trained weights are all it needs
     try:
         version = registry.register(trial.info.run_id, "full", dtype_setting="float32")
+        again = registry.register(trial.info.run_id, "full", dtype_setting="float32")  # reused, not a copy
         # In registry.merge_dtype, as a merge is: the fp32 trained weights were registered as they were
         # whatever it said, and a bf16 registration was then found "merged the same way".
         halved = registry.register(trial.info.run_id, "full", dtype_setting="bfloat16")
@@ -218,6 +219,7 @@ def test_a_full_fine_tune_is_registered_as_trained_without_a_merge(make_cfg, tmp
     with safe_open(str(next(registry.checkpoint_dir(f"models:/full/{halved.version}", tmp_path / "v2")
                             .glob("*.safetensors"))), "pt") as f:
         assert halved.version != version.version and {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert again.version == version.version
     registered = AutoModelForCausalLM.from_pretrained(registry.checkpoint_dir("models:/full/1", tmp_path / "v1"))
     assert mlflow.artifacts.list_artifacts(run_id=trial.info.run_id, artifact_path="adapter") == []
     trained_dir = mlflow.artifacts.download_artifacts(run_id=trial.info.run_id, artifact_path="model",
