@@ -15,10 +15,10 @@ from ftlab.config import ConfigError
 
 def weights_fingerprint(checkpoint: Path) -> str:
     """Which weights a checkpoint directory holds, in milliseconds where hashing an 8B's 16 GB takes
-    a minute: each safetensors file's name, size, header and first and last MiB (re-initialised or
-    re-trained weights differ there)."""
+    a minute: each weights file's name, size, header and first and last MiB (re-initialised or
+    re-trained weights differ there); pickled .bin weights (model.allow_pickle_weights) too."""
     h = hashlib.sha256()
-    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+    for file in sorted(p for pattern in ("*.safetensors", "*.bin") for p in Path(checkpoint).glob(pattern)):
         size = file.stat().st_size
         h.update(f"{file.name}:{size}".encode())
         with file.open("rb") as f:

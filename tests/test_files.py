@@ -47,3 +47,20 @@ def test_generated_data_is_written_beside_its_place_and_moved_in(tmp_path, monke
     monkeypatch.setattr(prepare_module, "write_jsonl", writing)
     source = prepare_module.resolve_source(DataConfig(num_records=50), tmp_path)
     assert source == str(final) and len(final.read_text().splitlines()) == 50
+
+
+def test_a_checkpoints_weights_fingerprint_changes_with_its_weights_safetensors_or_pickled(tmp_path):
+    """The registry refuses a base whose weights changed since training by this fingerprint; pickled
+    weights (model.allow_pickle_weights) gave a constant one, so no change was ever seen."""
+    from ftlab.files import weights_fingerprint
+
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        checkpoint = tmp_path / name
+        checkpoint.mkdir()
+        (checkpoint / name).write_bytes(b"\x01" * (3 * 2**20))
+        (checkpoint / "config.json").write_text("{}")
+        before = weights_fingerprint(checkpoint)
+        (checkpoint / "config.json").write_text('{"a": 1}')  # not weights
+        assert weights_fingerprint(checkpoint) == before
+        (checkpoint / name).write_bytes(b"\x01" * (3 * 2**20 - 1) + b"\x02")  # the last byte
+        assert weights_fingerprint(checkpoint) != before, name
