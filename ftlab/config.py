@@ -563,6 +563,7 @@ UNRUNNABLE_SCHEDULERS = {
     "cosine_warmup_with_min_lr": "min_lr in lr_scheduler_kwargs, which ftlab does not pass",
     "warmup_stable_decay": "num_decay_steps in lr_scheduler_kwargs, which ftlab does not pass",
     "reduce_lr_on_plateau": "an evaluation during training, which ftlab does not run (it scores at the end)",
+    "greedy": "an evaluation during training, which ftlab does not run (it scores at the end)",
 }
 
 

@@ -132,7 +132,8 @@ def test_a_trainer_name_transformers_does_not_know_fails_naming_the_key_before_a
 
 
 @pytest.mark.parametrize("scheduler, needs", [("cosine_with_min_lr", "min_lr in lr_scheduler_kwargs"),
-                                               ("reduce_lr_on_plateau", "an evaluation during training")])
+                                               ("reduce_lr_on_plateau", "an evaluation during training"),
+                                               ("greedy", "an evaluation during training")])
 def test_a_scheduler_ftlab_cannot_run_fails_naming_the_key_before_a_run_starts(make_cfg, scheduler, needs):
     """Names transformers knows, that failed with a traceback once the model had loaded and the base was scored."""
     cfg = make_cfg(f"train.lr_scheduler={scheduler}")
