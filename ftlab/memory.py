@@ -255,7 +255,8 @@ def _read_gguf_config(path: str, mtime_ns: int, size: int) -> dict:
             "vocab_size": value(f"{arch}.vocab_size") or (len(tokens) if tokens else None),
             "max_position_embeddings": value(f"{arch}.context_length"),
             "head_dim": value(f"{arch}.attention.key_length"),  # llama.cpp writes it where heads are not hidden / heads
-            "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors)}
+            "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+            "model_type": arch}  # llama.cpp's architecture names: llama, qwen2, gemma, gptneox, ...
 
 
 def _hub_config(repo_id: str) -> dict | None:
@@ -302,7 +303,8 @@ def local_model_path(name_or_path: str) -> Path | None:
 # n_embd, n_layer) and would be priced with the preset's shapes.
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 # Decoder layers under model.model with Llama's projection names (transformers' model types).
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "granite", "olmo",
+                "olmo2")
 
 
 def _named_model_config(model) -> tuple[str, dict, str] | None:
