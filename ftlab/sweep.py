@@ -165,7 +165,7 @@ def _this_trials_run(cfg: DictConfig) -> str | None:
 
 
 # A quote broke MLflow's filter on the sweep's tag (its trials ran as lone runs), and ../ put the report elsewhere.
-SWEEP_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,199}", re.ASCII)
+SWEEP_NAME = re.compile(r"[^\W_][^'\"\\/\x00-\x1f]{0,199}")
 
 
 def sweep_id(config: DictConfig) -> str:
@@ -179,9 +179,9 @@ def sweep_id(config: DictConfig) -> str:
                                                                   config.hydra.sweeper.get("study_name"))):
         if name:
             if not SWEEP_NAME.fullmatch(str(name)):
-                raise SweepConfigError(f"{key}={name}: use letters, digits, '.', '_' and '-', starting with a letter "
-                                       "or digit, up to 200 (it names the MLflow parent run's tag, the Optuna study and "
-                                       "the report's folder)")
+                raise SweepConfigError(f"{key}={name}: start it with a letter or digit, without quotes, backslashes "
+                                       "or slashes, up to 200 characters (it names the MLflow parent run's tag, the "
+                                       "Optuna study and the report's folder)")
             return str(name)
     sweeper = config.hydra.sweeper
     key = [str(sweeper.get("_target_")), *effective_overrides(config.hydra.overrides.task)]
