@@ -139,7 +139,8 @@ def _train_and_score(cfg, model, tokenizer, data, dtype, checkpoint, active, bas
     per_step = cfg.train.per_device_batch_size * cfg.train.grad_accum
     if per_step > len(data.train):  # the Trainer takes what there is: a smaller effective batch than configured
         log.warning("train.per_device_batch_size x train.grad_accum = %d examples per optimizer step, more than the %d "
-                    "training examples: each step sees all of them (an effective batch of %d); lower train.grad_accum",
+                    "training examples: each step sees all of them (an effective batch of %d); lower train.grad_accum "
+                    "or train.per_device_batch_size",
                     per_step, len(data.train), len(data.train))
     set_seed(cfg.seed)  # the adapter's initial weights too: the same config and seed train the same run
     if cfg.peft.method != "full":
