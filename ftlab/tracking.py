@@ -24,7 +24,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.checkpoints import ResumeError
+from ftlab.checkpoints import Interrupted, ResumeError
 from ftlab.config import FtlabConfig
 
 # MLflow's own limits (mlflow.utils.validation): exceeding them raises mid-run.
@@ -353,6 +353,9 @@ def trial_run(run_name: str, tags: dict, run_id: str | None = None):
                 mlflow.end_run(status="KILLED" if interrupted else "FAILED")
             except Exception:  # the store may be what failed: the run stays RUNNING there, the error is raised
                 pass
+            if type(e) is Interrupted:  # before training (training's own interrupt says what it saved)
+                raise Interrupted(f"{e} before training began; MLflow run {active.info.run_id} ended KILLED",
+                                  e.signal_name) from None
             raise
         mlflow.set_tag("ftlab.state", "finished")
 

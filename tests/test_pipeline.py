@@ -223,6 +223,23 @@ def test_more_examples_per_step_than_the_data_holds_is_said(make_cfg, caplog):
                      r"\d+ training examples: each step sees all of them", caplog.text)
 
 
+def test_an_interrupt_after_the_run_started_and_before_training_names_the_run_it_ended(make_cfg, monkeypatch):
+    """Between the run's start and its first step (logging the config and the data report) the command said
+    only `interrupted by SIGTERM`, though the run it ended KILLED was in the store."""
+    from ftlab import checkpoints, recipe
+
+    def interrupted(*args, **kwargs):
+        raise checkpoints.Interrupted("interrupted by SIGTERM", "SIGTERM")
+
+    monkeypatch.setattr(recipe, "log_data_report", interrupted)
+    cfg = make_cfg("train.max_steps=2", "eval.compare_base=false")
+    with pytest.raises(checkpoints.Interrupted) as raised:
+        run(cfg)
+    [trial] = _runs(cfg, "trial")
+    assert trial.info.status == "KILLED" and raised.value.signal_name == "SIGTERM"
+    assert str(raised.value) == f"interrupted by SIGTERM before training began; MLflow run {trial.info.run_id} ended KILLED"
+
+
 def test_memory_cap_fails_the_trial_as_oom_in_one_line(make_cfg, tmp_path, in_process):
     """An out-of-memory run is recorded; the command says what happened and what to change, not a traceback.
     A cap below what the process holds before training (runtime, model, data) is said before the first step:
