@@ -182,22 +182,29 @@ def test_a_base_model_that_fails_to_load_still_ends_a_failed_run_with_its_reason
     assert failed.data.params["lora_r"] == str(cfg.lora_r) and failed.data.metrics["predicted_peak_gb"] > 0
 
 
-def test_an_interrupt_while_the_base_model_is_scored_says_that_no_run_was_recorded(make_cfg, monkeypatch):
-    """Ctrl-C or SIGTERM while the base model loads or is scored said `interrupted by SIGTERM`, and the
-    store held no run of it, where an interrupted run ends KILLED: the message says none was recorded."""
-    from ftlab import checkpoints, scoring
+def test_an_interrupt_before_training_says_whether_a_run_was_recorded_and_which(make_cfg, monkeypatch):
+    """Ctrl-C or SIGTERM before the first step said only `interrupted by SIGTERM`: while the base model loads
+    or is scored no run of it is in the store yet (where an interrupted run ends KILLED), and after the run
+    started (logging its config and data report) the KILLED run was there, unnamed."""
+    from ftlab import checkpoints, recipe, scoring
 
-    def interrupted_scoring(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         raise checkpoints.Interrupted("interrupted by SIGTERM", "SIGTERM")
 
-    monkeypatch.setattr(scoring, "score", interrupted_scoring)
-    cfg = make_cfg("train.max_steps=2", "eval.compare_base=true")
-    with pytest.raises(checkpoints.Interrupted) as raised:
-        run(cfg)
-    assert type(raised.value) is checkpoints.Interrupted and raised.value.signal_name == "SIGTERM"
-    assert str(raised.value) == ("interrupted by SIGTERM before training began (loading or scoring the base model): "
-                                 "its MLflow run had not started, none was recorded")
-    assert _runs(cfg, "trial") == []
+    for module, name, compare_base in ((scoring, "score", "true"), (recipe, "log_data_report", "false")):
+        cfg = make_cfg("train.max_steps=2", f"eval.compare_base={compare_base}")
+        with monkeypatch.context() as patch, pytest.raises(checkpoints.Interrupted) as raised:
+            patch.setattr(module, name, interrupted)
+            run(cfg)
+        assert type(raised.value) is checkpoints.Interrupted and raised.value.signal_name == "SIGTERM"
+        trials = _runs(cfg, "trial")
+        if module is scoring:
+            assert str(raised.value) == ("interrupted by SIGTERM before training began (loading or scoring the base "
+                                         "model): its MLflow run had not started, none was recorded") and trials == []
+        else:
+            [trial] = trials
+            assert trial.info.status == "KILLED" and str(raised.value) == (
+                f"interrupted by SIGTERM before training began; MLflow run {trial.info.run_id} ended KILLED")
 
 
 def test_a_bertscore_model_that_cannot_be_had_is_said_before_training(make_cfg, monkeypatch):
@@ -221,23 +228,6 @@ def test_more_examples_per_step_than_the_data_holds_is_said(make_cfg, caplog):
                  "train.max_steps=1", "eval.compare_base=false", "eval.max_new_tokens=2"))
     assert re.search(r"train.per_device_batch_size x train.grad_accum = 200 examples per optimizer step, more than the "
                      r"\d+ training examples: each step sees all of them", caplog.text)
-
-
-def test_an_interrupt_after_the_run_started_and_before_training_names_the_run_it_ended(make_cfg, monkeypatch):
-    """Between the run's start and its first step (logging the config and the data report) the command said
-    only `interrupted by SIGTERM`, though the run it ended KILLED was in the store."""
-    from ftlab import checkpoints, recipe
-
-    def interrupted(*args, **kwargs):
-        raise checkpoints.Interrupted("interrupted by SIGTERM", "SIGTERM")
-
-    monkeypatch.setattr(recipe, "log_data_report", interrupted)
-    cfg = make_cfg("train.max_steps=2", "eval.compare_base=false")
-    with pytest.raises(checkpoints.Interrupted) as raised:
-        run(cfg)
-    [trial] = _runs(cfg, "trial")
-    assert trial.info.status == "KILLED" and raised.value.signal_name == "SIGTERM"
-    assert str(raised.value) == f"interrupted by SIGTERM before training began; MLflow run {trial.info.run_id} ended KILLED"
 
 
 def test_memory_cap_fails_the_trial_as_oom_in_one_line(make_cfg, tmp_path, in_process):
