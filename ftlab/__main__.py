@@ -28,11 +28,12 @@ def main(cfg: DictConfig) -> dict:
                 raise
             # What to change, not a traceback of the step (a run that started is recorded FAILED, failure_kind oom).
             cap = ", or raise budget.memory_cap_gb" if cfg.budget.memory_cap_gb else ""
-            remedy = getattr(e, "remedy", None)
-            remedy = (f": {remedy}" if remedy else "") if remedy is not None else (
-                ": lower train.per_device_batch_size or train.max_seq_length, or set budget.vram_gb and "
-                f"budget.fit=auto_batch{cap}")
-            print(f"ftlab: {(str(e).splitlines() or [type(e).__name__])[0]}{remedy}", file=sys.stderr)
+            remedy = getattr(e, "remedy", None)  # "": the message says it already
+            if remedy is None:
+                remedy = ("lower train.per_device_batch_size or train.max_seq_length, or set budget.vram_gb and "
+                          f"budget.fit=auto_batch{cap}")
+            print(f"ftlab: {(str(e).splitlines() or [type(e).__name__])[0]}{f': {remedy}' if remedy else ''}",
+                  file=sys.stderr)
             raise SystemExit(1) from None
 
 

@@ -291,22 +291,20 @@ def memory_cap_callback(cap_gb: float):
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total))
 
+    def check(when: str, remedy: str | None = None) -> None:
+        rss = _proc_status_kb("VmRSS")
+        if not torch.cuda.is_available() and rss > cap_kb:
+            raise MemoryCapExceeded(f"out of memory: process RSS {rss / 2**20:.2f} GiB > budget.memory_cap_gb={cap_gb} "
+                                    f"{when}", remedy)
+
     class MemoryCap(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            rss = _proc_status_kb("VmRSS")  # the runtime, model and data: no batch size lowers it
-            if not torch.cuda.is_available() and rss > cap_kb:
-                raise MemoryCapExceeded(
-                    f"out of memory: process RSS {rss / 2**20:.2f} GiB > budget.memory_cap_gb={cap_gb} before the "
-                    f"first step (the runtime, model and data; training adds its activations): raise "
-                    f"budget.memory_cap_gb", remedy="")
+            # The runtime, model and data: no batch size lowers it.
+            check("before the first step (the runtime, model and data; training adds its activations): raise "
+                  "budget.memory_cap_gb", remedy="")
 
         def on_step_end(self, args, state, control, **kwargs):
-            rss = _proc_status_kb("VmRSS")
-            if not torch.cuda.is_available() and rss > cap_kb:
-                raise MemoryCapExceeded(
-                    f"out of memory: process RSS {rss / 2**20:.2f} GiB > budget.memory_cap_gb={cap_gb} "
-                    f"at step {state.global_step}"
-                )
+            check(f"at step {state.global_step}")
 
     return MemoryCap()
 
