@@ -548,9 +548,10 @@ def trainer_choice_problem(train: DictConfig) -> str | None:
                                      ("optim", train.optim, "training_args", "OptimizerNames")):
         if value == getattr(TrainConfig, key):
             continue
-        names = [n for n in transformers_enum(module, enum) if key != "lr_scheduler" or n not in UNRUNNABLE_SCHEDULERS]
-        if value in UNRUNNABLE_SCHEDULERS and key == "lr_scheduler":
-            return f"train.lr_scheduler={value!r}: needs {UNRUNNABLE_SCHEDULERS[value]}; use one of {', '.join(names)}"
+        unrunnable = UNRUNNABLE_SCHEDULERS if key == "lr_scheduler" else {}
+        names = [n for n in transformers_enum(module, enum) if n not in unrunnable]
+        if value in unrunnable:
+            return f"train.{key}={value!r}: needs {unrunnable[value]}; use one of {', '.join(names)}"
         if value not in names:
             return f"train.{key}={value!r}: use one of {', '.join(names)}"
     return None
